@@ -1,0 +1,259 @@
+"""The `imagegen` command line. stdout is data (paths or JSON); everything else goes to stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import ERRORS, EXIT_INTERRUPTED, ImagegenError
+
+app = typer.Typer(name="imagegen", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, help="Generate images locally with ComfyUI workers (one per GPU).")
+models_app = typer.Typer(no_args_is_help=True, help="List, add, remove, pull and inspect models.")
+app.add_typer(models_app, name="models")
+
+# Shared options, declared once.
+JsonOpt = Annotated[bool, typer.Option("--json", help="Write one JSON object per result on stdout; errors as JSON on stderr.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on stderr but errors.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for unexpected errors.", envvar="IMAGEGEN_DEBUG")]
+RuntimeOpt = Annotated[str, typer.Option("--runtime", help="Where workers run: auto, docker or local.", envvar="IMAGEGEN_RUNTIME")]
+KeepWarmOpt = Annotated[float, typer.Option("--keep-warm", help="Seconds an idle worker stays up for the next call.", envvar="IMAGEGEN_KEEP_WARM")]
+FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Model family: sd15, sdxl or flux (detected when omitted).")]
+
+
+class Context:
+    json_mode = False
+    debug = False
+
+
+def fail(error: ImagegenError) -> None:
+    if Context.json_mode:
+        print(json.dumps(error.to_json()), file=sys.stderr, flush=True)
+    else:
+        print(f"error: {error.message}", file=sys.stderr)
+        print(f"hint: {error.hint}", file=sys.stderr, flush=True)
+    raise typer.Exit(error.exit_code)
+
+
+def run_guarded(json_mode: bool, debug: bool, body) -> None:
+    """Run a command body with the error contract: ImagegenError -> message + hint + exit code."""
+    Context.json_mode, Context.debug = json_mode, debug
+    try:
+        body()
+    except ImagegenError as error:
+        fail(error)
+    except KeyboardInterrupt:
+        fail(ImagegenError("interrupted", "interrupted; what this command started was stopped"))
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the last resort: a bug, reported as one
+        if debug:
+            raise
+        fail(ImagegenError("internal_error", f"{exc.__class__.__name__}: {exc}"))
+
+
+def _read_stdin_prompt() -> str:
+    if sys.stdin is None or sys.stdin.isatty():
+        raise ImagegenError("invalid_prompt", "no prompt given", hint='Pass a prompt: imagegen generate "a red fox", or pipe one on stdin.')
+    return sys.stdin.read()
+
+
+@app.command()
+def generate(
+    prompt: Annotated[Optional[str], typer.Argument(help="What to draw. Read from stdin when omitted and stdin is not a terminal.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="A registered model (see `imagegen models list`).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A local SD1.5/SDXL .safetensors file to use instead of a registered model.")] = None,
+    family: FamilyOpt = None,
+    output_path: Annotated[Optional[str], typer.Option("--output", "-o", help="A .png path, a directory, or - for PNG bytes on stdout.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the first image (random when omitted).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (model default when omitted).")] = None,
+    cfg: Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale.")] = None,
+    size: Annotated[Optional[str], typer.Option("--size", help="WIDTHxHEIGHT, multiples of 8 (model default when omitted).")] = None,
+    negative: Annotated[Optional[str], typer.Option("--negative", help="Negative prompt (SD1.5/SDXL).")] = None,
+    sampler: Annotated[Optional[str], typer.Option("--sampler", help="ComfyUI sampler name, e.g. euler, dpmpp_2m.")] = None,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="ComfyUI scheduler name, e.g. normal, karras.")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Flux guidance (default 3.5).")] = None,
+    count: Annotated[int, typer.Option("--count", "-n", help="Number of images (seeds seed, seed+1, ...).")] = 1,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Overall cap in seconds for the whole call.")] = None,
+    runtime: RuntimeOpt = "auto",
+    keep_warm: KeepWarmOpt = 300.0,
+    json_mode: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Generate images from a prompt; prints one path (or JSON object) per image."""
+
+    def body() -> None:
+        from . import generate as gen
+        from .output import emit_result
+        from .progress import Reporter
+        from .runtime import make_runtime
+
+        request = gen.Request(
+            prompt=prompt if prompt is not None else _read_stdin_prompt(), model=model, checkpoint=checkpoint,
+            family=family, negative=negative, seed=seed, steps=steps, cfg=cfg, size=size, sampler=sampler,
+            scheduler=scheduler, guidance=guidance, count=count, output=output_path, overwrite=overwrite,
+            timeouts=gen.timeouts_from_env(timeout))
+        reporter = Reporter(quiet=quiet)
+        for record in gen.generate(request, make_runtime(runtime, keep_warm), reporter):
+            if record["path"] != "-":
+                emit_result(record, json_mode, quiet=False)
+            elif json_mode:
+                print(json.dumps(record), file=sys.stderr, flush=True)
+
+    run_guarded(json_mode, debug, body)
+
+
+@app.command()
+def workers(runtime: RuntimeOpt = "auto", json_mode: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """List running workers: device, model last used, idle time, address."""
+
+    def body() -> None:
+        from .runtime import make_runtime
+
+        found = make_runtime(runtime).workers()
+        if json_mode:
+            for item in found:
+                print(json.dumps({"schema": "imagegen.worker/1", **item}))
+            return
+        if not found:
+            print("no workers running", file=sys.stderr)
+        for item in found:
+            print(f"{item['name']}\t{item['device']}\t{item['url']}\tmodel={item.get('last_model') or '-'}\t"
+                  f"idle={item.get('idle_seconds')}s\tjobs={item.get('jobs_done')}")
+
+    run_guarded(json_mode, debug, body)
+
+
+@app.command()
+def stop(
+    all_workers: Annotated[bool, typer.Option("--all", help="Stop every worker (the default: all of this runtime's).")] = False,
+    runtime: RuntimeOpt = "auto",
+    json_mode: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Stop warm workers now instead of waiting for their keep-warm time to pass."""
+
+    def body() -> None:
+        from .runtime import make_runtime
+
+        stopped = make_runtime(runtime).stop()
+        if json_mode:
+            print(json.dumps({"schema": "imagegen.stopped/1", "stopped": stopped}))
+        else:
+            print(f"stopped {len(stopped)} worker(s)" + (f": {', '.join(stopped)}" if stopped else ""), file=sys.stderr)
+
+    run_guarded(json_mode, debug, body)
+
+
+@models_app.command("list")
+def models_list(json_mode: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """Registered models: installed or not, size on disk, gated."""
+
+    def body() -> None:
+        from . import cache
+        from .registry import Registry
+
+        registry = Registry.load()
+        for name, bundle in sorted(registry.bundles.items()):
+            missing = cache.missing_files(bundle)
+            entry = {"schema": "imagegen.model/1", "name": name, "family": bundle.family, "installed": not missing,
+                     "size_bytes": bundle.total_size, "missing_bytes": sum(f.size or 0 for f in missing),
+                     "gated": bundle.gated, "description": bundle.description, "source": bundle.source,
+                     "defaults": {k: bundle.default(k) for k in ("width", "height", "steps", "cfg", "sampler", "scheduler")},
+                     "files": {role: {"folder": f.folder, "name": f.filename, "repo": f.repo, "revision": f.revision,
+                                      "size": f.size, "sha256": f.sha256, "local": f.local_path}
+                               for role, f in bundle.files.items()}}
+            if json_mode:
+                print(json.dumps(entry))
+            else:
+                state = "installed" if entry["installed"] else f"missing {entry['missing_bytes'] / 1e9:.1f} GB"
+                print(f"{name:<16} {bundle.family:<6} {bundle.total_size / 1e9:6.1f} GB  {state:<18}"
+                      f"{' gated' if bundle.gated else ''}  {bundle.description}")
+
+    run_guarded(json_mode, debug, body)
+
+
+@models_app.command("add")
+def models_add(
+    name: Annotated[str, typer.Argument(help="Name to register the model under.")],
+    file: Annotated[Path, typer.Option("--file", help="The local .safetensors file.")],
+    family: FamilyOpt = None,
+    json_mode: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Register a local model file (used in place, never copied) in your models.yaml."""
+
+    def body() -> None:
+        from . import modelfile
+        from .registry import FAMILIES, add_user_model
+
+        detected = modelfile.detect(modelfile.read_header(file))
+        chosen = family or detected.family
+        if chosen not in FAMILIES:
+            raise ImagegenError("invalid_model_file", f"{file}: cannot tell its family (looks like {detected.kind}); pass --family",
+                                hint="--family sd15, sdxl or flux.")
+        target = add_user_model(name, file, chosen)
+        record = {"schema": "imagegen.model_added/1", "name": name, "family": chosen, "file": str(file.resolve()), "models_yaml": str(target)}
+        print(json.dumps(record) if json_mode else f"registered {name} ({chosen}) in {target}")
+
+    run_guarded(json_mode, debug, body)
+
+
+@models_app.command("rm")
+def models_rm(name: Annotated[str, typer.Argument(help="A model registered in your models.yaml.")],
+              json_mode: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """Remove a model from your models.yaml (your files are left where they are)."""
+
+    def body() -> None:
+        from .registry import remove_user_model
+
+        if not remove_user_model(name):
+            raise ImagegenError("unknown_model", f"{name!r} is not in your models.yaml", hint="Built-in models cannot be removed; `imagegen models list` shows the source of each.")
+        print(json.dumps({"schema": "imagegen.model_removed/1", "name": name}) if json_mode else f"removed {name}")
+
+    run_guarded(json_mode, debug, body)
+
+
+@models_app.command("inspect")
+def models_inspect(file: Annotated[Path, typer.Argument(help="A .safetensors file.")],
+                   json_mode: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """Tell a model file's family and text-encoder shapes from its header alone (no torch)."""
+
+    def body() -> None:
+        from . import modelfile
+
+        header = modelfile.read_header(file)
+        found = modelfile.detect(header)
+        record = {"schema": "imagegen.inspect/1", "file": str(file), "family": found.family, "kind": found.kind, **found.details}
+        if json_mode:
+            print(json.dumps(record))
+        else:
+            for key, value in record.items():
+                if key != "schema":
+                    print(f"{key}: {value}")
+
+    run_guarded(json_mode, debug, body)
+
+
+@app.command()
+def version(json_mode: JsonOpt = False) -> None:
+    """Print imagegen's version and the ComfyUI it runs."""
+    from . import COMFYUI_COMMIT, COMFYUI_VERSION, __version__
+
+    record = {"imagegen": __version__, "comfyui": COMFYUI_VERSION, "comfyui_commit": COMFYUI_COMMIT}
+    print(json.dumps(record) if json_mode else f"imagegen {__version__} (ComfyUI {COMFYUI_VERSION})")
+
+
+def main() -> int:
+    try:
+        app(standalone_mode=True)
+    except SystemExit as exit_:
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
+    return 0

@@ -1,0 +1,291 @@
+"""A client for one ComfyUI server (through a worker's authenticating proxy).
+
+Submission over HTTP, progress over the websocket filtered by prompt_id, and completion taken
+from /history, so a dropped websocket costs progress display, never the result.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import requests
+
+from .errors import ImagegenError
+
+TOKEN_HEADER = "Authorization"
+
+
+@dataclass
+class Timeouts:
+    """Phase budgets in seconds. `load` runs from execution start to the first sampling step."""
+    queue: float = 3600.0
+    load: float = 600.0
+    stall: float = 120.0
+    overall: float = 7200.0
+
+
+@dataclass
+class Progress:
+    phase: str = "queued"       # queued, loading, sampling, finishing, done
+    node: str | None = None
+    step: int = 0
+    total: int = 0
+    started: float = field(default_factory=time.monotonic)
+    phase_times: dict = field(default_factory=dict)
+
+
+EventHandler = Callable[[Progress], None]
+
+
+def _describe_node_errors(payload: dict) -> str:
+    lines = []
+    error = payload.get("error") or {}
+    if isinstance(error, dict) and error.get("message"):
+        lines.append(error["message"] + (f": {error['details']}" if error.get("details") else ""))
+    for node_id, node in (payload.get("node_errors") or {}).items():
+        for item in node.get("errors", []):
+            detail = item.get("details") or item.get("message")
+            lines.append(f"node {node_id!r} ({node.get('class_type')}): {detail}")
+    return "; ".join(lines) or json.dumps(payload)[:500]
+
+
+class ComfyClient:
+    def __init__(self, base_url: str, token: str | None = None, request_timeout: float = 30.0):
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.request_timeout = request_timeout
+        self.http = requests.Session()
+        if token:
+            self.http.headers[TOKEN_HEADER] = f"Bearer {token}"
+
+    # --- plain HTTP -------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kwargs) -> requests.Response:
+        kwargs.setdefault("timeout", self.request_timeout)
+        try:
+            return self.http.request(method, self.base_url + path, **kwargs)
+        except requests.ConnectionError as exc:
+            raise ImagegenError("worker_unreachable", f"cannot reach the worker at {self.base_url}: {exc.__class__.__name__}") from exc
+        except requests.Timeout as exc:
+            raise ImagegenError("worker_unreachable", f"the worker at {self.base_url} did not answer {path} within {kwargs['timeout']:.0f}s") from exc
+
+    def _json(self, method: str, path: str, **kwargs):
+        response = self._request(method, path, **kwargs)
+        if response.status_code in (401, 403):
+            raise ImagegenError("worker_unreachable", f"the worker refused our credentials ({response.status_code} on {path})",
+                                hint="Another process may own this port; run `imagegen stop --all` and try again.")
+        response.raise_for_status()
+        return response.json()
+
+    def system_stats(self) -> dict:
+        return self._json("GET", "/system_stats")
+
+    def object_info(self, node_class: str | None = None) -> dict:
+        return self._json("GET", "/object_info" + (f"/{node_class}" if node_class else ""))
+
+    def queue(self) -> dict:
+        return self._json("GET", "/queue")
+
+    def history(self, prompt_id: str) -> dict | None:
+        return self._json("GET", f"/history/{prompt_id}").get(prompt_id)
+
+    def interrupt(self, prompt_id: str | None = None) -> None:
+        """Stop a job: drop it from the queue if it waits, interrupt it if it runs."""
+        try:
+            if prompt_id:
+                self._request("POST", "/queue", json={"delete": [prompt_id]}, timeout=5)
+                self._request("POST", "/interrupt", json={"prompt_id": prompt_id}, timeout=5)
+            else:
+                self._request("POST", "/interrupt", timeout=5)
+        except ImagegenError:
+            pass
+
+    def submit(self, graph: dict, client_id: str) -> str:
+        response = self._request("POST", "/prompt", json={"prompt": graph, "client_id": client_id})
+        if response.status_code == 400:
+            try:
+                payload = response.json()
+            except ValueError:
+                payload = {"error": {"message": response.text[:500]}}
+            raise ImagegenError("graph_rejected", f"ComfyUI rejected the workflow: {_describe_node_errors(payload)}",
+                                node_errors=payload.get("node_errors"))
+        if response.status_code in (401, 403):
+            raise ImagegenError("worker_unreachable", f"the worker refused our credentials ({response.status_code})",
+                                hint="Run `imagegen stop --all` and try again.")
+        response.raise_for_status()
+        payload = response.json()
+        if payload.get("node_errors"):
+            raise ImagegenError("graph_rejected", f"ComfyUI rejected the workflow: {_describe_node_errors(payload)}")
+        return payload["prompt_id"]
+
+    def fetch_file(self, ref: dict) -> bytes:
+        params = {"filename": ref["filename"], "subfolder": ref.get("subfolder", ""), "type": ref.get("type", "output")}
+        response = self._request("GET", "/view", params=params, timeout=max(self.request_timeout, 120))
+        response.raise_for_status()
+        return response.content
+
+    def upload_image(self, data: bytes, name: str, subfolder: str = "imagegen") -> str:
+        """Put an image in the worker's input folder; returns the name LoadImage takes."""
+        response = self._request("POST", "/upload/image", files={"image": (name, data, "image/png")},
+                                 data={"overwrite": "true", "subfolder": subfolder, "type": "input"})
+        response.raise_for_status()
+        payload = response.json()
+        return f"{payload['subfolder']}/{payload['name']}" if payload.get("subfolder") else payload["name"]
+
+    # --- websocket ------------------------------------------------------------------
+    def open_events(self, client_id: str):
+        """A websocket for this client id, or None when it cannot be opened (we then poll)."""
+        import websocket  # websocket-client; imported late to keep CLI start-up fast
+
+        url = "ws" + self.base_url[len("http"):] + f"/ws?clientId={client_id}"
+        header = [f"{TOKEN_HEADER}: Bearer {self.token}"] if self.token else []
+        try:
+            ws = websocket.create_connection(url, header=header, timeout=self.request_timeout)
+            ws.settimeout(0.5)
+            return ws
+        except Exception:  # noqa: BLE001 - any failure means: fall back to polling
+            return None
+
+    def run(self, graph: dict, timeouts: Timeouts | None = None, on_progress: EventHandler | None = None) -> dict:
+        """Submit one graph and wait for it; returns its /history entry."""
+        return self.run_many([graph], timeouts, on_progress)[0]
+
+    def run_many(self, graphs: list[dict], timeouts: Timeouts | None = None,
+                 on_progress: EventHandler | None = None) -> list[dict]:
+        """Queue every graph at once (the worker never idles between them), then wait for all."""
+        results = dict(self.stream(graphs, timeouts, on_progress))
+        return [results[index] for index in range(len(graphs))]
+
+    def stream(self, graphs: list[dict], timeouts: Timeouts | None = None, on_progress: EventHandler | None = None):
+        """Queue graphs, then yield (index, history entry) as each finishes. Interrupts leftovers on failure."""
+        client_id = uuid.uuid4().hex
+        events = self.open_events(client_id)
+        pending: list[str] = []
+        try:
+            for graph in graphs:
+                pending.append(self.submit(graph, client_id))
+            order = {pid: index for index, pid in enumerate(pending)}
+            for pid, entry in self.wait(pending, events, timeouts or Timeouts(), on_progress):
+                yield order[pid], entry
+        finally:
+            for prompt_id in pending:
+                self.interrupt(prompt_id)
+            if events is not None:
+                events.close()
+
+    def wait(self, prompt_ids: list[str], events, timeouts: Timeouts, on_progress: EventHandler | None = None):
+        """Yield (prompt_id, entry) as prompts finish, removing each from `prompt_ids`.
+
+        Each prompt has its own phase and stall clock; the websocket only speeds things up and
+        feeds progress, while /history decides completion.
+        """
+        import websocket
+
+        states = {pid: Progress() for pid in prompt_ids}
+        clocks = {pid: time.monotonic() for pid in prompt_ids}
+        started = time.monotonic()
+        next_poll = started + 1.0
+
+        def enter(pid: str, phase: str) -> None:
+            state, now = states[pid], time.monotonic()
+            state.phase_times[state.phase] = state.phase_times.get(state.phase, 0.0) + now - state.started
+            state.phase, state.started = phase, now
+            clocks[pid] = now
+
+        while prompt_ids:
+            now = time.monotonic()
+            for pid in prompt_ids:
+                state = states[pid]
+                budget = {"queued": timeouts.queue, "loading": timeouts.load, "running": timeouts.overall}.get(state.phase, timeouts.stall)
+                if now - clocks[pid] > budget:
+                    raise ImagegenError("timeout", f"the job stalled in phase '{state.phase}': nothing happened for {now - clocks[pid]:.0f}s (budget {budget:.0f}s)",
+                                        hint=f"Raise the {state.phase} budget (IMAGEGEN_TIMEOUT_{state.phase.upper()}), or check the worker log.",
+                                        phase=state.phase)
+            if now - started > timeouts.overall:
+                raise ImagegenError("timeout", f"the jobs ran past the overall cap of {timeouts.overall:.0f}s",
+                                    hint="Raise --timeout, or use fewer steps or a smaller size.", phase="overall")
+            message = None
+            if events is not None:
+                try:
+                    message = events.recv()
+                except websocket.WebSocketTimeoutException:
+                    pass
+                except Exception:  # noqa: BLE001 - a dropped socket: carry on by polling /history
+                    events = None
+            if isinstance(message, str):
+                data = json.loads(message)
+                kind, body = data.get("type"), data.get("data") or {}
+                pid = body.get("prompt_id")
+                if pid in states and pid in prompt_ids:
+                    state = states[pid]
+                    if kind == "execution_start":
+                        enter(pid, "loading")
+                    elif kind == "executing":
+                        state.node = body.get("node")
+                        clocks[pid] = time.monotonic()
+                        if state.phase == "sampling" and state.step >= state.total:
+                            enter(pid, "finishing")
+                        if state.node is None:
+                            next_poll = 0.0
+                    elif kind == "progress":
+                        if state.phase != "sampling":
+                            enter(pid, "sampling")
+                        state.step, state.total = int(body.get("value", 0)), int(body.get("max", 0))
+                        clocks[pid] = time.monotonic()
+                    elif kind in ("execution_success", "execution_error", "execution_interrupted", "execution_cached"):
+                        clocks[pid] = time.monotonic()
+                        if kind != "execution_cached":
+                            next_poll = 0.0
+                    if on_progress:
+                        on_progress(state)
+            if time.monotonic() < next_poll:
+                continue
+            for pid in list(prompt_ids):
+                entry = self.history(pid)
+                status = (entry or {}).get("status", {})
+                if entry and (status.get("completed") or status.get("status_str") == "error"):
+                    enter(pid, "done")
+                    entry["imagegen_phase_times"] = states[pid].phase_times
+                    prompt_ids.remove(pid)
+                    yield pid, self._check(entry)
+            if events is None and prompt_ids:
+                # Without events no progress resets a stall clock: watch the queue, and let the
+                # overall cap bound the jobs.
+                running = self._running_ids()
+                for pid in prompt_ids:
+                    if states[pid].phase == "queued" and pid in running:
+                        enter(pid, "running")
+                    clocks[pid] = time.monotonic()
+            next_poll = time.monotonic() + (1.0 if events is not None else 0.25)
+
+    def _running_ids(self) -> list[str]:
+        return [item[1] for item in self.queue().get("queue_running", [])]
+
+    @staticmethod
+    def _check(entry: dict) -> dict:
+        status = entry.get("status", {})
+        if status.get("status_str") == "error":
+            for name, body in status.get("messages", []):
+                if name == "execution_error":
+                    message = body.get("exception_message", "").strip()
+                    lowered = message.lower()
+                    code = "out_of_memory" if "out of memory" in lowered or "allocation" in lowered and "memory" in lowered else "execution_failed"
+                    hint = None
+                    if "mat1 and mat2 shapes cannot be multiplied" in message:
+                        hint = "The text encoder does not fit this model; check the bundle with `imagegen models inspect`."
+                    raise ImagegenError(code, f"ComfyUI failed in node {body.get('node_id')!r} ({body.get('node_type')}): {body.get('exception_type', '')}: {message}",
+                                        hint=hint, node_type=body.get("node_type"))
+                if name == "execution_interrupted":
+                    raise ImagegenError("interrupted", "the job was interrupted on the worker")
+            raise ImagegenError("execution_failed", "ComfyUI reported an error without details")
+        return entry
+
+
+def output_images(entry: dict) -> list[dict]:
+    refs = []
+    for node_output in entry.get("outputs", {}).values():
+        refs.extend(node_output.get("images", []))
+    return refs

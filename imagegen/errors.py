@@ -1,0 +1,87 @@
+"""One table of every user-facing failure: a stable snake_case code, an exit code and a default hint.
+
+Raise `ImagegenError(code, message, hint=...)`; the CLI turns it into a line on stderr
+(or a JSON object with --json) and the table's exit code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+ERROR_SCHEMA = "imagegen.error/1"
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    exit_code: int
+    meaning: str
+    hint: str
+
+
+ERRORS: dict[str, ErrorKind] = {
+    # Bad input: nothing was started.
+    "invalid_argument": ErrorKind(EXIT_USAGE, "An option has a value outside what it accepts.", "Run the command with --help to see the accepted values."),
+    "invalid_prompt": ErrorKind(EXIT_USAGE, "The prompt is empty, too long or has control characters.", "Pass a non-empty prompt of printable text."),
+    "invalid_size": ErrorKind(EXIT_USAGE, "The image size is malformed or out of range.", "Use --size WIDTHxHEIGHT with multiples of 8, e.g. --size 768x512."),
+    "unknown_model": ErrorKind(EXIT_USAGE, "No model of that name is registered.", "Run `imagegen models list` to see the registered models."),
+    "invalid_models_yaml": ErrorKind(EXIT_USAGE, "A models.yaml file is malformed.", "Fix the file at the line named, or move it aside."),
+    "invalid_model_file": ErrorKind(EXIT_USAGE, "A model file is missing, not .safetensors, or not a model imagegen understands.", "Pass a .safetensors checkpoint; `imagegen models inspect FILE` shows what a file holds."),
+    "incompatible_bundle": ErrorKind(EXIT_USAGE, "A bundle's files do not fit together (e.g. the wrong text encoder for a Flux model).", "Run `imagegen models inspect FILE` on each file and fix the bundle in models.yaml."),
+    "output_exists": ErrorKind(EXIT_USAGE, "The output file exists already.", "Pass --overwrite, or choose another -o path."),
+    "output_not_writable": ErrorKind(EXIT_USAGE, "The output location cannot be written.", "Choose an -o path in a writable directory."),
+    "invalid_source_image": ErrorKind(EXIT_USAGE, "The image given to --from carries no imagegen parameters.", "Pass a PNG written by imagegen (or by ComfyUI with its prompt chunk)."),
+    "runtime_unavailable": ErrorKind(EXIT_USAGE, "The chosen runtime cannot run here.", "Run `imagegen doctor`, or choose another --runtime."),
+    # Environment and runtime failures.
+    "comfyui_not_found": ErrorKind(EXIT_FAILURE, "No ComfyUI checkout was found for the local runtime.", "Run scripts/setup-dev.sh, or set IMAGEGEN_COMFYUI_DIR to a ComfyUI checkout."),
+    "worker_start_failed": ErrorKind(EXIT_FAILURE, "A worker did not become ready.", "Read the worker log named above; `imagegen stop --all` clears stale workers."),
+    "worker_died": ErrorKind(EXIT_FAILURE, "A worker stopped while running a job.", "Run the command again: a fresh worker is started."),
+    "worker_unreachable": ErrorKind(EXIT_FAILURE, "A worker stopped answering.", "Run `imagegen stop --all` and try again."),
+    "timeout": ErrorKind(EXIT_FAILURE, "A phase of the job ran past its time budget.", "Raise the budget named above (flag or environment variable), or check the worker log."),
+    "graph_rejected": ErrorKind(EXIT_FAILURE, "ComfyUI rejected the workflow.", "Check the model files and parameters named above."),
+    "execution_failed": ErrorKind(EXIT_FAILURE, "ComfyUI failed while running the workflow.", "Read the error above; `imagegen models inspect` checks a model's files."),
+    "model_missing": ErrorKind(EXIT_FAILURE, "A model file is not in the cache.", "Run `imagegen models pull NAME` (needs network), or register a local file with `imagegen models add`."),
+    "download_failed": ErrorKind(EXIT_FAILURE, "A model download failed.", "Run the same command again: downloads resume."),
+    "checksum_mismatch": ErrorKind(EXIT_FAILURE, "A downloaded file does not match its recorded sha256 or size.", "Run the command again to download it afresh; if it repeats, the registry entry is wrong."),
+    "gated_model": ErrorKind(EXIT_FAILURE, "The model is gated: its licence must be accepted and a token given.", "Accept the licence on the model's page, then set HF_TOKEN."),
+    "disk_full": ErrorKind(EXIT_FAILURE, "Not enough free disk space for the download.", "Free space in the models directory, or set IMAGEGEN_MODELS_DIR to a larger disk."),
+    "docker_unavailable": ErrorKind(EXIT_FAILURE, "The Docker daemon cannot be reached.", "Start Docker (`sudo systemctl start docker`), or use --runtime local."),
+    "docker_permission": ErrorKind(EXIT_FAILURE, "Permission denied on the Docker socket.", "Add yourself to the docker group (`sudo usermod -aG docker $USER`, then log in again)."),
+    "image_missing": ErrorKind(EXIT_FAILURE, "The imagegen Docker image is not built.", "Build it with ./build-image.sh."),
+    "nvidia_runtime_missing": ErrorKind(EXIT_FAILURE, "A GPU was requested but Docker has no NVIDIA runtime.", "Install the NVIDIA Container Toolkit, or run on CPU with --gpus none."),
+    "out_of_memory": ErrorKind(EXIT_FAILURE, "The worker ran out of memory.", "Use a smaller --size or --count, or a smaller model."),
+    "interrupted": ErrorKind(EXIT_INTERRUPTED, "Interrupted by the user.", "Run the command again to continue."),
+    "internal_error": ErrorKind(EXIT_FAILURE, "An unexpected error; this is a bug.", "Run again with --debug and report the traceback."),
+}
+
+
+class ImagegenError(Exception):
+    """A failure the user can act on. `code` must be a key of ERRORS."""
+
+    def __init__(self, code: str, message: str, hint: str | None = None, **details):
+        if code not in ERRORS:
+            raise KeyError(f"unregistered error code {code!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.hint = hint or ERRORS[code].hint
+        self.details = details
+
+    @property
+    def exit_code(self) -> int:
+        return ERRORS[self.code].exit_code
+
+    def to_json(self) -> dict:
+        record = {"schema": ERROR_SCHEMA, "code": self.code, "message": self.message,
+                  "hint": self.hint, "exit_code": self.exit_code}
+        if self.details:
+            record["details"] = self.details
+        return record
+
+
+def usage(message: str, hint: str | None = None, code: str = "invalid_argument") -> ImagegenError:
+    return ImagegenError(code, message, hint)

@@ -1,0 +1,189 @@
+"""`imagegen generate`: validate a request, find a worker, render, and write self-describing PNGs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import COMFYUI_VERSION, __version__, cache, modelfile, output, paths, workflows
+from .comfy import Timeouts, output_images
+from .errors import ImagegenError
+from .progress import Reporter
+from .registry import Bundle, Registry, local_bundle
+
+MAX_PROMPT_CHARS = 10000
+MAX_COUNT = 100
+DEFAULT_MODEL = os.environ.get("IMAGEGEN_MODEL", "sd15")
+
+
+@dataclass
+class Request:
+    prompt: str
+    model: str | None = None
+    checkpoint: Path | None = None
+    family: str | None = None
+    negative: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    size: str | None = None
+    sampler: str | None = None
+    scheduler: str | None = None
+    guidance: float | None = None
+    count: int = 1
+    output: str | None = None
+    overwrite: bool = False
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+def timeouts_from_env(overall: float | None = None) -> Timeouts:
+    values = {}
+    for name in ("queue", "load", "stall", "overall"):
+        raw = os.environ.get(f"IMAGEGEN_TIMEOUT_{name.upper()}")
+        if raw:
+            try:
+                values[name] = float(raw)
+            except ValueError:
+                raise ImagegenError("invalid_argument", f"IMAGEGEN_TIMEOUT_{name.upper()}={raw!r} is not a number of seconds") from None
+    if overall is not None:
+        values["overall"] = overall
+    return Timeouts(**values)
+
+
+def check_prompt(prompt: str, what: str = "prompt") -> str:
+    if not prompt or not prompt.strip():
+        raise ImagegenError("invalid_prompt", f"the {what} is empty", hint='Pass the prompt as an argument: imagegen generate "a red fox".')
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ImagegenError("invalid_prompt", f"the {what} has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    bad = [c for c in prompt if unicodedata.category(c) == "Cc" and c not in "\n\t"]
+    if bad:
+        raise ImagegenError("invalid_prompt", f"the {what} contains control character(s) {', '.join(repr(c) for c in sorted(set(bad)))}",
+                            hint="Remove NUL and other control characters from the prompt.")
+    return prompt.strip()
+
+
+def parse_size(size: str, multiple: int = workflows.SIZE_MULTIPLE) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", size or "")
+    if not match:
+        raise ImagegenError("invalid_size", f"--size {size!r} is not WIDTHxHEIGHT")
+    width, height = int(match.group(1)), int(match.group(2))
+    for name, value in (("width", width), ("height", height)):
+        if not 16 <= value <= workflows.MAX_RESOLUTION:
+            raise ImagegenError("invalid_size", f"{name} {value} is outside 16..{workflows.MAX_RESOLUTION}")
+        if value % multiple:
+            lower = value // multiple * multiple
+            raise ImagegenError("invalid_size", f"{name} {value} is not a multiple of {multiple}",
+                                hint=f"Use {max(lower, multiple)} or {lower + multiple}.")
+    return width, height
+
+
+def _check_range(name: str, value, low, high):
+    if value is None:
+        return None
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        raise ImagegenError("invalid_argument", f"--{name} must be a finite number, got {value}")
+    if not low <= value <= high:
+        raise ImagegenError("invalid_argument", f"--{name} {value} is outside {low}..{high}")
+    return value
+
+
+def resolve_bundle(request: Request, registry: Registry | None) -> Bundle:
+    if request.checkpoint:
+        path = Path(request.checkpoint).expanduser()
+        detected = modelfile.detect(modelfile.read_header(path))
+        family = request.family or detected.family
+        if family not in ("sd15", "sdxl"):
+            raise ImagegenError("invalid_model_file", f"{path.name}: cannot use it as a checkpoint (looks like {detected.family or 'an unknown model'} {detected.kind})",
+                                hint="--checkpoint takes an SD1.5 or SDXL all-in-one .safetensors; pass --family to override detection.")
+        return local_bundle(path, family)
+    return (registry or Registry.load()).get(request.model or DEFAULT_MODEL)
+
+
+def plan_jobs(request: Request, bundle: Bundle) -> list[workflows.Params]:
+    prompt = check_prompt(request.prompt)
+    negative = check_prompt(request.negative, "negative prompt") if request.negative else bundle.default("negative", "")
+    if request.size:
+        width, height = parse_size(request.size)
+    else:
+        width, height = bundle.default("width", 512), bundle.default("height", 512)
+    steps = _check_range("steps", request.steps, 1, workflows.MAX_STEPS) or bundle.default("steps", 20)
+    cfg = _check_range("cfg", request.cfg, 0.0, workflows.MAX_CFG)
+    guidance = _check_range("guidance", request.guidance, 0.0, workflows.MAX_GUIDANCE)
+    count = _check_range("count", request.count, 1, MAX_COUNT)
+    seed = _check_range("seed", request.seed, 0, workflows.MAX_SEED - MAX_COUNT)
+    sampler = request.sampler or bundle.default("sampler", "euler")
+    scheduler = request.scheduler or bundle.default("scheduler", "normal")
+    if sampler not in workflows.SAMPLERS:
+        raise ImagegenError("invalid_argument", f"--sampler {sampler!r} is not a ComfyUI sampler", hint="Known: " + ", ".join(workflows.SAMPLERS))
+    if scheduler not in workflows.SCHEDULERS:
+        raise ImagegenError("invalid_argument", f"--scheduler {scheduler!r} is not a ComfyUI scheduler", hint="Known: " + ", ".join(workflows.SCHEDULERS))
+    base_seed = secrets.randbelow(2**32) if seed is None else seed
+    return [workflows.Params(prompt=prompt, negative=negative, width=width, height=height, steps=steps,
+                             cfg=cfg if cfg is not None else bundle.default("cfg", 7.0), sampler=sampler, scheduler=scheduler,
+                             seed=base_seed + i, guidance=guidance if guidance is not None else bundle.default("guidance", 3.5),
+                             filename_prefix=f"imagegen/{secrets.token_hex(4)}")
+            for i in range(count)]
+
+
+def describe(bundle: Bundle, params: workflows.Params) -> dict:
+    """The parameters record an image carries: enough to reproduce it with --from."""
+    record = {"prompt": params.prompt, "negative": params.negative, "model": bundle.name, "family": bundle.family,
+              "seed": params.seed, "width": params.width, "height": params.height, "steps": params.steps,
+              "cfg": params.cfg, "sampler": params.sampler, "scheduler": params.scheduler,
+              "denoise": params.denoise, "imagegen_version": __version__, "comfyui_version": COMFYUI_VERSION,
+              "files": {role: {"name": f.filename, "sha256": f.sha256} for role, f in bundle.files.items()}}
+    if bundle.family == "flux":
+        record["guidance"] = params.guidance
+    checkpoint = bundle.files.get("checkpoint") or bundle.files.get("diffusion_model")
+    if checkpoint and checkpoint.sha256:
+        record["model_hash"] = checkpoint.sha256
+    return record
+
+
+def render(bundle: Bundle, jobs: list[workflows.Params], targets: list[Path | None], worker, reporter: Reporter,
+           timeouts: Timeouts, overwrite: bool):
+    """Queue every job on one worker, then write each image as it finishes."""
+    client = worker.client()
+    graphs = [workflows.build(bundle, params) for params in jobs]
+    submitted = time.monotonic()
+    reporter.job(f"{bundle.name} {jobs[0].width}x{jobs[0].height}")
+    for index, entry in client.stream(graphs, timeouts, reporter.progress):
+        params, target = jobs[index], targets[index]
+        refs = output_images(entry)
+        if not refs:
+            raise ImagegenError("execution_failed", "ComfyUI finished the job but saved no image")
+        fetch_started = time.monotonic()
+        data = client.fetch_file(refs[0])
+        fetched = time.monotonic()
+        record = describe(bundle, params)
+        data = output.add_text_chunks(data, {"parameters": output.a1111_parameters(record),
+                                             "imagegen": json.dumps(record, sort_keys=True)})
+        if target is None:
+            output.write_stdout(data)
+        else:
+            output.write_atomic(target, data, overwrite)
+        phases = {k: round(v, 3) for k, v in entry.get("imagegen_phase_times", {}).items()}
+        yield {"schema": output.RESULT_SCHEMA, "path": str(target) if target else "-", **record,
+               "worker": worker.name, "device": worker.device,
+               "timings": {**phases, "fetch": round(fetched - fetch_started, 3), "write": round(time.monotonic() - fetched, 3),
+                           "since_submit": round(time.monotonic() - submitted, 3)}}
+
+
+def generate(request: Request, runtime, reporter: Reporter, registry: Registry | None = None, fetch=None):
+    """Yield one result record per image. All validation happens before any worker starts."""
+    bundle = resolve_bundle(request, registry)
+    jobs = plan_jobs(request, bundle)
+    names = [output.default_name(p.prompt, p.seed) for p in jobs]
+    targets = output.plan_outputs(request.output, len(jobs), names, request.overwrite, paths.default_output_dir())
+    cache.ensure_bundle(bundle, fetch=fetch)
+    worker = runtime.ensure(on_status=reporter.status)
+    if worker.device == "cpu":
+        reporter.once("cpu", "no GPU in use: running on CPU (slow; fine for small models and tests)")
+    yield from render(bundle, jobs, targets, worker, reporter, request.timeouts, request.overwrite)

@@ -1,0 +1,133 @@
+"""ComfyUI API-format graphs, one builder per family and task, with readable node ids.
+
+Limits below are those of the pinned ComfyUI 0.3.75's node definitions (its /object_info);
+tests/test_workflows.py holds them to the real server so they cannot drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .registry import Bundle
+
+MAX_RESOLUTION = 16384
+SIZE_MULTIPLE = 8
+MAX_STEPS = 10000
+MAX_CFG = 100.0
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+MAX_BATCH = 4096
+MAX_GUIDANCE = 100.0
+SAMPLERS = (
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
+    "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
+    "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
+    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm",
+    "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde",
+    "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
+)
+SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+              "linear_quadratic", "kl_optimal")
+
+
+@dataclass
+class Params:
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    cfg: float
+    sampler: str
+    scheduler: str
+    seed: int
+    negative: str = ""
+    guidance: float = 3.5
+    batch_size: int = 1
+    denoise: float = 1.0
+    init_image: str | None = None     # an image already in the worker's input folder (img2img)
+    filename_prefix: str = "imagegen/image"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build(bundle: Bundle, params: Params) -> dict:
+    """The graph for one job: text-to-image, or image-to-image when params.init_image is set."""
+    if bundle.family == "flux":
+        return _flux(bundle, params)
+    if bundle.family in ("sd15", "sdxl"):
+        return _checkpoint(bundle, params)
+    raise ValueError(f"no text-to-image graph for family {bundle.family!r}")
+
+
+def _latent(params: Params, vae: list, empty_node: str) -> tuple[dict, list]:
+    if params.init_image:
+        nodes = {
+            "load_image": {"class_type": "LoadImage", "inputs": {"image": params.init_image}},
+            "resize": {"class_type": "ImageScale", "inputs": {"image": ["load_image", 0], "upscale_method": "lanczos",
+                                                              "width": params.width, "height": params.height, "crop": "center"}},
+            "encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["resize", 0], "vae": vae}},
+        }
+        if params.batch_size > 1:
+            nodes["repeat"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["encode", 0], "amount": params.batch_size}}
+            return nodes, ["repeat", 0]
+        return nodes, ["encode", 0]
+    return {"latent": {"class_type": empty_node, "inputs": {"width": params.width, "height": params.height,
+                                                              "batch_size": params.batch_size}}}, ["latent", 0]
+
+
+def _checkpoint(bundle: Bundle, params: Params) -> dict:
+    vae = ["load_checkpoint", 2]
+    graph: dict = {
+        "load_checkpoint": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": bundle.files["checkpoint"].filename}},
+        "positive": {"class_type": "CLIPTextEncode", "inputs": {"text": params.prompt, "clip": ["load_checkpoint", 1]}},
+        "negative": {"class_type": "CLIPTextEncode", "inputs": {"text": params.negative, "clip": ["load_checkpoint", 1]}},
+    }
+    if "vae" in bundle.files:
+        graph["load_vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": bundle.files["vae"].filename}}
+        vae = ["load_vae", 0]
+    latent_nodes, latent = _latent(params, vae, "EmptyLatentImage")
+    graph.update(latent_nodes)
+    graph["sampler"] = {"class_type": "KSampler", "inputs": {
+        "model": ["load_checkpoint", 0], "positive": ["positive", 0], "negative": ["negative", 0],
+        "latent_image": latent, "seed": params.seed, "steps": params.steps, "cfg": params.cfg,
+        "sampler_name": params.sampler, "scheduler": params.scheduler, "denoise": params.denoise}}
+    graph["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": vae}}
+    graph["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": params.filename_prefix}}
+    return graph
+
+
+def _flux(bundle: Bundle, params: Params, weight_dtype: str = "default") -> dict:
+    files = bundle.files
+    graph: dict = {
+        "load_unet": {"class_type": "UNETLoader", "inputs": {"unet_name": files["diffusion_model"].filename, "weight_dtype": weight_dtype}},
+        "load_clip": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": files["t5"].filename,
+                                                                 "clip_name2": files["clip_l"].filename, "type": "flux"}},
+        "load_vae": {"class_type": "VAELoader", "inputs": {"vae_name": files["vae"].filename}},
+        "positive": {"class_type": "CLIPTextEncode", "inputs": {"text": params.prompt, "clip": ["load_clip", 0]}},
+        "guidance": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["positive", 0], "guidance": params.guidance}},
+    }
+    latent_nodes, latent = _latent(params, ["load_vae", 0], "EmptySD3LatentImage")
+    graph.update(latent_nodes)
+    graph.update({
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": params.seed}},
+        "guider": {"class_type": "BasicGuider", "inputs": {"model": ["load_unet", 0], "conditioning": ["guidance", 0]}},
+        "sampler_select": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": params.sampler}},
+        "schedule": {"class_type": "BasicScheduler", "inputs": {"model": ["load_unet", 0], "scheduler": params.scheduler,
+                                                                "steps": params.steps, "denoise": params.denoise}},
+        "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["noise", 0], "guider": ["guider", 0],
+                                                                     "sampler": ["sampler_select", 0], "sigmas": ["schedule", 0],
+                                                                     "latent_image": latent}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["load_vae", 0]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": params.filename_prefix}},
+    })
+    return graph
+
+
+def upscale(model_filename: str, image_name: str, filename_prefix: str = "imagegen/upscaled") -> dict:
+    return {
+        "load_image": {"class_type": "LoadImage", "inputs": {"image": image_name}},
+        "load_upscaler": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": model_filename}},
+        "upscale": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["load_upscaler", 0], "image": ["load_image", 0]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["upscale", 0], "filename_prefix": filename_prefix}},
+    }
