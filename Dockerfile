@@ -17,6 +17,7 @@ ENV LANG=C.UTF-8 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_PROGRESS_BAR=off \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     HOME=/home/imagegen \
@@ -55,8 +56,9 @@ RUN set -eu; rm /opt/comfyui/Dockerfile; \
       [ -f /opt/comfyui/main.py ] || { echo "COMFYUI_SOURCE=local but .docker-context/comfyui/main.py is missing (build-image.sh --comfyui-src DIR)" >&2; exit 1; }; \
     elif [ "$COMFYUI_SOURCE" = git ]; then \
       rm -rf /opt/comfyui; mkdir -p /opt/comfyui; \
-      python3 -c 'import sys, urllib.request as u; u.urlretrieve(sys.argv[1], "/tmp/comfyui.tar.gz")' "$COMFYUI_REPO/archive/$COMFYUI_COMMIT.tar.gz" \
-        || { echo "could not download ComfyUI $COMFYUI_COMMIT from $COMFYUI_REPO" >&2; exit 1; }; \
+      url="$COMFYUI_REPO/archive/$COMFYUI_COMMIT.tar.gz"; \
+      python3 -c 'import sys, urllib.request as u; u.urlretrieve(sys.argv[1], "/tmp/comfyui.tar.gz")' "$url" 2>/tmp/dl.err \
+        || { echo "could not download $url: $(tail -n1 /tmp/dl.err) (offline? build-image.sh --comfyui-src DIR)" >&2; exit 1; }; \
       tar -xzf /tmp/comfyui.tar.gz --strip-components=1 -C /opt/comfyui; rm /tmp/comfyui.tar.gz; \
     else echo "COMFYUI_SOURCE must be git or local, not '$COMFYUI_SOURCE'" >&2; exit 1; fi; \
     cd /opt/comfyui; test -f main.py; test -f requirements.txt; \

@@ -77,12 +77,12 @@ fi
 if [ -n "$wheelhouse" ]; then
   ls "$wheelhouse"/*.whl >/dev/null 2>&1 || die "--wheelhouse $wheelhouse holds no wheels (run scripts/wheelhouse.sh)"
   log=$(mktemp /tmp/imagegen-wheelhouse-http.XXXXXX)
-  python3 -m http.server --bind 127.0.0.1 --directory "$wheelhouse" "$port" >"$log" 2>&1 &
+  python3 -u -m http.server --bind 127.0.0.1 --directory "$wheelhouse" "$port" >"$log" 2>&1 &
   server=$!
   trap 'kill "$server" 2>/dev/null || true; rm -f "$log"' EXIT
-  for _ in $(seq 50); do
-    kill -0 "$server" 2>/dev/null || die "wheelhouse server failed on 127.0.0.1:$port (in use? set IMAGEGEN_WHEELHOUSE_PORT): $(tail -n1 "$log")"
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+  until grep -q '^Serving HTTP' "$log"; do
+    kill -0 "$server" 2>/dev/null \
+      || die "cannot serve the wheelhouse on 127.0.0.1:$port (port in use? set IMAGEGEN_WHEELHOUSE_PORT): $(tail -n1 "$log")"
     sleep 0.1
   done
   args+=(--network host --build-arg "WHEELHOUSE=http://127.0.0.1:$port/")

@@ -86,12 +86,20 @@ class _LineLoader(yaml.SafeLoader):
 
 class _LineDict(dict):
     line: int = 0
+    key_lines: dict = {}
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict:
     mapping = _LineDict(loader.construct_mapping(node, deep=True))
     mapping.line = node.start_mark.line + 1
+    mapping.key_lines = {key.value: key.start_mark.line + 1 for key, _value in node.value if isinstance(key, yaml.ScalarNode)}
     return mapping
+
+
+def _line(mapping, key: str | None = None) -> int:
+    """The line of `key` in a parsed mapping (or of the mapping itself)."""
+    lines = getattr(mapping, "key_lines", {})
+    return lines.get(key) or getattr(mapping, "line", 0)
 
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
@@ -170,7 +178,7 @@ def _parse_bundle(path: Path, name: str, raw: Any, shared: dict[str, ModelFile])
         raise _bad(path, line, f"models.{name}: unknown field(s) {', '.join(sorted(unknown))}")
     family = raw.get("family")
     if family not in FAMILIES:
-        raise _bad(path, line, f"models.{name}: family {family!r} is not one of {', '.join(FAMILIES)}")
+        raise _bad(path, _line(raw, "family"), f"models.{name}: family {family!r} is not one of {', '.join(FAMILIES)}")
     required, optional = FAMILIES[family]
     raw_files = raw.get("files") or {}
     if not isinstance(raw_files, dict):
@@ -179,10 +187,10 @@ def _parse_bundle(path: Path, name: str, raw: Any, shared: dict[str, ModelFile])
     files: dict[str, ModelFile] = {}
     for role, value in raw_files.items():
         if role not in required + optional:
-            raise _bad(path, getattr(raw_files, "line", line), f"models.{name}.files: role {role!r} is not used by family {family} (roles: {', '.join(required + optional)})")
+            raise _bad(path, _line(raw_files, role), f"models.{name}.files: role {role!r} is not used by family {family} (roles: {', '.join(required + optional)})")
         if isinstance(value, str):
             if value not in shared:
-                raise _bad(path, getattr(raw_files, "line", line), f"models.{name}.files.{role}: no shared file {value!r} under `files:` (known: {', '.join(sorted(shared)) or 'none'})")
+                raise _bad(path, _line(raw_files, role), f"models.{name}.files.{role}: no shared file {value!r} under `files:` (known: {', '.join(sorted(shared)) or 'none'})")
             files[role] = shared[value]
         else:
             parsed = _parse_file(path, f"models.{name}.files.{role}", value, ROLE_FOLDERS[role])
@@ -200,11 +208,11 @@ def _parse_bundle(path: Path, name: str, raw: Any, shared: dict[str, ModelFile])
     for key, value in defaults.items():
         expected = DEFAULT_KEYS.get(key)
         if expected is None:
-            raise _bad(path, getattr(defaults, "line", line), f"models.{name}.defaults: unknown key {key!r} (known: {', '.join(DEFAULT_KEYS)})")
+            raise _bad(path, _line(defaults, key), f"models.{name}.defaults: unknown key {key!r} (known: {', '.join(DEFAULT_KEYS)})")
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, expected) or isinstance(value, bool):
-            raise _bad(path, getattr(defaults, "line", line), f"models.{name}.defaults.{key}: expected {expected.__name__}, got {value!r}")
+            raise _bad(path, _line(defaults, key), f"models.{name}.defaults.{key}: expected {expected.__name__}, got {value!r}")
     return Bundle(name=name, family=family, files=files, defaults={k: (float(v) if DEFAULT_KEYS[k] is float else v) for k, v in defaults.items()},
                   description=str(raw.get("description") or ""), gated=gated or any(f.gated for f in files.values()),
                   source=str(path))

@@ -1,0 +1,99 @@
+"""The real CLI, real ComfyUI on CPU, a tiny real SD1.5-architecture checkpoint."""
+
+import json
+import time
+
+import pytest
+
+from imagegen import output
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.comfyui
+
+
+@pytest.fixture(scope="module")
+def env(comfyui_dir, tmp_path_factory):
+    home = tmp_path_factory.mktemp("e2e-home")
+    values = {"IMAGEGEN_HOME": str(home), "IMAGEGEN_COMFYUI_DIR": str(comfyui_dir), "IMAGEGEN_KEEP_WARM": "300"}
+    yield values
+    run_cli("stop", "--all", env=values)
+
+
+def workers(env):
+    result = run_cli("workers", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.decode().splitlines()]
+
+
+def test_cold_then_warm_generate_with_a_local_checkpoint(env, tiny_sd15, tmp_path):
+    started = time.monotonic()
+    cold = run_cli("generate", "a friendly robot", "--checkpoint", str(tiny_sd15), "--size", "64x96", "--steps", "2",
+                   "--seed", "7", "-o", str(tmp_path / "cold.png"), env=env)
+    cold_seconds = time.monotonic() - started
+    assert cold.returncode == 0, cold.stderr.decode()
+    assert cold.stdout.decode() == f"{tmp_path / 'cold.png'}\n"  # stdout is data: one absolute path
+    assert "CPU" in cold.stderr.decode()
+    data = (tmp_path / "cold.png").read_bytes()
+    assert output.png_size(data) == (64, 96)
+    chunks = output.read_text_chunks(data)
+    assert {"prompt", "parameters", "imagegen"} <= set(chunks)
+    assert json.loads(chunks["imagegen"])["seed"] == 7
+    first_pid = workers(env)[0]["pid"]
+
+    started = time.monotonic()
+    warm = run_cli("generate", "a friendly robot", "--checkpoint", str(tiny_sd15), "--size", "64x96", "--steps", "2",
+                   "--seed", "8", "-o", str(tmp_path / "warm.png"), env=env)
+    warm_seconds = time.monotonic() - started
+    assert warm.returncode == 0, warm.stderr.decode()
+    assert workers(env)[0]["pid"] == first_pid, "the second call must reuse the warm worker"
+    assert "starting a local worker" not in warm.stderr.decode()
+    assert warm_seconds < cold_seconds * 0.6, (cold_seconds, warm_seconds)
+
+
+def test_json_and_count(env, tiny_sd15, tmp_path):
+    result = run_cli("generate", "two lighthouses", "--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "1",
+                     "--count", "2", "--seed", "100", "--json", "-o", str(tmp_path) + "/", env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert [r["seed"] for r in records] == [100, 101]
+    for record in records:
+        assert record["schema"] == "imagegen.result/1" and record["width"] == 64
+        assert output.png_size(open(record["path"], "rb").read()) == (64, 64)
+        assert {"sampling", "since_submit"} <= set(record["timings"])
+
+
+def test_png_bytes_on_stdout(env, tiny_sd15):
+    result = run_cli("generate", "a cat", "--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "1", "-o", "-", env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.startswith(output.PNG_SIGNATURE)
+    assert output.png_size(result.stdout) == (64, 64)
+    assert result.stdout.endswith(b"IEND\xaeB`\x82")  # nothing but the PNG
+
+
+def test_registered_local_model_by_name(env, tiny_sd15, tmp_path):
+    added = run_cli("models", "add", "tiny", "--file", str(tiny_sd15), env=env)
+    assert added.returncode == 0, added.stderr.decode()
+    listed = {json.loads(line)["name"]: json.loads(line) for line in run_cli("models", "list", "--json", env=env).stdout.decode().splitlines()}
+    assert listed["tiny"]["installed"] and listed["tiny"]["family"] == "sd15"
+    result = run_cli("generate", "a tiny model", "-m", "tiny", "--size", "64x64", "--steps", "1", "-o", str(tmp_path / "t.png"), env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    assert output.png_size((tmp_path / "t.png").read_bytes()) == (64, 64)
+
+
+def test_bad_input_exits_2_before_any_worker_starts(env, tiny_sd15, tmp_path):
+    home = {**env, "IMAGEGEN_HOME": str(tmp_path / "fresh")}
+    for args, code in ((["--size", "65x64"], "invalid_size"), (["--steps", "0"], "invalid_argument"),
+                       (["-m", "sdxx"], "unknown_model")):
+        extra = [] if "-m" in args else ["--checkpoint", str(tiny_sd15)]
+        result = run_cli("generate", "x", *extra, *args, "--json", env=home)
+        assert result.returncode == 2, result.stderr.decode()
+        assert json.loads(result.stderr.decode().splitlines()[-1])["code"] == code
+    assert not (tmp_path / "fresh" / "state" / "workers").exists() or not list((tmp_path / "fresh" / "state" / "workers").glob("*.json"))
+
+
+def test_stop_stops_the_worker(env):
+    assert workers(env)
+    result = run_cli("stop", "--all", env=env)
+    assert result.returncode == 0 and "stopped 1" in result.stderr.decode()
+    assert workers(env) == []
