@@ -2,7 +2,9 @@
 
 The cache uses ComfyUI's folder layout (checkpoints/, diffusion_models/, text_encoders/, vae/,
 upscale_models/), so a worker points ComfyUI straight at it. A user's own file is used in place
-through a symlink under <folder>/imagegen-local/ and is never copied.
+through a symlink under <folder>/imagegen-local/ and is never copied. Existing ComfyUI or A1111
+model trees named in IMAGEGEN_SHARED_MODELS (os.pathsep-separated, each a `models/` folder) are
+searched read-only after the cache, so a file there is never downloaded again.
 """
 
 from __future__ import annotations
@@ -17,13 +19,42 @@ from .registry import Bundle, ModelFile
 
 Fetcher = Callable[[Bundle], None]
 
+SHARED_MODELS_ENV = "IMAGEGEN_SHARED_MODELS"
+# Our folder -> the subfolders a tree may keep it in (the same mapping the worker gives ComfyUI).
+COMFY_LAYOUT = {"checkpoints": ["checkpoints"], "diffusion_models": ["diffusion_models", "unet"],
+                "text_encoders": ["text_encoders", "clip"], "vae": ["vae"], "upscale_models": ["upscale_models"],
+                "loras": ["loras"], "clip_vision": ["clip_vision"]}
+A1111_LAYOUT = {"checkpoints": ["Stable-diffusion"], "vae": ["VAE"], "loras": ["Lora"],
+                "upscale_models": ["ESRGAN", "RealESRGAN"], "text_encoders": ["text_encoder"]}
+
+
+def shared_trees() -> list[Path]:
+    value = os.environ.get(SHARED_MODELS_ENV, "")
+    return [Path(item).expanduser() for item in value.split(os.pathsep) if item.strip()]
+
+
+def tree_layout(root: Path) -> dict[str, list[str]]:
+    return A1111_LAYOUT if (root / "Stable-diffusion").is_dir() else COMFY_LAYOUT
+
+
+def shared_path(file: ModelFile) -> Path | None:
+    """The file in a shared tree, under the same name ComfyUI will ask for (and the registry's size, when known)."""
+    for root in shared_trees():
+        for subdir in tree_layout(root).get(file.folder, []):
+            candidate = root / subdir / file.filename
+            if candidate.is_file() and (file.size is None or candidate.stat().st_size == file.size):
+                return candidate
+    return None
+
 
 def present_path(file: ModelFile, models_dir: Path | None = None) -> Path | None:
-    """The on-disk file ComfyUI will load, when it is there."""
+    """The on-disk file ComfyUI will load, when it is there: a local file, the cache, or a shared tree."""
     if file.local_path:
         return Path(file.local_path) if Path(file.local_path).is_file() else None
     path = file.cache_path(models_dir)
-    return path if path.is_file() else None
+    if path.is_file():
+        return path
+    return shared_path(file)
 
 
 def missing_files(bundle: Bundle, models_dir: Path | None = None) -> list[ModelFile]:

@@ -243,6 +243,26 @@ def models_inspect(file: Annotated[Path, typer.Argument(help="A .safetensors fil
 
 
 @app.command()
+def doctor(runtime: RuntimeOpt = "auto", json_mode: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """Check Docker, the NVIDIA runtime, GPUs, the image, the cache and free disk; say how to fix each problem."""
+
+    def body() -> None:
+        from .doctor import run_checks
+
+        checks = run_checks()
+        for check in checks:
+            if json_mode:
+                print(json.dumps({"schema": "imagegen.check/1", **check}))
+            else:
+                mark = "ok  " if check["ok"] else ("warn" if check.get("optional") else "FAIL")
+                print(f"[{mark}] {check['check']}: {check['detail']}" + (f"\n       fix: {check['fix']}" if not check["ok"] and check.get("fix") else ""))
+        if any(not c["ok"] and not c.get("optional") for c in checks):
+            raise typer.Exit(1)
+
+    run_guarded(json_mode, debug, body)
+
+
+@app.command()
 def version(json_mode: JsonOpt = False) -> None:
     """Print imagegen's version and the ComfyUI it runs."""
     from . import COMFYUI_COMMIT, COMFYUI_VERSION, __version__
@@ -251,7 +271,17 @@ def version(json_mode: JsonOpt = False) -> None:
     print(json.dumps(record) if json_mode else f"imagegen {__version__} (ComfyUI {COMFYUI_VERSION})")
 
 
+def _interrupt_on_sigterm() -> None:
+    import signal
+
+    def handler(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main() -> int:
+    _interrupt_on_sigterm()  # `kill` cleans up like Ctrl-C does
     try:
         app(standalone_mode=True)
     except SystemExit as exit_:

@@ -183,7 +183,17 @@ def generate(request: Request, runtime, reporter: Reporter, registry: Registry |
     names = [output.default_name(p.prompt, p.seed) for p in jobs]
     targets = output.plan_outputs(request.output, len(jobs), names, request.overwrite, paths.default_output_dir())
     cache.ensure_bundle(bundle, fetch=fetch)
-    worker = runtime.ensure(on_status=reporter.status)
+    worker = runtime.ensure(on_status=reporter.status, mounts=local_dirs(bundle))
     if worker.device == "cpu":
         reporter.once("cpu", "no GPU in use: running on CPU (slow; fine for small models and tests)")
-    yield from render(bundle, jobs, targets, worker, reporter, request.timeouts, request.overwrite)
+    try:
+        yield from render(bundle, jobs, targets, worker, reporter, request.timeouts, request.overwrite)
+    except KeyboardInterrupt:
+        if worker.started_here:  # stop what this command started; a shared warm worker stays
+            runtime.stop(worker.slot)
+        raise
+
+
+def local_dirs(bundle: Bundle) -> set[str]:
+    """Directories holding a bundle's local files: a container must see them at the same path."""
+    return {str(Path(f.local_path).resolve().parent) for f in bundle.files.values() if f.local_path}

@@ -72,11 +72,27 @@ def default_slot() -> str:
     return "0" if detect_device() == "cuda" else "cpu"
 
 
+def shared_model_trees() -> list[Path]:
+    """Read-only model trees (ComfyUI or A1111 layout) named in IMAGEGEN_SHARED_MODELS."""
+    value = os.environ.get("IMAGEGEN_SHARED_MODELS", "")
+    return [Path(p).expanduser() for p in value.split(os.pathsep) if p.strip()]
+
+
 def make_runtime(name: str = "auto", keep_warm: float = DEFAULT_KEEP_WARM):
-    if name in ("local", "auto"):
-        return LocalRuntime(keep_warm=keep_warm)
-    raise ImagegenError("runtime_unavailable", f"runtime {name!r} is not available in this build",
-                        hint="Use --runtime local.")
+    """`docker`, `local`, or `auto`: Docker when its daemon answers and the image is built, else local."""
+    if name not in ("auto", "docker", "local"):
+        raise ImagegenError("invalid_argument", f"--runtime {name!r}: choose auto, docker or local")
+    if name in ("docker", "auto"):
+        from . import docker_runtime
+
+        try:
+            runtime = docker_runtime.DockerRuntime(keep_warm=keep_warm, shared_models=shared_model_trees())
+            if name == "docker" or runtime.image_present():
+                return runtime
+        except ImagegenError:
+            if name == "docker":
+                raise
+    return LocalRuntime(keep_warm=keep_warm, shared_models=shared_model_trees())
 
 
 def find_comfyui_dir() -> Path:
@@ -119,7 +135,13 @@ class LocalRuntime:
             return self._handle(slot, record, started_here=False)
         return None
 
-    def ensure(self, slot: str | None = None, on_status=None) -> WorkerHandle:
+    def slots(self, choice: str | None = None) -> list[str]:
+        from . import gpus
+
+        return [str(g.index) for g in gpus.select(gpus.list_gpus(), choice)] or ["cpu"]
+
+    def ensure(self, slot: str | None = None, on_status=None, mounts: set[str] = frozenset()) -> WorkerHandle:
+        """Find or start the worker for a slot; `mounts` matter only to containers."""
         from filelock import FileLock
 
         slot = slot or default_slot()
