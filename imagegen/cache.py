@@ -94,3 +94,19 @@ def ensure_bundle(bundle: Bundle, fetch: Fetcher | None = None, models_dir: Path
     resolved = {role: present_path(f, models_dir) for role, f in bundle.files.items()}
     modelfile.check_bundle_files(bundle, lambda f: present_path(f, models_dir))
     return resolved
+
+
+MODEL_SCHEMA = "imagegen.model/1"
+DEFAULT_FIELDS = ("width", "height", "steps", "cfg", "sampler", "scheduler")
+
+
+def model_record(bundle: Bundle, models_dir: Path | None = None) -> dict:
+    """A registered model and what of it is on disk: the record `models list --json` prints."""
+    missing = missing_files(bundle, models_dir)
+    return {"schema": MODEL_SCHEMA, "name": bundle.name, "family": bundle.family, "installed": not missing,
+            "size_bytes": bundle.total_size, "missing_bytes": sum(f.size or 0 for f in missing),
+            "gated": bundle.gated, "description": bundle.description, "source": bundle.source,
+            "defaults": {key: bundle.default(key) for key in DEFAULT_FIELDS},
+            "files": {role: {"folder": f.folder, "name": f.filename, "repo": f.repo, "revision": f.revision,
+                             "size": f.size, "sha256": f.sha256, "local": f.local_path}
+                      for role, f in bundle.files.items()}}

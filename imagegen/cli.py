@@ -95,11 +95,12 @@ def generate(
         from .progress import Reporter
         from .runtime import make_runtime
 
+        timeouts, explicit = gen.timeouts_from_env(timeout)
         request = gen.Request(
             prompt=prompt if prompt is not None else _read_stdin_prompt(), model=model, checkpoint=checkpoint,
             family=family, negative=negative, seed=seed, steps=steps, cfg=cfg, size=size, sampler=sampler,
             scheduler=scheduler, guidance=guidance, count=count, output=output_path, overwrite=overwrite,
-            timeouts=gen.timeouts_from_env(timeout))
+            timeouts=timeouts, explicit_timeouts=explicit)
         reporter = Reporter(quiet=quiet)
         for record in gen.generate(request, make_runtime(runtime, keep_warm), reporter):
             if record["path"] != "-":
@@ -162,14 +163,7 @@ def models_list(json_mode: JsonOpt = False, debug: DebugOpt = False) -> None:
 
         registry = Registry.load()
         for name, bundle in sorted(registry.bundles.items()):
-            missing = cache.missing_files(bundle)
-            entry = {"schema": "imagegen.model/1", "name": name, "family": bundle.family, "installed": not missing,
-                     "size_bytes": bundle.total_size, "missing_bytes": sum(f.size or 0 for f in missing),
-                     "gated": bundle.gated, "description": bundle.description, "source": bundle.source,
-                     "defaults": {k: bundle.default(k) for k in ("width", "height", "steps", "cfg", "sampler", "scheduler")},
-                     "files": {role: {"folder": f.folder, "name": f.filename, "repo": f.repo, "revision": f.revision,
-                                      "size": f.size, "sha256": f.sha256, "local": f.local_path}
-                               for role, f in bundle.files.items()}}
+            entry = cache.model_record(bundle)
             if json_mode:
                 print(json.dumps(entry))
             else:
@@ -243,6 +237,38 @@ def models_inspect(file: Annotated[Path, typer.Argument(help="A .safetensors fil
 
 
 @app.command()
+def mcp(runtime: RuntimeOpt = "auto", keep_warm: KeepWarmOpt = 300.0, debug: DebugOpt = False) -> None:
+    """Serve generate_image, batch and list_models to an agent: an MCP server on stdin/stdout."""
+
+    def body() -> None:
+        from .mcp_server import serve
+
+        serve(runtime, keep_warm)
+
+    run_guarded(False, debug, body)
+
+
+@app.command()
+def schema(
+    name: Annotated[Optional[str], typer.Argument(help="One schema, e.g. imagegen.result/1 or result (all when omitted).")] = None,
+    json_mode: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Print the JSON Schemas of the records --json writes: result, error, model and worker."""
+
+    def body() -> None:
+        from .schema import SCHEMAS
+
+        chosen = [s for key, s in SCHEMAS.items() if name in (None, key, key.split("/")[0].removeprefix("imagegen."))]
+        if not chosen:
+            raise ImagegenError("invalid_argument", f"no schema named {name!r}", hint="Known: " + ", ".join(SCHEMAS))
+        for item in chosen:
+            print(json.dumps(item) if json_mode else json.dumps(item, indent=2))
+
+    run_guarded(json_mode, debug, body)
+
+
+@app.command()
 def doctor(runtime: RuntimeOpt = "auto", json_mode: JsonOpt = False, debug: DebugOpt = False) -> None:
     """Check Docker, the NVIDIA runtime, GPUs, the image, the cache and free disk; say how to fix each problem."""
 
@@ -258,6 +284,36 @@ def doctor(runtime: RuntimeOpt = "auto", json_mode: JsonOpt = False, debug: Debu
                 print(f"[{mark}] {check['check']}: {check['detail']}" + (f"\n       fix: {check['fix']}" if not check["ok"] and check.get("fix") else ""))
         if any(not c["ok"] and not c.get("optional") for c in checks):
             raise typer.Exit(1)
+
+    run_guarded(json_mode, debug, body)
+
+
+@models_app.command("pull")
+def models_pull(name: Annotated[str, typer.Argument(help="A registered model (see `imagegen models list`).")],
+                json_mode: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False) -> None:
+    """Download a model's missing files (verified by sha256 and size; an interrupted pull continues)."""
+
+    def body() -> None:
+        from . import cache, paths
+        from .fetch import fetch_bundle
+        from .fetch_progress import TqdmRenderer
+        from .registry import Registry
+
+        bundle = Registry.load().get(name)
+        models_dir = paths.models_dir()
+        renderer = None if json_mode else TqdmRenderer(quiet=quiet)
+        on_event = (lambda event: print(json.dumps({"schema": "imagegen.fetch_event/1", **event}), flush=True)) if json_mode else renderer
+        try:
+            fetch_bundle(bundle, models_dir, on_event)
+        finally:
+            if renderer is not None:
+                renderer.close()
+        files = cache.ensure_bundle(bundle, None, models_dir)
+        if json_mode:
+            print(json.dumps({"schema": "imagegen.model_pulled/1", "name": name, "files": {k: str(v) for k, v in files.items()}}))
+        else:
+            for path in files.values():
+                print(path)
 
     run_guarded(json_mode, debug, body)
 

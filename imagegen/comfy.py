@@ -243,8 +243,15 @@ class ComfyClient:
                         on_progress(state)
             if time.monotonic() < next_poll:
                 continue
-            for pid in list(prompt_ids):
-                entry = self.history(pid)
+            try:
+                finished = [(pid, self.history(pid)) for pid in list(prompt_ids)]
+                running = self._running_ids() if events is None and prompt_ids else []
+            except ImagegenError as error:
+                active = [states[pid].phase for pid in prompt_ids if states[pid].phase != "queued"]
+                error.details["phase"] = active[0] if active else "queued"
+                error.message += f" (phase '{error.details['phase']}')"
+                raise
+            for pid, entry in finished:
                 status = (entry or {}).get("status", {})
                 if entry and (status.get("completed") or status.get("status_str") == "error"):
                     enter(pid, "done")
@@ -254,7 +261,6 @@ class ComfyClient:
             if events is None and prompt_ids:
                 # Without events no progress resets a stall clock: watch the queue, and let the
                 # overall cap bound the jobs.
-                running = self._running_ids()
                 for pid in prompt_ids:
                     if states[pid].phase == "queued" and pid in running:
                         enter(pid, "running")

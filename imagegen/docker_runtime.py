@@ -21,6 +21,11 @@ CONTAINER_PORT = "8188/tcp"
 IMAGE = os.environ.get("IMAGEGEN_IMAGE", f"imagegen:{__version__}")
 
 
+def memory_limit() -> str:
+    """IMAGEGEN_DOCKER_MEMORY (e.g. "16g"): an opt-in hard memory cap per worker container, swap included."""
+    return os.environ.get("IMAGEGEN_DOCKER_MEMORY", "").strip()
+
+
 def connect():
     """A docker client, or a clear error naming what is wrong with the daemon."""
     import docker
@@ -86,8 +91,9 @@ class DockerRuntime:
     def find(self, slot: str, mounts: set[str] = frozenset()) -> WorkerHandle | None:
         for container in self._containers(slot):
             mounted = set(json.loads(container.labels.get("imagegen.mounts", "[]")))
-            if container.labels.get("imagegen.image") != self.image or not set(mounts) <= mounted:
-                self._remove(container)  # an older image, or it cannot see a file this job needs
+            if (container.labels.get("imagegen.image") != self.image or not set(mounts) <= mounted
+                    or container.labels.get("imagegen.memory", "") != memory_limit()):
+                self._remove(container)  # an older image, another memory cap, or it cannot see a file this job needs
                 continue
             handle = self._handle(container, slot, started_here=False)
             if handle and healthy(handle.url):
@@ -137,7 +143,7 @@ class DockerRuntime:
         labels = {LABEL: "1", "imagegen.slot": slot, "imagegen.device": "cuda" if gpu else "cpu",
                   "imagegen.version": __version__, "imagegen.image": self.image, "imagegen.owner_uid": str(self.uid),
                   "imagegen.owner_pid": str(os.getpid()), "imagegen.mounts": json.dumps(sorted(mounts)),
-                  "imagegen.started": str(int(time.time()))}
+                  "imagegen.started": str(int(time.time())), "imagegen.memory": memory_limit()}
         if on_status:
             on_status(f"starting a Docker worker ({'GPU ' + slot if gpu else 'CPU'}, image {self.image})")
         try:
@@ -146,6 +152,7 @@ class DockerRuntime:
                 name=f"imagegen-{self.uid}-{slot[:16].lower().replace(':', '-')}-{secrets.token_hex(3)}",
                 ports={CONTAINER_PORT: ("127.0.0.1", None)}, volumes=volumes, labels=labels,
                 environment={"IMAGEGEN_MODELS_DIR": "/models", "HOME": "/tmp"},
+                mem_limit=memory_limit() or None, memswap_limit=memory_limit() or None,
                 device_requests=[DeviceRequest(device_ids=[slot], capabilities=[["gpu"]])] if gpu else None)
         except APIError as exc:
             raise ImagegenError("worker_start_failed", f"Docker refused to start the worker: {exc.explanation or exc}") from exc
@@ -169,11 +176,35 @@ class DockerRuntime:
         raise ImagegenError("timeout", f"the Docker worker was not ready within {self.start_timeout:.0f}s. Last log lines:\n{self._logs(container)}",
                             hint="Set IMAGEGEN_START_TIMEOUT higher on a slow machine.", phase="server_start")
 
+    def diagnose(self, worker: WorkerHandle, grace: float = 10.0) -> ImagegenError | None:
+        """Why a worker failed a job: its container exited (killed for memory?), or it hangs.
+
+        When ComfyUI is killed (the kernel's OOM killer picks it, not the container's init), the
+        worker notices within a second and exits: wait for that before calling it a hang."""
+        from docker.errors import DockerException, NotFound
+
+        deadline = time.monotonic() + grace
+        while True:
+            try:
+                container = self.client.containers.get(worker.info.get("container") or worker.name)
+            except NotFound:
+                return ImagegenError("worker_died", f"the worker container {worker.name} is gone")
+            except DockerException:
+                container = None
+            if container is not None and container.attrs["State"]["Status"] in ("exited", "dead"):
+                return self._death(container, "while running a job")
+            if healthy(worker.url):
+                return None
+            if time.monotonic() >= deadline:
+                return ImagegenError("worker_unreachable", f"the worker container {worker.name} stopped answering")
+            time.sleep(0.5)
+
     def _death(self, container, when: str) -> ImagegenError:
         state = container.attrs["State"]
         if state.get("OOMKilled") or state.get("ExitCode") == 137:
             return ImagegenError("out_of_memory", f"the worker container was killed for memory {when} (exit 137)")
-        return ImagegenError("worker_start_failed", f"the worker container exited with code {state.get('ExitCode')} {when}. Last log lines:\n{self._logs(container)}")
+        code = "worker_start_failed" if "start-up" in when else "worker_died"
+        return ImagegenError(code, f"the worker container exited with code {state.get('ExitCode')} {when}. Last log lines:\n{self._logs(container)}")
 
     @staticmethod
     def _logs(container, lines: int = 25) -> str:

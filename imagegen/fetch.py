@@ -13,6 +13,7 @@ would start over. The token (HF_TOKEN or a stored login) goes only into request 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -75,13 +76,8 @@ def _token() -> str | None:
     return os.environ.get("HF_TOKEN") or get_token()
 
 
-class _Redactor:
-    def __init__(self, token: str | None):
-        self.token = token
-
-    def __call__(self, text: object) -> str:
-        text = str(text)
-        return text.replace(self.token, "<HF_TOKEN>") if self.token else text
+def _redactor(token: str | None) -> Callable[[object], str]:
+    return lambda text: str(text).replace(token, "<HF_TOKEN>") if token else str(text)
 
 
 def _gated(file: ModelFile, token: str | None, status: int | None) -> ImagegenError:
@@ -99,11 +95,11 @@ def _gated(file: ModelFile, token: str | None, status: int | None) -> ImagegenEr
         repo=file.repo, url=page)
 
 
-def head(file: ModelFile, token: str | None, redact: _Redactor) -> Remote:
+def head(file: ModelFile, token: str | None, redact: Callable[[object], str]) -> Remote:
     """The hub's metadata for a file; access and existence errors become ImagegenErrors."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RemoteEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     if file.gated and not token:
         raise _gated(file, None, None)
@@ -111,7 +107,7 @@ def head(file: ModelFile, token: str | None, redact: _Redactor) -> Remote:
     url = hf_hub_url(file.repo, file.path_in_repo, revision=file.revision, endpoint=endpoint)
     where = f"{file.repo}/{file.path_in_repo}@{file.revision}"
     try:
-        meta = get_hf_file_metadata(url, token=token or False, endpoint=endpoint, retry_on_errors=True)
+        meta = get_hf_file_metadata(url, token=token or False, endpoint=endpoint)
     except GatedRepoError as exc:  # before RepositoryNotFoundError: it is a subclass
         raise _gated(file, token, exc.response.status_code) from None
     except RepositoryNotFoundError as exc:
@@ -119,7 +115,7 @@ def head(file: ModelFile, token: str | None, redact: _Redactor) -> Remote:
             raise _gated(file, token, exc.response.status_code) from None
         raise ImagegenError("download_failed", f"{_label(file)}: no repository {file.repo} on {endpoint}",
                             hint="Check `repo:` of this file in models.yaml.") from None
-    except (RevisionNotFoundError, RemoteEntryNotFoundError):
+    except (RevisionNotFoundError, EntryNotFoundError):
         raise ImagegenError("download_failed", f"{_label(file)}: {where} does not exist on {endpoint}",
                             hint="Check `file:` and `revision:` of this file in models.yaml.") from None
     except HfHubHTTPError as exc:
@@ -216,17 +212,6 @@ class _Progress:
         return getattr(self._raw, name)
 
 
-def _quiet_tqdm():
-    from tqdm import tqdm
-
-    class Quiet(tqdm):  # huggingface_hub's own bar would duplicate ours on stderr
-        def __init__(self, *args, **kwargs):
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-    return Quiet
-
-
 def _part_path(models_dir: Path, remote: Remote) -> Path:
     tag = (remote.file.sha256 or remote.sha256 or remote.file.revision or "main")[:16]
     return models_dir / DOWNLOADS / remote.file.folder / f"{remote.file.filename}.{tag}.part"
@@ -239,9 +224,11 @@ def _mismatch(file: ModelFile, what: str, expected: object, got: object, deleted
 
 
 def _download(remote: Remote, models_dir: Path, token: str | None, emit: EventCallback, base: Event,
-              redact: _Redactor) -> tuple[Path, str]:
+              redact: Callable[[object], str]) -> tuple[Path, str]:
     """Fetch one file into its part file; returns (part path, sha256) once size and hash are right."""
+    from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.file_download import http_get
+    from tqdm import tqdm
 
     file = remote.file
     part = _part_path(models_dir, remote)
@@ -255,18 +242,24 @@ def _download(remote: Remote, models_dir: Path, token: str | None, emit: EventCa
     headers = {"user-agent": "imagegen"}
     if token and urlsplit(remote.url)[:2] == urlsplit(_endpoint())[:2]:  # never send the token to a CDN
         headers["authorization"] = f"Bearer {token}"
-    try:
-        with part.open("ab") as raw:
-            http_get(remote.url, _Progress(raw, emit, base), resume_size=done, headers=headers,
-                     expected_size=expected_size, displayed_filename=file.filename, tqdm_class=_quiet_tqdm())
-    except Exception as exc:  # noqa: BLE001 - hub errors are OSErrors, transport errors are the HTTP client's
-        got = part.stat().st_size if part.exists() else 0
-        if expected_size and got > expected_size:
-            part.unlink()
-            raise _mismatch(file, "size", expected_size, got, part) from None
-        raise ImagegenError("download_failed", f"{_label(file)}: download from {file.repo} stopped at {gib(got)}"
-                                               f"{f' of {gib(expected_size)}' if expected_size else ''}: {redact(exc).splitlines()[0]}",
-                            hint="Run the same command again: the download continues where it stopped.") from None
+    while True:
+        try:
+            with part.open("ab") as raw:
+                # a disabled bar of our own keeps huggingface_hub's bar off stderr (the parameter exists from 0.2x to 2.x)
+                http_get(remote.url, _Progress(raw, emit, base), resume_size=done, headers=headers,
+                         expected_size=expected_size, displayed_filename=file.filename, _tqdm_bar=tqdm(disable=True))
+            break
+        except Exception as exc:  # noqa: BLE001 - hub errors are OSErrors, transport errors are the HTTP client's
+            got = part.stat().st_size if part.exists() else 0
+            if expected_size and got > expected_size:
+                part.unlink()
+                raise _mismatch(file, "size", expected_size, got, part) from None
+            if got > done and not isinstance(exc, HfHubHTTPError):  # a dropped connection after progress: go on
+                done = got
+                continue
+            raise ImagegenError("download_failed", f"{_label(file)}: download from {file.repo} stopped at {gib(got)}"
+                                                   f"{f' of {gib(expected_size)}' if expected_size else ''}: {redact(exc).splitlines()[0]}",
+                                hint="Run the same command again: the download continues where it stopped.") from None
     size = part.stat().st_size
     if expected_size and size != expected_size:
         part.unlink()
@@ -281,7 +274,7 @@ def _download(remote: Remote, models_dir: Path, token: str | None, emit: EventCa
 
 
 def _fetch_one(remote: Remote, models_dir: Path, token: str | None, emit: EventCallback, base: Event,
-               redact: _Redactor) -> Path:
+               redact: Callable[[object], str]) -> Path:
     from filelock import FileLock, Timeout
 
     file = remote.file
@@ -299,6 +292,8 @@ def _fetch_one(remote: Remote, models_dir: Path, token: str | None, emit: EventC
         part, sha = _download(remote, models_dir, token, emit, base, redact)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, final)
+        for stale in part.parent.glob(f"{glob.escape(Path(file.filename).name)}.*.part"):  # from an older revision
+            stale.unlink(missing_ok=True)
         source = "registry" if file.sha256 else ("hub" if remote.sha256 else "first_download")
         ledger.record(final, sha, source)
         emit({**base, "event": "verified", "sha256": sha, "source": source, "bytes": final.stat().st_size})
@@ -360,7 +355,7 @@ def _fetch_bundle(bundle: Bundle, models_dir: Path, emit: EventCallback) -> dict
     from . import cache
 
     token = _token()
-    redact = _Redactor(token)
+    redact = _redactor(token)
     result: dict[str, Path] = {}
     missing: list[tuple[str, ModelFile]] = []
     for role, file in bundle.files.items():

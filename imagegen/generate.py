@@ -12,12 +12,13 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import COMFYUI_VERSION, __version__, cache, modelfile, output, paths, workflows
+from . import COMFYUI_VERSION, __version__, cache, modelfile, output, paths, timings, workflows
 from .comfy import Timeouts, output_images
 from .errors import ImagegenError
 from .progress import Reporter
 from .registry import Bundle, Registry, local_bundle
 
+REQUEST_TIMEOUT = float(os.environ.get("IMAGEGEN_TIMEOUT_REQUEST", "30"))
 MAX_PROMPT_CHARS = 10000
 MAX_COUNT = 100
 DEFAULT_MODEL = os.environ.get("IMAGEGEN_MODEL", "sd15")
@@ -41,9 +42,11 @@ class Request:
     output: str | None = None
     overwrite: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
+    explicit_timeouts: set[str] = field(default_factory=set)   # budgets the user set: never resized
 
 
-def timeouts_from_env(overall: float | None = None) -> Timeouts:
+def timeouts_from_env(overall: float | None = None) -> tuple[Timeouts, set[str]]:
+    """Phase budgets from IMAGEGEN_TIMEOUT_* and --timeout, and which of them were set explicitly."""
     values = {}
     for name in ("queue", "load", "stall", "overall"):
         raw = os.environ.get(f"IMAGEGEN_TIMEOUT_{name.upper()}")
@@ -53,8 +56,10 @@ def timeouts_from_env(overall: float | None = None) -> Timeouts:
             except ValueError:
                 raise ImagegenError("invalid_argument", f"IMAGEGEN_TIMEOUT_{name.upper()}={raw!r} is not a number of seconds") from None
     if overall is not None:
+        if not overall > 0:
+            raise ImagegenError("invalid_argument", f"--timeout must be a positive number of seconds, got {overall}")
         values["overall"] = overall
-    return Timeouts(**values)
+    return Timeouts(**values), set(values)
 
 
 def check_prompt(prompt: str, what: str = "prompt") -> str:
@@ -147,10 +152,22 @@ def describe(bundle: Bundle, params: workflows.Params) -> dict:
     return record
 
 
+def job_budgets(bundle: Bundle, params: workflows.Params, worker, base: Timeouts, explicit: set[str]) -> Timeouts:
+    """Budgets sized from the bytes to load (more when the model is not resident) and learned step times."""
+    main = bundle.files.get("checkpoint") or bundle.files.get("diffusion_model")
+    resident = bool(main) and worker.info.get("last_model") == main.filename
+    size = 0
+    for file in bundle.files.values():
+        path = cache.present_path(file)
+        size += path.stat().st_size if path else (file.size or 0)
+    learned = timings.estimate(bundle.name, params.width, params.height, worker.device)
+    return timings.budgets(base, learned, size, resident, params.steps, explicit)
+
+
 def render(bundle: Bundle, jobs: list[workflows.Params], targets: list[Path | None], worker, reporter: Reporter,
            timeouts: Timeouts, overwrite: bool):
     """Queue every job on one worker, then write each image as it finishes."""
-    client = worker.client()
+    client = worker.client(request_timeout=REQUEST_TIMEOUT)
     graphs = [workflows.build(bundle, params) for params in jobs]
     submitted = time.monotonic()
     reporter.job(f"{bundle.name} {jobs[0].width}x{jobs[0].height}")
@@ -170,6 +187,7 @@ def render(bundle: Bundle, jobs: list[workflows.Params], targets: list[Path | No
         else:
             output.write_atomic(target, data, overwrite)
         phases = {k: round(v, 3) for k, v in entry.get("imagegen_phase_times", {}).items()}
+        timings.record(bundle.name, params.width, params.height, worker.device, entry.get("imagegen_phase_times", {}), params.steps)
         yield {"schema": output.RESULT_SCHEMA, "path": str(target) if target else "-", **record,
                "worker": worker.name, "device": worker.device,
                "timings": {**phases, "fetch": round(fetched - fetch_started, 3), "write": round(time.monotonic() - fetched, 3),
@@ -186,12 +204,30 @@ def generate(request: Request, runtime, reporter: Reporter, registry: Registry |
     worker = runtime.ensure(on_status=reporter.status, mounts=local_dirs(bundle))
     if worker.device == "cpu":
         reporter.once("cpu", "no GPU in use: running on CPU (slow; fine for small models and tests)")
+    budgets = job_budgets(bundle, jobs[0], worker, request.timeouts, request.explicit_timeouts)
     try:
-        yield from render(bundle, jobs, targets, worker, reporter, request.timeouts, request.overwrite)
+        yield from render(bundle, jobs, targets, worker, reporter, budgets, request.overwrite)
     except KeyboardInterrupt:
         if worker.started_here:  # stop what this command started; a shared warm worker stays
             runtime.stop(worker.slot)
         raise
+    except ImagegenError as error:
+        raise worker_failure(runtime, worker, error) from None
+
+
+def worker_failure(runtime, worker, error: ImagegenError) -> ImagegenError:
+    """After a stall, a timeout or a lost connection: stop that worker so the next call gets a fresh
+    one, and say what happened (the phase, and whether the worker died, hung or ran out of memory)."""
+    if error.code not in ("timeout", "worker_unreachable", "out_of_memory"):
+        return error
+    cause = runtime.diagnose(worker)
+    runtime.stop(worker.slot)
+    restarted = " The worker was stopped; the next call starts a fresh one."
+    if cause is not None and error.code != "timeout":
+        cause.message += f" (phase '{error.details.get('phase', 'unknown')}').{restarted}"
+        return cause
+    error.message += restarted
+    return error
 
 
 def local_dirs(bundle: Bundle) -> set[str]:

@@ -41,7 +41,7 @@ class WorkerHandle:
         return ComfyClient(self.url, self.token, request_timeout=request_timeout)
 
 
-def healthy(url: str, timeout: float = 2.0) -> bool:
+def healthy(url: str, timeout: float = 5.0) -> bool:
     try:
         return requests.get(f"{url}/imagegen/health", timeout=timeout).status_code == 200
     except requests.RequestException:
@@ -199,6 +199,16 @@ class LocalRuntime:
             pass
         record_path.unlink(missing_ok=True)
 
+    def diagnose(self, worker: WorkerHandle) -> ImagegenError | None:
+        """Why a worker failed a job: it died, or it hangs (None: it still answers)."""
+        pid = worker.info.get("pid", -1)
+        log = self._files(worker.slot)[2]
+        if not pid_alive(pid):
+            return ImagegenError("worker_died", f"the local worker (pid {pid}) exited while running the job. Last lines of {log}:\n{log_tail(log, 10)}")
+        if not healthy(worker.url):
+            return ImagegenError("worker_unreachable", f"the local worker (pid {pid}) stopped answering")
+        return None
+
     def workers(self) -> list[dict]:
         found = []
         for record_path in sorted(self.dir.glob("local-*.json")):
@@ -213,7 +223,7 @@ class LocalRuntime:
                 info = {}
             found.append({"name": handle.name, "runtime": self.name, "slot": slot, "device": handle.device,
                           "url": handle.url, "pid": handle.info.get("pid"), **{k: info.get(k) for k in
-                          ("last_model", "idle_seconds", "jobs_done", "keep_warm", "imagegen_version")}})
+                          ("comfy_pid", "last_model", "idle_seconds", "jobs_done", "keep_warm", "imagegen_version")}})
         return found
 
     def stop(self, slot: str | None = None) -> list[str]:
@@ -230,9 +240,11 @@ def _terminate(pid: int, grace: float = 10.0) -> None:
     """Stop a worker and its ComfyUI child (they share a process group)."""
     try:
         os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, signal.SIGCONT)  # a paused (SIGSTOP) worker must run to act on SIGTERM
     except (ProcessLookupError, PermissionError):
         try:
             os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
             return
     deadline = time.monotonic() + grace

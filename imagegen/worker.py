@@ -138,7 +138,8 @@ class Worker:
         from aiohttp import web
 
         if request.path == "/imagegen/health":
-            return web.json_response({"ready": self.ready}, status=200 if self.ready else 503)
+            ready = self.ready and await self.comfy_answers()
+            return web.json_response({"ready": ready}, status=200 if ready else 503)
         if not self.authorized(request):
             return web.json_response({"error": "missing or wrong worker token"}, status=401)
         if request.method == "OPTIONS":
@@ -239,6 +240,19 @@ class Worker:
                     pass
                 await asyncio.sleep(0.2)
         raise RuntimeError(f"ComfyUI did not answer /system_stats within {timeout:.0f}s")
+
+    async def comfy_answers(self, timeout: float = 3.0) -> bool:
+        """ComfyUI itself answers (its server thread stays responsive while a job samples)."""
+        from aiohttp import ClientSession, ClientTimeout
+
+        if self.comfy is None or self.comfy.poll() is not None:
+            return False
+        try:
+            async with ClientSession(timeout=ClientTimeout(total=timeout)) as session:
+                async with session.get(f"http://127.0.0.1:{self.comfy_port}/system_stats") as response:
+                    return response.status == 200
+        except (OSError, asyncio.TimeoutError):
+            return False
 
     async def comfy_queue_empty(self) -> bool:
         from aiohttp import ClientSession

@@ -28,8 +28,9 @@ def isolated_home(tmp_path, monkeypatch):
     """Every test gets its own IMAGEGEN_HOME (config, model cache, worker records)."""
     home = tmp_path / "imagegen-home"
     monkeypatch.setenv("IMAGEGEN_HOME", str(home))
-    for name in ("IMAGEGEN_MODELS_DIR", "IMAGEGEN_OUTPUT_DIR", "IMAGEGEN_MODEL", "IMAGEGEN_RUNTIME", "HF_TOKEN"):
+    for name in ("IMAGEGEN_MODELS_DIR", "IMAGEGEN_OUTPUT_DIR", "IMAGEGEN_MODEL", "HF_TOKEN", "IMAGEGEN_SHARED_MODELS"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("IMAGEGEN_RUNTIME", "local")  # Docker tests ask for --runtime docker themselves
     return home
 
 

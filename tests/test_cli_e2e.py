@@ -15,7 +15,8 @@ pytestmark = pytest.mark.comfyui
 @pytest.fixture(scope="module")
 def env(comfyui_dir, tmp_path_factory):
     home = tmp_path_factory.mktemp("e2e-home")
-    values = {"IMAGEGEN_HOME": str(home), "IMAGEGEN_COMFYUI_DIR": str(comfyui_dir), "IMAGEGEN_KEEP_WARM": "300"}
+    values = {"IMAGEGEN_HOME": str(home), "IMAGEGEN_COMFYUI_DIR": str(comfyui_dir), "IMAGEGEN_KEEP_WARM": "300",
+              "IMAGEGEN_RUNTIME": "local"}
     yield values
     run_cli("stop", "--all", env=values)
 
