@@ -102,7 +102,8 @@ def generate(
             scheduler=scheduler, guidance=guidance, count=count, output=output_path, overwrite=overwrite,
             timeouts=timeouts, explicit_timeouts=explicit)
         reporter = Reporter(quiet=quiet)
-        for record in gen.generate(request, make_runtime(runtime, keep_warm), reporter):
+        planned = gen.plan(request)
+        for record in gen.execute(planned, make_runtime(runtime, keep_warm), reporter):
             if record["path"] != "-":
                 emit_result(record, json_mode, quiet=False)
             elif json_mode:

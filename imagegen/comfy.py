@@ -80,6 +80,10 @@ class ComfyClient:
         response.raise_for_status()
         return response.json()
 
+    def worker_info(self) -> dict:
+        """The imagegen worker's own status: device, last model used, idle time, jobs done."""
+        return self._json("GET", "/imagegen/info")
+
     def system_stats(self) -> dict:
         return self._json("GET", "/system_stats")
 

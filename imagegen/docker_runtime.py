@@ -146,16 +146,20 @@ class DockerRuntime:
                   "imagegen.started": str(int(time.time())), "imagegen.memory": memory_limit()}
         if on_status:
             on_status(f"starting a Docker worker ({'GPU ' + slot if gpu else 'CPU'}, image {self.image})")
+        name = f"imagegen-{self.uid}-{slot[:16].lower().replace(':', '-')}-{secrets.token_hex(3)}"
         try:
             container = self.client.containers.run(
-                self.image, command, detach=True, init=True, user=f"{self.uid}:{self.gid}",
-                name=f"imagegen-{self.uid}-{slot[:16].lower().replace(':', '-')}-{secrets.token_hex(3)}",
+                self.image, command, detach=True, init=True, user=f"{self.uid}:{self.gid}", name=name,
                 ports={CONTAINER_PORT: ("127.0.0.1", None)}, volumes=volumes, labels=labels,
                 environment={"IMAGEGEN_MODELS_DIR": "/models", "HOME": "/tmp"},
                 mem_limit=memory_limit() or None, memswap_limit=memory_limit() or None,
                 device_requests=[DeviceRequest(device_ids=[slot], capabilities=[["gpu"]])] if gpu else None)
         except APIError as exc:
+            self._remove_named(name)  # created but not started
             raise ImagegenError("worker_start_failed", f"Docker refused to start the worker: {exc.explanation or exc}") from exc
+        except BaseException:
+            self._remove_named(name)  # Ctrl-C between create and start must not leave it behind
+            raise
         try:
             return self._wait_ready(container, slot)
         except BaseException:
@@ -202,7 +206,12 @@ class DockerRuntime:
     def _death(self, container, when: str) -> ImagegenError:
         state = container.attrs["State"]
         if state.get("OOMKilled") or state.get("ExitCode") == 137:
-            return ImagegenError("out_of_memory", f"the worker container was killed for memory {when} (exit 137)")
+            how = "by the kernel's OOM killer" if state.get("OOMKilled") else "(exit 137: SIGKILL, usually the OOM killer)"
+            limit = memory_limit()
+            return ImagegenError("out_of_memory", f"the worker container was killed for memory {when} {how}"
+                                 + (f"; its memory limit is IMAGEGEN_DOCKER_MEMORY={limit}" if limit else ""),
+                                 hint=(f"Raise IMAGEGEN_DOCKER_MEMORY (now {limit}) or unset it, or use a smaller --size, --count or model."
+                                       if limit else None))
         code = "worker_start_failed" if "start-up" in when else "worker_died"
         return ImagegenError(code, f"the worker container exited with code {state.get('ExitCode')} {when}. Last log lines:\n{self._logs(container)}")
 
@@ -218,6 +227,12 @@ class DockerRuntime:
         try:
             container.remove(force=True)
         except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    def _remove_named(self, name: str) -> None:
+        try:
+            self._remove(self.client.containers.get(name))
+        except Exception:  # noqa: BLE001 - never created
             pass
 
     def reap(self) -> list[str]:
@@ -241,7 +256,7 @@ class DockerRuntime:
             info = {}
             if handle:
                 try:
-                    info = handle.client(request_timeout=5)._json("GET", "/imagegen/info")
+                    info = handle.client(request_timeout=5).worker_info()
                 except ImagegenError:
                     pass
             found.append({"name": container.name, "runtime": self.name, "slot": slot, "device": container.labels.get("imagegen.device"),

@@ -77,7 +77,11 @@ def _token() -> str | None:
 
 
 def _redactor(token: str | None) -> Callable[[object], str]:
-    return lambda text: str(text).replace(token, "<HF_TOKEN>") if token else str(text)
+    """The first line of an error's text, with the token (should a library ever echo it) masked."""
+    def redact(error: object) -> str:
+        text = str(error).replace(token, "<HF_TOKEN>") if token else str(error)
+        return (text.splitlines() or [error.__class__.__name__])[0]
+    return redact
 
 
 def _gated(file: ModelFile, token: str | None, status: int | None) -> ImagegenError:
@@ -123,7 +127,7 @@ def head(file: ModelFile, token: str | None, redact: Callable[[object], str]) ->
         if status in (401, 403):
             raise _gated(file, token, status) from None
         raise ImagegenError("download_failed", f"{_label(file)}: the hub answered {status} for {where}: "
-                                               f"{redact(exc).splitlines()[0]}") from None
+                                               f"{redact(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - transport errors come from the HTTP client of the day
         raise ImagegenError("download_failed", f"{_label(file)}: cannot reach {endpoint} for {where}: "
                                                f"{exc.__class__.__name__}: {redact(exc)}",
@@ -258,7 +262,7 @@ def _download(remote: Remote, models_dir: Path, token: str | None, emit: EventCa
                 done = got
                 continue
             raise ImagegenError("download_failed", f"{_label(file)}: download from {file.repo} stopped at {gib(got)}"
-                                                   f"{f' of {gib(expected_size)}' if expected_size else ''}: {redact(exc).splitlines()[0]}",
+                                                   f"{f' of {gib(expected_size)}' if expected_size else ''}: {redact(exc)}",
                                 hint="Run the same command again: the download continues where it stopped.") from None
     size = part.stat().st_size
     if expected_size and size != expected_size:

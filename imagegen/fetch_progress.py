@@ -10,11 +10,11 @@ import os
 import sys
 from typing import Any
 
+from .fetch import gib
+
 
 def _size(count: float | None) -> str:
-    if not count:
-        return "?"
-    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+    return gib(count) if count else "?"
 
 
 class TqdmRenderer:

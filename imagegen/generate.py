@@ -152,15 +152,20 @@ def describe(bundle: Bundle, params: workflows.Params) -> dict:
     return record
 
 
-def job_budgets(bundle: Bundle, params: workflows.Params, worker, base: Timeouts, explicit: set[str]) -> Timeouts:
-    """Budgets sized from the bytes to load (more when the model is not resident) and learned step times."""
+def is_resident(bundle: Bundle, worker_info: dict) -> bool:
+    """Whether the worker's last job used this bundle's model, so it is likely still loaded."""
     main = bundle.files.get("checkpoint") or bundle.files.get("diffusion_model")
-    resident = bool(main) and worker.info.get("last_model") == main.filename
+    return bool(main) and worker_info.get("last_model") == main.filename
+
+
+def job_budgets(bundle: Bundle, params: workflows.Params, device: str, resident: bool, base: Timeouts,
+                explicit: set[str]) -> Timeouts:
+    """Budgets sized from the bytes to load (more when the model is not resident) and learned step times."""
     size = 0
     for file in bundle.files.values():
         path = cache.present_path(file)
         size += path.stat().st_size if path else (file.size or 0)
-    learned = timings.estimate(bundle.name, params.width, params.height, worker.device)
+    learned = timings.estimate(bundle.name, params.width, params.height, device)
     return timings.budgets(base, learned, size, resident, params.steps, explicit)
 
 
@@ -194,25 +199,54 @@ def render(bundle: Bundle, jobs: list[workflows.Params], targets: list[Path | No
                            "since_submit": round(time.monotonic() - submitted, 3)}}
 
 
-def generate(request: Request, runtime, reporter: Reporter, registry: Registry | None = None, fetch=None):
-    """Yield one result record per image. All validation happens before any worker starts."""
+@dataclass
+class Plan:
+    bundle: Bundle
+    jobs: list[workflows.Params]
+    targets: list[Path | None]
+    request: Request
+
+
+def plan(request: Request, registry: Registry | None = None) -> Plan:
+    """Validate everything and decide every output path; nothing is started."""
     bundle = resolve_bundle(request, registry)
     jobs = plan_jobs(request, bundle)
     names = [output.default_name(p.prompt, p.seed) for p in jobs]
     targets = output.plan_outputs(request.output, len(jobs), names, request.overwrite, paths.default_output_dir())
+    return Plan(bundle, jobs, targets, request)
+
+
+def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
+    """Make the model loadable, find a worker, and yield one result record per image."""
+    bundle, jobs, request = planned.bundle, planned.jobs, planned.request
     cache.ensure_bundle(bundle, fetch=fetch)
     worker = runtime.ensure(on_status=reporter.status, mounts=local_dirs(bundle))
     if worker.device == "cpu":
         reporter.once("cpu", "no GPU in use: running on CPU (slow; fine for small models and tests)")
-    budgets = job_budgets(bundle, jobs[0], worker, request.timeouts, request.explicit_timeouts)
+    resident = is_resident(bundle, worker.client().worker_info())
+    budgets = job_budgets(bundle, jobs[0], worker.device, resident, request.timeouts, request.explicit_timeouts)
+    learned = timings.estimate(bundle.name, jobs[0].width, jobs[0].height, worker.device)
+    each = timings.eta(learned, jobs[0].steps, resident)
+    if each is not None:
+        reporter.status(f"rendering {len(jobs)} image(s) with {bundle.name} on {worker.name}: about {each * len(jobs):.0f}s (from earlier runs)")
     try:
-        yield from render(bundle, jobs, targets, worker, reporter, budgets, request.overwrite)
+        yield from render(bundle, jobs, planned.targets, worker, reporter, budgets, request.overwrite)
     except KeyboardInterrupt:
         if worker.started_here:  # stop what this command started; a shared warm worker stays
             runtime.stop(worker.slot)
         raise
     except ImagegenError as error:
         raise worker_failure(runtime, worker, error) from None
+
+
+def generate(request: Request, runtime, reporter: Reporter, registry: Registry | None = None, fetch=None):
+    """Yield one result record per image. All validation happens before any worker starts."""
+    yield from execute(plan(request, registry), runtime, reporter, fetch)
+
+
+def local_dirs(bundle: Bundle) -> set[str]:
+    """Directories holding a bundle's local files: a container must see them at the same path."""
+    return {str(Path(f.local_path).resolve().parent) for f in bundle.files.values() if f.local_path}
 
 
 def worker_failure(runtime, worker, error: ImagegenError) -> ImagegenError:
@@ -228,8 +262,3 @@ def worker_failure(runtime, worker, error: ImagegenError) -> ImagegenError:
         return cause
     error.message += restarted
     return error
-
-
-def local_dirs(bundle: Bundle) -> set[str]:
-    """Directories holding a bundle's local files: a container must see them at the same path."""
-    return {str(Path(f.local_path).resolve().parent) for f in bundle.files.values() if f.local_path}

@@ -72,15 +72,16 @@ class ImageSpec(BaseModel):
                            negative=self.negative, output=output, timeouts=timeouts, explicit_timeouts=explicit)
 
 
-# A runner takes the requests of one tool call and yields (request index, result record or error)
-# as images finish. Today's runs them one after another; the batch scheduler slots in here.
-Runner = Callable[[list[gen.Request], object, Reporter], Iterable[tuple[int, "dict | ImagegenError"]]]
+# A runner takes the validated plans of one tool call, keyed by item index, and yields
+# (item index, result record or error) as images finish. Today's runs them one after another;
+# the batch scheduler slots in here.
+Runner = Callable[[dict[int, gen.Plan], object, Reporter], Iterable[tuple[int, "dict | ImagegenError"]]]
 
 
-def run_in_sequence(requests: list[gen.Request], runtime, reporter: Reporter) -> Iterator[tuple[int, dict | ImagegenError]]:
-    for index, request in enumerate(requests):
+def run_in_sequence(plans: dict[int, gen.Plan], runtime, reporter: Reporter) -> Iterator[tuple[int, dict | ImagegenError]]:
+    for index, planned in plans.items():
         try:
-            for record in gen.generate(request, runtime, reporter):
+            for record in gen.execute(planned, runtime, reporter):
                 yield index, record
         except ImagegenError as error:
             if error.code == "interrupted":
@@ -185,16 +186,25 @@ class ImagegenTools:
             return error_result(as_imagegen_error(exc))
 
     def _render(self, specs: list[ImageSpec], ctx: Context, batch: bool, cancelled: threading.Event) -> CallToolResult:
-        requests = [spec.request() for spec in specs]
-        reporter = ClientProgress(ctx, sum(max(r.count, 1) for r in requests), cancelled)
         content, results, errors = [], [], []
-        for index, outcome in self.runner(requests, self.runtime(), reporter):
+
+        def failed(index: int, error: ImagegenError) -> None:
+            if not batch:
+                raise error
+            record = {"item": index, **error.to_json()}
+            errors.append(record)
+            content.append(TextContent(type="text", text=json.dumps(record)))
+
+        plans = {}
+        for index, spec in enumerate(specs):  # validate every item before any worker starts
+            try:
+                plans[index] = gen.plan(spec.request())
+            except ImagegenError as error:
+                failed(index, error)
+        reporter = ClientProgress(ctx, sum(len(p.jobs) for p in plans.values()), cancelled)
+        for index, outcome in self.runner(plans, self.runtime(), reporter) if plans else ():
             if isinstance(outcome, ImagegenError):
-                if not batch:
-                    raise outcome
-                record = {"item": index, **outcome.to_json()}
-                errors.append(record)
-                content.append(TextContent(type="text", text=json.dumps(record)))
+                failed(index, outcome)
                 continue
             record = {"item": index, **outcome} if batch else outcome
             reporter.finished(record)

@@ -79,20 +79,31 @@ def shared_model_trees() -> list[Path]:
 
 
 def make_runtime(name: str = "auto", keep_warm: float = DEFAULT_KEEP_WARM):
-    """`docker`, `local`, or `auto`: Docker when its daemon answers and the image is built, else local."""
+    """`docker`, `local`, or `auto` (Docker when its daemon answers and the image is built, else
+    local). A runtime that cannot run here is refused now, before any worker starts."""
     if name not in ("auto", "docker", "local"):
         raise ImagegenError("invalid_argument", f"--runtime {name!r}: choose auto, docker or local")
+    shared = shared_model_trees()
+    docker_problem = None
     if name in ("docker", "auto"):
         from . import docker_runtime
 
         try:
-            runtime = docker_runtime.DockerRuntime(keep_warm=keep_warm, shared_models=shared_model_trees())
-            if name == "docker" or runtime.image_present():
+            runtime = docker_runtime.DockerRuntime(keep_warm=keep_warm, shared_models=shared)
+            if runtime.image_present() or name == "docker":
                 return runtime
-        except ImagegenError:
+            docker_problem = f"the image {runtime.image} is not built"
+        except ImagegenError as error:
             if name == "docker":
-                raise
-    return LocalRuntime(keep_warm=keep_warm, shared_models=shared_model_trees())
+                raise ImagegenError("runtime_unavailable", f"--runtime docker: {error.message}", hint=error.hint) from None
+            docker_problem = error.message
+    try:
+        find_comfyui_dir()
+    except ImagegenError as error:
+        why = f"{error.message}; Docker: {docker_problem}" if docker_problem else error.message
+        raise ImagegenError("runtime_unavailable", f"no runtime can start a worker: {why}",
+                            hint="Build the Docker image (./build-image.sh) or install the local runtime (scripts/setup-dev.sh).") from None
+    return LocalRuntime(keep_warm=keep_warm, shared_models=shared)
 
 
 def find_comfyui_dir() -> Path:
@@ -218,7 +229,7 @@ class LocalRuntime:
                 self._forget(slot)  # reap: its process is gone or not answering
                 continue
             try:
-                info = handle.client(request_timeout=5)._json("GET", "/imagegen/info")
+                info = handle.client(request_timeout=5).worker_info()
             except ImagegenError:
                 info = {}
             found.append({"name": handle.name, "runtime": self.name, "slot": slot, "device": handle.device,
