@@ -218,8 +218,10 @@ def plan(request: Request, registry: Registry | None = None) -> Plan:
 
 def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
     """Make the model loadable, find a worker, and yield one result record per image."""
+    from .fetch import make_fetcher
+
     bundle, jobs, request = planned.bundle, planned.jobs, planned.request
-    cache.ensure_bundle(bundle, fetch=fetch)
+    cache.ensure_bundle(bundle, fetch=fetch or make_fetcher(reporter))
     worker = runtime.ensure(on_status=reporter.status, mounts=local_dirs(bundle))
     if worker.device == "cpu":
         reporter.once("cpu", "no GPU in use: running on CPU (slow; fine for small models and tests)")

@@ -72,18 +72,14 @@ def default_slot() -> str:
     return "0" if detect_device() == "cuda" else "cpu"
 
 
-def shared_model_trees() -> list[Path]:
-    """Read-only model trees (ComfyUI or A1111 layout) named in IMAGEGEN_SHARED_MODELS."""
-    value = os.environ.get("IMAGEGEN_SHARED_MODELS", "")
-    return [Path(p).expanduser() for p in value.split(os.pathsep) if p.strip()]
-
-
 def make_runtime(name: str = "auto", keep_warm: float = DEFAULT_KEEP_WARM):
     """`docker`, `local`, or `auto` (Docker when its daemon answers and the image is built, else
     local). A runtime that cannot run here is refused now, before any worker starts."""
     if name not in ("auto", "docker", "local"):
         raise ImagegenError("invalid_argument", f"--runtime {name!r}: choose auto, docker or local")
-    shared = shared_model_trees()
+    from .cache import shared_trees
+
+    shared = shared_trees()
     docker_problem = None
     if name in ("docker", "auto"):
         from . import docker_runtime

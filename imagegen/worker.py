@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import COMFYUI_VERSION, __version__
+from .cache import tree_layout
 
 HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
                "transfer-encoding", "upgrade", "host", "authorization", "content-length", "origin", "referer"}
@@ -58,18 +59,6 @@ def detect_device() -> str:
     return "cpu"
 
 
-COMFY_LAYOUT = {"checkpoints": ["checkpoints"], "diffusion_models": ["diffusion_models", "unet"],
-                "text_encoders": ["text_encoders", "clip"], "vae": ["vae"], "upscale_models": ["upscale_models"],
-                "loras": ["loras"], "clip_vision": ["clip_vision"]}
-A1111_LAYOUT = {"checkpoints": ["Stable-diffusion"], "vae": ["VAE"], "loras": ["Lora"],
-                "upscale_models": ["ESRGAN", "RealESRGAN"], "text_encoders": ["text_encoder"]}
-
-
-def model_tree_layout(root: Path) -> dict[str, list[str]]:
-    """The folder mapping of a model tree: ours and ComfyUI's share one, A1111's differs."""
-    return A1111_LAYOUT if (root / "Stable-diffusion").is_dir() else COMFY_LAYOUT
-
-
 def write_model_paths(models_dir: Path, target: Path, shared: list[Path] | None = None) -> Path:
     """An extra_model_paths.yaml pointing ComfyUI at the model cache first, then at shared trees."""
     lines: list[str] = []
@@ -77,7 +66,7 @@ def write_model_paths(models_dir: Path, target: Path, shared: list[Path] | None 
         lines += [f"tree_{index}:", f"  base_path: {json.dumps(str(root))}"]
         if index == 0:
             lines.append("  is_default: true")
-        for folder, subdirs in model_tree_layout(root).items():
+        for folder, subdirs in tree_layout(root).items():
             lines.append(f"  {folder}: |")
             lines += [f"    {subdir}/" for subdir in subdirs]
     target.write_text("\n".join(lines) + "\n")

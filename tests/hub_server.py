@@ -12,6 +12,7 @@ Faults, set as attributes between requests:
   corrupt_at         flip the byte at this offset in every body served
   extra_bytes        append these bytes to every body (the headers keep the true size)
   delay              seconds to sleep between 64 KiB chunks (a slow server)
+  wait_for_heads     hold every body until this many HEADs have arrived (makes fetches overlap)
   gated[repo]        (token, status): a request without that bearer token gets `status` (401/403)
 """
 
@@ -51,6 +52,7 @@ class HubServer:
         self.corrupt_at: int | None = None
         self.extra_bytes = b""
         self.delay = 0.0
+        self.wait_for_heads = 0
         self._lock = threading.Lock()
         self._servers = [ThreadingHTTPServer(("127.0.0.1", 0), _handler(self)) for _ in range(2)]
         for server in self._servers:
@@ -77,7 +79,7 @@ class HubServer:
 
     def __enter__(self) -> "HubServer":
         for server in self._servers:
-            threading.Thread(target=server.serve_forever, daemon=True).start()
+            threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -184,6 +186,9 @@ def _handler(hub: HubServer):
             self.end_headers()
             if not body:
                 return
+            deadline = time.monotonic() + 10
+            while sum(r.method == "HEAD" for r in hub.requests) < hub.wait_for_heads and time.monotonic() < deadline:
+                time.sleep(0.01)
             cut = None
             with hub._lock:
                 if hub.cut_times > 0 and hub.cut_at is not None and start < hub.cut_at < end:
