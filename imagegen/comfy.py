@@ -164,118 +164,21 @@ class ComfyClient:
         return [results[index] for index in range(len(graphs))]
 
     def stream(self, graphs: list[dict], timeouts: Timeouts | None = None, on_progress: EventHandler | None = None):
-        """Queue graphs, then yield (index, history entry) as each finishes. Interrupts leftovers on failure."""
-        client_id = uuid.uuid4().hex
-        events = self.open_events(client_id)
-        pending: list[str] = []
-        try:
-            for graph in graphs:
-                pending.append(self.submit(graph, client_id))
-            order = {pid: index for index, pid in enumerate(pending)}
-            for pid, entry in self.wait(pending, events, timeouts or Timeouts(), on_progress):
-                yield order[pid], entry
-        finally:
-            for prompt_id in pending:
-                self.interrupt(prompt_id)
-            if events is not None:
-                events.close()
+        """Queue graphs, then yield (index, history entry) as each finishes."""
+        with self.session(timeouts, on_progress) as session:
+            order = {session.submit(graph): index for index, graph in enumerate(graphs)}
+            while session.pending:
+                prompt_id, entry = session.next_finished()
+                yield order[prompt_id], entry
 
-    def wait(self, prompt_ids: list[str], events, timeouts: Timeouts, on_progress: EventHandler | None = None):
-        """Yield (prompt_id, entry) as prompts finish, removing each from `prompt_ids`.
+    def session(self, timeouts: Timeouts | None = None, on_progress: EventHandler | None = None) -> "JobSession":
+        return JobSession(self, timeouts or Timeouts(), on_progress)
 
-        Each prompt has its own phase and stall clock; the websocket only speeds things up and
-        feeds progress, while /history decides completion.
-        """
-        import websocket
-
-        states = {pid: Progress() for pid in prompt_ids}
-        clocks = {pid: time.monotonic() for pid in prompt_ids}
-        started = time.monotonic()
-        next_poll = started + 1.0
-
-        def enter(pid: str, phase: str) -> None:
-            state, now = states[pid], time.monotonic()
-            state.phase_times[state.phase] = state.phase_times.get(state.phase, 0.0) + now - state.started
-            state.phase, state.started = phase, now
-            clocks[pid] = now
-
-        while prompt_ids:
-            now = time.monotonic()
-            for pid in prompt_ids:
-                state = states[pid]
-                budget = {"queued": timeouts.queue, "loading": timeouts.load, "running": timeouts.overall}.get(state.phase, timeouts.stall)
-                if now - clocks[pid] > budget:
-                    raise ImagegenError("timeout", f"the job stalled in phase '{state.phase}': nothing happened for {now - clocks[pid]:.0f}s (budget {budget:.0f}s)",
-                                        hint=f"Raise the {state.phase} budget (IMAGEGEN_TIMEOUT_{state.phase.upper()}), or check the worker log.",
-                                        phase=state.phase)
-            if now - started > timeouts.overall:
-                raise ImagegenError("timeout", f"the jobs ran past the overall cap of {timeouts.overall:.0f}s",
-                                    hint="Raise --timeout, or use fewer steps or a smaller size.", phase="overall")
-            message = None
-            if events is not None:
-                try:
-                    message = events.recv()
-                except websocket.WebSocketTimeoutException:
-                    pass
-                except Exception:  # noqa: BLE001 - a dropped socket: carry on by polling /history
-                    events = None
-            if isinstance(message, str):
-                data = json.loads(message)
-                kind, body = data.get("type"), data.get("data") or {}
-                pid = body.get("prompt_id")
-                if pid in states and pid in prompt_ids:
-                    state = states[pid]
-                    if kind == "execution_start":
-                        enter(pid, "loading")
-                    elif kind == "executing":
-                        state.node = body.get("node")
-                        clocks[pid] = time.monotonic()
-                        if state.phase == "sampling" and state.step >= state.total:
-                            enter(pid, "finishing")
-                        if state.node is None:
-                            next_poll = 0.0
-                    elif kind == "progress":
-                        if state.phase != "sampling":
-                            enter(pid, "sampling")
-                        state.step, state.total = int(body.get("value", 0)), int(body.get("max", 0))
-                        clocks[pid] = time.monotonic()
-                    elif kind in ("execution_success", "execution_error", "execution_interrupted", "execution_cached"):
-                        clocks[pid] = time.monotonic()
-                        if kind != "execution_cached":
-                            next_poll = 0.0
-                    if on_progress:
-                        on_progress(state)
-            if time.monotonic() < next_poll:
-                continue
-            try:
-                finished = [(pid, self.history(pid)) for pid in list(prompt_ids)]
-                running = self._running_ids() if events is None and prompt_ids else []
-            except ImagegenError as error:
-                active = [states[pid].phase for pid in prompt_ids if states[pid].phase != "queued"]
-                error.details["phase"] = active[0] if active else "queued"
-                error.message += f" (phase '{error.details['phase']}')"
-                raise
-            for pid, entry in finished:
-                status = (entry or {}).get("status", {})
-                if entry and (status.get("completed") or status.get("status_str") == "error"):
-                    enter(pid, "done")
-                    entry["imagegen_phase_times"] = states[pid].phase_times
-                    prompt_ids.remove(pid)
-                    yield pid, self._check(entry)
-            if events is None and prompt_ids:
-                # Without events no progress resets a stall clock: watch the queue, and let the
-                # overall cap bound the jobs.
-                for pid in prompt_ids:
-                    if states[pid].phase == "queued" and pid in running:
-                        enter(pid, "running")
-                    clocks[pid] = time.monotonic()
-            next_poll = time.monotonic() + (1.0 if events is not None else 0.25)
-
-    def _running_ids(self) -> list[str]:
+    def running_ids(self) -> list[str]:
         return [item[1] for item in self.queue().get("queue_running", [])]
 
     @staticmethod
-    def _check(entry: dict) -> dict:
+    def check(entry: dict) -> dict:
         status = entry.get("status", {})
         if status.get("status_str") == "error":
             for name, body in status.get("messages", []):
@@ -299,3 +202,146 @@ def output_images(entry: dict) -> list[dict]:
     for node_output in entry.get("outputs", {}).values():
         refs.extend(node_output.get("images", []))
     return refs
+
+
+class JobSession:
+    """One websocket and many prompts: submit at any time, collect them as they finish.
+
+    Each prompt has its own phase and stall clock. The websocket only feeds progress and wakes
+    the session early; /history decides completion, so a dropped socket loses nothing. Leaving
+    the session interrupts whatever is still pending.
+    """
+
+    def __init__(self, client: ComfyClient, timeouts: Timeouts, on_progress: EventHandler | None):
+        self.client, self.timeouts, self.on_progress = client, timeouts, on_progress
+        self.client_id = uuid.uuid4().hex
+        self.events = None
+        self.pending: list[str] = []
+        self.states: dict[str, Progress] = {}
+        self.clocks: dict[str, float] = {}
+        self.started = time.monotonic()
+        self.next_poll = 0.0
+
+    def __enter__(self) -> "JobSession":
+        self.events = self.client.open_events(self.client_id)
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        for prompt_id in self.pending:
+            self.client.interrupt(prompt_id)
+        if self.events is not None:
+            self.events.close()
+
+    def submit(self, graph: dict) -> str:
+        prompt_id = self.client.submit(graph, self.client_id)
+        self.pending.append(prompt_id)
+        self.states[prompt_id] = Progress()
+        self.clocks[prompt_id] = time.monotonic()
+        return prompt_id
+
+    def _enter(self, prompt_id: str, phase: str) -> None:
+        state, now = self.states[prompt_id], time.monotonic()
+        state.phase_times[state.phase] = state.phase_times.get(state.phase, 0.0) + now - state.started
+        state.phase, state.started = phase, now
+        self.clocks[prompt_id] = now
+
+    def phase(self) -> str:
+        active = [self.states[pid].phase for pid in self.pending if self.states[pid].phase != "queued"]
+        return active[0] if active else "queued"
+
+    def _check_budgets(self) -> None:
+        now = time.monotonic()
+        for prompt_id in self.pending:
+            state = self.states[prompt_id]
+            budget = {"queued": self.timeouts.queue, "loading": self.timeouts.load,
+                      "running": self.timeouts.overall}.get(state.phase, self.timeouts.stall)
+            if now - self.clocks[prompt_id] > budget:
+                raise ImagegenError("timeout", f"the job stalled in phase '{state.phase}': nothing happened for {now - self.clocks[prompt_id]:.0f}s (budget {budget:.0f}s)",
+                                    hint=f"Raise the {state.phase} budget (IMAGEGEN_TIMEOUT_{state.phase.upper()}, see docs/timeouts.md), or check the worker log.",
+                                    phase=state.phase)
+        if now - self.started > self.timeouts.overall:
+            raise ImagegenError("timeout", f"the jobs ran past the overall cap of {self.timeouts.overall:.0f}s",
+                                hint="Raise --timeout, or use fewer steps or a smaller size.", phase="overall")
+
+    def _receive(self) -> None:
+        import websocket
+
+        if self.events is None:
+            time.sleep(0.25)
+            return
+        try:
+            message = self.events.recv()
+        except websocket.WebSocketTimeoutException:
+            return
+        except Exception:  # noqa: BLE001 - a dropped socket: carry on by polling /history
+            self.events = None
+            return
+        if not isinstance(message, str):
+            return  # binary frame: a preview image
+        data = json.loads(message)
+        kind, body = data.get("type"), data.get("data") or {}
+        prompt_id = body.get("prompt_id")
+        if prompt_id not in self.states or prompt_id not in self.pending:
+            return
+        state = self.states[prompt_id]
+        if kind == "execution_start":
+            self._enter(prompt_id, "loading")
+        elif kind == "executing":
+            state.node = body.get("node")
+            self.clocks[prompt_id] = time.monotonic()
+            if state.phase == "sampling" and state.step >= state.total:
+                self._enter(prompt_id, "finishing")
+            if state.node is None:
+                self.next_poll = 0.0
+        elif kind == "progress":
+            if state.phase != "sampling":
+                self._enter(prompt_id, "sampling")
+            state.step, state.total = int(body.get("value", 0)), int(body.get("max", 0))
+            self.clocks[prompt_id] = time.monotonic()
+        elif kind in ("execution_success", "execution_error", "execution_interrupted", "execution_cached"):
+            self.clocks[prompt_id] = time.monotonic()
+            if kind != "execution_cached":
+                self.next_poll = 0.0
+        if self.on_progress:
+            self.on_progress(state)
+
+    def _poll(self) -> tuple[str, dict] | None:
+        try:
+            finished = [(pid, self.client.history(pid)) for pid in self.pending]
+            running = self.client.running_ids() if self.events is None else []
+        except ImagegenError as error:
+            error.details["phase"] = self.phase()
+            error.message += f" (phase '{error.details['phase']}')"
+            raise
+        self.next_poll = time.monotonic() + (1.0 if self.events is not None else 0.25)
+        if self.events is None:
+            # Without events no progress resets a stall clock: watch the queue, and let the
+            # overall cap bound the jobs.
+            for prompt_id in self.pending:
+                if self.states[prompt_id].phase == "queued" and prompt_id in running:
+                    self._enter(prompt_id, "running")
+                self.clocks[prompt_id] = time.monotonic()
+        for prompt_id, entry in finished:
+            status = (entry or {}).get("status", {})
+            if entry and (status.get("completed") or status.get("status_str") == "error"):
+                self._enter(prompt_id, "done")
+                self.pending.remove(prompt_id)
+                entry["imagegen_phase_times"] = self.states[prompt_id].phase_times
+                return prompt_id, entry
+        return None
+
+    def next_finished(self) -> tuple[str, dict]:
+        """Block until a pending prompt finishes; returns (prompt_id, entry). A prompt that failed
+        raises its error with details['prompt_id'] set; worker-level failures have none."""
+        while True:
+            self._check_budgets()
+            self._receive()
+            if time.monotonic() >= self.next_poll:
+                done = self._poll()
+                if done:
+                    prompt_id, entry = done
+                    try:
+                        return prompt_id, ComfyClient.check(entry)
+                    except ImagegenError as error:
+                        error.details["prompt_id"] = prompt_id
+                        raise

@@ -186,14 +186,14 @@ class ImagegenTools:
             return error_result(as_imagegen_error(exc))
 
     def _render(self, specs: list[ImageSpec], ctx: Context, batch: bool, cancelled: threading.Event) -> CallToolResult:
+        """Images as they finish, and failures as imagegen.error/1 records: generate_image fails as a
+        whole (still listing any images it wrote), while batch goes on with its other items."""
         content, results, errors = [], [], []
 
         def failed(index: int, error: ImagegenError) -> None:
-            if not batch:
-                raise error
-            record = {"item": index, **error.to_json()}
+            record = {"item": index, **error.to_json()} if batch else error.to_json()
             errors.append(record)
-            content.append(TextContent(type="text", text=json.dumps(record)))
+            content.insert(len(errors) - 1, TextContent(type="text", text=json.dumps(record)))
 
         plans = {}
         for index, spec in enumerate(specs):  # validate every item before any worker starts
@@ -201,18 +201,20 @@ class ImagegenTools:
                 plans[index] = gen.plan(spec.request())
             except ImagegenError as error:
                 failed(index, error)
-        reporter = ClientProgress(ctx, sum(len(p.jobs) for p in plans.values()), cancelled)
-        for index, outcome in self.runner(plans, self.runtime(), reporter) if plans else ():
-            if isinstance(outcome, ImagegenError):
-                failed(index, outcome)
-                continue
-            record = {"item": index, **outcome} if batch else outcome
-            reporter.finished(record)
-            results.append(record)
-            content += image_content(record)
-        if batch and errors and not results:
-            return CallToolResult(content=content, structured_content={"results": [], "errors": errors}, is_error=True)
-        return CallToolResult(content=content, structured_content={"results": results, "errors": errors})
+        if plans and (batch or not errors):
+            reporter = ClientProgress(ctx, sum(len(p.jobs) for p in plans.values()), cancelled)
+            for index, outcome in self.runner(plans, self.runtime(), reporter):
+                if isinstance(outcome, ImagegenError):
+                    failed(index, outcome)
+                    continue
+                record = {"item": index, **outcome} if batch else outcome
+                reporter.finished(record)
+                results.append(record)
+                content += image_content(record)
+        if not batch and errors:
+            return CallToolResult(content=content, structured_content=errors[0], is_error=True)
+        return CallToolResult(content=content, structured_content={"results": results, "errors": errors},
+                              is_error=bool(errors) and not results)
 
     def _models(self, _cancelled: threading.Event) -> CallToolResult:
         from .cache import model_record

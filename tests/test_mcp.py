@@ -1,0 +1,132 @@
+"""`imagegen mcp` driven by the real MCP client over stdio, rendering with real ComfyUI on CPU."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import sys
+
+import anyio
+import pytest
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+from PIL import Image
+
+from imagegen import output
+
+from conftest import REPO, run_cli
+
+pytestmark = pytest.mark.comfyui
+
+
+@pytest.fixture(scope="module")
+def env(comfyui_dir, tmp_path_factory):
+    home = tmp_path_factory.mktemp("mcp-home")
+    values = {"IMAGEGEN_HOME": str(home), "IMAGEGEN_COMFYUI_DIR": str(comfyui_dir), "IMAGEGEN_RUNTIME": "local",
+              "IMAGEGEN_KEEP_WARM": "300"}
+    yield values
+    run_cli("stop", "--all", env=values)
+
+
+def call_server(env: dict, tmp_path, scenario):
+    """Start `generate_image.py mcp`, run `scenario(session)` against it, return what it returns."""
+    params = StdioServerParameters(command=sys.executable, args=[str(REPO / "generate_image.py"), "mcp"],
+                                   env={**os.environ, **env}, cwd=str(tmp_path))
+    log_path = tmp_path / "server-stderr.log"
+
+    async def main():
+        with open(log_path, "w") as errlog:
+            async with stdio_client(params, errlog=errlog) as (read, write):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    with anyio.fail_after(300):
+                        return await scenario(session)
+
+    try:
+        return anyio.run(main)
+    except BaseException:
+        print(log_path.read_text(), file=sys.stderr)  # the server's stderr, shown with the failure
+        raise
+
+
+def texts(result) -> list[dict]:
+    return [json.loads(block.text) for block in result.content if block.type == "text"]
+
+
+def images(result) -> list[bytes]:
+    return [base64.b64decode(block.data) for block in result.content if block.type == "image"]
+
+
+def test_tools_and_list_models(env, tmp_path):
+    async def scenario(session):
+        tools = await session.list_tools()
+        return tools, await session.call_tool("list_models", {})
+
+    tools, result = call_server(env, tmp_path, scenario)
+    by_name = {tool.name: tool for tool in tools.tools}
+    assert set(by_name) == {"generate_image", "batch", "list_models"}
+    assert {"prompt", "checkpoint", "size", "steps", "seed", "count", "output_dir"} <= set(by_name["generate_image"].input_schema["properties"])
+    assert not result.is_error
+    (models,) = texts(result)
+    assert {m["schema"] for m in models} == {"imagegen.model/1"}
+    assert "sd15" in {m["name"] for m in models}
+
+
+def test_generate_image_returns_path_parameters_thumbnail_and_progress(env, tiny_sd15, tmp_path):
+    progress = []
+
+    async def on_progress(value, total, message):
+        progress.append((value, total, message))
+
+    async def scenario(session):
+        return await session.call_tool("generate_image", {
+            "prompt": "a friendly robot", "checkpoint": str(tiny_sd15), "size": "64x64", "steps": 1, "seed": 11,
+            "output_dir": str(tmp_path / "out")}, progress_callback=on_progress)
+
+    result = call_server(env, tmp_path, scenario)
+    assert not result.is_error, result.content
+    (record,) = texts(result)
+    assert record["schema"] == "imagegen.result/1" and record["seed"] == 11 and record["steps"] == 1
+    assert record["path"].startswith(str(tmp_path / "out"))
+    assert output.png_size(open(record["path"], "rb").read()) == (64, 64)
+    (thumb,) = images(result)
+    assert thumb.startswith(output.PNG_SIGNATURE) and max(Image.open(io.BytesIO(thumb)).size) <= 128
+    assert result.structured_content["results"][0]["path"] == record["path"]
+    assert progress, "no progress notification arrived"
+    values = [value for value, _total, _message in progress]
+    assert values == sorted(set(values)), "progress must increase with every notification"
+    assert progress[-1][:2] == (1, 1) and "saved" in progress[-1][2]
+
+
+def test_bad_input_is_a_tool_error_with_the_error_json(env, tmp_path):
+    async def scenario(session):
+        return [await session.call_tool("generate_image", {"prompt": "x", "model": "sd15", **extra})
+                for extra in ({"size": "65x64"}, {"output_dir": "-"})]
+
+    bad_size, stdout_dir = call_server(env, tmp_path, scenario)
+    assert bad_size.is_error
+    (error,) = texts(bad_size)
+    assert error["schema"] == "imagegen.error/1" and error["code"] == "invalid_size"
+    assert error["message"] and error["hint"] and error["exit_code"] == 2
+    assert stdout_dir.is_error and texts(stdout_dir)[0]["code"] == "invalid_argument"  # stdout is the protocol
+
+
+def test_batch_runs_every_item_and_reports_the_failed_one(env, tiny_sd15, tmp_path):
+    common = {"checkpoint": str(tiny_sd15), "size": "64x64", "steps": 1, "output_dir": str(tmp_path / "out")}
+
+    async def scenario(session):
+        return await session.call_tool("batch", {"items": [
+            {"prompt": "a red fox", "seed": 1, "count": 2, **common},
+            {"prompt": "a bad size", **common, "size": "64x65"},
+            {"prompt": "a blue bird", "seed": 3, **common}]})
+
+    result = call_server(env, tmp_path, scenario)
+    assert not result.is_error, result.content
+    records = texts(result)
+    done = [r for r in records if r["schema"] == "imagegen.result/1"]
+    assert [(r["item"], r["seed"]) for r in done] == [(0, 1), (0, 2), (2, 3)]
+    assert [(r["item"], r["code"]) for r in records if r["schema"] == "imagegen.error/1"] == [(1, "invalid_size")]
+    assert len(images(result)) == 3
+    assert all(os.path.isfile(r["path"]) for r in done)
