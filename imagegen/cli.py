@@ -10,7 +10,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import ERRORS, EXIT_INTERRUPTED, ImagegenError
+from .errors import ImagegenError
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whose reader left
 
 app = typer.Typer(name="imagegen", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None, help="Generate images locally with ComfyUI workers (one per GPU).")
@@ -49,6 +51,10 @@ def run_guarded(json_mode: bool, debug: bool, body) -> None:
         fail(error)
     except KeyboardInterrupt:
         fail(ImagegenError("interrupted", "interrupted; what this command started was stopped"))
+    except BrokenPipeError:
+        # The reader of stdout went away (`imagegen ... | head -1`): stop quietly, as shell tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(EXIT_BROKEN_PIPE) from None
     except (typer.Exit, typer.Abort, SystemExit):
         raise
     except Exception as exc:  # noqa: BLE001 - the last resort: a bug, reported as one

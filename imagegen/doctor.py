@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 from . import __version__, gpus, paths
 from .errors import ImagegenError
