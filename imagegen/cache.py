@@ -110,3 +110,21 @@ def model_record(bundle: Bundle, models_dir: Path | None = None) -> dict:
             "files": {role: {"folder": f.folder, "name": f.filename, "repo": f.repo, "revision": f.revision,
                              "size": f.size, "sha256": f.sha256, "local": f.local_path}
                       for role, f in bundle.files.items()}}
+
+
+def file_hashes(bundle: Bundle, models_dir: Path | None = None) -> dict[str, str | None]:
+    """sha256 of each file of a bundle, for provenance: the registry's, else the download ledger's,
+    else (a local file seen for the first time) computed once and remembered in the ledger."""
+    from .fetch import Ledger, sha256_file
+
+    models_dir = models_dir or paths.models_dir()
+    ledger = Ledger(models_dir)
+    hashes: dict[str, str | None] = {}
+    for role, file in bundle.files.items():
+        path = present_path(file, models_dir)
+        digest = file.sha256 or (ledger.lookup(path) if path else None)
+        if digest is None and path is not None and file.local_path:
+            digest = sha256_file(path)
+            ledger.record(path, digest, "local")
+        hashes[role] = digest
+    return hashes

@@ -75,6 +75,7 @@ def generate(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="A registered model (see `imagegen models list`).")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A local SD1.5/SDXL .safetensors file to use instead of a registered model.")] = None,
     family: FamilyOpt = None,
+    from_image: Annotated[Optional[Path], typer.Option("--from", help="Reproduce a PNG from its metadata (imagegen, A1111 or ComfyUI); other flags override.")] = None,
     output_path: Annotated[Optional[str], typer.Option("--output", "-o", help="A .png path, a directory, or - for PNG bytes on stdout.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the first image (random when omitted).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (model default when omitted).")] = None,
@@ -102,11 +103,14 @@ def generate(
         from .runtime import make_runtime
 
         timeouts, explicit = gen.timeouts_from_env(timeout)
-        request = gen.Request(
-            prompt=prompt if prompt is not None else _read_stdin_prompt(), model=model, checkpoint=checkpoint,
-            family=family, negative=negative, seed=seed, steps=steps, cfg=cfg, size=size, sampler=sampler,
-            scheduler=scheduler, guidance=guidance, count=count, output=output_path, overwrite=overwrite,
-            timeouts=timeouts, explicit_timeouts=explicit)
+        given = {"prompt": prompt, "model": model, "negative": negative, "seed": seed, "steps": steps, "cfg": cfg,
+                 "size": size, "sampler": sampler, "scheduler": scheduler, "guidance": guidance}
+        if from_image is not None:
+            given = gen.merge_source(from_image, given, checkpoint is not None)
+        if given["prompt"] is None:
+            given["prompt"] = _read_stdin_prompt()
+        request = gen.Request(**given, checkpoint=checkpoint, family=family, count=count, output=output_path,
+                              overwrite=overwrite, timeouts=timeouts, explicit_timeouts=explicit)
         reporter = Reporter(quiet=quiet)
         planned = gen.plan(request)
         for record in gen.execute(planned, make_runtime(runtime, keep_warm), reporter):

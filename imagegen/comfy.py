@@ -77,6 +77,8 @@ class ComfyClient:
         if response.status_code in (401, 403):
             raise ImagegenError("worker_unreachable", f"the worker refused our credentials ({response.status_code} on {path})",
                                 hint="Another process may own this port; run `imagegen stop --all` and try again.")
+        if response.status_code >= 500:
+            raise ImagegenError("worker_unreachable", f"the worker at {self.base_url} answered {response.status_code} on {path}: ComfyUI is not answering")
         response.raise_for_status()
         return response.json()
 
@@ -278,6 +280,9 @@ class JobSession:
             return
         if not isinstance(message, str):
             return  # binary frame: a preview image
+        if not message:  # a close frame: the worker went away; /history tells what happened
+            self.events = None
+            return
         data = json.loads(message)
         kind, body = data.get("type"), data.get("data") or {}
         prompt_id = body.get("prompt_id")

@@ -62,6 +62,26 @@ def timeouts_from_env(overall: float | None = None) -> tuple[Timeouts, set[str]]
     return Timeouts(**values), set(values)
 
 
+def merge_source(image: Path, given: dict, has_checkpoint: bool) -> dict:
+    """Parameters for `--from IMAGE`: the image's, with every flag the user gave taking precedence."""
+    from .provenance import read_parameters
+
+    found = read_parameters(image)
+    merged = dict(given)
+    for key in ("prompt", "negative", "seed", "steps", "cfg", "sampler", "scheduler", "guidance"):
+        if merged.get(key) is None and found.get(key) is not None:
+            merged[key] = found[key]
+    if merged.get("size") is None and found.get("width") and found.get("height"):
+        merged["size"] = f"{found['width']}x{found['height']}"
+    if merged.get("model") is None and not has_checkpoint and found.get("model"):
+        registry = Registry.load()
+        if found["model"] not in registry.bundles:
+            raise ImagegenError("unknown_model", f"{image} was made with model {found['model']!r}, which is not registered here",
+                                hint="Pass the same model file with --checkpoint PATH, or register it with `imagegen models add`.")
+        merged["model"] = found["model"]
+    return merged
+
+
 def check_prompt(prompt: str, what: str = "prompt") -> str:
     if not prompt or not prompt.strip():
         raise ImagegenError("invalid_prompt", f"the {what} is empty", hint='Pass the prompt as an argument: imagegen generate "a red fox".')
@@ -137,18 +157,19 @@ def plan_jobs(request: Request, bundle: Bundle) -> list[workflows.Params]:
             for i in range(count)]
 
 
-def describe(bundle: Bundle, params: workflows.Params) -> dict:
+def describe(bundle: Bundle, params: workflows.Params, hashes: dict | None = None) -> dict:
     """The parameters record an image carries: enough to reproduce it with --from."""
+    hashes = hashes or {}
     record = {"prompt": params.prompt, "negative": params.negative, "model": bundle.name, "family": bundle.family,
               "seed": params.seed, "width": params.width, "height": params.height, "steps": params.steps,
               "cfg": params.cfg, "sampler": params.sampler, "scheduler": params.scheduler,
               "denoise": params.denoise, "imagegen_version": __version__, "comfyui_version": COMFYUI_VERSION,
-              "files": {role: {"name": f.filename, "sha256": f.sha256} for role, f in bundle.files.items()}}
+              "files": {role: {"name": f.filename, "sha256": hashes.get(role) or f.sha256} for role, f in bundle.files.items()}}
     if bundle.family == "flux":
         record["guidance"] = params.guidance
-    checkpoint = bundle.files.get("checkpoint") or bundle.files.get("diffusion_model")
-    if checkpoint and checkpoint.sha256:
-        record["model_hash"] = checkpoint.sha256
+    main = "checkpoint" if "checkpoint" in bundle.files else "diffusion_model"
+    if record["files"].get(main, {}).get("sha256"):
+        record["model_hash"] = record["files"][main]["sha256"]
     return record
 
 
@@ -169,34 +190,45 @@ def job_budgets(bundle: Bundle, params: workflows.Params, device: str, resident:
     return timings.budgets(base, learned, size, resident, params.steps, explicit)
 
 
-def render(bundle: Bundle, jobs: list[workflows.Params], targets: list[Path | None], worker, reporter: Reporter,
-           timeouts: Timeouts, overwrite: bool):
-    """Queue every job on one worker, then write each image as it finishes."""
-    client = worker.client(request_timeout=REQUEST_TIMEOUT)
-    graphs = [workflows.build(bundle, params) for params in jobs]
-    submitted = time.monotonic()
-    reporter.job(f"{bundle.name} {jobs[0].width}x{jobs[0].height}")
-    for index, entry in client.stream(graphs, timeouts, reporter.progress):
-        params, target = jobs[index], targets[index]
-        refs = output_images(entry)
-        if not refs:
-            raise ImagegenError("execution_failed", "ComfyUI finished the job but saved no image")
+def save_outputs(client, entry: dict, bundle: Bundle, params: workflows.Params, targets: list[Path | None], worker,
+                 overwrite: bool, hashes: dict, submitted: float) -> list[dict]:
+    """Fetch a finished job's images, tag them with their parameters, write them atomically, and
+    learn from its timings. A latent batch gives one image per target, in batch order."""
+    refs = output_images(entry)
+    if len(refs) < len(targets):
+        raise ImagegenError("execution_failed", f"ComfyUI finished the job but saved {len(refs)} of {len(targets)} image(s)")
+    phase_times = entry.get("imagegen_phase_times", {})
+    timings.record(bundle.name, params.width, params.height, worker.device, phase_times, params.steps)
+    records = []
+    for index, (ref, target) in enumerate(zip(refs, targets)):
         fetch_started = time.monotonic()
-        data = client.fetch_file(refs[0])
+        data = client.fetch_file(ref)
         fetched = time.monotonic()
-        record = describe(bundle, params)
+        record = describe(bundle, params, hashes)
+        if params.batch_size > 1:
+            record.update(batch_size=params.batch_size, batch_index=index)
         data = output.add_text_chunks(data, {"parameters": output.a1111_parameters(record),
                                              "imagegen": json.dumps(record, sort_keys=True)})
         if target is None:
             output.write_stdout(data)
         else:
             output.write_atomic(target, data, overwrite)
-        phases = {k: round(v, 3) for k, v in entry.get("imagegen_phase_times", {}).items()}
-        timings.record(bundle.name, params.width, params.height, worker.device, entry.get("imagegen_phase_times", {}), params.steps)
-        yield {"schema": output.RESULT_SCHEMA, "path": str(target) if target else "-", **record,
-               "worker": worker.name, "device": worker.device,
-               "timings": {**phases, "fetch": round(fetched - fetch_started, 3), "write": round(time.monotonic() - fetched, 3),
-                           "since_submit": round(time.monotonic() - submitted, 3)}}
+        records.append({"schema": output.RESULT_SCHEMA, "path": str(target) if target else "-", **record,
+                        "worker": worker.name, "device": worker.device,
+                        "timings": {**{k: round(v, 3) for k, v in phase_times.items()}, "fetch": round(fetched - fetch_started, 3),
+                                    "write": round(time.monotonic() - fetched, 3), "since_submit": round(time.monotonic() - submitted, 3)}})
+    return records
+
+
+def render(bundle: Bundle, jobs: list[workflows.Params], targets: list[Path | None], worker, reporter: Reporter,
+           timeouts: Timeouts, overwrite: bool, hashes: dict):
+    """Queue every job on one worker, then write each image as it finishes."""
+    client = worker.client(request_timeout=REQUEST_TIMEOUT)
+    graphs = [workflows.build(bundle, params) for params in jobs]
+    submitted = time.monotonic()
+    reporter.job(f"{bundle.name} {jobs[0].width}x{jobs[0].height}")
+    for index, entry in client.stream(graphs, timeouts, reporter.progress):
+        yield from save_outputs(client, entry, bundle, jobs[index], [targets[index]], worker, overwrite, hashes, submitted)
 
 
 @dataclass
@@ -232,7 +264,7 @@ def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
     if each is not None:
         reporter.status(f"rendering {len(jobs)} image(s) with {bundle.name} on {worker.name}: about {each * len(jobs):.0f}s (from earlier runs)")
     try:
-        yield from render(bundle, jobs, planned.targets, worker, reporter, budgets, request.overwrite)
+        yield from render(bundle, jobs, planned.targets, worker, reporter, budgets, request.overwrite, cache.file_hashes(bundle))
     except KeyboardInterrupt:
         if worker.started_here:  # stop what this command started; a shared warm worker stays
             runtime.stop(worker.slot)

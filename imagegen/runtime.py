@@ -91,7 +91,7 @@ def make_runtime(name: str = "auto", keep_warm: float = DEFAULT_KEEP_WARM):
             docker_problem = f"the image {runtime.image} is not built"
         except ImagegenError as error:
             if name == "docker":
-                raise ImagegenError("runtime_unavailable", f"--runtime docker: {error.message}", hint=error.hint) from None
+                raise  # docker_unavailable or docker_permission: the specific code, before anything starts
             docker_problem = error.message
     try:
         find_comfyui_dir()

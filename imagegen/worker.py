@@ -86,6 +86,7 @@ class Worker:
         self.ready = False
         self.started = time.time()
         self.last_model: str | None = None
+        self.comfy_died = False
         self.jobs_done = 0
 
     # --- ComfyUI child --------------------------------------------------------------
@@ -259,6 +260,7 @@ class Worker:
             await asyncio.sleep(1.0)
             if self.comfy.poll() is not None:
                 print(json.dumps({"event": "comfyui_exited", "code": self.comfy.returncode}), flush=True)
+                self.comfy_died = True
                 stop.set()
                 return
             idle = time.monotonic() - self.last_activity
@@ -304,7 +306,10 @@ class Worker:
         await runner.cleanup()
         if self.options.work_dir is None:
             shutil.rmtree(self.work_dir, ignore_errors=True)
-        return 0 if self.comfy.returncode in (0, -signal.SIGTERM, None) or stop.is_set() else 1
+        code = self.comfy.returncode
+        if self.comfy_died:
+            return 128 - code if code is not None and code < 0 else (code or 1)  # e.g. 137 when killed for memory
+        return 0
 
 
 def write_private_json(path: Path, record: dict) -> None:

@@ -93,6 +93,30 @@ def test_bad_input_exits_2_before_any_worker_starts(env, tiny_sd15, tmp_path):
     assert not (tmp_path / "fresh" / "state" / "workers").exists() or not list((tmp_path / "fresh" / "state" / "workers").glob("*.json"))
 
 
+def idat(path) -> bytes:
+    return b"".join(body for kind, body, _ in output.iter_chunks(open(path, "rb").read()) if kind == b"IDAT")
+
+
+def test_same_parameters_same_pixels_and_from_reproduces(env, tiny_sd15, tmp_path):
+    common = ["--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "3", "--cfg", "5.5", "--sampler", "euler"]
+    first = run_cli("generate", "a reproducible fox", *common, "--seed", "4242", "--negative", "blur", "-o", str(tmp_path / "a.png"), env=env)
+    second = run_cli("generate", "a reproducible fox", *common, "--seed", "4242", "--negative", "blur", "-o", str(tmp_path / "b.png"), env=env)
+    other = run_cli("generate", "a reproducible fox", *common, "--seed", "4243", "--negative", "blur", "-o", str(tmp_path / "c.png"), env=env)
+    assert first.returncode == second.returncode == other.returncode == 0, first.stderr.decode() + second.stderr.decode()
+    assert idat(tmp_path / "a.png") == idat(tmp_path / "b.png"), "same parameters on the same worker must give the same pixels"
+    assert idat(tmp_path / "a.png") != idat(tmp_path / "c.png"), "a different seed must change the pixels"
+    again = run_cli("generate", "--from", str(tmp_path / "a.png"), "--checkpoint", str(tiny_sd15), "-o", str(tmp_path / "d.png"),
+                    "--json", env=env)
+    assert again.returncode == 0, again.stderr.decode()
+    record = json.loads(again.stdout)
+    assert (record["prompt"], record["negative"], record["seed"], record["steps"], record["cfg"]) == ("a reproducible fox", "blur", 4242, 3, 5.5)
+    assert idat(tmp_path / "d.png") == idat(tmp_path / "a.png"), "--from must reproduce the image"
+    assert record["files"]["checkpoint"]["sha256"] and record["model_hash"] == record["files"]["checkpoint"]["sha256"]
+    varied = run_cli("generate", "--from", str(tmp_path / "a.png"), "--checkpoint", str(tiny_sd15), "--seed", "4243",
+                     "-o", str(tmp_path / "e.png"), env=env)
+    assert varied.returncode == 0 and idat(tmp_path / "e.png") == idat(tmp_path / "c.png"), "flags override the source"
+
+
 def test_stop_stops_the_worker(env):
     assert workers(env)
     result = run_cli("stop", "--all", env=env)
