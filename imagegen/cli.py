@@ -123,6 +123,71 @@ def generate(
 
 
 @app.command()
+def batch(
+    prompts_file: Annotated[Optional[Path], typer.Argument(help="Prompts, one per line or JSONL objects; - or omitted: stdin.")] = None,
+    out_dir: Annotated[Path, typer.Option("--output", "-o", help="Directory for the images and manifest.jsonl (rerun to resume).")] = Path("imagegen-batch"),
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Default model for items that name none.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Default local SD1.5/SDXL .safetensors file for items that name no model.")] = None,
+    size: Annotated[Optional[str], typer.Option("--size", help="Default WIDTHxHEIGHT.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Default sampling steps.")] = None,
+    cfg: Annotated[Optional[float], typer.Option("--cfg", help="Default guidance scale.")] = None,
+    negative: Annotated[Optional[str], typer.Option("--negative", help="Default negative prompt.")] = None,
+    count: Annotated[int, typer.Option("--count", "-n", help="Default images per prompt.")] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="Base for the seeds of items that give none (seeds are stable across reruns).")] = 0,
+    gpus: Annotated[Optional[str], typer.Option("--gpus", help="all, none, N, or indices/UUIDs: 0,2 or GPU-3f2a...")] = None,
+    workers_n: Annotated[int, typer.Option("--workers", help="CPU workers when no GPU is used.")] = 1,
+    pack: Annotated[str, typer.Option("--pack", help="Images of one prompt per latent batch: auto (4 on GPU, 1 on CPU) or N.")] = "auto",
+    depth: Annotated[int, typer.Option("--depth", help="Jobs kept queued on each worker so it never idles.")] = 2,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing files in the output directory.")] = False,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Overall cap in seconds per job.")] = None,
+    runtime: RuntimeOpt = "auto",
+    keep_warm: KeepWarmOpt = 300.0,
+    json_mode: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Render many prompts over every worker; prints each image as it finishes; rerun to resume."""
+
+    def body() -> None:
+        from . import batch as batch_mod
+        from . import generate as gen
+        from .progress import BatchReporter
+        from .runtime import make_runtime
+
+        if prompts_file is None or str(prompts_file) == "-":
+            if sys.stdin is None or sys.stdin.isatty():
+                raise ImagegenError("invalid_prompt", "no prompts: give a file or pipe prompts on stdin",
+                                    hint="imagegen batch prompts.txt, or: cat prompts.txt | imagegen batch")
+            text, source = sys.stdin.read(), "stdin"
+        else:
+            try:
+                text, source = prompts_file.read_text(encoding="utf-8"), str(prompts_file)
+            except OSError as exc:
+                raise ImagegenError("invalid_argument", f"cannot read {prompts_file}: {exc.strerror}") from None
+        if not 1 <= workers_n <= 64 or not 1 <= depth <= 16:
+            raise ImagegenError("invalid_argument", "--workers must be 1..64 and --depth 1..16")
+        items = batch_mod.parse_items(text, source)
+        timeouts, explicit = gen.timeouts_from_env(timeout)
+        defaults = {k: v for k, v in {"model": model, "size": size, "steps": steps, "cfg": cfg, "negative": negative,
+                                      "count": count, "checkpoint": str(checkpoint) if checkpoint else None}.items() if v is not None}
+        reporter = BatchReporter(quiet=quiet)
+        batch_mod.plan(items, out_dir, defaults, seed, 1)  # every item is valid before a worker starts
+        emit = (lambda line: print(json.dumps(line, sort_keys=True), flush=True)) if json_mode else \
+            (lambda line: print(line["path"], flush=True) if line["status"] == "done" else None)
+        summary = batch_mod.run(items, out_dir.absolute(), make_runtime(runtime, keep_warm), reporter, emit,
+                                defaults=defaults, base_seed=seed, pack=pack, gpus=gpus, workers=workers_n, depth=depth,
+                                overwrite=overwrite, timeouts=timeouts, explicit=explicit)
+        reporter.status(f"batch: {summary.done} done, {summary.failed} failed, {summary.skipped} skipped (done earlier) "
+                        f"of {summary.total}; manifest: {out_dir.absolute() / batch_mod.MANIFEST}")
+        if summary.failed:
+            first = summary.failures[0]
+            raise ImagegenError("jobs_failed", f"{summary.failed} image(s) failed, e.g. line {first['line']}: {first['error']['message']}",
+                                failed=summary.failed, done=summary.done)
+
+    run_guarded(json_mode, debug, body)
+
+
+@app.command()
 def workers(runtime: RuntimeOpt = "auto", json_mode: JsonOpt = False, debug: DebugOpt = False) -> None:
     """List running workers: device, model last used, idle time, address."""
 

@@ -173,8 +173,8 @@ class ComfyClient:
                 prompt_id, entry = session.next_finished()
                 yield order[prompt_id], entry
 
-    def session(self, timeouts: Timeouts | None = None, on_progress: EventHandler | None = None) -> "JobSession":
-        return JobSession(self, timeouts or Timeouts(), on_progress)
+    def session(self, timeouts: Timeouts | None = None, on_progress: EventHandler | None = None, cancel=None) -> "JobSession":
+        return JobSession(self, timeouts or Timeouts(), on_progress, cancel)
 
     def running_ids(self) -> list[str]:
         return [item[1] for item in self.queue().get("queue_running", [])]
@@ -214,8 +214,9 @@ class JobSession:
     the session interrupts whatever is still pending.
     """
 
-    def __init__(self, client: ComfyClient, timeouts: Timeouts, on_progress: EventHandler | None):
-        self.client, self.timeouts, self.on_progress = client, timeouts, on_progress
+    def __init__(self, client: ComfyClient, timeouts: Timeouts, on_progress: EventHandler | None, cancel=None):
+        self.client, self.timeouts, self.on_progress, self.cancel = client, timeouts, on_progress, cancel
+        self.budgets: dict[str, Timeouts] = {}
         self.client_id = uuid.uuid4().hex
         self.events = None
         self.pending: list[str] = []
@@ -234,8 +235,9 @@ class JobSession:
         if self.events is not None:
             self.events.close()
 
-    def submit(self, graph: dict) -> str:
+    def submit(self, graph: dict, timeouts: Timeouts | None = None) -> str:
         prompt_id = self.client.submit(graph, self.client_id)
+        self.budgets[prompt_id] = timeouts or self.timeouts
         self.pending.append(prompt_id)
         self.states[prompt_id] = Progress()
         self.clocks[prompt_id] = time.monotonic()
@@ -254,9 +256,8 @@ class JobSession:
     def _check_budgets(self) -> None:
         now = time.monotonic()
         for prompt_id in self.pending:
-            state = self.states[prompt_id]
-            budget = {"queued": self.timeouts.queue, "loading": self.timeouts.load,
-                      "running": self.timeouts.overall}.get(state.phase, self.timeouts.stall)
+            state, limits = self.states[prompt_id], self.budgets[prompt_id]
+            budget = {"queued": limits.queue, "loading": limits.load, "running": limits.overall}.get(state.phase, limits.stall)
             if now - self.clocks[prompt_id] > budget:
                 raise ImagegenError("timeout", f"the job stalled in phase '{state.phase}': nothing happened for {now - self.clocks[prompt_id]:.0f}s (budget {budget:.0f}s)",
                                     hint=f"Raise the {state.phase} budget (IMAGEGEN_TIMEOUT_{state.phase.upper()}, see docs/timeouts.md), or check the worker log.",
@@ -339,6 +340,8 @@ class JobSession:
         """Block until a pending prompt finishes; returns (prompt_id, entry). A prompt that failed
         raises its error with details['prompt_id'] set; worker-level failures have none."""
         while True:
+            if self.cancel is not None and self.cancel.is_set():
+                raise ImagegenError("interrupted", "stopped before the job finished")
             self._check_budgets()
             self._receive()
             if time.monotonic() >= self.next_poll:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import __version__, gpus, paths
 from .errors import ImagegenError
-from .runtime import DEFAULT_KEEP_WARM, DEFAULT_START_TIMEOUT, WorkerHandle, healthy, pid_alive
+from .runtime import DEFAULT_KEEP_WARM, DEFAULT_START_TIMEOUT, WorkerHandle, cpu_slots, healthy, is_cpu_slot, pid_alive
 
 LABEL = "imagegen.worker"
 CONTAINER_PORT = "8188/tcp"
@@ -100,9 +100,9 @@ class DockerRuntime:
                 return handle
         return None
 
-    def slots(self, choice: str | None = None) -> list[str]:
+    def slots(self, choice: str | None = None, cpu_workers: int = 1) -> list[str]:
         found = gpus.select(gpus.list_gpus(), choice)
-        return [g.uuid for g in found] or ["cpu"]
+        return [g.uuid for g in found] or cpu_slots(cpu_workers)
 
     # --- lifecycle ------------------------------------------------------------------
     def ensure(self, slot: str | None = None, on_status=None, mounts: set[str] = frozenset()) -> WorkerHandle:
@@ -120,7 +120,7 @@ class DockerRuntime:
         if not self.image_present():
             raise ImagegenError("image_missing", f"the Docker image {self.image} is not built",
                                 hint="Build it with ./build-image.sh (./build-image.sh --cpu-local offline), or use --runtime local.")
-        gpu = slot != "cpu"
+        gpu = not is_cpu_slot(slot)
         if gpu and "nvidia" not in (self.client.info().get("Runtimes") or {}):
             raise ImagegenError("nvidia_runtime_missing", f"GPU {slot} was requested but Docker has no NVIDIA runtime")
         for container in self._containers(slot, all_states=True):

@@ -54,6 +54,7 @@ ERRORS: dict[str, ErrorKind] = {
     "image_missing": ErrorKind(EXIT_FAILURE, "The imagegen Docker image is not built.", "Build it with ./build-image.sh."),
     "nvidia_runtime_missing": ErrorKind(EXIT_FAILURE, "A GPU was requested but Docker has no NVIDIA runtime.", "Install the NVIDIA Container Toolkit, or run on CPU with --gpus none."),
     "out_of_memory": ErrorKind(EXIT_FAILURE, "The worker ran out of memory.", "Use a smaller --size or --count, or a smaller model."),
+    "jobs_failed": ErrorKind(EXIT_FAILURE, "Some jobs of a batch failed; the others finished.", "See the failed lines in manifest.jsonl; run the same command again to retry only those."),
     "interrupted": ErrorKind(EXIT_INTERRUPTED, "Interrupted by the user.", "Run the command again to continue."),
     "internal_error": ErrorKind(EXIT_FAILURE, "An unexpected error; this is a bug.", "Run again with --debug and report the traceback."),
 }

@@ -53,3 +53,58 @@ class Reporter:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class BatchReporter(Reporter):
+    """One overall bar (images done of total, images/s, ETA) and one line per worker, on a TTY."""
+
+    def __init__(self, quiet: bool = False, show_progress: bool | None = None):
+        super().__init__(quiet, show_progress)
+        self.overall = None
+        self.worker_bars: dict[str, object] = {}
+        self.workers: list = []
+
+    def start(self, total: int, skipped: int) -> None:
+        if skipped:
+            self.status(f"{skipped} of {total} image(s) already done in an earlier run: skipped")
+        if self.show_progress:
+            from tqdm import tqdm
+
+            self.overall = tqdm(total=total, initial=skipped, unit="img", desc="batch", file=sys.stderr, dynamic_ncols=True)
+
+    def attach(self, workers: list) -> None:
+        self.workers = workers
+        if self.show_progress:
+            from tqdm import tqdm
+
+            for position, state in enumerate(workers, start=1):
+                self.worker_bars[state.slot] = tqdm(total=0, position=position, desc=f"  {state.slot}", unit="step",
+                                                    file=sys.stderr, leave=False, dynamic_ncols=True,
+                                                    bar_format="{desc}: {postfix}")
+
+    def worker_progress(self, state):
+        def update(progress: Progress) -> None:
+            bar = self.worker_bars.get(state.slot)
+            if bar is not None:
+                detail = f"{progress.step}/{progress.total} steps" if progress.phase == "sampling" else progress.phase
+                bar.set_postfix_str(f"{state.name or state.slot} {detail}, {state.done} done")
+        return update
+
+    def finished(self, images: int, failed: bool = False) -> None:
+        if self.overall is not None:
+            self.overall.update(images)
+            if failed:
+                self.overall.set_postfix_str("some failed")
+
+    def status(self, message: str) -> None:
+        if self.overall is not None and not self.quiet:
+            self.overall.write(message, file=sys.stderr)
+        else:
+            super().status(message)
+
+    def close(self) -> None:
+        for bar in self.worker_bars.values():
+            bar.close()
+        if self.overall is not None:
+            self.overall.close()
+        self.worker_bars, self.overall = {}, None

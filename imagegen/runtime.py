@@ -65,6 +65,15 @@ def log_tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
+def cpu_slots(count: int) -> list[str]:
+    """Names of CPU worker slots: cpu, cpu-2, cpu-3, ..."""
+    return ["cpu"] + [f"cpu-{n}" for n in range(2, count + 1)]
+
+
+def is_cpu_slot(slot: str) -> bool:
+    return slot == "cpu" or slot.startswith("cpu-")
+
+
 def default_slot() -> str:
     """The first GPU when this machine has one, else the CPU."""
     from .worker import detect_device
@@ -142,10 +151,10 @@ class LocalRuntime:
             return self._handle(slot, record, started_here=False)
         return None
 
-    def slots(self, choice: str | None = None) -> list[str]:
+    def slots(self, choice: str | None = None, cpu_workers: int = 1) -> list[str]:
         from . import gpus
 
-        return [str(g.index) for g in gpus.select(gpus.list_gpus(), choice)] or ["cpu"]
+        return [str(g.index) for g in gpus.select(gpus.list_gpus(), choice)] or cpu_slots(cpu_workers)
 
     def ensure(self, slot: str | None = None, on_status=None, mounts: set[str] = frozenset()) -> WorkerHandle:
         """Find or start the worker for a slot; `mounts` matter only to containers."""
@@ -166,15 +175,16 @@ class LocalRuntime:
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_urlsafe(32))
         env = dict(os.environ)
-        env["CUDA_VISIBLE_DEVICES"] = "" if slot == "cpu" else slot
+        on_cpu = is_cpu_slot(slot)
+        env["CUDA_VISIBLE_DEVICES"] = "" if on_cpu else slot
         command = [self.python, "-m", "imagegen.entry", "serve", "--host", "127.0.0.1", "--port", "0",
                    "--comfyui-dir", str(comfyui_dir), "--models-dir", str(paths.models_dir()),
                    "--token-file", str(token_path), "--keep-warm", str(self.keep_warm),
-                   "--state-file", str(record_path), "--device", "cpu" if slot == "cpu" else "cuda"]
+                   "--state-file", str(record_path), "--device", "cpu" if on_cpu else "cuda"]
         for tree in self.shared_models:
             command += ["--shared-models", str(tree)]
         if on_status:
-            on_status(f"starting a local worker ({'CPU' if slot == 'cpu' else 'GPU ' + slot}); log: {log_path}")
+            on_status(f"starting a local worker ({slot if on_cpu else 'GPU ' + slot}); log: {log_path}")
         with open(log_path, "ab") as log:
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                        env=env, cwd=str(paths.SOURCE_ROOT), start_new_session=True)

@@ -1,0 +1,241 @@
+"""Fan jobs out over workers: one shared queue that every worker pulls from.
+
+A faster worker simply comes back for more. Each worker keeps `depth` jobs queued in its
+ComfyUI so it never idles between them, and prefers jobs of the model it has loaded. A job
+that fails for its own reason is reported failed and the rest go on; a job whose worker died
+or hung goes back to the queue for another worker (a bounded number of times), and the dead
+worker is restarted once. Nothing is dropped: every job ends as done or failed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import workflows
+from .comfy import Timeouts
+from .errors import ImagegenError
+from .registry import Bundle
+
+WORKER_FAULTS = {"timeout", "worker_unreachable", "worker_died", "out_of_memory"}
+
+
+@dataclass
+class Job:
+    key: str                       # stable identity, for the manifest and resuming
+    bundle: Bundle
+    params: workflows.Params
+    targets: list[Path]            # one per image (several for a latent batch)
+    meta: dict = field(default_factory=dict)
+    attempts: int = 0
+    quality: bool = False          # prefers the fastest worker (see routing)
+
+
+@dataclass
+class Outcome:
+    job: Job
+    worker: str
+    records: list[dict] = field(default_factory=list)
+    error: ImagegenError | None = None
+
+
+@dataclass
+class WorkerState:
+    slot: str
+    name: str = ""
+    handle: object = None
+    last_model: str | None = None
+    done: int = 0
+    busy_seconds: float = 0.0
+    status: str = "starting"
+    restarts: int = 0
+    inflight: dict = field(default_factory=dict)  # prompt_id -> (job, submitted_at)
+
+
+class JobQueue:
+    """Jobs waiting for a worker, taken model by model."""
+
+    def __init__(self, jobs: list[Job], choose=None):
+        self.waiting = list(jobs)
+        self.inflight = 0
+        self.cond = threading.Condition()
+        self.choose = choose or prefer_loaded_model
+
+    def take(self, worker: WorkerState, block: bool) -> Job | None:
+        """The next job for this worker, or None when there is none now (block=False) or will be none (block=True)."""
+        with self.cond:
+            while True:
+                job = self.choose(worker, self.waiting) if self.waiting else None
+                if job is not None:
+                    self.waiting.remove(job)
+                    self.inflight += 1
+                    return job
+                if not block or self.inflight == 0:
+                    return None
+                self.cond.wait(0.5)  # a job in flight elsewhere may come back
+
+    def settle(self, job: Job, requeue: bool = False) -> None:
+        with self.cond:
+            self.inflight -= 1
+            if requeue:
+                self.waiting.insert(0, job)
+            self.cond.notify_all()
+
+    def drain(self) -> list[Job]:
+        with self.cond:
+            left, self.waiting = self.waiting, []
+            self.cond.notify_all()
+            return left
+
+
+def prefer_loaded_model(worker: WorkerState, waiting: list[Job]) -> Job | None:
+    """Stay on the model the worker has loaded; otherwise take the model with the most work left."""
+    same = [job for job in waiting if job.bundle.name == worker.last_model]
+    if same:
+        return same[0]
+    counts: dict[str, int] = {}
+    for job in waiting:
+        counts[job.bundle.name] = counts.get(job.bundle.name, 0) + 1
+    busiest = max(counts, key=counts.get)
+    return next(job for job in waiting if job.bundle.name == busiest)
+
+
+class Scheduler:
+    def __init__(self, runtime, slots: list[str], jobs: list[Job], on_outcome: Callable[[Outcome], None],
+                 budgets: Callable[[Job, WorkerState], Timeouts], hashes: dict[str, dict], mounts: set[str],
+                 overwrite: bool = False, depth: int = 2, max_attempts: int = 3, reporter=None, choose=None):
+        self.runtime, self.slots, self.on_outcome = runtime, slots, on_outcome
+        self.budgets, self.hashes, self.mounts, self.overwrite = budgets, hashes, mounts, overwrite
+        self.depth, self.max_attempts, self.reporter = depth, max_attempts, reporter
+        self.queue = JobQueue(jobs, choose)
+        self.workers = [WorkerState(slot) for slot in slots]
+        self.cancel = threading.Event()
+        self.lock = threading.Lock()
+        self.started_here: list[str] = []
+        self.last_fault: ImagegenError | None = None
+
+    # --- the run ------------------------------------------------------------------
+    def run(self) -> None:
+        threads = [threading.Thread(target=self._serve, args=(state,), name=f"worker-{state.slot}", daemon=True)
+                   for state in self.workers]
+        for thread in threads:
+            thread.start()
+        try:
+            while any(thread.is_alive() for thread in threads):
+                for thread in threads:
+                    thread.join(0.2)
+        except KeyboardInterrupt:
+            self.cancel.set()
+            for thread in threads:
+                thread.join(10)  # each interrupts its queued prompts and finishes the file it writes
+            for slot in self.started_here:
+                self.runtime.stop(slot)
+            raise
+        for job in self.queue.drain():  # no worker is left to take them: report, never drop
+            reason = self.last_fault.message if self.last_fault else "no worker could take it"
+            self._emit(Outcome(job, "-", error=ImagegenError("worker_died", f"no worker left to run this job ({reason})")))
+
+    def _emit(self, outcome: Outcome) -> None:
+        with self.lock:
+            self.on_outcome(outcome)
+
+    def _status(self, message: str) -> None:
+        if self.reporter:
+            self.reporter.status(message)
+
+    def _serve(self, state: WorkerState) -> None:
+        while not self.cancel.is_set():
+            try:
+                state.handle = self.runtime.ensure(state.slot, on_status=self._status, mounts=self.mounts)
+            except ImagegenError as error:
+                state.status = f"failed to start: {error.code}"
+                self.last_fault = error
+                self._status(f"worker {state.slot} could not start: {error.message}")
+                return
+            state.name, state.status = state.handle.name, "ready"
+            if state.handle.started_here:
+                with self.lock:
+                    self.started_here.append(state.slot)
+            fault = self._drive(state)
+            if fault is None:
+                state.status = "done"
+                return
+            self.last_fault = fault
+            self.runtime.stop(state.slot)
+            if state.restarts >= 1 or self.cancel.is_set():
+                state.status = f"stopped after {fault.code}"
+                self._status(f"worker {state.name} left the batch after {fault.code}: {fault.message}")
+                return
+            state.restarts += 1
+            state.status = "restarting"
+            self._status(f"worker {state.name} failed ({fault.code}); restarting it, its jobs go to other workers meanwhile")
+
+    def _drive(self, state: WorkerState) -> ImagegenError | None:
+        """Feed one worker until the queue is empty. Returns the fault that stopped the worker, if any."""
+        from .generate import REQUEST_TIMEOUT, save_outputs
+
+        client = state.handle.client(request_timeout=REQUEST_TIMEOUT)
+        progress = self.reporter.worker_progress(state) if self.reporter and hasattr(self.reporter, "worker_progress") else None
+        with client.session(Timeouts(), progress, self.cancel) as session:
+            while not self.cancel.is_set():
+                while len(state.inflight) < self.depth:
+                    job = self.queue.take(state, block=not state.inflight)
+                    if job is None:
+                        break
+                    job.attempts += 1
+                    try:
+                        prompt_id = session.submit(workflows.build(job.bundle, job.params), self.budgets(job, state))
+                    except ImagegenError as error:
+                        if error.code in WORKER_FAULTS:
+                            return self._requeue_all(state, error, extra=[job])
+                        self._fail(job, state, error)
+                        continue
+                    state.inflight[prompt_id] = (job, time.monotonic())
+                    state.last_model = job.bundle.name
+                if not state.inflight:
+                    return None
+                try:
+                    prompt_id, entry = session.next_finished()
+                except ImagegenError as error:
+                    failed = error.details.get("prompt_id")
+                    if error.code == "interrupted" and self.cancel.is_set():
+                        return None
+                    if failed in state.inflight and error.code not in WORKER_FAULTS:
+                        job, _ = state.inflight.pop(failed)
+                        self._fail(job, state, error)
+                        continue
+                    return self._requeue_all(state, error)
+                job, submitted = state.inflight.pop(prompt_id)
+                try:
+                    records = save_outputs(client, entry, job.bundle, job.params, job.targets, state.handle,
+                                           self.overwrite, self.hashes.get(job.bundle.name, {}), submitted)
+                except ImagegenError as error:
+                    if error.code in WORKER_FAULTS:
+                        return self._requeue_all(state, error, extra=[job])
+                    self._fail(job, state, error)
+                    continue
+                state.done += len(records)
+                state.busy_seconds += sum(entry.get("imagegen_phase_times", {}).get(p, 0.0) for p in ("loading", "sampling", "finishing"))
+                self.queue.settle(job)
+                self._emit(Outcome(job, state.name, records=records))
+        return None
+
+    def _fail(self, job: Job, state: WorkerState, error: ImagegenError) -> None:
+        self.queue.settle(job)
+        self._emit(Outcome(job, state.name, error=error))
+
+    def _requeue_all(self, state: WorkerState, fault: ImagegenError, extra: list[Job] = ()) -> ImagegenError:
+        """The worker failed: its jobs go back to the queue, or fail once they used up their attempts."""
+        jobs = [job for job, _ in state.inflight.values()] + list(extra)
+        state.inflight.clear()
+        for job in jobs:
+            if job.attempts < self.max_attempts:
+                self.queue.settle(job, requeue=True)
+            else:
+                self.queue.settle(job)
+                self._emit(Outcome(job, state.name or state.slot, error=ImagegenError(
+                    fault.code, f"gave up after {job.attempts} attempts: {fault.message}", hint=fault.hint)))
+        return fault
