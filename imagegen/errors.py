@@ -72,6 +72,9 @@ class ImagegenError(Exception):
         self.hint = hint or ERRORS[code].hint
         self.details = details
 
+    def __str__(self) -> str:
+        return self.message
+
     @property
     def exit_code(self) -> int:
         return ERRORS[self.code].exit_code

@@ -130,6 +130,7 @@ class LocalRuntime:
         self.start_timeout = start_timeout
         self.python = python or os.environ.get("IMAGEGEN_WORKER_PYTHON") or sys.executable
         self.shared_models = shared_models or []
+        self.cpu_workers = 1
         self.dir = paths.ensure_private_dir(paths.workers_dir())
 
     def _files(self, slot: str) -> tuple[Path, Path, Path, Path]:
@@ -154,7 +155,10 @@ class LocalRuntime:
     def slots(self, choice: str | None = None, cpu_workers: int = 1) -> list[str]:
         from . import gpus
 
-        return [str(g.index) for g in gpus.select(gpus.list_gpus(), choice)] or cpu_slots(cpu_workers)
+        found = [str(g.index) for g in gpus.select(gpus.list_gpus(), choice)]
+        if not found:
+            self.cpu_workers = cpu_workers
+        return found or cpu_slots(cpu_workers)
 
     def ensure(self, slot: str | None = None, on_status=None, mounts: set[str] = frozenset()) -> WorkerHandle:
         """Find or start the worker for a slot; `mounts` matter only to containers."""
@@ -177,6 +181,10 @@ class LocalRuntime:
         env = dict(os.environ)
         on_cpu = is_cpu_slot(slot)
         env["CUDA_VISIBLE_DEVICES"] = "" if on_cpu else slot
+        if on_cpu and "OMP_NUM_THREADS" not in env:
+            # torch takes a thread per core; CPU workers side by side would fight over the cores
+            # (spinning OpenMP threads make that many times slower), so they share them out.
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.cpu_workers))
         command = [self.python, "-m", "imagegen.entry", "serve", "--host", "127.0.0.1", "--port", "0",
                    "--comfyui-dir", str(comfyui_dir), "--models-dir", str(paths.models_dir()),
                    "--token-file", str(token_path), "--keep-warm", str(self.keep_warm),

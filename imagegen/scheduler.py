@@ -92,7 +92,11 @@ class JobQueue:
 
 
 def prefer_loaded_model(worker: WorkerState, waiting: list[Job]) -> Job | None:
-    """Stay on the model the worker has loaded; otherwise take the model with the most work left."""
+    """Retries first (they waited longest); then stay on the model the worker has loaded; otherwise
+    take the model with the most work left."""
+    retries = [job for job in waiting if job.attempts]
+    if retries:
+        return retries[0]
     same = [job for job in waiting if job.bundle.name == worker.last_model]
     if same:
         return same[0]

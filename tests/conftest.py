@@ -92,3 +92,13 @@ def comfy_worker(comfyui_dir, session_home):
         runtime.stop()
     finally:
         os.environ["IMAGEGEN_HOME"] = previous or ""
+
+
+def communicate(process: subprocess.Popen, timeout: float) -> tuple[bytes, bytes]:
+    """Wait for a CLI subprocess; on timeout kill it (and what it started) so nothing lingers."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise

@@ -18,7 +18,7 @@ from imagegen.registry import local_bundle
 from imagegen.runtime import pid_alive
 from imagegen.workflows import Params, build
 
-from conftest import REPO, run_cli
+from conftest import REPO, communicate, run_cli
 
 pytestmark = pytest.mark.comfyui
 
@@ -58,7 +58,7 @@ def start_long_generate(env, tiny_sd15, out_dir):
 
 
 def finish(process, timeout=90):
-    stdout, stderr = process.communicate(timeout=timeout)
+    stdout, stderr = communicate(process, timeout)
     error = json.loads(stderr.decode().strip().splitlines()[-1]) if process.returncode else None
     return process.returncode, stdout.decode(), error, stderr.decode()
 
