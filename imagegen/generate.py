@@ -205,6 +205,7 @@ def save_outputs(client, entry: dict, bundle: Bundle, params: workflows.Params, 
         data = client.fetch_file(ref)
         fetched = time.monotonic()
         record = describe(bundle, params, hashes)
+        record["width"], record["height"] = output.png_size(data)  # an upscale's size is its input's times the scale
         if params.batch_size > 1:
             record.update(batch_size=params.batch_size, batch_index=index)
         data = output.add_text_chunks(data, {"parameters": output.a1111_parameters(record),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +30,7 @@ class Job:
     params: workflows.Params
     targets: list[Path]            # one per image (several for a latent batch)
     meta: dict = field(default_factory=dict)
+    source: Path | None = None     # an input image (img2img, upscale), uploaded to whichever worker runs the job
     attempts: int = 0
     quality: bool = False          # prefers the fastest worker (see routing)
 
@@ -191,7 +192,10 @@ class Scheduler:
                         break
                     job.attempts += 1
                     try:
-                        prompt_id = session.submit(workflows.build(job.bundle, job.params), self.budgets(job, state))
+                        params = job.params
+                        if job.source is not None:
+                            params = replace(params, init_image=client.upload_image(job.source.read_bytes(), job.source.name))
+                        prompt_id = session.submit(workflows.build(job.bundle, params), self.budgets(job, state))
                     except ImagegenError as error:
                         if error.code in WORKER_FAULTS:
                             return self._requeue_all(state, error, extra=[job])

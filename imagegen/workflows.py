@@ -57,6 +57,8 @@ def build(bundle: Bundle, params: Params) -> dict:
         return _flux(bundle, params)
     if bundle.family in ("sd15", "sdxl"):
         return _checkpoint(bundle, params)
+    if bundle.family == "upscale":
+        return upscale(bundle.files["upscale_model"].filename, params.init_image, params.filename_prefix)
     raise ValueError(f"no text-to-image graph for family {bundle.family!r}")
 
 
