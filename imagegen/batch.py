@@ -224,7 +224,8 @@ def _ours(path: Path, job: Job) -> bool:
 
 
 def run(items: list[Item], out_dir: Path, runtime, reporter, emit, *, defaults: dict, base_seed: int, pack: str,
-        gpus: str | None, workers: int, depth: int, overwrite: bool, timeouts, explicit: set[str], fetch=None) -> Summary:
+        gpus: str | None, workers: int, depth: int, overwrite: bool, timeouts, explicit: set[str], fetch=None,
+        force: bool = False) -> Summary:
     """Plan, skip what an earlier run finished, fetch each model once, and fan the rest out."""
     from .fetch import make_fetcher
     from .scheduler import Scheduler
@@ -263,7 +264,7 @@ def run(items: list[Item], out_dir: Path, runtime, reporter, emit, *, defaults: 
             emit(line)
 
     scheduler = Scheduler(runtime, slots[: len(todo)], todo, on_outcome, budgets, hashes, local_dirs(todo),
-                          overwrite=True, depth=depth, reporter=reporter)
+                          overwrite=True, depth=depth, reporter=reporter, registry=Registry.load(), force=force)
     reporter.attach(scheduler.workers)
     try:
         scheduler.run()

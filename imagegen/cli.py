@@ -25,6 +25,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for unexpected errors.", envvar="IMAGEGEN_DEBUG")]
 RuntimeOpt = Annotated[str, typer.Option("--runtime", help="Where workers run: auto, docker or local.", envvar="IMAGEGEN_RUNTIME")]
 KeepWarmOpt = Annotated[float, typer.Option("--keep-warm", help="Seconds an idle worker stays up for the next call.", envvar="IMAGEGEN_KEEP_WARM")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Run even when a job looks too large for every GPU's memory.")]
 FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Model family: sd15, sdxl or flux (detected when omitted).")]
 
 
@@ -87,6 +88,7 @@ def generate(
     guidance: Annotated[Optional[float], typer.Option("--guidance", help="Flux guidance (default 3.5).")] = None,
     count: Annotated[int, typer.Option("--count", "-n", help="Number of images (seeds seed, seed+1, ...).")] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
+    force: ForceOpt = False,
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="Overall cap in seconds for the whole call.")] = None,
     runtime: RuntimeOpt = "auto",
     keep_warm: KeepWarmOpt = 300.0,
@@ -110,7 +112,7 @@ def generate(
         if given["prompt"] is None:
             given["prompt"] = _read_stdin_prompt()
         request = gen.Request(**given, checkpoint=checkpoint, family=family, count=count, output=output_path,
-                              overwrite=overwrite, timeouts=timeouts, explicit_timeouts=explicit)
+                              overwrite=overwrite, force=force, timeouts=timeouts, explicit_timeouts=explicit)
         reporter = Reporter(quiet=quiet)
         planned = gen.plan(request)
         for record in gen.execute(planned, make_runtime(runtime, keep_warm), reporter):
@@ -139,6 +141,7 @@ def batch(
     pack: Annotated[str, typer.Option("--pack", help="Images of one prompt per latent batch: auto (4 on GPU, 1 on CPU) or N.")] = "auto",
     depth: Annotated[int, typer.Option("--depth", help="Jobs kept queued on each worker so it never idles.")] = 2,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing files in the output directory.")] = False,
+    force: ForceOpt = False,
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="Overall cap in seconds per job.")] = None,
     runtime: RuntimeOpt = "auto",
     keep_warm: KeepWarmOpt = 300.0,
@@ -176,7 +179,7 @@ def batch(
             (lambda line: print(line["path"], flush=True) if line["status"] == "done" else None)
         summary = batch_mod.run(items, out_dir.absolute(), make_runtime(runtime, keep_warm), reporter, emit,
                                 defaults=defaults, base_seed=seed, pack=pack, gpus=gpus, workers=workers_n, depth=depth,
-                                overwrite=overwrite, timeouts=timeouts, explicit=explicit)
+                                overwrite=overwrite, force=force, timeouts=timeouts, explicit=explicit)
         reporter.status(f"batch: {summary.done} done, {summary.failed} failed, {summary.skipped} skipped (done earlier) "
                         f"of {summary.total}; manifest: {out_dir.absolute() / batch_mod.MANIFEST}")
         if summary.failed:
@@ -202,8 +205,11 @@ def workers(runtime: RuntimeOpt = "auto", json_mode: JsonOpt = False, debug: Deb
         if not found:
             print("no workers running", file=sys.stderr)
         for item in found:
-            print(f"{item['name']}\t{item['device']}\t{item['url']}\tmodel={item.get('last_model') or '-'}\t"
-                  f"idle={item.get('idle_seconds')}s\tjobs={item.get('jobs_done')}")
+            gpu = item.get("gpu") or {}
+            memory = f"{gpu['memory_free_mib'] / 1024:.1f}/{gpu['memory_total_mib'] / 1024:.1f} GiB free" if gpu.get("memory_total_mib") else "-"
+            speed = f"{item['it_per_s']:.2f} it/s" if item.get("it_per_s") else "-"
+            print(f"{item['name']}\t{gpu.get('name') or item['device']}\t{memory}\t{'healthy' if item.get('healthy', True) else 'UNHEALTHY'}\t"
+                  f"{speed}\t{item['url']}\tmodel={item.get('last_model') or '-'}\tidle={item.get('idle_seconds')}s\tjobs={item.get('jobs_done')}")
 
     run_guarded(json_mode, debug, body)
 

@@ -261,7 +261,8 @@ class DockerRuntime:
                     pass
             found.append({"name": container.name, "runtime": self.name, "slot": slot, "device": container.labels.get("imagegen.device"),
                           "url": handle.url if handle else None, "container": container.id[:12],
-                          **{k: info.get(k) for k in ("last_model", "idle_seconds", "jobs_done", "keep_warm", "imagegen_version")}})
+                          "healthy": bool(handle and healthy(handle.url)),
+                          **{k: info.get(k) for k in ("gpu", "it_per_s", "last_model", "idle_seconds", "jobs_done", "keep_warm", "imagegen_version")}})
         return found
 
     def stop(self, slot: str | None = None) -> list[str]:

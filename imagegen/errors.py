@@ -53,6 +53,8 @@ ERRORS: dict[str, ErrorKind] = {
     "docker_permission": ErrorKind(EXIT_USAGE, "Permission denied on the Docker socket.", "Add yourself to the docker group (`sudo usermod -aG docker $USER`, then log in again)."),
     "image_missing": ErrorKind(EXIT_FAILURE, "The imagegen Docker image is not built.", "Build it with ./build-image.sh."),
     "nvidia_runtime_missing": ErrorKind(EXIT_FAILURE, "A GPU was requested but Docker has no NVIDIA runtime.", "Install the NVIDIA Container Toolkit, or run on CPU with --gpus none."),
+    "worker_unhealthy": ErrorKind(EXIT_FAILURE, "A worker ran far slower than its own history and was taken out of the rotation.", "Check the GPU (thermals, other processes); `imagegen workers` shows each worker's recent speed."),
+    "insufficient_gpu_memory": ErrorKind(EXIT_USAGE, "No GPU here can hold the job (model plus activations).", "Use a smaller size or model (an fp8 variant), or pass --force to try anyway."),
     "out_of_memory": ErrorKind(EXIT_FAILURE, "The worker ran out of memory.", "Use a smaller --size or --count, or a smaller model."),
     "jobs_failed": ErrorKind(EXIT_FAILURE, "Some jobs of a batch failed; the others finished.", "See the failed lines in manifest.jsonl; run the same command again to retry only those."),
     "interrupted": ErrorKind(EXIT_INTERRUPTED, "Interrupted by the user.", "Run the command again to continue."),

@@ -41,6 +41,7 @@ class Request:
     count: int = 1
     output: str | None = None
     overwrite: bool = False
+    force: bool = False                                         # skip the GPU-memory check
     timeouts: Timeouts = field(default_factory=Timeouts)
     explicit_timeouts: set[str] = field(default_factory=set)   # budgets the user set: never resized
 
@@ -254,6 +255,8 @@ def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
     from .fetch import make_fetcher
 
     bundle, jobs, request = planned.bundle, planned.jobs, planned.request
+    if not request.force:
+        check_gpu_memory(bundle, jobs[0])
     cache.ensure_bundle(bundle, fetch=fetch or make_fetcher(reporter))
     worker = runtime.ensure(on_status=reporter.status, mounts=local_dirs(bundle))
     if worker.device == "cpu":
@@ -277,6 +280,16 @@ def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
 def generate(request: Request, runtime, reporter: Reporter, registry: Registry | None = None, fetch=None):
     """Yield one result record per image. All validation happens before any worker starts."""
     yield from execute(plan(request, registry), runtime, reporter, fetch)
+
+
+def check_gpu_memory(bundle: Bundle, params: workflows.Params) -> None:
+    """Refuse, before downloading or starting anything, a job no GPU on this machine can hold."""
+    from . import gpus
+    from .routing import Router
+
+    found = gpus.list_gpus()
+    if found:
+        Router([], Registry.load()).check_feasible([(bundle, params)], [g.memory_total_mib * 1024 * 1024 for g in found])
 
 
 def local_dirs(bundle: Bundle) -> set[str]:

@@ -247,8 +247,8 @@ class LocalRuntime:
             except ImagegenError:
                 info = {}
             found.append({"name": handle.name, "runtime": self.name, "slot": slot, "device": handle.device,
-                          "url": handle.url, "pid": handle.info.get("pid"), **{k: info.get(k) for k in
-                          ("comfy_pid", "last_model", "idle_seconds", "jobs_done", "keep_warm", "imagegen_version")}})
+                          "url": handle.url, "pid": handle.info.get("pid"), "healthy": True, **{k: info.get(k) for k in
+                          ("comfy_pid", "gpu", "it_per_s", "last_model", "idle_seconds", "jobs_done", "keep_warm", "imagegen_version")}})
         return found
 
     def stop(self, slot: str | None = None) -> list[str]:

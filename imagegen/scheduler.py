@@ -20,7 +20,7 @@ from .comfy import Timeouts
 from .errors import ImagegenError
 from .registry import Bundle
 
-WORKER_FAULTS = {"timeout", "worker_unreachable", "worker_died", "out_of_memory"}
+WORKER_FAULTS = {"timeout", "worker_unreachable", "worker_died", "out_of_memory", "worker_unhealthy"}
 
 
 @dataclass
@@ -54,16 +54,27 @@ class WorkerState:
     status: str = "starting"
     restarts: int = 0
     inflight: dict = field(default_factory=dict)  # prompt_id -> (job, submitted_at)
+    gpu: dict | None = None
+    memory_bytes: int | None = None
+    healthy: bool = True
+    speed: float | None = None                     # seconds per step per megapixel, learned
+    samples: int = 0
+    load_seconds: dict = field(default_factory=dict)
+    last_seen: float = 0.0
+
+    def queued_jobs(self) -> list:
+        return [job for job, _ in self.inflight.values()]
 
 
 class JobQueue:
     """Jobs waiting for a worker, taken model by model."""
 
-    def __init__(self, jobs: list[Job], choose=None):
+    def __init__(self, jobs: list[Job], choose=None, others_can_take=None):
         self.waiting = list(jobs)
         self.inflight = 0
         self.cond = threading.Condition()
         self.choose = choose or prefer_loaded_model
+        self.others_can_take = others_can_take or (lambda worker, waiting: False)
 
     def take(self, worker: WorkerState, block: bool) -> Job | None:
         """The next job for this worker, or None when there is none now (block=False) or will be none (block=True)."""
@@ -74,9 +85,15 @@ class JobQueue:
                     self.waiting.remove(job)
                     self.inflight += 1
                     return job
-                if not block or self.inflight == 0:
+                if not block:
                     return None
-                self.cond.wait(0.5)  # a job in flight elsewhere may come back
+                if self.inflight == 0 and not (self.waiting and self.others_can_take(worker, self.waiting)):
+                    return None  # nothing will come back, and nothing waiting is meant for another worker
+                self.cond.wait(0.5)  # a job in flight elsewhere may come back; a busier worker may free up
+
+    def finished(self) -> bool:
+        with self.cond:
+            return not self.waiting and self.inflight == 0
 
     def settle(self, job: Job, requeue: bool = False) -> None:
         with self.cond:
@@ -111,12 +128,19 @@ def prefer_loaded_model(worker: WorkerState, waiting: list[Job]) -> Job | None:
 class Scheduler:
     def __init__(self, runtime, slots: list[str], jobs: list[Job], on_outcome: Callable[[Outcome], None],
                  budgets: Callable[[Job, WorkerState], Timeouts], hashes: dict[str, dict], mounts: set[str],
-                 overwrite: bool = False, depth: int = 2, max_attempts: int = 3, reporter=None, choose=None):
+                 overwrite: bool = False, depth: int = 2, max_attempts: int = 3, reporter=None,
+                 registry=None, force: bool = False, max_restarts: int = 2):
+        from .routing import Router
+
         self.runtime, self.slots, self.on_outcome = runtime, slots, on_outcome
         self.budgets, self.hashes, self.mounts, self.overwrite = budgets, hashes, mounts, overwrite
-        self.depth, self.max_attempts, self.reporter = depth, max_attempts, reporter
-        self.queue = JobQueue(jobs, choose)
+        self.depth, self.max_attempts, self.reporter, self.max_restarts = depth, max_attempts, reporter, max_restarts
         self.workers = [WorkerState(slot) for slot in slots]
+        self.router = Router(self.workers, registry)
+        if force:
+            self.router.fits = lambda job, worker: True
+        self.queue = JobQueue(jobs, self.router.choose, self.router.someone_else_can_take)
+        self.jobs = jobs
         self.cancel = threading.Event()
         self.lock = threading.Lock()
         self.started_here: list[str] = []
@@ -124,7 +148,19 @@ class Scheduler:
 
     # --- the run ------------------------------------------------------------------
     def run(self) -> None:
-        threads = [threading.Thread(target=self._serve, args=(state,), name=f"worker-{state.slot}", daemon=True)
+        """Start every worker, check every job fits some GPU, then feed the workers until done."""
+        self._in_threads(self._start, "start")
+        ready = [state for state in self.workers if state.handle is not None]
+        if not ready:
+            raise self.last_fault or ImagegenError("worker_start_failed", "no worker could start")
+        self.router.check_feasible([(job.bundle, job.params) for job in self.jobs], [state.memory_bytes for state in ready])
+        self._in_threads(self._serve, "worker")
+        for job in self.queue.drain():  # no worker is left that can take them: report, never drop
+            reason = self.last_fault.message if self.last_fault else "no running worker can hold it"
+            self._emit(Outcome(job, "-", error=ImagegenError("worker_died", f"no worker left to run this job ({reason})")))
+
+    def _in_threads(self, target, label: str) -> None:
+        threads = [threading.Thread(target=target, args=(state,), name=f"{label}-{state.slot}", daemon=True)
                    for state in self.workers]
         for thread in threads:
             thread.start()
@@ -139,9 +175,6 @@ class Scheduler:
             for slot in self.started_here:
                 self.runtime.stop(slot)
             raise
-        for job in self.queue.drain():  # no worker is left to take them: report, never drop
-            reason = self.last_fault.message if self.last_fault else "no worker could take it"
-            self._emit(Outcome(job, "-", error=ImagegenError("worker_died", f"no worker left to run this job ({reason})")))
 
     def _emit(self, outcome: Outcome) -> None:
         with self.lock:
@@ -151,32 +184,60 @@ class Scheduler:
         if self.reporter:
             self.reporter.status(message)
 
+    def _start(self, state: WorkerState) -> bool:
+        try:
+            state.handle = self.runtime.ensure(state.slot, on_status=self._status, mounts=self.mounts)
+            info = state.handle.client(request_timeout=10).worker_info()
+        except ImagegenError as error:
+            state.status, state.handle = f"failed to start: {error.code}", None
+            self.last_fault = error
+            self._status(f"worker {state.slot} could not start: {error.message}")
+            return False
+        state.name, state.status, state.healthy = state.handle.name, "ready", True
+        state.gpu = info.get("gpu")
+        if state.gpu and state.gpu.get("memory_total_mib"):
+            state.memory_bytes = int(state.gpu["memory_total_mib"]) * 1024 * 1024
+        elif state.handle.device == "cpu":
+            from .routing import host_memory_bytes
+
+            state.memory_bytes = host_memory_bytes() or None
+        if state.handle.started_here:
+            with self.lock:
+                self.started_here.append(state.slot)
+        return True
+
     def _serve(self, state: WorkerState) -> None:
+        if state.handle is None:
+            return
+        restartable = getattr(self.runtime, "name", "") != "remote"
         while not self.cancel.is_set():
-            try:
-                state.handle = self.runtime.ensure(state.slot, on_status=self._status, mounts=self.mounts)
-            except ImagegenError as error:
-                state.status = f"failed to start: {error.code}"
-                self.last_fault = error
-                self._status(f"worker {state.slot} could not start: {error.message}")
-                return
-            state.name, state.status = state.handle.name, "ready"
-            if state.handle.started_here:
-                with self.lock:
-                    self.started_here.append(state.slot)
             fault = self._drive(state)
             if fault is None:
                 state.status = "done"
                 return
             self.last_fault = fault
+            state.healthy = False
+            state.status = "unhealthy"
             self.runtime.stop(state.slot)
-            if state.restarts >= 1 or self.cancel.is_set():
-                state.status = f"stopped after {fault.code}"
-                self._status(f"worker {state.name} left the batch after {fault.code}: {fault.message}")
+            self._status(f"worker {state.name} failed ({fault.code}); its jobs go to other workers")
+            if not self._rejoin(state, restartable):
+                state.status = f"left after {fault.code}"
                 return
+
+    def _rejoin(self, state: WorkerState, restartable: bool) -> bool:
+        """Bring a failed worker back: restart it (a bounded number of times), or, for a worker we
+        cannot restart, wait until it answers its health check again, while there is work left."""
+        while not self.cancel.is_set() and not self.queue.finished():
+            if restartable and state.restarts >= self.max_restarts:
+                return False
             state.restarts += 1
-            state.status = "restarting"
-            self._status(f"worker {state.name} failed ({fault.code}); restarting it, its jobs go to other workers meanwhile")
+            if self._start(state):
+                self._status(f"worker {state.name} is back")
+                return True
+            if restartable:
+                return False
+            self.cancel.wait(2.0)
+        return False
 
     def _drive(self, state: WorkerState) -> ImagegenError | None:
         """Feed one worker until the queue is empty. Returns the fault that stopped the worker, if any."""
@@ -225,10 +286,14 @@ class Scheduler:
                         return self._requeue_all(state, error, extra=[job])
                     self._fail(job, state, error)
                     continue
+                phases = entry.get("imagegen_phase_times", {})
                 state.done += len(records)
-                state.busy_seconds += sum(entry.get("imagegen_phase_times", {}).get(p, 0.0) for p in ("loading", "sampling", "finishing"))
+                state.busy_seconds += sum(phases.get(p, 0.0) for p in ("loading", "sampling", "finishing"))
                 self.queue.settle(job)
                 self._emit(Outcome(job, state.name, records=records))
+                if not self.router.observe(state, job, phases):
+                    return self._requeue_all(state, ImagegenError(
+                        "worker_unhealthy", f"worker {state.name} ran more than 5x slower than its own history"))
         return None
 
     def _fail(self, job: Job, state: WorkerState, error: ImagegenError) -> None:

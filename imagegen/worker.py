@@ -87,6 +87,10 @@ class Worker:
         self.started = time.time()
         self.last_model: str | None = None
         self.comfy_died = False
+        self.it_per_s: float | None = None
+        self._last_step: tuple[float, int] | None = None
+        self._gpu: dict | None = None
+        self._gpu_checked = 0.0
         self.jobs_done = 0
 
     # --- ComfyUI child --------------------------------------------------------------
@@ -141,8 +145,41 @@ class Worker:
             return await self.proxy_websocket(request)
         return await self.proxy_http(request)
 
+    def gpu_info(self) -> dict | None:
+        """This worker's GPU (name, UUID, memory), from nvidia-smi; free memory refreshed every few seconds."""
+        if self.device != "cuda" or time.monotonic() - self._gpu_checked < 5:
+            return self._gpu
+        from .gpus import list_gpus
+
+        self._gpu_checked = time.monotonic()
+        found = list_gpus()
+        visible = (os.environ.get("CUDA_VISIBLE_DEVICES") or "").split(",")[0].strip()
+        chosen = [g for g in found if visible in (str(g.index), g.uuid)] or found[:1]
+        if chosen:
+            g = chosen[0]
+            self._gpu = {"index": g.index, "uuid": g.uuid, "name": g.name, "memory_total_mib": g.memory_total_mib,
+                         "memory_free_mib": g.memory_free_mib}
+        return self._gpu
+
+    def note_progress(self, text: str) -> None:
+        """Learn the sampling speed from the progress events this proxy relays."""
+        if '"progress"' not in text:
+            return
+        try:
+            message = json.loads(text)
+        except ValueError:
+            return
+        if message.get("type") != "progress":
+            return
+        now, step = time.monotonic(), int(message.get("data", {}).get("value", 0))
+        if self._last_step and step == self._last_step[1] + 1 and now > self._last_step[0]:
+            rate = 1.0 / (now - self._last_step[0])
+            self.it_per_s = rate if self.it_per_s is None else self.it_per_s + (rate - self.it_per_s) / 5
+        self._last_step = (now, step)
+
     def info(self) -> dict:
         return {"imagegen_version": __version__, "comfyui_version": COMFYUI_VERSION, "device": self.device,
+                "gpu": self.gpu_info(), "it_per_s": round(self.it_per_s, 3) if self.it_per_s else None,
                 "pid": os.getpid(), "comfy_pid": self.comfy.pid if self.comfy else None, "ready": self.ready,
                 "idle_seconds": round(time.monotonic() - self.last_activity, 1) if not self.busy() else 0.0,
                 "keep_warm": self.options.keep_warm, "last_model": self.last_model, "jobs_done": self.jobs_done,
@@ -196,6 +233,8 @@ class Worker:
                     async def pump(source, sink):
                         async for message in source:
                             if message.type == WSMsgType.TEXT:
+                                if source is upstream:
+                                    self.note_progress(message.data)
                                 await sink.send_str(message.data)
                             elif message.type == WSMsgType.BINARY:
                                 await sink.send_bytes(message.data)

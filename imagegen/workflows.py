@@ -58,7 +58,8 @@ def build(bundle: Bundle, params: Params) -> dict:
     if bundle.family in ("sd15", "sdxl"):
         return _checkpoint(bundle, params)
     if bundle.family == "upscale":
-        return upscale(bundle.files["upscale_model"].filename, params.init_image, params.filename_prefix)
+        size = (params.width, params.height) if params.width and params.height else None
+        return upscale(bundle.files["upscale_model"].filename, params.init_image, params.filename_prefix, size)
     raise ValueError(f"no text-to-image graph for family {bundle.family!r}")
 
 
@@ -126,10 +127,18 @@ def _flux(bundle: Bundle, params: Params, weight_dtype: str = "default") -> dict
     return graph
 
 
-def upscale(model_filename: str, image_name: str, filename_prefix: str = "imagegen/upscaled") -> dict:
-    return {
+def upscale(model_filename: str, image_name: str, filename_prefix: str = "imagegen/upscaled",
+            size: tuple[int, int] | None = None) -> dict:
+    """The model's own factor (x4 for RealESRGAN_x4plus); with `size`, its output resized to that
+    size (e.g. a x4 model's output halved for a x2 upscale, as ComfyUI users usually do)."""
+    graph = {
         "load_image": {"class_type": "LoadImage", "inputs": {"image": image_name}},
         "load_upscaler": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": model_filename}},
         "upscale": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["load_upscaler", 0], "image": ["load_image", 0]}},
         "save": {"class_type": "SaveImage", "inputs": {"images": ["upscale", 0], "filename_prefix": filename_prefix}},
     }
+    if size:
+        graph["resize"] = {"class_type": "ImageScale", "inputs": {"image": ["upscale", 0], "upscale_method": "lanczos",
+                                                                  "width": size[0], "height": size[1], "crop": "disabled"}}
+        graph["save"]["inputs"]["images"] = ["resize", 0]
+    return graph
