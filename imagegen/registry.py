@@ -31,7 +31,8 @@ ROLE_FOLDERS = {"checkpoint": "checkpoints", "diffusion_model": "diffusion_model
                 "clip_l": "text_encoders", "vae": "vae", "upscale_model": "upscale_models"}
 FLUX_SHARED_ENCODERS = {"t5": "t5xxl-fp8", "clip_l": "clip-l", "vae": "flux-ae"}
 DEFAULT_KEYS = {"width": int, "height": int, "steps": int, "cfg": float, "guidance": float,
-                "sampler": str, "scheduler": str, "negative": str, "denoise": float}
+                "sampler": str, "scheduler": str, "negative": str, "denoise": float, "weight_dtype": str}
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 FAMILY_DEFAULTS = {
     "sd15": {"width": 512, "height": 512, "steps": 20, "cfg": 7.0, "sampler": "euler_ancestral", "scheduler": "normal"},
     "sdxl": {"width": 1024, "height": 1024, "steps": 25, "cfg": 7.0, "sampler": "euler", "scheduler": "normal"},
@@ -213,6 +214,8 @@ def _parse_bundle(path: Path, name: str, raw: Any, shared: dict[str, ModelFile])
             value = float(value)
         if not isinstance(value, expected) or isinstance(value, bool):
             raise _bad(path, _line(defaults, key), f"models.{name}.defaults.{key}: expected {expected.__name__}, got {value!r}")
+        if key == "weight_dtype" and value not in WEIGHT_DTYPES:
+            raise _bad(path, _line(defaults, key), f"models.{name}.defaults.weight_dtype: {value!r} is not one of {', '.join(WEIGHT_DTYPES)}")
     return Bundle(name=name, family=family, files=files, defaults={k: (float(v) if DEFAULT_KEYS[k] is float else v) for k, v in defaults.items()},
                   description=str(raw.get("description") or ""), gated=gated or any(f.gated for f in files.values()),
                   source=str(path))

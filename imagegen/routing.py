@@ -17,17 +17,33 @@ import time
 from .errors import ImagegenError
 
 MIB = 1024 * 1024
-# Activation memory per pixel of output for one image, at fp16, with ComfyUI's split attention and
-# VAE decode: measured orders of magnitude (SD1.5 512² ~1.5 GB, SDXL 1024² ~4 GB, Flux 1024² ~5 GB).
-ACTIVATION_BYTES_PER_PIXEL = {"sd15": 6000, "sdxl": 4000, "flux": 5000, "upscale": 2500}
+# Activation memory per output pixel of one image at fp16 with PyTorch attention, VAE decode
+# included: rough published orders of magnitude (SD1.5 512² ~1 GB, SDXL 1024² ~2.6 GB, Flux 1024²
+# ~2 GB). Estimates, not measurements: --force runs a job anyway.
+ACTIVATION_BYTES_PER_PIXEL = {"sd15": 4000, "sdxl": 2500, "flux": 2000, "upscale": 2500}
+TEXT_ENCODER_ROLES = ("t5", "clip_l")
 RUNTIME_OVERHEAD = 600 * MIB        # CUDA context, ComfyUI, allocator slack
 QUALITY_PIXELS = 1024 * 1024        # at or above this size a job is quality work
 SLOW_FACTOR = 5.0                   # this many times slower than its own history: unhealthy
 OVERFLOW_MARGIN = 1.10              # a slower worker takes quality work if it finishes within 10%
 
 
+def _role_bytes(bundle) -> dict[str, int]:
+    sizes = {}
+    for role, file in bundle.files.items():
+        size = file.size or 0
+        if role == "diffusion_model" and str(bundle.default("weight_dtype", "default")).startswith("fp8"):
+            size //= 2  # cast to fp8 on load
+        sizes[role] = size
+    return sizes
+
+
 def model_bytes(bundle) -> int:
-    return sum(f.size or 0 for f in bundle.files.values())
+    """Bytes the weights take on the GPU at their peak. ComfyUI encodes the prompt first and then
+    loads the diffusion model, evicting separate text encoders when memory is short."""
+    sizes = _role_bytes(bundle)
+    encoders = sum(sizes.pop(role, 0) for role in TEXT_ENCODER_ROLES)
+    return max(encoders, sum(sizes.values()))
 
 
 def estimate_bytes(bundle, params) -> int:

@@ -54,7 +54,7 @@ class Params:
 def build(bundle: Bundle, params: Params) -> dict:
     """The graph for one job: text-to-image, or image-to-image when params.init_image is set."""
     if bundle.family == "flux":
-        return _flux(bundle, params)
+        return _flux(bundle, params, bundle.default("weight_dtype", "default"))
     if bundle.family in ("sd15", "sdxl"):
         return _checkpoint(bundle, params)
     if bundle.family == "upscale":
