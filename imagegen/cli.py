@@ -25,6 +25,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for unexpected errors.", envvar="IMAGEGEN_DEBUG")]
 RuntimeOpt = Annotated[str, typer.Option("--runtime", help="Where workers run: auto, docker or local.", envvar="IMAGEGEN_RUNTIME")]
 KeepWarmOpt = Annotated[float, typer.Option("--keep-warm", help="Seconds an idle worker stays up for the next call.", envvar="IMAGEGEN_KEEP_WARM")]
+ProgressOpt = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bars on stderr (default: only when stderr is a terminal).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run even when a job looks too large for every GPU's memory.")]
 FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Model family: sd15, sdxl or flux (detected when omitted).")]
 
@@ -92,6 +93,7 @@ def generate(
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="Overall cap in seconds for the whole call.")] = None,
     runtime: RuntimeOpt = "auto",
     keep_warm: KeepWarmOpt = 300.0,
+    progress: ProgressOpt = None,
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -113,7 +115,7 @@ def generate(
             given["prompt"] = _read_stdin_prompt()
         request = gen.Request(**given, checkpoint=checkpoint, family=family, count=count, output=output_path,
                               overwrite=overwrite, force=force, timeouts=timeouts, explicit_timeouts=explicit)
-        reporter = Reporter(quiet=quiet)
+        reporter = Reporter(quiet=quiet, show_progress=progress)
         planned = gen.plan(request)
         for record in gen.execute(planned, make_runtime(runtime, keep_warm), reporter):
             if record["path"] != "-":
@@ -145,6 +147,7 @@ def batch(
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="Overall cap in seconds per job.")] = None,
     runtime: RuntimeOpt = "auto",
     keep_warm: KeepWarmOpt = 300.0,
+    progress: ProgressOpt = None,
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -173,7 +176,7 @@ def batch(
         timeouts, explicit = gen.timeouts_from_env(timeout)
         defaults = {k: v for k, v in {"model": model, "size": size, "steps": steps, "cfg": cfg, "negative": negative,
                                       "count": count, "checkpoint": str(checkpoint) if checkpoint else None}.items() if v is not None}
-        reporter = BatchReporter(quiet=quiet)
+        reporter = BatchReporter(quiet=quiet, show_progress=progress)
         batch_mod.plan(items, out_dir, defaults, seed, 1)  # every item is valid before a worker starts
         emit = (lambda line: print(json.dumps(line, sort_keys=True), flush=True)) if json_mode else \
             (lambda line: print(line["path"], flush=True) if line["status"] == "done" else None)
