@@ -83,8 +83,14 @@ class ComfyClient:
         return response.json()
 
     def worker_info(self) -> dict:
-        """The imagegen worker's own status: device, last model used, idle time, jobs done."""
-        return self._json("GET", "/imagegen/info")
+        """The imagegen worker's own status: device, GPU, last model used, idle time, jobs done.
+        Empty for a plain ComfyUI server, which has no such endpoint."""
+        try:
+            return self._json("GET", "/imagegen/info")
+        except requests.HTTPError as error:
+            if error.response is not None and error.response.status_code == 404:
+                return {}
+            raise
 
     def system_stats(self) -> dict:
         return self._json("GET", "/system_stats")

@@ -133,6 +133,9 @@ def resolve_bundle(request: Request, registry: Registry | None) -> Bundle:
 
 
 def plan_jobs(request: Request, bundle: Bundle) -> list[workflows.Params]:
+    if bundle.family == "upscale":
+        raise ImagegenError("invalid_argument", f"{bundle.name!r} is an upscale model: it enlarges images, it does not draw them",
+                            hint="Use it as a funnel's upscale stage (imagegen funnel --upscale-model NAME), or pick a drawing model.")
     prompt = check_prompt(request.prompt)
     negative = check_prompt(request.negative, "negative prompt") if request.negative else bundle.default("negative", "")
     if request.size:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -56,3 +58,13 @@ def select(gpus: list[Gpu], choice: str | None) -> list[Gpu]:
             raise ImagegenError("invalid_argument", f"--gpus {choice}: no GPU {part!r} on this machine (GPUs: {known})")
         chosen += [g for g in match if g not in chosen]
     return chosen
+
+
+def detect_device() -> str:
+    """cuda when this process may use an NVIDIA GPU, else cpu (no nvidia-smi call: cheap)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return "cpu"
+    if Path("/dev/nvidiactl").exists() or any(Path("/proc/driver/nvidia/gpus").glob("*")):
+        return "cuda"
+    return "cpu"

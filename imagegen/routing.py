@@ -20,7 +20,7 @@ MIB = 1024 * 1024
 # Activation memory per output pixel of one image at fp16 with PyTorch attention, VAE decode
 # included: rough published orders of magnitude (SD1.5 512² ~1 GB, SDXL 1024² ~2.6 GB, Flux 1024²
 # ~2 GB). Estimates, not measurements: --force runs a job anyway.
-ACTIVATION_BYTES_PER_PIXEL = {"sd15": 4000, "sdxl": 2500, "flux": 2000, "upscale": 2500}
+ACTIVATION_BYTES_PER_PIXEL = {"sd15": 4000, "sdxl": 2500, "flux": 2000, "upscale": 50}  # upscales run in 512px tiles
 TEXT_ENCODER_ROLES = ("t5", "clip_l")
 RUNTIME_OVERHEAD = 600 * MIB        # CUDA context, ComfyUI, allocator slack
 QUALITY_PIXELS = 1024 * 1024        # at or above this size a job is quality work

@@ -76,7 +76,7 @@ def is_cpu_slot(slot: str) -> bool:
 
 def default_slot() -> str:
     """The first GPU when this machine has one, else the CPU."""
-    from .worker import detect_device
+    from .gpus import detect_device  # not .worker: that imports asyncio, which the CLI never needs
 
     return "0" if detect_device() == "cuda" else "cpu"
 

@@ -9,6 +9,7 @@ worker is restarted once. Nothing is dropped: every job ends as done or failed.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -187,7 +188,7 @@ class Scheduler:
     def _start(self, state: WorkerState) -> bool:
         try:
             state.handle = self.runtime.ensure(state.slot, on_status=self._status, mounts=self.mounts)
-            info = state.handle.client(request_timeout=10).worker_info()
+            info = {**state.handle.info, **state.handle.client(request_timeout=10).worker_info()}
         except ImagegenError as error:
             state.status, state.handle = f"failed to start: {error.code}", None
             self.last_fault = error
@@ -255,7 +256,9 @@ class Scheduler:
                     try:
                         params = job.params
                         if job.source is not None:
-                            params = replace(params, init_image=client.upload_image(job.source.read_bytes(), job.source.name))
+                            data = job.source.read_bytes()  # named by content: funnels sharing a worker never collide
+                            name = f"{hashlib.sha256(data).hexdigest()[:16]}-{job.source.name}"
+                            params = replace(params, init_image=client.upload_image(data, name))
                         prompt_id = session.submit(workflows.build(job.bundle, params), self.budgets(job, state))
                     except ImagegenError as error:
                         if error.code in WORKER_FAULTS:

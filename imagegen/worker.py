@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import COMFYUI_VERSION, __version__
 from .cache import tree_layout
+from .gpus import detect_device  # noqa: F401 - the worker's device choice, shared with the host side
 
 HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
                "transfer-encoding", "upgrade", "host", "authorization", "content-length", "origin", "referer"}
@@ -48,15 +49,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
-
-
-def detect_device() -> str:
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return "cpu"
-    if Path("/dev/nvidiactl").exists() or any(Path("/proc/driver/nvidia/gpus").glob("*")):
-        return "cuda"
-    return "cpu"
 
 
 def write_model_paths(models_dir: Path, target: Path, shared: list[Path] | None = None) -> Path:

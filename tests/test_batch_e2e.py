@@ -77,7 +77,7 @@ def test_a_killed_workers_jobs_finish_elsewhere(env, tiny_sd15, tmp_path):
     assert len(lines) == 8 and all(line["status"] == "done" for line in lines), stderr.decode()
     assert max(line["attempts"] for line in lines) >= 2, "the killed worker's jobs must have been retried"
     assert len(stdout.decode().splitlines()) == 8
-    assert "failed" in stderr.decode() and "restarting" in stderr.decode()
+    assert "failed (worker_" in stderr.decode() and "is back" in stderr.decode(), stderr.decode()
 
 
 def test_a_job_failing_for_its_own_reason_is_recorded_and_the_rest_go_on(env, tiny_sd15, tmp_path):

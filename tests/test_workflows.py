@@ -68,6 +68,10 @@ def validate(graph: dict, info: dict) -> list[str]:
 def every_graph():
     registry = Registry.load()
     for name, bundle in registry.bundles.items():
+        if bundle.family == "upscale":
+            params = workflows.Params("x", 2048, 2048, 1, 0.0, "euler", "normal", 0, init_image="imagegen/final.png")
+            yield f"{name}-upscale-resized", workflows.build(bundle, params)
+            continue
         for task, extra in (("txt2img", {}), ("img2img", {"init_image": "imagegen/init.png", "denoise": 0.45}),
                             ("batch", {"batch_size": 4}), ("img2img-batch", {"init_image": "a.png", "batch_size": 2, "denoise": 0.3})):
             params = workflows.Params(prompt="a lighthouse", negative="blurry", width=bundle.default("width"),

@@ -5,6 +5,10 @@ Run with the Python that has torch and ComfyUI's requirements:
 An SD1.5-architecture checkpoint with a one-level UNet (model_channels 320, context 768, one res
 block, one transformer block) plus random CLIP-L and VAE tensors: ComfyUI detects it as SD15 and
 renders 64x64 in a couple of steps in about a second on CPU.
+    python tests/tiny_models.py esrgan OUT.safetensors [SCALE]
+An ESRGAN (RRDBNet, Real-ESRGAN key names: conv_first, body.N.rdbK.convJ, conv_body, conv_up1/2,
+conv_hr, conv_last) with 8 features and one block, scale 4 (or 2): ComfyUI's spandrel-based
+UpscaleModelLoader takes it like RealESRGAN_x4plus.safetensors, and it upscales in milliseconds.
 """
 
 from __future__ import annotations
@@ -75,7 +79,42 @@ def build_sd15(target: Path, seed: int = 0) -> Path:
     return target
 
 
+def build_esrgan(target: Path, scale: int = 4, features: int = 8, blocks: int = 1, seed: int = 0) -> Path:
+    """Random small weights, plus a 0.5 bias on the last conv so the output is mid-grey, not black."""
+    import torch
+    from safetensors.torch import save_file
+
+    if scale not in (2, 4):
+        raise ValueError("scale must be 2 or 4")
+    growth = 32  # spandrel's RRDB growth channels are fixed
+    generator = torch.Generator().manual_seed(seed)
+    state: dict = {}
+
+    def conv(name: str, out_ch: int, in_ch: int, bias: float = 0.0) -> None:
+        state[f"{name}.weight"] = (torch.randn(out_ch, in_ch, 3, 3, generator=generator) * 0.02).contiguous()
+        state[f"{name}.bias"] = torch.full((out_ch,), bias)
+
+    # scale 2 Real-ESRGAN models see a pixel-unshuffled input (12 channels) and upsample twice
+    conv("conv_first", features, 3 if scale == 4 else 12)
+    for block in range(blocks):
+        for rdb in (1, 2, 3):
+            for index in range(1, 5):
+                conv(f"body.{block}.rdb{rdb}.conv{index}", growth, features + (index - 1) * growth)
+            conv(f"body.{block}.rdb{rdb}.conv5", features, features + 4 * growth)
+    for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr"):
+        conv(name, features, features)
+    conv("conv_last", 3, features, bias=0.5)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    save_file(state, str(tmp))
+    os.replace(tmp, target)
+    return target
+
+
 if __name__ == "__main__":
     kind, out = sys.argv[1], Path(sys.argv[2])
-    {"sd15": build_sd15}[kind](out)
+    if kind == "esrgan":
+        build_esrgan(out, int(sys.argv[3]) if len(sys.argv) > 3 else 4)
+    else:
+        {"sd15": build_sd15}[kind](out)
     print(out)
