@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
+from . import paths
 from .errors import ImagegenError
 
 MIB = 1024 * 1024
@@ -134,13 +136,15 @@ class Router:
         retries = [job for job in eligible if job.attempts]
         if retries:
             return retries[0]
+        drafts = [job for job in eligible if not is_quality(job)]
+        if drafts and worker.speed is None:
+            return prefer_loaded_model(worker, drafts)  # learn this worker's speed on small work first
         for job in (j for j in eligible if is_quality(j)):
             mine = self.finish_time(job, worker)
             rivals = [self.finish_time(job, w) for w in self.workers if w is not worker and self.active(w) and self.fits(job, w)]
             rivals = [t for t in rivals if t is not None]
             if mine is None or not rivals or mine <= min(rivals) * OVERFLOW_MARGIN:
                 return job
-        drafts = [job for job in eligible if not is_quality(job)]
         return prefer_loaded_model(worker, drafts) if drafts else None
 
     def someone_else_can_take(self, worker, waiting: list) -> bool:
@@ -148,7 +152,37 @@ class Router:
 
     # --- learning -----------------------------------------------------------------
     @staticmethod
-    def observe(worker, job, phase_times: dict) -> bool:
+    def _speed_key(worker) -> str:
+        return (worker.gpu or {}).get("uuid") or worker.name or worker.slot
+
+    @classmethod
+    def restore(cls, worker) -> None:
+        """The speed this worker's GPU showed in earlier runs (funnel stages, earlier batches)."""
+        try:
+            entry = json.loads((paths.state_dir() / "speeds.json").read_text()).get(cls._speed_key(worker))
+        except (OSError, ValueError):
+            return
+        if entry and worker.speed is None:
+            worker.speed, worker.samples = entry["speed"], entry["samples"]
+
+    @classmethod
+    def remember(cls, worker) -> None:
+        path = paths.state_dir() / "speeds.json"
+        try:
+            store = json.loads(path.read_text())
+        except (OSError, ValueError):
+            store = {}
+        store[cls._speed_key(worker)] = {"speed": worker.speed, "samples": worker.samples, "name": worker.name}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"speeds.{os.getpid()}.{id(worker)}.tmp")
+            tmp.write_text(json.dumps(store, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+
+    @classmethod
+    def observe(cls, worker, job, phase_times: dict) -> bool:
         """Fold a finished job into the worker's speed. Returns False when the worker ran far slower
         than its own history (it is then taken out of the rotation)."""
         sampling = phase_times.get("sampling")
@@ -162,4 +196,5 @@ class Router:
         worker.samples += 1
         worker.speed = observed if usual is None else usual + (observed - usual) / 3
         worker.last_seen = time.monotonic()
+        cls.remember(worker)
         return usual is None or worker.samples < 3 or observed <= SLOW_FACTOR * usual

@@ -196,6 +196,7 @@ class Scheduler:
             return False
         state.name, state.status, state.healthy = state.handle.name, "ready", True
         state.gpu = info.get("gpu")
+        self.router.restore(state)
         if state.gpu and state.gpu.get("memory_total_mib"):
             state.memory_bytes = int(state.gpu["memory_total_mib"]) * 1024 * 1024
         elif state.handle.device == "cpu":
