@@ -21,7 +21,7 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whos
 JsonOpt = Annotated[bool, typer.Option("--json", help="Write one JSON object per result on stdout; errors as JSON on stderr.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on stderr but errors.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for unexpected errors.", envvar="IMAGEGEN_DEBUG")]
-RuntimeOpt = Annotated[str, typer.Option("--runtime", help="Where workers run: auto, docker or local.", envvar="IMAGEGEN_RUNTIME")]
+RuntimeOpt = Annotated[str, typer.Option("--runtime", help="Where workers run: auto, docker, local, or remote (IMAGEGEN_REMOTE_WORKERS=URL#TOKEN,...).", envvar="IMAGEGEN_RUNTIME")]
 KeepWarmOpt = Annotated[float, typer.Option("--keep-warm", help="Seconds an idle worker stays up for the next call.", envvar="IMAGEGEN_KEEP_WARM")]
 ProgressOpt = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bars on stderr (default: only when stderr is a terminal).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run even when a job looks too large for every GPU's memory.")]

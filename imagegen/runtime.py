@@ -82,10 +82,15 @@ def default_slot() -> str:
 
 
 def make_runtime(name: str = "auto", keep_warm: float = DEFAULT_KEEP_WARM):
-    """`docker`, `local`, or `auto` (Docker when its daemon answers and the image is built, else
-    local). A runtime that cannot run here is refused now, before any worker starts."""
-    if name not in ("auto", "docker", "local"):
-        raise ImagegenError("invalid_argument", f"--runtime {name!r}: choose auto, docker or local")
+    """`docker`, `local`, `remote` (workers already running elsewhere, from IMAGEGEN_REMOTE_WORKERS),
+    or `auto` (Docker when its daemon answers and the image is built, else local). A runtime that
+    cannot run here is refused now, before any worker starts."""
+    if name not in ("auto", "docker", "local", "remote"):
+        raise ImagegenError("invalid_argument", f"--runtime {name!r}: choose auto, docker, local or remote")
+    if name == "remote":
+        from .remote_runtime import RemoteRuntime
+
+        return RemoteRuntime()
     from .cache import shared_trees
 
     shared = shared_trees()

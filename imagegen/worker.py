@@ -84,6 +84,7 @@ class Worker:
         self._gpu: dict | None = None
         self._gpu_checked = 0.0
         self.jobs_done = 0
+        self.upstream = None  # the aiohttp session all proxied requests share (made inside the event loop)
 
     # --- ComfyUI child --------------------------------------------------------------
     def comfy_command(self) -> list[str]:
@@ -180,8 +181,17 @@ class Worker:
     def busy(self) -> bool:
         return self.in_flight > 0 or self.open_sockets > 0
 
+    def upstream_session(self):
+        """One client session for all proxied requests: its kept-alive connections to ComfyUI spare
+        each request a TCP connect and a session set-up (aiohttp closes idle ones after 15 s)."""
+        from aiohttp import ClientSession, DummyCookieJar
+
+        if self.upstream is None or self.upstream.closed:
+            self.upstream = ClientSession(auto_decompress=False, cookie_jar=DummyCookieJar())
+        return self.upstream
+
     async def proxy_http(self, request):
-        from aiohttp import ClientSession, web
+        from aiohttp import ClientConnectionError, web
 
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         body = await request.read()
@@ -189,13 +199,12 @@ class Worker:
             self._note_model(body)
         self.in_flight += 1
         try:
-            async with ClientSession(auto_decompress=False) as session:
-                async with session.request(request.method, f"http://127.0.0.1:{self.comfy_port}{request.path_qs}",
-                                           headers=headers, data=body or None, allow_redirects=False) as upstream:
-                    payload = await upstream.read()
-                    out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
-                    return web.Response(status=upstream.status, body=payload, headers=out_headers)
-        except OSError:
+            async with self.upstream_session().request(request.method, f"http://127.0.0.1:{self.comfy_port}{request.path_qs}",
+                                                       headers=headers, data=body or None, allow_redirects=False) as upstream:
+                payload = await upstream.read()
+                out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
+                return web.Response(status=upstream.status, body=payload, headers=out_headers)
+        except (OSError, ClientConnectionError):
             return web.json_response({"error": "ComfyUI is not answering"}, status=502)
         finally:
             self.in_flight -= 1
@@ -264,15 +273,15 @@ class Worker:
 
     async def comfy_answers(self, timeout: float = 3.0) -> bool:
         """ComfyUI itself answers (its server thread stays responsive while a job samples)."""
-        from aiohttp import ClientSession, ClientTimeout
+        from aiohttp import ClientConnectionError, ClientTimeout
 
         if self.comfy is None or self.comfy.poll() is not None:
             return False
         try:
-            async with ClientSession(timeout=ClientTimeout(total=timeout)) as session:
-                async with session.get(f"http://127.0.0.1:{self.comfy_port}/system_stats") as response:
-                    return response.status == 200
-        except (OSError, asyncio.TimeoutError):
+            async with self.upstream_session().get(f"http://127.0.0.1:{self.comfy_port}/system_stats",
+                                                   timeout=ClientTimeout(total=timeout)) as response:
+                return response.status == 200
+        except (OSError, ClientConnectionError, asyncio.TimeoutError):
             return False
 
     async def comfy_queue_empty(self) -> bool:
@@ -334,6 +343,8 @@ class Worker:
         await self.watchdog(stop)
         self.ready = False
         self.stop_comfy()
+        if self.upstream is not None:
+            await self.upstream.close()
         await runner.cleanup()
         if self.options.work_dir is None:
             shutil.rmtree(self.work_dir, ignore_errors=True)

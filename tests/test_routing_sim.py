@@ -80,3 +80,23 @@ def test_a_hung_worker_is_routed_around_and_rejoins_when_healthy(tmp_path):
     assert resumed_at and any(r["started"] > resumed_at[0] for r in flaky_records if "started" in r), \
         "the flaky worker took jobs again after it recovered"
     assert any(worker == flaky_name for worker in placed.values())
+
+
+def test_generate_and_workers_through_the_cli_with_a_remote_worker(tmp_path):
+    import json
+
+    from conftest import run_cli
+    from imagegen import output
+    from safetensors_util import write_safetensors
+
+    checkpoint = write_safetensors(tmp_path / "remote-sd15.safetensors", {
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": ("F16", [320, 768])})
+    with SimWorker(gpu_name="NVIDIA L40S", memory_total_mib=46068, step_seconds=0.002) as sim:
+        env = {"IMAGEGEN_RUNTIME": "remote", "IMAGEGEN_REMOTE_WORKERS": sim.entry}
+        result = run_cli("generate", "a remote fox", "--checkpoint", str(checkpoint), "--size", "96x64", "--steps", "3",
+                         "-o", str(tmp_path / "fox.png"), "--json", env=env)
+        assert result.returncode == 0, result.stderr.decode()
+        assert output.png_size((tmp_path / "fox.png").read_bytes()) == (96, 64)
+        assert json.loads(result.stdout)["worker"].startswith("remote-1")
+        listed = [json.loads(line) for line in run_cli("workers", "--json", env=env).stdout.decode().splitlines()]
+        assert listed[0]["gpu"]["name"] == "NVIDIA L40S" and sim.token not in json.dumps(listed)
