@@ -35,9 +35,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_section  # noqa: E402
 
-DOC = REPO / "docs" / "benchmarks.md"
-START, END = "<!-- batch-scaling:start -->", "<!-- batch-scaling:end -->"
 COMMAND = "IMAGEGEN_COMFYUI_DIR=... ~/.cache/imagegen-dev/venv/bin/python bench/batch_scaling.py"
 
 
@@ -366,21 +366,6 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(section: str) -> None:
-    block = f"{START}\n{section}\n{END}"
-    if DOC.is_file():
-        text = DOC.read_text(encoding="utf-8")
-        if START in text and END in text:
-            text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
-        else:
-            text = text.rstrip("\n") + "\n\n" + block + "\n"
-    else:
-        text = ("# Benchmarks\n\nWhat imagegen's own benchmarks (in `bench/`) measured, with the command that reproduces each\n"
-                "section. Each section is rewritten by its script.\n\n" + block + "\n")
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text, encoding="utf-8")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2, help="CPU workers to compare with one (default 2)")
@@ -451,8 +436,7 @@ def main() -> int:
     ])
     print(section)
     if not args.no_write:
-        write_doc(section)
-        log(f"wrote {DOC}")
+        write_section("batch-scaling", section)
     return 0
 
 
