@@ -190,12 +190,12 @@ def local_dirs(jobs: list[Job]) -> set[str]:
     return dirs
 
 
-def prepare_models(jobs: list[Job], fetch) -> dict[str, dict]:
+def prepare_models(jobs: list[Job], fetch, runtime=None) -> dict[str, dict]:
     """Fetch each model once (not once per worker) and hash its files for the images' provenance."""
     hashes = {}
     for job in jobs:
         if job.bundle.name not in hashes:
-            cache.ensure_bundle(job.bundle, fetch=fetch)
+            generate.make_loadable(job.bundle, runtime, fetch)
             hashes[job.bundle.name] = cache.file_hashes(job.bundle)
     return hashes
 
@@ -245,7 +245,7 @@ def run(items: list[Item], out_dir: Path, runtime, reporter, emit, *, defaults: 
     reporter.start(summary.total, summary.skipped)
     if not todo:
         return summary
-    hashes = prepare_models(todo, fetch or make_fetcher(reporter))
+    hashes = prepare_models(todo, fetch or make_fetcher(reporter), runtime)
 
     def budgets(job: Job, state) -> object:
         resident = state.last_model == job.bundle.name

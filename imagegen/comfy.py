@@ -104,14 +104,14 @@ class ComfyClient:
     def history(self, prompt_id: str) -> dict | None:
         return self._json("GET", f"/history/{prompt_id}").get(prompt_id)
 
-    def interrupt(self, prompt_id: str | None = None) -> None:
-        """Stop a job: drop it from the queue if it waits, interrupt it if it runs."""
+    def cancel(self, prompt_ids: list[str], timeout: float = 2.0) -> None:
+        """Drop these prompts from the queue and interrupt whichever of them runs (an interrupt names
+        its prompt, so another client's job on a shared worker is left alone). Gives up at the first
+        request that fails, so a hung worker cannot hold up the end of a call."""
         try:
-            if prompt_id:
-                self._request("POST", "/queue", json={"delete": [prompt_id]}, timeout=5)
-                self._request("POST", "/interrupt", json={"prompt_id": prompt_id}, timeout=5)
-            else:
-                self._request("POST", "/interrupt", timeout=5)
+            self._request("POST", "/queue", json={"delete": list(prompt_ids)}, timeout=timeout)
+            for prompt_id in prompt_ids:
+                self._request("POST", "/interrupt", json={"prompt_id": prompt_id}, timeout=timeout)
         except ImagegenError:
             pass
 
@@ -236,8 +236,8 @@ class JobSession:
         return self
 
     def __exit__(self, *_exc) -> None:
-        for prompt_id in self.pending:
-            self.client.interrupt(prompt_id)
+        if self.pending:
+            self.client.cancel(self.pending)
         if self.events is not None:
             self.events.close()
 

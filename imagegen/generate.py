@@ -260,7 +260,7 @@ def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
     bundle, jobs, request = planned.bundle, planned.jobs, planned.request
     if not request.force:
         check_gpu_memory(bundle, jobs[0])
-    cache.ensure_bundle(bundle, fetch=fetch or make_fetcher(reporter))
+    make_loadable(bundle, runtime, fetch or make_fetcher(reporter))
     worker = runtime.ensure(on_status=reporter.status, mounts=local_dirs(bundle))
     if worker.device == "cpu":
         reporter.once("cpu", "no GPU in use: running on CPU (slow; fine for small models and tests)")
@@ -283,6 +283,18 @@ def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
 def generate(request: Request, runtime, reporter: Reporter, registry: Registry | None = None, fetch=None):
     """Yield one result record per image. All validation happens before any worker starts."""
     yield from execute(plan(request, registry), runtime, reporter, fetch)
+
+
+def make_loadable(bundle: Bundle, runtime, fetch) -> None:
+    """Fetch and link a bundle's files into the model cache the workers read. Remote workers have
+    their own models folders: nothing is sent to them, so a local file cannot be used there."""
+    if getattr(runtime, "name", "") != "remote":
+        cache.ensure_bundle(bundle, fetch=fetch)
+        return
+    local = [f.local_path for f in bundle.files.values() if f.local_path]
+    if local:
+        raise ImagegenError("invalid_argument", f"remote workers cannot read the local file {local[0]}",
+                            hint="Use a registered model the remote workers hold (under the same file name), or another --runtime.")
 
 
 def check_gpu_memory(bundle: Bundle, params: workflows.Params) -> None:

@@ -197,4 +197,5 @@ class Router:
         worker.speed = observed if usual is None else usual + (observed - usual) / 3
         worker.last_seen = time.monotonic()
         cls.remember(worker)
-        return usual is None or worker.samples < 3 or observed <= SLOW_FACTOR * usual
+        on_cpu = worker.handle is not None and getattr(worker.handle, "device", "") == "cpu"
+        return on_cpu or usual is None or worker.samples < 3 or observed <= SLOW_FACTOR * usual

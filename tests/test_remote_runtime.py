@@ -260,7 +260,7 @@ def test_sim_reports_failures_out_of_memory_and_interrupts():
             prompt_id = session.submit(build(bundle(), params(steps=200)))
             while session.states[prompt_id].phase != "sampling":
                 session._receive()
-            client.interrupt(prompt_id)
+            client.cancel([prompt_id])
             with pytest.raises(ImagegenError) as caught:
                 session.next_finished()
             assert caught.value.code == "interrupted"

@@ -93,9 +93,12 @@ def test_generate_and_workers_through_the_cli_with_a_remote_worker(tmp_path):
         "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": ("F16", [320, 768])})
     with SimWorker(gpu_name="NVIDIA L40S", memory_total_mib=46068, step_seconds=0.002) as sim:
         env = {"IMAGEGEN_RUNTIME": "remote", "IMAGEGEN_REMOTE_WORKERS": sim.entry}
-        result = run_cli("generate", "a remote fox", "--checkpoint", str(checkpoint), "--size", "96x64", "--steps", "3",
+        refused = run_cli("generate", "a fox", "--checkpoint", str(checkpoint), "--size", "96x64", "--json", env=env)
+        assert refused.returncode == 2 and "cannot read the local file" in refused.stderr.decode()
+        result = run_cli("generate", "a remote fox", "-m", "sd15", "--size", "96x64", "--steps", "3",
                          "-o", str(tmp_path / "fox.png"), "--json", env=env)
         assert result.returncode == 0, result.stderr.decode()
+        assert not (tmp_path / "imagegen-home" / "models" / "checkpoints").exists(), "nothing is downloaded for a remote worker"
         assert output.png_size((tmp_path / "fox.png").read_bytes()) == (96, 64)
         assert json.loads(result.stdout)["worker"].startswith("remote-1")
         listed = [json.loads(line) for line in run_cli("workers", "--json", env=env).stdout.decode().splitlines()]
