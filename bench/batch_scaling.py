@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_section  # noqa: E402
+from _common import tiny_checkpoint, write_section  # noqa: E402
 
 COMMAND = "IMAGEGEN_COMFYUI_DIR=... ~/.cache/imagegen-dev/venv/bin/python bench/batch_scaling.py"
 
@@ -46,17 +46,6 @@ def log(message: str) -> None:
 
 
 # --- real CPU workers (a, d) ---------------------------------------------------------------
-
-def tiny_checkpoint() -> Path:
-    import subprocess
-
-    fixtures = Path(os.environ.get("IMAGEGEN_DEV_CACHE") or REPO / ".cache") / "fixtures"  # as tests/conftest.py
-    target = fixtures / "tiny-sd15.safetensors"
-    if not target.is_file():
-        log(f"building the tiny SD1.5 checkpoint at {target}")
-        subprocess.run([sys.executable, str(REPO / "tests" / "tiny_models.py"), "sd15", str(target)], check=True)
-    return target
-
 
 class Meter:
     """Wall time of a run and the share of the machine's CPU that other processes took meanwhile: on a shared

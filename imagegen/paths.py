@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 from pathlib import Path
 
 from . import COMFYUI_COMMIT
@@ -72,3 +74,24 @@ def comfyui_dir_candidates() -> list[Path]:
 def ensure_private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
+
+
+def read_state(name: str) -> dict:
+    """A small JSON store in the state dir (learned timings, worker speeds); empty when absent or unreadable."""
+    try:
+        return json.loads((state_dir() / name).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_state(name: str, data: dict) -> None:
+    """Replace a state store atomically, best effort: learning must never fail a job. The temporary
+    name is per process and thread, since scheduler threads write concurrently."""
+    path = state_dir() / name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -28,6 +27,7 @@ RUNTIME_OVERHEAD = 600 * MIB        # CUDA context, ComfyUI, allocator slack
 QUALITY_PIXELS = 1024 * 1024        # at or above this size a job is quality work
 SLOW_FACTOR = 5.0                   # this many times slower than its own history: unhealthy
 OVERFLOW_MARGIN = 1.10              # a slower worker takes quality work if it finishes within 10%
+SPEEDS = "speeds.json"              # learned speed per GPU (or worker), in the state dir
 
 
 def _role_bytes(bundle) -> dict[str, int]:
@@ -158,28 +158,15 @@ class Router:
     @classmethod
     def restore(cls, worker) -> None:
         """The speed this worker's GPU showed in earlier runs (funnel stages, earlier batches)."""
-        try:
-            entry = json.loads((paths.state_dir() / "speeds.json").read_text()).get(cls._speed_key(worker))
-        except (OSError, ValueError):
-            return
+        entry = paths.read_state(SPEEDS).get(cls._speed_key(worker))
         if entry and worker.speed is None:
             worker.speed, worker.samples = entry["speed"], entry["samples"]
 
     @classmethod
     def remember(cls, worker) -> None:
-        path = paths.state_dir() / "speeds.json"
-        try:
-            store = json.loads(path.read_text())
-        except (OSError, ValueError):
-            store = {}
+        store = paths.read_state(SPEEDS)
         store[cls._speed_key(worker)] = {"speed": worker.speed, "samples": worker.samples, "name": worker.name}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"speeds.{os.getpid()}.{id(worker)}.tmp")
-            tmp.write_text(json.dumps(store, indent=1, sort_keys=True))
-            os.replace(tmp, path)
-        except OSError:
-            pass
+        paths.write_state(SPEEDS, store)
 
     @classmethod
     def observe(cls, worker, job, phase_times: dict) -> bool:

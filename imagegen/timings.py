@@ -7,8 +7,6 @@ moves the estimate a third of the way (an exponential moving average).
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 from . import paths
@@ -28,8 +26,7 @@ class Estimate:
     finish: float | None = None
 
 
-def _store_path():
-    return paths.state_dir() / "timings.json"
+STORE = "timings.json"
 
 
 def _key(model: str, width: int, height: int, device: str) -> str:
@@ -37,10 +34,7 @@ def _key(model: str, width: int, height: int, device: str) -> str:
 
 
 def load_store() -> dict:
-    try:
-        return json.loads(_store_path().read_text())
-    except (OSError, ValueError):
-        return {}
+    return paths.read_state(STORE)
 
 
 def estimate(model: str, width: int, height: int, device: str) -> Estimate:
@@ -57,14 +51,7 @@ def record(model: str, width: int, height: int, device: str, phase_times: dict, 
     for name, value in observed.items():
         if value is not None and value >= 0:
             entry[name] = value if entry.get(name) is None else entry[name] + WEIGHT * (value - entry[name])
-    try:
-        path = _store_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"timings.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(store, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    paths.write_state(STORE, store)
 
 
 def budgets(base: Timeouts, learned: Estimate, bytes_to_load: int, resident: bool, steps: int, explicit: set[str]) -> Timeouts:
