@@ -24,7 +24,7 @@ from .scheduler import Job, Outcome
 MANIFEST = "manifest.jsonl"
 MANIFEST_SCHEMA = "imagegen.manifest/1"
 ITEM_KEYS = {"prompt", "model", "seed", "size", "steps", "cfg", "negative", "count", "output", "sampler",
-             "scheduler", "guidance", "checkpoint"}
+             "scheduler", "guidance", "checkpoint", "fast"}
 
 
 @dataclass
@@ -98,10 +98,13 @@ def plan(items: list[Item], out_dir: Path, defaults: dict, base_seed: int, pack:
             checkpoint = None  # an item naming a model wins over the batch's default checkpoint
         if fields.get("seed") is None:
             fields["seed"] = _stable_seed(fields["prompt"], item.line, base_seed)
+        if not isinstance(fields.get("fast", False), bool):
+            raise ImagegenError("invalid_argument", f"{where}: fast must be true or false, not {fields['fast']!r}")
         try:
             request = generate.Request(**{k: fields.get(k) for k in ("prompt", "model", "negative", "seed", "steps", "cfg",
                                                                      "size", "sampler", "scheduler", "guidance")},
-                                       checkpoint=Path(checkpoint) if checkpoint else None, count=count)
+                                       checkpoint=Path(checkpoint) if checkpoint else None, count=count,
+                                       fast=fields.get("fast", False))
             bundle = generate.resolve_bundle(request, registry)
             params_list = generate.plan_jobs(request, bundle)
         except ImagegenError as error:
@@ -121,7 +124,7 @@ def plan(items: list[Item], out_dir: Path, defaults: dict, base_seed: int, pack:
                 names.add(file)
                 targets.append(out_dir / file)
             params = replace(group[0], batch_size=len(group))
-            settings = {k: v for k, v in params.to_dict().items() if k != "filename_prefix"}
+            settings = {k: v for k, v in params.to_dict().items() if k not in ("filename_prefix", "fast")}  # fast: how, not what
             identity = json.dumps({"line": item.line, "start": start, "bundle": bundle.name, **settings}, sort_keys=True)
             key = f"{item.line}:{start}:{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
             jobs.append(Job(key=key, bundle=bundle, params=params, targets=targets,

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli_common import (DebugOpt, FamilyOpt, ForceOpt, GpusOpt, JsonOpt, KeepWarmOpt, ProgressOpt, QuietOpt, RuntimeOpt,
+from .cli_common import (DebugOpt, FamilyOpt, FastOpt, ForceOpt, GpusOpt, JsonOpt, KeepWarmOpt, ProgressOpt, QuietOpt, RuntimeOpt,
                          TimeoutOpt, WorkersOpt, read_stdin_prompt, run_guarded)
 from .cli_funnel import funnel_app
 from .cli_models import models_app
@@ -40,6 +40,7 @@ def generate(
     count: Annotated[int, typer.Option("--count", "-n", help="Number of images (seeds seed, seed+1, ...).")] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
     force: ForceOpt = False,
+    fast: FastOpt = False,
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="Overall cap in seconds for the whole call.")] = None,
     runtime: RuntimeOpt = "auto",
     keep_warm: KeepWarmOpt = 300.0,
@@ -64,7 +65,7 @@ def generate(
         if given["prompt"] is None:
             given["prompt"] = read_stdin_prompt()
         request = gen.Request(**given, checkpoint=checkpoint, family=family, count=count, output=output_path,
-                              overwrite=overwrite, force=force, timeouts=timeouts, explicit_timeouts=explicit)
+                              overwrite=overwrite, force=force, fast=fast, timeouts=timeouts, explicit_timeouts=explicit)
         reporter = Reporter(quiet=quiet, show_progress=progress)
         planned = gen.plan(request)
         for record in gen.execute(planned, make_runtime(runtime, keep_warm), reporter):
@@ -94,6 +95,7 @@ def batch(
     depth: Annotated[int, typer.Option("--depth", help="Jobs kept queued on each worker so it never idles.")] = 2,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing files in the output directory.")] = False,
     force: ForceOpt = False,
+    fast: FastOpt = False,
     timeout: TimeoutOpt = None,
     runtime: RuntimeOpt = "auto",
     keep_warm: KeepWarmOpt = 300.0,
@@ -125,7 +127,8 @@ def batch(
         items = batch_mod.parse_items(text, source)
         timeouts, explicit = gen.timeouts_from_env(timeout)
         defaults = {k: v for k, v in {"model": model, "size": size, "steps": steps, "cfg": cfg, "negative": negative,
-                                      "count": count, "checkpoint": str(checkpoint) if checkpoint else None}.items() if v is not None}
+                                      "count": count, "checkpoint": str(checkpoint) if checkpoint else None,
+                                      "fast": fast or None}.items() if v is not None}
         reporter = BatchReporter(quiet=quiet, show_progress=progress)
         batch_mod.plan(items, out_dir, defaults, seed, 1)  # every item is valid before a worker starts
         emit = (lambda line: print(json.dumps(line, sort_keys=True), flush=True)) if json_mode else \

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from .cli_common import (AutoOpt, DebugOpt, ForceOpt, GpusOpt, JsonOpt, KeepWarmOpt, PickOpt, ProgressOpt, QuietOpt,
+from .cli_common import (AutoOpt, DebugOpt, FastOpt, ForceOpt, GpusOpt, JsonOpt, KeepWarmOpt, PickOpt, ProgressOpt, QuietOpt,
                          RuntimeOpt, TimeoutOpt, WorkersOpt, run_guarded)
 from .errors import ImagegenError
 
@@ -29,7 +29,7 @@ funnel_app = typer.Typer(cls=_FunnelGroup, no_args_is_help=True,
                          help='Progressive refinement: many drafts -> pick -> refine -> pick -> polish -> upscale. `imagegen funnel "PROMPT" -o DIR` starts one.')
 
 
-def _advance_funnel(funnel, picks, auto, gpus, workers_n, timeout, force, runtime, keep_warm, json_mode, quiet, progress) -> None:
+def _advance_funnel(funnel, picks, auto, gpus, workers_n, timeout, force, fast, runtime, keep_warm, json_mode, quiet, progress) -> None:
     """Shared by `funnel run` and `funnel resume`: render and pick until done or a pick is needed."""
     from . import funnel as funnel_mod
     from . import generate as gen
@@ -40,7 +40,7 @@ def _advance_funnel(funnel, picks, auto, gpus, workers_n, timeout, force, runtim
     if not 1 <= workers_n <= 64:
         raise ImagegenError("invalid_argument", "--workers must be 1..64")
     timeouts, explicit = gen.timeouts_from_env(timeout)
-    options = funnel_mod.Options(gpus=gpus, workers=workers_n, timeouts=timeouts, explicit=explicit, force=force,
+    options = funnel_mod.Options(gpus=gpus, workers=workers_n, timeouts=timeouts, explicit=explicit, force=force, fast=fast,
                                  picks=tuple(picks or ()), auto=auto,
                                  interactive=not json_mode and sys.stdin is not None and sys.stdin.isatty())
     reporter = BatchReporter(quiet=quiet, show_progress=progress)
@@ -79,6 +79,7 @@ def funnel_run(
     workers_n: WorkersOpt = 1,
     timeout: TimeoutOpt = None,
     force: ForceOpt = False,
+    fast: FastOpt = False,
     runtime: RuntimeOpt = "auto",
     keep_warm: KeepWarmOpt = 300.0,
     json_mode: JsonOpt = False,
@@ -105,7 +106,7 @@ def funnel_run(
         stages = funnel_stages.configure(stages, registry, models=models, checkpoint=checkpoint, drafts=drafts, keep=keep,
                                          size=size, steps=steps, denoise=denoise, scale=scale)
         funnel = funnel_mod.Funnel.create(out_dir, text, negative, secrets.randbelow(2**32) if seed is None else seed, stages)
-        _advance_funnel(funnel, pick, auto, gpus, workers_n, timeout, force, runtime, keep_warm, json_mode, quiet, progress)
+        _advance_funnel(funnel, pick, auto, gpus, workers_n, timeout, force, fast, runtime, keep_warm, json_mode, quiet, progress)
 
     run_guarded(json_mode, debug, body)
 
@@ -119,6 +120,7 @@ def funnel_resume(
     workers_n: WorkersOpt = 1,
     timeout: TimeoutOpt = None,
     force: ForceOpt = False,
+    fast: FastOpt = False,
     runtime: RuntimeOpt = "auto",
     keep_warm: KeepWarmOpt = 300.0,
     json_mode: JsonOpt = False,
@@ -131,7 +133,7 @@ def funnel_resume(
     def body() -> None:
         from . import funnel as funnel_mod
 
-        _advance_funnel(funnel_mod.Funnel.load(funnel_dir), pick, auto, gpus, workers_n, timeout, force, runtime, keep_warm,
+        _advance_funnel(funnel_mod.Funnel.load(funnel_dir), pick, auto, gpus, workers_n, timeout, force, fast, runtime, keep_warm,
                         json_mode, quiet, progress)
 
     run_guarded(json_mode, debug, body)

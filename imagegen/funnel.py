@@ -199,12 +199,13 @@ class Options:
     timeouts: object = None
     explicit: frozenset = frozenset()
     force: bool = False             # run jobs that look too large for every GPU's memory
+    fast: bool = False              # fast mode for the drawing stages (workflows.compiled)
     picks: tuple[str, ...] = ()     # applied to the next selections, in order
     auto: bool = False
     interactive: bool = False
 
 
-def stage_jobs(funnel: Funnel, number: int, registry: Registry) -> list:
+def stage_jobs(funnel: Funnel, number: int, registry: Registry, fast: bool = False) -> list:
     from .scheduler import Job
 
     stage, record = funnel.stage(number), funnel.record(number)
@@ -222,7 +223,7 @@ def stage_jobs(funnel: Funnel, number: int, registry: Registry) -> list:
                                       cfg=1.0, sampler="euler", scheduler="normal", seed=image["seed"],
                                       filename_prefix=f"imagegen/funnel-{number}-{image['index']}")
         else:
-            params = generate.plan_jobs(stage_request(stage, prompt, image["seed"], negative), bundle)[0]
+            params = replace(generate.plan_jobs(stage_request(stage, prompt, image["seed"], negative), bundle)[0], fast=fast)
             if source is not None:
                 params = replace(params, denoise=stage.denoise or bundle.default("denoise", DEFAULT_DENOISE))
         jobs.append(Job(key=f"{number}:{image['index']}", bundle=bundle, params=params, targets=[funnel.root / image["path"]],
@@ -239,7 +240,7 @@ def render_stage(funnel: Funnel, number: int, runtime, reporter, emit, options: 
     funnel.plan_images(number)
     funnel.save()
     record, stage = funnel.record(number), funnel.stage(number)
-    jobs = stage_jobs(funnel, number, registry)
+    jobs = stage_jobs(funnel, number, registry, options.fast)
     total = len(record["images"])
     reporter.status(f"stage {number}/{len(funnel.data['stages'])} {stage.name}: {total} image(s) with {stage.model}"
                     + (f", {total - len(jobs)} done earlier" if len(jobs) < total else ""))

@@ -42,6 +42,7 @@ class Request:
     output: str | None = None
     overwrite: bool = False
     force: bool = False                                         # skip the GPU-memory check
+    fast: bool = False                                          # torch.compile + fp8 matmul (workflows.compiled)
     timeouts: Timeouts = field(default_factory=Timeouts)
     explicit_timeouts: set[str] = field(default_factory=set)   # budgets the user set: never resized
 
@@ -157,7 +158,7 @@ def plan_jobs(request: Request, bundle: Bundle) -> list[workflows.Params]:
     return [workflows.Params(prompt=prompt, negative=negative, width=width, height=height, steps=steps,
                              cfg=cfg if cfg is not None else bundle.default("cfg", 7.0), sampler=sampler, scheduler=scheduler,
                              seed=base_seed + i, guidance=guidance if guidance is not None else bundle.default("guidance", 3.5),
-                             filename_prefix=f"imagegen/{secrets.token_hex(4)}")
+                             filename_prefix=f"imagegen/{secrets.token_hex(4)}", fast=request.fast)
             for i in range(count)]
 
 
@@ -171,6 +172,8 @@ def describe(bundle: Bundle, params: workflows.Params, hashes: dict | None = Non
               "files": {role: {"name": f.filename, "sha256": hashes.get(role) or f.sha256} for role, f in bundle.files.items()}}
     if bundle.family == "flux":
         record["guidance"] = params.guidance
+    if params.fast:
+        record["fast"] = True
     main = "checkpoint" if "checkpoint" in bundle.files else "diffusion_model"
     if record["files"].get(main, {}).get("sha256"):
         record["model_hash"] = record["files"][main]["sha256"]
@@ -190,8 +193,13 @@ def job_budgets(bundle: Bundle, params: workflows.Params, device: str, resident:
     for file in bundle.files.values():
         path = cache.present_path(file)
         size += path.stat().st_size if path else (file.size or 0)
-    learned = timings.estimate(bundle.name, params.width, params.height, device)
-    return timings.budgets(base, learned, size, resident, params.steps, explicit)
+    learned = timings.estimate(timing_name(bundle, params), params.width, params.height, device)
+    return timings.budgets(base, learned, size, resident, params.steps, explicit, compiles=params.fast)
+
+
+def timing_name(bundle: Bundle, params: workflows.Params) -> str:
+    """Fast-mode jobs learn their own timings: compiling makes the first step slow and the rest fast."""
+    return f"{bundle.name}+fast" if params.fast else bundle.name
 
 
 def save_outputs(client, entry: dict, bundle: Bundle, params: workflows.Params, targets: list[Path | None], worker,
@@ -202,7 +210,7 @@ def save_outputs(client, entry: dict, bundle: Bundle, params: workflows.Params, 
     if len(refs) < len(targets):
         raise ImagegenError("execution_failed", f"ComfyUI finished the job but saved {len(refs)} of {len(targets)} image(s)")
     phase_times = entry.get("imagegen_phase_times", {})
-    timings.record(bundle.name, params.width, params.height, worker.device, phase_times, params.steps)
+    timings.record(timing_name(bundle, params), params.width, params.height, worker.device, phase_times, params.steps)
     records = []
     for index, (ref, target) in enumerate(zip(refs, targets)):
         fetch_started = time.monotonic()
@@ -266,7 +274,7 @@ def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
         reporter.once("cpu", "no GPU in use: running on CPU (slow; fine for small models and tests)")
     resident = is_resident(bundle, worker.client().worker_info())
     budgets = job_budgets(bundle, jobs[0], worker.device, resident, request.timeouts, request.explicit_timeouts)
-    learned = timings.estimate(bundle.name, jobs[0].width, jobs[0].height, worker.device)
+    learned = timings.estimate(timing_name(bundle, jobs[0]), jobs[0].width, jobs[0].height, worker.device)
     each = timings.eta(learned, jobs[0].steps, resident)
     if each is not None:
         reporter.status(f"rendering {len(jobs)} image(s) with {bundle.name} on {worker.name}: about {each * len(jobs):.0f}s (from earlier runs)")

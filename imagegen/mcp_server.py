@@ -44,6 +44,7 @@ Seed = Annotated[Optional[int], Field(description="Seed of the first image; rand
 Count = Annotated[int, Field(description="Number of images.")]
 Cfg = Annotated[Optional[float], Field(description="Classifier-free guidance scale.")]
 Negative = Annotated[Optional[str], Field(description="Negative prompt (SD1.5/SDXL).")]
+Fast = Annotated[bool, Field(description="Fast mode: torch.compile the model (the first image compiles for minutes, later ones are faster) and fp8 matmuls for fp8 models on Ada/Hopper. Worth it for many images.")]
 OutputDir = Annotated[Optional[str], Field(description="Directory to write the PNGs into; imagegen's output directory when omitted.")]
 
 
@@ -59,6 +60,7 @@ class ImageSpec(BaseModel):
     count: Count = 1
     cfg: Cfg = None
     negative: Negative = None
+    fast: Fast = False
     output_dir: OutputDir = None
 
     def request(self) -> gen.Request:
@@ -69,7 +71,7 @@ class ImageSpec(BaseModel):
         output = str(Path(self.output_dir).expanduser()) + os.sep if self.output_dir else None
         return gen.Request(prompt=self.prompt, model=self.model, checkpoint=Path(self.checkpoint) if self.checkpoint else None,
                            size=self.size, steps=self.steps, seed=self.seed, count=self.count, cfg=self.cfg,
-                           negative=self.negative, output=output, timeouts=timeouts, explicit_timeouts=explicit)
+                           negative=self.negative, fast=self.fast, output=output, timeouts=timeouts, explicit_timeouts=explicit)
 
 
 # A runner takes the validated plans of one tool call, keyed by item index, and yields
@@ -238,11 +240,12 @@ def build_server(tools: ImagegenTools) -> MCPServer:
     @server.tool()
     async def generate_image(prompt: Prompt, ctx: Context, model: ModelName = None, checkpoint: Checkpoint = None,
                              size: Size = None, steps: Steps = None, seed: Seed = None, count: Count = 1,
-                             cfg: Cfg = None, negative: Negative = None, output_dir: OutputDir = None) -> CallToolResult:
+                             cfg: Cfg = None, negative: Negative = None, fast: Fast = False,
+                             output_dir: OutputDir = None) -> CallToolResult:
         """Generate images from a prompt. Returns, per image, a JSON record (path, seed, model, size, steps,
         timings; schema imagegen.result/1) and a thumbnail. The first call may start a worker (seconds to minutes)."""
         spec = ImageSpec(prompt=prompt, model=model, checkpoint=checkpoint, size=size, steps=steps, seed=seed,
-                         count=count, cfg=cfg, negative=negative, output_dir=output_dir)
+                         count=count, cfg=cfg, negative=negative, fast=fast, output_dir=output_dir)
         return await tools.render([spec], ctx, batch=False)
 
     @server.tool()

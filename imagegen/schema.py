@@ -51,6 +51,7 @@ RESULT = {
         "sampler": {"type": "string"},
         "scheduler": {"type": "string"},
         "denoise": {"type": "number", "minimum": 0, "maximum": 1},
+        "fast": {"const": True, "description": "Present when rendered in fast mode (--fast: torch.compile, fp8 matmul)."},
         "model_hash": {"type": "string", "description": "sha256 of the checkpoint or diffusion model, when known."},
         "imagegen_version": {"type": "string"},
         "comfyui_version": {"type": "string"},

@@ -17,6 +17,7 @@ COLD_LOAD_BYTES_PER_S = 50e6   # a slow disk plus safetensors parsing on a small
 MIN_LOAD_BUDGET = 120.0
 MIN_STALL_BUDGET = 60.0
 STALL_FACTOR = 20.0            # a step may take this many times its usual time before it is a stall
+COMPILE_BUDGET = 900.0         # fast mode: torch.compile on the first step (and on a new size) of a big model
 
 
 @dataclass
@@ -54,12 +55,16 @@ def record(model: str, width: int, height: int, device: str, phase_times: dict, 
     paths.write_state(STORE, store)
 
 
-def budgets(base: Timeouts, learned: Estimate, bytes_to_load: int, resident: bool, steps: int, explicit: set[str]) -> Timeouts:
-    """Phase budgets for one job. A budget the user set explicitly (flag or env) is kept as is."""
+def budgets(base: Timeouts, learned: Estimate, bytes_to_load: int, resident: bool, steps: int, explicit: set[str],
+            compiles: bool = False) -> Timeouts:
+    """Phase budgets for one job. A budget the user set explicitly (flag or env) is kept as is.
+    A compiling job (fast mode) may spend minutes in any step where torch.compile (re)compiles."""
     load = MIN_LOAD_BUDGET + (0 if resident else bytes_to_load / COLD_LOAD_BYTES_PER_S)
     if learned.load is not None:
         load = max(load, 5 * learned.load)
     stall = max(MIN_STALL_BUDGET, STALL_FACTOR * (learned.step or 0), 3 * (learned.finish or 0))
+    if compiles:
+        load, stall = load + COMPILE_BUDGET, max(stall, COMPILE_BUDGET)
     sized = Timeouts(queue=base.queue, load=load, stall=stall, overall=base.overall)
     for name in ("load", "stall"):
         if name in explicit:

@@ -65,6 +65,18 @@ def write_model_paths(models_dir: Path, target: Path, shared: list[Path] | None 
     return target
 
 
+COMPILE_CACHE = ".compile-cache"
+
+
+def compile_cache_env(models_dir: Path) -> dict[str, str]:
+    """Keep torch.compile's artifacts (fast mode) in the model cache: a container's /tmp dies with
+    it, the cache volume does not, so the next worker loads compiled kernels instead of compiling."""
+    if not os.access(models_dir, os.W_OK):
+        return {}
+    root = models_dir / COMPILE_CACHE
+    return {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "TRITON_CACHE_DIR": str(root / "triton")}
+
+
 class Worker:
     def __init__(self, options: ServeOptions):
         self.options = options
@@ -98,12 +110,15 @@ class Worker:
                    "--temp-directory", str(self.work_dir / "temp"), "--user-directory", str(self.work_dir / "user"),
                    "--database-url", "sqlite:///:memory:", "--preview-method", "none"]
         if self.device == "cpu":
-            command.append("--cpu")
+            # ComfyUI's CPU default (split attention) asks psutil for free memory inside every
+            # attention call: torch.compile breaks its graph there and fast mode gets slower, not faster
+            command += ["--cpu", "--use-pytorch-cross-attention"]
         return command + list(self.options.comfy_args)
 
     def start_comfy(self) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("IMAGEGEN_WORKER_TOKEN", None)
+        env.update({name: value for name, value in compile_cache_env(self.options.models_dir).items() if name not in env})
         self.comfy = subprocess.Popen(self.comfy_command(), cwd=str(self.options.comfyui_dir), env=env,
                                       stdin=subprocess.DEVNULL)
 

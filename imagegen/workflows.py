@@ -46,6 +46,7 @@ class Params:
     denoise: float = 1.0
     init_image: str | None = None     # an image already in the worker's input folder (img2img)
     filename_prefix: str = "imagegen/image"
+    fast: bool = False                # torch.compile the diffusion model; fp8 matmul for fp8 weights
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,13 +55,31 @@ class Params:
 def build(bundle: Bundle, params: Params) -> dict:
     """The graph for one job: text-to-image, or image-to-image when params.init_image is set."""
     if bundle.family == "flux":
-        return _flux(bundle, params, bundle.default("weight_dtype", "default"))
+        return _flux(bundle, params, flux_weight_dtype(bundle, params.fast))
     if bundle.family in ("sd15", "sdxl"):
         return _checkpoint(bundle, params)
     if bundle.family == "upscale":
         size = (params.width, params.height) if params.width and params.height else None
         return upscale(bundle.files["upscale_model"].filename, params.init_image, params.filename_prefix, size)
     raise ValueError(f"no text-to-image graph for family {bundle.family!r}")
+
+
+def flux_weight_dtype(bundle: Bundle, fast: bool) -> str:
+    """fp8 weights run their matmuls in fp8 in fast mode (`fp8_e4m3fn_fast`) where the GPU can
+    (compute capability 8.9+: Ada, Hopper, Blackwell); elsewhere ComfyUI treats it as plain fp8
+    storage, exactly like `fp8_e4m3fn`. Fast mode never lowers the precision of bf16/fp16 weights."""
+    dtype = bundle.default("weight_dtype", "default")
+    return "fp8_e4m3fn_fast" if fast and dtype == "fp8_e4m3fn" else dtype
+
+
+def compiled(graph: dict, model_source: list, fast: bool) -> list:
+    """Where the sampler takes its model from: in fast mode through a TorchCompileModel node
+    (inductor; ComfyUI compiles on the first step, and the worker keeps inductor's cache in the
+    model cache, so a later worker reuses the compiled kernels)."""
+    if not fast:
+        return model_source
+    graph["compile"] = {"class_type": "TorchCompileModel", "inputs": {"model": model_source, "backend": "inductor"}}
+    return ["compile", 0]
 
 
 def _latent(params: Params, vae: list, empty_node: str) -> tuple[dict, list]:
@@ -92,7 +111,7 @@ def _checkpoint(bundle: Bundle, params: Params) -> dict:
     latent_nodes, latent = _latent(params, vae, "EmptyLatentImage")
     graph.update(latent_nodes)
     graph["sampler"] = {"class_type": "KSampler", "inputs": {
-        "model": ["load_checkpoint", 0], "positive": ["positive", 0], "negative": ["negative", 0],
+        "model": compiled(graph, ["load_checkpoint", 0], params.fast), "positive": ["positive", 0], "negative": ["negative", 0],
         "latent_image": latent, "seed": params.seed, "steps": params.steps, "cfg": params.cfg,
         "sampler_name": params.sampler, "scheduler": params.scheduler, "denoise": params.denoise}}
     graph["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": vae}}
@@ -112,9 +131,10 @@ def _flux(bundle: Bundle, params: Params, weight_dtype: str = "default") -> dict
     }
     latent_nodes, latent = _latent(params, ["load_vae", 0], "EmptySD3LatentImage")
     graph.update(latent_nodes)
+    model = compiled(graph, ["load_unet", 0], params.fast)
     graph.update({
         "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": params.seed}},
-        "guider": {"class_type": "BasicGuider", "inputs": {"model": ["load_unet", 0], "conditioning": ["guidance", 0]}},
+        "guider": {"class_type": "BasicGuider", "inputs": {"model": model, "conditioning": ["guidance", 0]}},
         "sampler_select": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": params.sampler}},
         "schedule": {"class_type": "BasicScheduler", "inputs": {"model": ["load_unet", 0], "scheduler": params.scheduler,
                                                                 "steps": params.steps, "denoise": params.denoise}},

@@ -38,6 +38,10 @@ def test_plans_are_stable_across_runs_and_validated_per_line(tmp_path):
     assert batch.plan(items, tmp_path, {"model": "sd15"}, 1, pack=1)[0].params.seed != first[0].params.seed
     packed = batch.plan(items, tmp_path, {"model": "sd15"}, 0, pack=2)
     assert [j.params.batch_size for j in packed] == [1, 2, 1] and len(packed[1].targets) == 2
+    fast = batch.plan(items, tmp_path, {"model": "sd15", "fast": True}, 0, pack=1)
+    assert all(j.params.fast for j in fast) and [j.key for j in fast] == [j.key for j in first], "--fast changes how, not what: a rerun resumes"
+    with pytest.raises(ImagegenError, match="line 1: fast must be true or false"):
+        batch.plan(batch.parse_items('{"prompt": "x", "fast": "yes"}'), tmp_path, {"model": "sd15"}, 0, pack=1)
     bad = batch.parse_items('ok\n{"prompt": "x", "size": "65x64"}')
     with pytest.raises(ImagegenError, match="line 2: width 65"):
         batch.plan(bad, tmp_path, {"model": "sd15"}, 0, pack=1)

@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -115,6 +116,21 @@ def test_same_parameters_same_pixels_and_from_reproduces(env, tiny_sd15, tmp_pat
     varied = run_cli("generate", "--from", str(tmp_path / "a.png"), "--checkpoint", str(tiny_sd15), "--seed", "4243",
                      "-o", str(tmp_path / "e.png"), env=env)
     assert varied.returncode == 0 and idat(tmp_path / "e.png") == idat(tmp_path / "c.png"), "flags override the source"
+
+
+def test_fast_mode_keeps_the_pixels_and_caches_compiled_kernels_in_the_model_cache(env, tiny_sd15, tmp_path):
+    from PIL import Image
+    import numpy
+
+    common = ["a fast fox", "--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "3", "--seed", "77", "--json"]
+    plain = run_cli("generate", *common, "-o", str(tmp_path / "plain.png"), env=env)
+    fast = run_cli("generate", *common, "-o", str(tmp_path / "fast.png"), env={**env, "IMAGEGEN_FAST": "1"})
+    assert plain.returncode == fast.returncode == 0, plain.stderr.decode() + fast.stderr.decode()
+    assert "fast" not in json.loads(plain.stdout) and json.loads(fast.stdout)["fast"] is True
+    pixels = [numpy.asarray(Image.open(tmp_path / name), dtype=float) for name in ("plain.png", "fast.png")]
+    assert numpy.abs(pixels[0] - pixels[1]).mean() < 1.0, "compiling must not change what the model draws"
+    cache = Path(env["IMAGEGEN_HOME"]) / "models" / ".compile-cache" / "inductor"
+    assert cache.is_dir() and any(path.is_file() for path in cache.rglob("*")), "inductor's cache belongs in the model cache"
 
 
 def test_stop_stops_the_worker(env):

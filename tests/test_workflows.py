@@ -5,8 +5,6 @@ import pytest
 from imagegen import workflows
 from imagegen.registry import Registry
 
-pytestmark = pytest.mark.comfyui
-
 FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name1", "clip_name2", "vae_name", "model_name", "image"}
 
 
@@ -73,7 +71,8 @@ def every_graph():
             yield f"{name}-upscale-resized", workflows.build(bundle, params)
             continue
         for task, extra in (("txt2img", {}), ("img2img", {"init_image": "imagegen/init.png", "denoise": 0.45}),
-                            ("batch", {"batch_size": 4}), ("img2img-batch", {"init_image": "a.png", "batch_size": 2, "denoise": 0.3})):
+                            ("batch", {"batch_size": 4}), ("img2img-batch", {"init_image": "a.png", "batch_size": 2, "denoise": 0.3}),
+                            ("txt2img-fast", {"fast": True}), ("img2img-fast", {"init_image": "a.png", "denoise": 0.5, "fast": True})):
             params = workflows.Params(prompt="a lighthouse", negative="blurry", width=bundle.default("width"),
                                       height=bundle.default("height"), steps=bundle.default("steps"), cfg=bundle.default("cfg"),
                                       sampler=bundle.default("sampler"), scheduler=bundle.default("scheduler"),
@@ -86,11 +85,13 @@ def every_graph():
     yield "upscale", workflows.upscale("4x.safetensors", "imagegen/final.png")
 
 
+@pytest.mark.comfyui
 @pytest.mark.parametrize("name, graph", list(every_graph()), ids=[n for n, _ in every_graph()])
 def test_graph_matches_the_real_node_definitions(object_info, name, graph):
     assert validate(graph, object_info) == []
 
 
+@pytest.mark.comfyui
 def test_validator_catches_mistakes(object_info):
     graph = dict(every_graph())["sd15-txt2img"]
     graph["sampler"] = {**graph["sampler"], "inputs": {**graph["sampler"]["inputs"], "steps": 0, "sampler_name": "bogus"}}
@@ -99,6 +100,7 @@ def test_validator_catches_mistakes(object_info):
     assert any("steps" in p for p in problems) and any("bogus" in p for p in problems) and any("width" in p for p in problems)
 
 
+@pytest.mark.comfyui
 def test_limits_and_choices_match_the_pinned_comfyui(object_info):
     ksampler = object_info["KSampler"]["input"]["required"]
     assert tuple(_spec_type(ksampler["sampler_name"])[1]) == workflows.SAMPLERS
@@ -110,3 +112,29 @@ def test_limits_and_choices_match_the_pinned_comfyui(object_info):
     assert latent["width"][1]["max"] == workflows.MAX_RESOLUTION and latent["width"][1]["step"] == workflows.SIZE_MULTIPLE
     assert latent["batch_size"][1]["max"] == workflows.MAX_BATCH
     assert object_info["FluxGuidance"]["input"]["required"]["guidance"][1]["max"] == workflows.MAX_GUIDANCE
+
+
+def _params(bundle, **extra):
+    return workflows.Params("a lighthouse", 512, 512, 20, bundle.default("cfg"), "euler", "simple", 1, **extra)
+
+
+def test_fast_mode_compiles_the_model_the_sampler_uses():
+    registry = Registry.load()
+    sd15 = registry.get("sd15")
+    plain, fast = workflows.build(sd15, _params(sd15)), workflows.build(sd15, _params(sd15, fast=True))
+    assert "compile" not in plain and plain["sampler"]["inputs"]["model"] == ["load_checkpoint", 0]
+    assert fast["compile"] == {"class_type": "TorchCompileModel", "inputs": {"model": ["load_checkpoint", 0], "backend": "inductor"}}
+    assert fast["sampler"]["inputs"]["model"] == ["compile", 0]
+    assert {k: v for k, v in fast.items() if k not in ("compile", "sampler")} == {k: v for k, v in plain.items() if k != "sampler"}
+    flux = registry.get("flux-dev")
+    graph = workflows.build(flux, _params(flux, fast=True))
+    assert graph["guider"]["inputs"]["model"] == ["compile", 0] and graph["compile"]["inputs"]["model"] == ["load_unet", 0]
+
+
+def test_fast_mode_uses_fp8_matmul_only_for_fp8_weights():
+    registry = Registry.load()
+    fp8, bf16 = registry.get("flux-dev-fp8"), registry.get("flux-dev")
+    assert workflows.build(fp8, _params(fp8))["load_unet"]["inputs"]["weight_dtype"] == "fp8_e4m3fn"
+    assert workflows.build(fp8, _params(fp8, fast=True))["load_unet"]["inputs"]["weight_dtype"] == "fp8_e4m3fn_fast"
+    assert workflows.build(bf16, _params(bf16, fast=True))["load_unet"]["inputs"]["weight_dtype"] == "default", \
+        "fast mode must not quietly quantise bf16 weights"
