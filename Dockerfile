@@ -9,7 +9,7 @@
 
 # The PyPI torch wheels bring their own CUDA user-space libraries (nvidia-* packages), so any
 # glibc Python 3.11 base runs on GPUs; the driver comes from the NVIDIA container toolkit.
-# Offline: imagegen-base:bookworm (scripts/docker-base.sh), the same Debian and Python.
+# Offline: imagegen-base:bookworm-* (scripts/docker-base.sh), the same Debian and Python.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
@@ -27,6 +27,14 @@ ENV LANG=C.UTF-8 \
 
 # Containers run as the host user (user=uid:gid), so everything written at run time is
 # world-writable (sticky): HOME, /models, /output. /app is importable through a .pth file.
+# Fast mode (torch.compile) compiles kernels at run time: inductor's CPU kernels with g++, Triton's
+# GPU launcher with gcc, both against Python's headers (the python:slim base has the headers; the
+# offline base brings g++ and python3-dev already, so this step needs no network there).
+RUN if ! command -v g++ >/dev/null; then \
+      apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*; \
+    fi \
+ && python3 -c 'import sysconfig, os, sys; h = sysconfig.get_paths()["include"]; sys.exit(0 if os.path.isfile(h + "/Python.h") else f"no Python.h in {h}")'
+
 RUN python3 -m venv /opt/venv \
  && echo /app > "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/imagegen-app.pth" \
  && (getent passwd 1000 >/dev/null || useradd --no-log-init --uid 1000 --user-group --no-create-home --home-dir /home/imagegen imagegen) \

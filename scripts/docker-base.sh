@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the offline base image imagegen-base:bookworm (Debian bookworm minbase + python3)
+# Build the offline base image imagegen-base:bookworm-<packages hash> (Debian bookworm minbase + python3)
 # with debootstrap and `docker import`, for machines where no image can be pulled.
 # Idempotent: skipped when the image exists; the rootfs tarball is cached.
 # Needs root (debootstrap). Prints the image name.
@@ -7,12 +7,16 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${IMAGEGEN_DEV_CACHE:-$repo/.cache}/docker
-image=${IMAGEGEN_BASE_IMAGE:-imagegen-base:bookworm}
 suite=bookworm
-tarball=$cache/$suite-minbase-rootfs.tar
 # What ComfyUI needs to import and run on CPU: wheels (torch, av, Pillow, scipy, ...)
-# bundle their native libraries, so python3 + venv + CA certificates are enough.
-packages=python3,python3-venv,ca-certificates
+# bundle their native libraries, so python3 + venv + CA certificates are enough to render.
+# Fast mode's torch.compile also needs a C/C++ compiler and Python's headers at run time
+# (inductor builds its CPU kernels with g++; Triton builds its GPU launcher with gcc).
+packages=python3,python3-venv,ca-certificates,g++,python3-dev
+# The package list names the tarball and the image, so changing it rebuilds both.
+flavour=$(printf '%s' "$packages" | sha256sum | cut -c1-8)
+image=${IMAGEGEN_BASE_IMAGE:-imagegen-base:$suite-$flavour}
+tarball=$cache/$suite-minbase-$flavour-rootfs.tar
 
 say() { printf '[docker-base] %s\n' "$*" >&2; }
 die() { printf '[docker-base] ERROR: %s\n' "$*" >&2; exit 1; }

@@ -234,6 +234,18 @@ def test_a_second_generate_reuses_the_warm_worker_and_is_faster(box):
     assert (box.base / "out" / "warm.png").stat().st_uid == box.uid
 
 
+def test_fast_mode_compiles_in_the_container_and_keeps_the_kernels_in_the_model_cache(box):
+    """The image carries the compiler and headers torch.compile needs; the compiled kernels land in
+    the mounted model cache (owned by the user), so they outlive the container."""
+    target = box.base / "out" / "fast.png"
+    result = box.generate("--seed", "8", "--fast", "--json", "-o", str(target), timeout=600)
+    assert result.returncode == 0, result.stderr.decode()
+    assert json.loads(result.stdout.decode())["fast"] is True and target.stat().st_uid == box.uid
+    cache = box.home / "models" / ".compile-cache" / "inductor"
+    files = [path for path in cache.rglob("*") if path.is_file()]
+    assert files and all(path.stat().st_uid == box.uid for path in files)
+
+
 def test_workers_lists_the_docker_worker(box):
     result = box.cli("workers", "--runtime", "docker", "--json")
     assert result.returncode == 0, result.stderr.decode()
