@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -177,6 +176,21 @@ def build_full(target: Path, models: str) -> Path:
     return target / "models.yaml"
 
 
+def install_models_yaml(source: Path, target: Path) -> None:
+    """The benchmark's user registry, plus `bench-flux-dev-fp8`: the bf16 Flux file cast to fp8 on load
+    (as the built-in flux-dev-fp8 does), unless an fp8 file was built under that name."""
+    import yaml
+
+    document = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    models = document.setdefault("models", {})
+    if "bench-flux-dev" in models and "bench-flux-dev-fp8" not in models:
+        flux = models["bench-flux-dev"]
+        models["bench-flux-dev-fp8"] = {**flux, "description": "bench-flux-dev cast to fp8 on load",
+                                        "defaults": {**(flux.get("defaults") or {}), "weight_dtype": "fp8_e4m3fn"}}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=6, help="timed images per path (default 6)")
@@ -200,8 +214,7 @@ def main() -> int:
 
         models_yaml = build_full(args.full, "sd15,sdxl,flux-dev") if args.full else args.models_yaml
         if models_yaml:
-            paths.user_models_yaml().parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(models_yaml, paths.user_models_yaml())
+            install_models_yaml(models_yaml, paths.user_models_yaml())
         cases = [Case.parse(text) for text in args.case or (FULL_CASES if args.full else [])]
         if not cases:
             tiny = c.tiny_checkpoint()

@@ -272,6 +272,9 @@ def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
     worker = runtime.ensure(on_status=reporter.status, mounts=local_dirs(bundle))
     if worker.device == "cpu":
         reporter.once("cpu", "no GPU in use: running on CPU (slow; fine for small models and tests)")
+    jobs = [workflows.for_device(params, worker.device) for params in jobs]
+    if request.fast and not jobs[0].fast:
+        reporter.once("fast-cpu", workflows.FAST_ON_CPU_NOTE)
     resident = is_resident(bundle, worker.client().worker_info())
     budgets = job_budgets(bundle, jobs[0], worker.device, resident, request.timeouts, request.explicit_timeouts)
     learned = timings.estimate(timing_name(bundle, jobs[0]), jobs[0].width, jobs[0].height, worker.device)

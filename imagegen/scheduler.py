@@ -136,6 +136,7 @@ class Scheduler:
         self.runtime, self.slots, self.on_outcome = runtime, slots, on_outcome
         self.budgets, self.hashes, self.mounts, self.overwrite = budgets, hashes, mounts, overwrite
         self.depth, self.max_attempts, self.reporter, self.max_restarts = depth, max_attempts, reporter, max_restarts
+        self._fast_note_given = False
         self.workers = [WorkerState(slot) for slot in slots]
         self.router = Router(self.workers, registry)
         if force:
@@ -184,6 +185,13 @@ class Scheduler:
     def _status(self, message: str) -> None:
         if self.reporter:
             self.reporter.status(message)
+
+    def _as_run(self, job: Job, state: WorkerState) -> workflows.Params:
+        params = workflows.for_device(job.params, state.handle.device)
+        if job.params.fast and not params.fast and not self._fast_note_given:
+            self._fast_note_given = True
+            self._status(workflows.FAST_ON_CPU_NOTE)
+        return params
 
     def _start(self, state: WorkerState) -> bool:
         try:
@@ -255,7 +263,7 @@ class Scheduler:
                         break
                     job.attempts += 1
                     try:
-                        params = job.params
+                        params = self._as_run(job, state)
                         if job.source is not None:
                             data = job.source.read_bytes()  # named by content: funnels sharing a worker never collide
                             name = f"{hashlib.sha256(data).hexdigest()[:16]}-{job.source.name}"
@@ -283,7 +291,7 @@ class Scheduler:
                     return self._requeue_all(state, error)
                 job, submitted = state.inflight.pop(prompt_id)
                 try:
-                    records = save_outputs(client, entry, job.bundle, job.params, job.targets, state.handle,
+                    records = save_outputs(client, entry, job.bundle, self._as_run(job, state), job.targets, state.handle,
                                            self.overwrite, self.hashes.get(job.bundle.name, {}), submitted)
                 except ImagegenError as error:
                     if error.code in WORKER_FAULTS:

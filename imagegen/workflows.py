@@ -6,7 +6,8 @@ tests/test_workflows.py holds them to the real server so they cannot drift.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, replace
 
 from .registry import Bundle
 
@@ -62,6 +63,19 @@ def build(bundle: Bundle, params: Params) -> dict:
         size = (params.width, params.height) if params.width and params.height else None
         return upscale(bundle.files["upscale_model"].filename, params.init_image, params.filename_prefix, size)
     raise ValueError(f"no text-to-image graph for family {bundle.family!r}")
+
+
+FAST_ON_CPU = "IMAGEGEN_FAST_ON_CPU"
+FAST_ON_CPU_NOTE = ("--fast has no effect on a CPU worker: compiled models sampled slower than plain ones there "
+                    "(docs/benchmarks.md); set IMAGEGEN_FAST_ON_CPU=1 to compile anyway")
+
+
+def for_device(params: Params, device: str) -> Params:
+    """The job as a worker on `device` runs it. On a CPU, torch.compile made sampling slower in every
+    measurement (docs/benchmarks.md), so a CPU worker gets the plain graph unless IMAGEGEN_FAST_ON_CPU=1."""
+    if params.fast and device == "cpu" and os.environ.get(FAST_ON_CPU, "").lower() not in ("1", "true", "yes"):
+        return replace(params, fast=False)
+    return params
 
 
 def flux_weight_dtype(bundle: Bundle, fast: bool) -> str:

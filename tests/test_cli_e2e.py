@@ -5,8 +5,10 @@ import time
 from pathlib import Path
 
 import pytest
+from jsonschema import Draft202012Validator
 
 from imagegen import output
+from imagegen.schema import RESULT
 
 from conftest import run_cli
 
@@ -118,15 +120,23 @@ def test_same_parameters_same_pixels_and_from_reproduces(env, tiny_sd15, tmp_pat
     assert varied.returncode == 0 and idat(tmp_path / "e.png") == idat(tmp_path / "c.png"), "flags override the source"
 
 
+def test_fast_mode_is_plain_on_a_cpu_worker_unless_asked(env, tiny_sd15, tmp_path):
+    result = run_cli("generate", "a fox", "--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "2", "--fast", "--json",
+                     "-o", str(tmp_path / "fox.png"), env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    assert "fast" not in json.loads(result.stdout) and "IMAGEGEN_FAST_ON_CPU=1" in result.stderr.decode()
+
+
 def test_fast_mode_keeps_the_pixels_and_caches_compiled_kernels_in_the_model_cache(env, tiny_sd15, tmp_path):
     from PIL import Image
     import numpy
 
     common = ["a fast fox", "--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "3", "--seed", "77", "--json"]
     plain = run_cli("generate", *common, "-o", str(tmp_path / "plain.png"), env=env)
-    fast = run_cli("generate", *common, "-o", str(tmp_path / "fast.png"), env={**env, "IMAGEGEN_FAST": "1"})
+    fast = run_cli("generate", *common, "-o", str(tmp_path / "fast.png"), env={**env, "IMAGEGEN_FAST": "1", "IMAGEGEN_FAST_ON_CPU": "1"})
     assert plain.returncode == fast.returncode == 0, plain.stderr.decode() + fast.stderr.decode()
     assert "fast" not in json.loads(plain.stdout) and json.loads(fast.stdout)["fast"] is True
+    Draft202012Validator(RESULT).validate(json.loads(fast.stdout))
     pixels = [numpy.asarray(Image.open(tmp_path / name), dtype=float) for name in ("plain.png", "fast.png")]
     assert numpy.abs(pixels[0] - pixels[1]).mean() < 1.0, "compiling must not change what the model draws"
     cache = Path(env["IMAGEGEN_HOME"]) / "models" / ".compile-cache" / "inductor"

@@ -238,7 +238,7 @@ def test_fast_mode_compiles_in_the_container_and_keeps_the_kernels_in_the_model_
     """The image carries the compiler and headers torch.compile needs; the compiled kernels land in
     the mounted model cache (owned by the user), so they outlive the container."""
     target = box.base / "out" / "fast.png"
-    result = box.generate("--seed", "8", "--fast", "--json", "-o", str(target), timeout=600)
+    result = box.generate("--seed", "8", "--fast", "--json", "-o", str(target), env={"IMAGEGEN_FAST_ON_CPU": "1"}, timeout=600)
     assert result.returncode == 0, result.stderr.decode()
     assert json.loads(result.stdout.decode())["fast"] is True and target.stat().st_uid == box.uid
     cache = box.home / "models" / ".compile-cache" / "inductor"

@@ -138,3 +138,11 @@ def test_fast_mode_uses_fp8_matmul_only_for_fp8_weights():
     assert workflows.build(fp8, _params(fp8, fast=True))["load_unet"]["inputs"]["weight_dtype"] == "fp8_e4m3fn_fast"
     assert workflows.build(bf16, _params(bf16, fast=True))["load_unet"]["inputs"]["weight_dtype"] == "default", \
         "fast mode must not quietly quantise bf16 weights"
+
+
+def test_cpu_workers_run_fast_jobs_plain_unless_asked(monkeypatch):
+    params = workflows.Params("x", 64, 64, 2, 7.0, "euler", "normal", 1, fast=True)
+    monkeypatch.delenv(workflows.FAST_ON_CPU, raising=False)
+    assert workflows.for_device(params, "cuda").fast and not workflows.for_device(params, "cpu").fast
+    monkeypatch.setenv(workflows.FAST_ON_CPU, "1")
+    assert workflows.for_device(params, "cpu").fast
