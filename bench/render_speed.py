@@ -10,7 +10,7 @@ Per case (a model, a size, a step count), one phase after another on the same ma
               timed on its own, then N timed; then a fresh worker process, whose first fast image
               compiles from the persistent cache imagegen keeps in the model cache.
 
-    CPU (default): the tests' tiny SD1.5 at 64x64, 10 steps.
+    CPU (default): the tests' tiny SD1.5 (registered as bench-tiny-sd15) at 64x64, 10 steps.
     GPU:  python bench/render_speed.py --full /data/bench-models --write
           builds full-size random-weight models there (bench/full_models.py; minutes, ~37 GB)
           and runs SD1.5 512² 20 steps, SDXL 1024² 20 steps, Flux-dev 1024² 28 steps (fast mode:
@@ -203,6 +203,7 @@ def main() -> int:
     from imagegen.gpus import detect_device
 
     device = detect_device()
+    os.environ.setdefault("IMAGEGEN_FAST_ON_CPU", "1")  # measure compiling on a CPU too (imagegen skips it there by default)
     load_before = c.wait_for_quiet(args.max_load)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="imagegen-bench-speed-") as tmp:
@@ -215,11 +216,9 @@ def main() -> int:
         models_yaml = build_full(args.full, "sd15,sdxl,flux-dev") if args.full else args.models_yaml
         if models_yaml:
             install_models_yaml(models_yaml, paths.user_models_yaml())
-        cases = [Case.parse(text) for text in args.case or (FULL_CASES if args.full else [])]
-        if not cases:
-            tiny = c.tiny_checkpoint()
-            add_user_model("bench-tiny-sd15", tiny, modelfile.detect(modelfile.read_header(tiny)).family)
-            cases = [Case("bench-tiny-sd15", "64x64", 10, "bench-tiny-sd15")]
+        tiny = c.tiny_checkpoint()
+        add_user_model("bench-tiny-sd15", tiny, modelfile.detect(modelfile.read_header(tiny)).family)
+        cases = [Case.parse(text) for text in args.case or (FULL_CASES if args.full else ["bench-tiny-sd15:64x64:10"])]
         rows, other = [], c.OtherLoad()
         with other:
             for case in cases:
@@ -245,6 +244,11 @@ How to read it:
 - *bare ComfyUI* is started by hand with its default flags (`--cpu` on a CPU: split attention); imagegen's
   CPU workers use PyTorch attention (`--use-pytorch-cross-attention`), which torch.compile needs to trace
   the model in one graph.
+- On a CPU imagegen runs `--fast` jobs plain unless `IMAGEGEN_FAST_ON_CPU=1`, which this benchmark sets
+  to measure compiling there.
+- `bench-sd15`, `bench-sdxl` and `bench-flux-dev` are full-size random-weight models from
+  `python bench/full_models.py DIR --models sd15,sdxl,flux-dev`, whose `DIR/models.yaml` is what
+  `--models-yaml` takes (`--full DIR` does both); `bench-tiny-sd15` is the tests' tiny checkpoint.
 - *--fast* adds a TorchCompileModel (inductor) node before the sampler and, for fp8 weights, ComfyUI's
   fp8 matmul (`fp8_e4m3fn_fast`; the GPU case's Flux runs its bf16 weights cast to fp8 on load). Its gain
   is steady-state images/s and it/s over plain imagegen on the same worker; the first image pays the
