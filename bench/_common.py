@@ -24,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
 PYTHON = "~/.cache/imagegen-dev/venv/bin/python"
+UPSTREAM_HEADER = "X-Imagegen-Upstream"  # a worker's ComfyUI answers only requests carrying its secret (imagegen/comfy_launch.py)
 ENV_PREFIX = "IMAGEGEN_COMFYUI_DIR=~/.cache/imagegen-dev/comfyui-<commit>"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -254,31 +255,21 @@ def stop_process(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def comfy_port_of(worker_pid: int) -> int:
-    """The port of the ComfyUI a local worker runs (from the child's command line: --port N)."""
-    children = Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()
-    for child in children:
-        args = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        if b"main.py" in b" ".join(args) and b"--port" in args:
-            return int(args[args.index(b"--port") + 1])
-    raise RuntimeError(f"no ComfyUI child found under worker pid {worker_pid}")
-
-
 class BareClient:
     """What a minimal script does against ComfyUI: one HTTP session and one websocket, kept open;
     per image POST /prompt, wait for `executing` node=None of that prompt, GET /history, GET /view,
-    write the PNG. With `token` it talks to a worker's proxy instead (same requests + bearer)."""
+    write the PNG. With `token` it talks to a worker's proxy instead (same requests + bearer); `headers`
+    go with every request (a worker's own ComfyUI wants its upstream secret)."""
 
-    def __init__(self, base_url: str, token: str | None = None):
+    def __init__(self, base_url: str, token: str | None = None, headers: dict | None = None):
         import requests
 
         self.base = base_url.rstrip("/")
         self.client_id = uuid.uuid4().hex
         self.http = requests.Session()
-        self.header = []
-        if token:
-            self.http.headers["Authorization"] = f"Bearer {token}"
-            self.header = [f"Authorization: Bearer {token}"]
+        headers = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
+        self.http.headers.update(headers)
+        self.header = [f"{name}: {value}" for name, value in headers.items()]
         self.ws = None
         self.connect()
 

@@ -119,10 +119,10 @@ class ColdBench:
         worker = json.loads(self.record_path.read_text())
         ready = self.record_path.stat().st_mtime
         worker_pid = worker["pid"]
-        comfy_port = c.comfy_port_of(worker_pid)
+        comfy_port, upstream = worker["comfy_port"], {c.UPSTREAM_HEADER: worker["upstream_secret"]}
         comfy_pid = int(Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()[0])
         worker_started, comfy_started = process_start(worker_pid, offset), process_start(comfy_pid, offset)
-        history = requests.get(f"http://127.0.0.1:{comfy_port}/history", params={"max_items": 1}, timeout=30).json()
+        history = requests.get(f"http://127.0.0.1:{comfy_port}/history", params={"max_items": 1}, headers=upstream, timeout=30).json()
         entry = next(iter(history.values()))
         begin, success = execution_span(entry)
         timings = record["timings"]

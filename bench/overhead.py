@@ -55,20 +55,20 @@ LABELS = {"bare": "bare client → ComfyUI (session and websocket kept open)",
           "script": "bare script, a new `python -c` process per image",
           "cli": "`imagegen generate -m …` CLI, a new process per image"}
 BARE_SCRIPT = """
-import json, sys, uuid, requests, websocket
+import json, os, sys, uuid, requests, websocket
 base, graph, out = sys.argv[1], json.load(open(sys.argv[2])), sys.argv[3]
-cid = uuid.uuid4().hex
-ws = websocket.create_connection("ws" + base[4:] + "/ws?clientId=" + cid)
-pid = requests.post(base + "/prompt", json={"prompt": graph, "client_id": cid}).json()["prompt_id"]
+cid, h = uuid.uuid4().hex, {"X-Imagegen-Upstream": os.environ["UPSTREAM_SECRET"]}
+ws = websocket.create_connection("ws" + base[4:] + "/ws?clientId=" + cid, header=h)
+pid = requests.post(base + "/prompt", json={"prompt": graph, "client_id": cid}, headers=h).json()["prompt_id"]
 while True:
     m = ws.recv()
     if isinstance(m, str):
         d = json.loads(m)
         if d["type"] == "executing" and d["data"].get("prompt_id") == pid and d["data"]["node"] is None:
             break
-entry = requests.get(base + "/history/" + pid).json()[pid]
+entry = requests.get(base + "/history/" + pid, headers=h).json()[pid]
 ref = [i for o in entry["outputs"].values() for i in o.get("images", [])][0]
-data = requests.get(base + "/view", params={"filename": ref["filename"], "subfolder": ref["subfolder"], "type": ref["type"]}).content
+data = requests.get(base + "/view", params={"filename": ref["filename"], "subfolder": ref["subfolder"], "type": ref["type"]}, headers=h).content
 open(out, "wb").write(data)
 """
 IMPORTS = "import imagegen.cli, imagegen.generate, imagegen.runtime, imagegen.comfy, imagegen.fetch, websocket, filelock"
@@ -141,9 +141,11 @@ class Bench:
 
         self.worker = self.runtime.find(default_slot())
         self.worker_pid = self.worker.info["pid"]
-        self.comfy_url = f"http://127.0.0.1:{c.comfy_port_of(self.worker_pid)}"
+        self.comfy_url = f"http://127.0.0.1:{self.worker.info['comfy_port']}"
+        self.upstream = {c.UPSTREAM_HEADER: self.worker.info["upstream_secret"]}  # the worker's ComfyUI wants it
+        self.http.headers.update(self.upstream)
         self.comfy_pid = int(Path(f"/proc/{self.worker_pid}/task/{self.worker_pid}/children").read_text().split()[0])
-        self.bare = c.BareClient(self.comfy_url)
+        self.bare = c.BareClient(self.comfy_url, headers=self.upstream)
         self.proxied = c.BareClient(self.worker.url, self.worker.token)
         self.planned = self.gen.plan(self.request(1, self.scratch / "unused.png"))
 
@@ -171,7 +173,8 @@ class Bench:
 
     def run_script(self, seed: int, out: Path) -> None:
         subprocess.run([sys.executable, "-c", BARE_SCRIPT, self.comfy_url, str(out.with_suffix(".json")), str(out)],
-                       check=True, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                       check=True, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                       env={**os.environ, "UPSTREAM_SECRET": self.worker.info["upstream_secret"]})
 
     def run_inproc(self, seed: int, out: Path) -> float:
         from imagegen.progress import Reporter

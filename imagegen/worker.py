@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -22,12 +23,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import COMFYUI_VERSION, __version__
+from . import COMFYUI_VERSION, __version__, comfy_launch
 from .cache import tree_layout
 from .gpus import detect_device  # noqa: F401 - the worker's device choice, shared with the host side
 
 HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
-               "transfer-encoding", "upgrade", "host", "authorization", "content-length", "origin", "referer"}
+               "transfer-encoding", "upgrade", "host", "authorization", "content-length", "origin", "referer",
+               comfy_launch.HEADER.lower()}
 
 
 @dataclass
@@ -82,6 +84,8 @@ class Worker:
         self.options = options
         self.work_dir = options.work_dir or Path(tempfile.mkdtemp(prefix="imagegen-worker-"))
         self.comfy_port = free_port()
+        self.upstream_secret = secrets.token_urlsafe(32)  # ComfyUI answers only requests that carry it
+        self.upstream_headers = {comfy_launch.HEADER: self.upstream_secret}
         self.comfy: subprocess.Popen | None = None
         self.device = detect_device() if options.device == "auto" else options.device
         self.last_activity = time.monotonic()
@@ -103,7 +107,7 @@ class Worker:
         for name in ("output", "input", "temp", "user"):
             (self.work_dir / name).mkdir(parents=True, exist_ok=True)
         config = write_model_paths(self.options.models_dir, self.work_dir / "extra_model_paths.yaml", self.options.extra_model_paths)
-        command = [sys.executable, str(self.options.comfyui_dir / "main.py"), "--listen", "127.0.0.1",
+        command = [sys.executable, comfy_launch.__file__, str(self.options.comfyui_dir / "main.py"), "--listen", "127.0.0.1",
                    "--port", str(self.comfy_port), "--disable-auto-launch", "--disable-all-custom-nodes",
                    "--disable-api-nodes", "--extra-model-paths-config", str(config),
                    "--output-directory", str(self.work_dir / "output"), "--input-directory", str(self.work_dir / "input"),
@@ -118,6 +122,7 @@ class Worker:
     def start_comfy(self) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("IMAGEGEN_WORKER_TOKEN", None)
+        env[comfy_launch.ENV] = self.upstream_secret
         env.update({name: value for name, value in compile_cache_env(self.options.models_dir).items() if name not in env})
         self.comfy = subprocess.Popen(self.comfy_command(), cwd=str(self.options.comfyui_dir), env=env,
                                       stdin=subprocess.DEVNULL)
@@ -202,7 +207,7 @@ class Worker:
         from aiohttp import ClientSession, DummyCookieJar
 
         if self.upstream is None or self.upstream.closed:
-            self.upstream = ClientSession(auto_decompress=False, cookie_jar=DummyCookieJar())
+            self.upstream = ClientSession(auto_decompress=False, cookie_jar=DummyCookieJar(), headers=self.upstream_headers)
         return self.upstream
 
     async def proxy_http(self, request):
@@ -244,7 +249,7 @@ class Worker:
         await client.prepare(request)
         self.open_sockets += 1
         try:
-            async with ClientSession() as session:
+            async with ClientSession(headers=self.upstream_headers) as session:
                 async with session.ws_connect(f"http://127.0.0.1:{self.comfy_port}{request.path_qs}") as upstream:
                     async def pump(source, sink):
                         async for message in source:
@@ -273,7 +278,7 @@ class Worker:
         from aiohttp import ClientSession
 
         deadline = time.monotonic() + timeout
-        async with ClientSession() as session:
+        async with ClientSession(headers=self.upstream_headers) as session:
             while time.monotonic() < deadline:
                 if self.comfy.poll() is not None:
                     raise RuntimeError(f"ComfyUI exited with code {self.comfy.returncode} during start-up")
@@ -303,7 +308,7 @@ class Worker:
         from aiohttp import ClientSession
 
         try:
-            async with ClientSession() as session:
+            async with ClientSession(headers=self.upstream_headers) as session:
                 async with session.get(f"http://127.0.0.1:{self.comfy_port}/queue") as response:
                     queue = await response.json()
             return not queue.get("queue_running") and not queue.get("queue_pending")
@@ -353,7 +358,8 @@ class Worker:
         record = {"event": "ready", "port": port, "pid": os.getpid(), "device": self.device,
                   "imagegen_version": __version__, "comfyui_version": COMFYUI_VERSION}
         if self.options.state_file:
-            write_private_json(self.options.state_file, {**record, "token": self.options.token})
+            write_private_json(self.options.state_file, {**record, "token": self.options.token, "comfy_port": self.comfy_port,
+                                                         "upstream_secret": self.upstream_secret})
         print(json.dumps(record), flush=True)
         await self.watchdog(stop)
         self.ready = False
