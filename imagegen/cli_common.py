@@ -25,7 +25,7 @@ RuntimeOpt = Annotated[str, typer.Option("--runtime", help="Where workers run: a
 KeepWarmOpt = Annotated[float, typer.Option("--keep-warm", help="Seconds an idle worker stays up for the next call.", envvar="IMAGEGEN_KEEP_WARM")]
 ProgressOpt = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bars on stderr (default: only when stderr is a terminal).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run even when a job looks too large for every GPU's memory.")]
-FastOpt = Annotated[bool, typer.Option("--fast", envvar="IMAGEGEN_FAST", help="Fast mode: torch.compile the model (the first image compiles for a while; later ones and later workers reuse it) and fp8 matmuls for fp8 models on Ada/Hopper GPUs. Images may differ slightly.")]
+FastOpt = Annotated[bool, typer.Option("--fast", envvar="IMAGEGEN_FAST", help="Fast mode: torch.compile the model (the first image compiles for a while; later ones and later workers reuse it) and fp8 matmuls for fp8 models on Ada/Hopper GPUs; GPU workers only. Images may differ slightly.")]
 FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Model family: sd15, sdxl or flux (detected when omitted).")]
 
 

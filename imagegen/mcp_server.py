@@ -44,7 +44,7 @@ Seed = Annotated[Optional[int], Field(description="Seed of the first image; rand
 Count = Annotated[int, Field(description="Number of images.")]
 Cfg = Annotated[Optional[float], Field(description="Classifier-free guidance scale.")]
 Negative = Annotated[Optional[str], Field(description="Negative prompt (SD1.5/SDXL).")]
-Fast = Annotated[bool, Field(description="Fast mode: torch.compile the model (the first image compiles for minutes, later ones are faster) and fp8 matmuls for fp8 models on Ada/Hopper. Worth it for many images.")]
+Fast = Annotated[bool, Field(description="Fast mode: torch.compile the model (the first image compiles for minutes, later ones are faster) and fp8 matmuls for fp8 models on Ada/Hopper; GPU workers only. Worth it for many images.")]
 OutputDir = Annotated[Optional[str], Field(description="Directory to write the PNGs into; imagegen's output directory when omitted.")]
 
 
