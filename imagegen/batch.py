@@ -248,6 +248,7 @@ def run(items: list[Item], out_dir: Path, runtime, reporter, emit, *, defaults: 
     reporter.start(summary.total, summary.skipped)
     if not todo:
         return summary
+    generate.check_fast_toolchain(runtime, any(job.params.fast for job in todo))
     hashes = prepare_models(todo, fetch or make_fetcher(reporter), runtime)
 
     def budgets(job: Job, state) -> object:

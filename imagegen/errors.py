@@ -36,6 +36,8 @@ ERRORS: dict[str, ErrorKind] = {
     "output_not_writable": ErrorKind(EXIT_USAGE, "The output location cannot be written.", "Choose an -o path in a writable directory."),
     "invalid_source_image": ErrorKind(EXIT_USAGE, "The image given to --from carries no imagegen parameters.", "Pass a PNG written by imagegen (or by ComfyUI with its prompt chunk)."),
     "runtime_unavailable": ErrorKind(EXIT_USAGE, "The chosen runtime cannot run here.", "Run `imagegen doctor`, or choose another --runtime."),
+    "fast_unavailable": ErrorKind(EXIT_USAGE, "Fast mode compiles the model where the worker runs, and a compiler or Python's headers are missing there.",
+                                  "Install them (Debian/Ubuntu: apt install build-essential python3-dev), use --runtime docker, or drop --fast."),
     # Environment and runtime failures.
     "comfyui_not_found": ErrorKind(EXIT_FAILURE, "No ComfyUI checkout was found for the local runtime.", "Run scripts/setup-dev.sh, or set IMAGEGEN_COMFYUI_DIR to a ComfyUI checkout."),
     "worker_start_failed": ErrorKind(EXIT_FAILURE, "A worker did not become ready.", "Read the worker log named above; `imagegen stop --all` clears stale workers."),

@@ -246,6 +246,7 @@ def render_stage(funnel: Funnel, number: int, runtime, reporter, emit, options: 
                     + (f", {total - len(jobs)} done earlier" if len(jobs) < total else ""))
     if jobs:
         slots = runtime.slots(options.gpus, cpu_workers=options.workers)
+        generate.check_fast_toolchain(runtime, options.fast)
         hashes = batch.prepare_models(jobs, fetch or make_fetcher(reporter))
 
         def budgets(job, state):

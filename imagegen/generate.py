@@ -268,6 +268,7 @@ def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
     bundle, jobs, request = planned.bundle, planned.jobs, planned.request
     if not request.force:
         check_gpu_memory(bundle, jobs[0])
+    check_fast_toolchain(runtime, request.fast)
     make_loadable(bundle, runtime, fetch or make_fetcher(reporter))
     worker = runtime.ensure(on_status=reporter.status, mounts=local_dirs(bundle))
     if worker.device == "cpu":
@@ -306,6 +307,30 @@ def make_loadable(bundle: Bundle, runtime, fetch) -> None:
     if local:
         raise ImagegenError("invalid_argument", f"remote workers cannot read the local file {local[0]}",
                             hint="Use a registered model the remote workers hold (under the same file name), or another --runtime.")
+
+
+def check_fast_toolchain(runtime, fast: bool) -> None:
+    """Fast mode compiles where the worker runs: for the local runtime on this machine, with this
+    interpreter (the worker image brings its own compiler). Refuse before anything starts, not after
+    the model has loaded, when torch.compile would find no compiler or no Python.h."""
+    import shutil
+    import sysconfig
+
+    from .gpus import detect_device
+
+    device = detect_device()
+    if not fast or getattr(runtime, "name", "") != "local" or not workflows.compiles_on(device):
+        return
+    missing = []
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        missing.append("a C compiler (cc or gcc)")
+    if device == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+        missing.append("a C++ compiler (c++ or g++), which inductor uses for CPU kernels")
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.is_file():
+        missing.append(f"Python's headers ({headers})")
+    if missing:
+        raise ImagegenError("fast_unavailable", f"--fast compiles the model on this machine, which lacks {' and '.join(missing)}")
 
 
 def check_gpu_memory(bundle: Bundle, params: workflows.Params) -> None:

@@ -70,12 +70,15 @@ FAST_ON_CPU_NOTE = ("--fast has no effect on a CPU worker: compiled models sampl
                     "(docs/benchmarks.md); set IMAGEGEN_FAST_ON_CPU=1 to compile anyway")
 
 
+def compiles_on(device: str) -> bool:
+    """Whether fast mode compiles on a worker of `device`. On a CPU, torch.compile made sampling slower
+    in every measurement (docs/benchmarks.md), so only with IMAGEGEN_FAST_ON_CPU=1."""
+    return device != "cpu" or os.environ.get(FAST_ON_CPU, "").lower() in ("1", "true", "yes")
+
+
 def for_device(params: Params, device: str) -> Params:
-    """The job as a worker on `device` runs it. On a CPU, torch.compile made sampling slower in every
-    measurement (docs/benchmarks.md), so a CPU worker gets the plain graph unless IMAGEGEN_FAST_ON_CPU=1."""
-    if params.fast and device == "cpu" and os.environ.get(FAST_ON_CPU, "").lower() not in ("1", "true", "yes"):
-        return replace(params, fast=False)
-    return params
+    """The job as a worker on `device` runs it."""
+    return params if not params.fast or compiles_on(device) else replace(params, fast=False)
 
 
 def flux_weight_dtype(bundle: Bundle, fast: bool) -> str:

@@ -127,6 +127,14 @@ def test_fast_mode_is_plain_on_a_cpu_worker_unless_asked(env, tiny_sd15, tmp_pat
     assert "fast" not in json.loads(result.stdout) and "IMAGEGEN_FAST_ON_CPU=1" in result.stderr.decode()
 
 
+def test_fast_mode_without_a_compiler_fails_before_any_worker_starts(tiny_sd15, tmp_path):
+    env = {"IMAGEGEN_HOME": str(tmp_path / "home"), "IMAGEGEN_RUNTIME": "local", "IMAGEGEN_FAST_ON_CPU": "1", "PATH": "/nonexistent"}
+    result = run_cli("generate", "a fox", "--checkpoint", str(tiny_sd15), "--fast", "--json", "-o", str(tmp_path / "fox.png"), env=env)
+    error = json.loads(result.stderr.decode().splitlines()[-1])
+    assert result.returncode == 2 and error["code"] == "fast_unavailable", result.stderr.decode()
+    assert not (tmp_path / "home" / "state" / "workers").exists() or not any((tmp_path / "home" / "state" / "workers").glob("*.json"))
+
+
 def test_fast_mode_keeps_the_pixels_and_caches_compiled_kernels_in_the_model_cache(env, tiny_sd15, tmp_path):
     from PIL import Image
     import numpy

@@ -40,3 +40,20 @@ def test_jobs_take_model_defaults_and_consecutive_seeds():
     assert [j.seed for j in jobs] == [10, 11, 12]
     assert (jobs[0].width, jobs[0].steps, jobs[0].cfg, jobs[0].scheduler) == (1024, 4, 1.0, "simple")
     assert len({j.filename_prefix for j in jobs}) == 3
+
+
+def test_fast_mode_needs_a_compiler_where_a_local_worker_compiles(monkeypatch):
+    import shutil
+    from types import SimpleNamespace
+
+    local, docker = SimpleNamespace(name="local"), SimpleNamespace(name="docker")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("IMAGEGEN_FAST_ON_CPU", "1")  # this machine has no GPU: make its CPU worker compile
+    with pytest.raises(ImagegenError) as caught:
+        generate.check_fast_toolchain(local, fast=True)
+    assert caught.value.code == "fast_unavailable" and caught.value.exit_code == 2
+    assert "C compiler" in caught.value.message and "apt install build-essential" in caught.value.hint
+    generate.check_fast_toolchain(local, fast=False)
+    generate.check_fast_toolchain(docker, fast=True)  # the image brings its own compiler
+    monkeypatch.delenv("IMAGEGEN_FAST_ON_CPU")
+    generate.check_fast_toolchain(local, fast=True)   # a CPU worker runs fast jobs plain: nothing to compile
