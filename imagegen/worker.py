@@ -275,20 +275,17 @@ class Worker:
 
     # --- lifecycle ------------------------------------------------------------------
     async def wait_ready(self, timeout: float = 300.0) -> None:
-        from aiohttp import ClientSession
-
         deadline = time.monotonic() + timeout
-        async with ClientSession(headers=self.upstream_headers) as session:
-            while time.monotonic() < deadline:
-                if self.comfy.poll() is not None:
-                    raise RuntimeError(f"ComfyUI exited with code {self.comfy.returncode} during start-up")
-                try:
-                    async with session.get(f"http://127.0.0.1:{self.comfy_port}/system_stats") as response:
-                        if response.status == 200:
-                            return
-                except OSError:
-                    pass
-                await asyncio.sleep(0.2)
+        while time.monotonic() < deadline:
+            if self.comfy.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with code {self.comfy.returncode} during start-up")
+            try:
+                async with self.upstream_session().get(f"http://127.0.0.1:{self.comfy_port}/system_stats") as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            await asyncio.sleep(0.2)
         raise RuntimeError(f"ComfyUI did not answer /system_stats within {timeout:.0f}s")
 
     async def comfy_answers(self, timeout: float = 3.0) -> bool:
@@ -305,12 +302,9 @@ class Worker:
             return False
 
     async def comfy_queue_empty(self) -> bool:
-        from aiohttp import ClientSession
-
         try:
-            async with ClientSession(headers=self.upstream_headers) as session:
-                async with session.get(f"http://127.0.0.1:{self.comfy_port}/queue") as response:
-                    queue = await response.json()
+            async with self.upstream_session().get(f"http://127.0.0.1:{self.comfy_port}/queue") as response:
+                queue = await response.json()
             return not queue.get("queue_running") and not queue.get("queue_pending")
         except (OSError, ValueError):
             return True
