@@ -110,7 +110,7 @@ def machine() -> str:
         torch = metadata.version("torch")
     except metadata.PackageNotFoundError:
         torch = "absent"
-    from imagegen.gpus import list_gpus
+    from imagegen.util.gpus import list_gpus
 
     gpus = list_gpus()
     gpu = ", ".join(f"{g.name} ({g.memory_total_mib // 1024} GiB)" for g in gpus) if gpus else "no GPU"
@@ -129,7 +129,7 @@ def now_stamp() -> str:
 
 
 def comfyui_dir() -> Path:
-    from imagegen.runtime import find_comfyui_dir
+    from imagegen.runtimes.local import find_comfyui_dir
 
     return find_comfyui_dir()
 
@@ -193,7 +193,7 @@ def write_section(name: str, section: str) -> None:
 # --- a ComfyUI started by hand --------------------------------------------------------------
 
 def free_port() -> int:
-    from imagegen.worker import free_port as pick
+    from imagegen.worker.serve import free_port as pick
 
     return pick()
 
@@ -201,7 +201,7 @@ def free_port() -> int:
 def bare_comfy_command(port: int, work: Path, models_dir: Path, device: str = "cpu", extra: tuple[str, ...] = ()) -> list[str]:
     """`python main.py [--cpu] --listen 127.0.0.1 --port P` with the worker's own flags (model paths,
     folders, no custom nodes, no previews): the same server, started by hand, without imagegen."""
-    from imagegen.worker import write_model_paths
+    from imagegen.worker.serve import write_model_paths
 
     for name in ("output", "input", "temp", "user"):
         (work / name).mkdir(parents=True, exist_ok=True)

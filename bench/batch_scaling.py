@@ -4,7 +4,7 @@
     IMAGEGEN_COMFYUI_DIR=... ~/.cache/imagegen-dev/venv/bin/python bench/batch_scaling.py [--no-write]
 
 a. throughput with N real CPU workers (LocalRuntime, tiny random-weight SD1.5) against 1 worker,
-   through imagegen.batch.run; scaling efficiency = (rate_N / rate_1) / N.
+   through imagegen.engine.batch.run; scaling efficiency = (rate_N / rate_1) / N.
 b. balancing over simulated workers of set speeds (tests/sim_comfy.py) through RemoteRuntime and the
    Scheduler: images per worker against the split proportional to speed, and the makespan against
    the ideal (total work / total speed).
@@ -88,10 +88,10 @@ class Meter:
 
 def run_batch(runtime, items_text: str, out_dir: Path, checkpoint: Path, meter: Meter, *, workers: int, pack: str,
               size: str, steps: int, seed: int) -> dict:
-    """One `imagegen batch` run through imagegen.batch.run in the runtime's IMAGEGEN_HOME: its rate, images per
+    """One `imagegen batch` run through imagegen.engine.batch.run in the runtime's IMAGEGEN_HOME: its rate, images per
     worker and the share of the CPU other processes took meanwhile."""
-    from imagegen import batch, generate
-    from imagegen.progress import BatchReporter
+    from imagegen.engine import batch, generate
+    from imagegen.engine.progress import BatchReporter
 
     os.environ["IMAGEGEN_HOME"] = str(runtime.home)
     items = batch.parse_items(items_text)
@@ -151,11 +151,11 @@ def alternating(label: str, runs: dict, repeats: int, deadline: float, max_forei
 def start_workers(home: Path, count: int, checkpoint: Path, size: str):
     """`count` warm local CPU workers in their own IMAGEGEN_HOME, started as `imagegen batch --workers count`
     starts them (LocalRuntime shares the cores out among them), each with one warm-up image rendered."""
-    from imagegen import cache
-    from imagegen.comfy import output_images
-    from imagegen.generate import Request, resolve_bundle
-    from imagegen.runtime import LocalRuntime
-    from imagegen.workflows import Params, build
+    from imagegen.comfy.client import output_images
+    from imagegen.comfy.workflows import Params, build
+    from imagegen.engine.generate import Request, resolve_bundle
+    from imagegen.models import cache
+    from imagegen.runtimes.local import LocalRuntime
 
     os.environ["IMAGEGEN_HOME"] = str(home)
     runtime = LocalRuntime(keep_warm=900)
@@ -242,9 +242,9 @@ def cpu_benchmarks(args, scratch: Path) -> tuple[list[list[str]], list[list[str]
 # --- simulated workers (b, c) --------------------------------------------------------------
 
 def sim_jobs(count: int, steps: int, out_dir: Path, size: int = 64):
-    from imagegen.registry import Bundle, ModelFile
-    from imagegen.scheduler import Job
-    from imagegen.workflows import Params
+    from imagegen.comfy.workflows import Params
+    from imagegen.engine.scheduler import Job
+    from imagegen.models.registry import Bundle, ModelFile
 
     bundle = Bundle(name="sim-sd15", family="sd15", files={"checkpoint": ModelFile(
         key="sim-sd15.checkpoint", folder="checkpoints", filename="sim-sd15.safetensors")})
@@ -255,9 +255,9 @@ def sim_jobs(count: int, steps: int, out_dir: Path, size: int = 64):
 
 
 def schedule(sims, jobs, depth: int) -> tuple[float, object]:
-    from imagegen.comfy import Timeouts
-    from imagegen.remote_runtime import RemoteRuntime
-    from imagegen.scheduler import Scheduler
+    from imagegen.comfy.client import Timeouts
+    from imagegen.engine.scheduler import Scheduler
+    from imagegen.runtimes.remote import RemoteRuntime
 
     runtime = RemoteRuntime([sim.entry for sim in sims])
     failures = []
@@ -405,7 +405,7 @@ def main() -> int:
         table(rows), "",
         "How to read it:", "",
         "- **CPU workers** are real ComfyUI processes running a tiny random-weight SD1.5 checkpoint, driven through",
-        "  `imagegen.batch.run` (LocalRuntime) with warm workers: start-up and one warm-up image per worker are not counted.",
+        "  `imagegen.engine.batch.run` (LocalRuntime) with warm workers: start-up and one warm-up image per worker are not counted.",
         f"  Two sets side by side, each in its own IMAGEGEN_HOME and started as `--workers 1` and `--workers {args.workers}` start",
         "  them: LocalRuntime gives each CPU worker cores / workers torch threads (OMP_NUM_THREADS). Ratio: images/s over",
         "  one worker's; scaling efficiency = (rate_N / rate_1) / N. On a CPU, N workers share the same cores, so this shows",

@@ -68,12 +68,12 @@ def execution_span(history: dict) -> tuple[float, float]:
 
 class ColdBench:
     def __init__(self, args, scratch: Path):
-        from imagegen.registry import add_user_model
-        from imagegen.runtime import LocalRuntime
+        from imagegen.models.registry import add_user_model
+        from imagegen.runtimes.local import LocalRuntime
 
         self.args, self.scratch = args, scratch
-        from imagegen import modelfile
-        from imagegen.runtime import default_slot
+        from imagegen.models import modelfile
+        from imagegen.runtimes.base import default_slot
 
         self.model = args.model or MODEL
         self.checkpoint = Path(args.checkpoint).resolve() if args.checkpoint else c.tiny_checkpoint()
@@ -88,7 +88,7 @@ class ColdBench:
 
     def hash_seconds(self) -> float:
         """What the one-time sha256 of the checkpoint costs (timed on its own, file cache warm)."""
-        from imagegen.fetch import sha256_file
+        from imagegen.models.fetch import sha256_file
 
         started = time.monotonic()
         sha256_file(self.checkpoint)
@@ -137,7 +137,8 @@ class ColdBench:
 
     # --- b: ComfyUI by hand -----------------------------------------------------------------
     def by_hand(self) -> dict:
-        from imagegen import generate as gen, workflows
+        from imagegen.comfy import workflows
+        from imagegen.engine import generate as gen
 
         self.seed += 1
         out = self.scratch / f"hand-{self.seed}.png"
@@ -147,7 +148,7 @@ class ColdBench:
         planned = gen.plan(gen.Request(prompt=PROMPT, model=self.model, size=self.args.size, steps=self.args.steps, seed=self.seed,
                                        output=str(self.scratch / "unused.png")))
         graph = workflows.build(planned.bundle, planned.jobs[0])
-        from imagegen import paths
+        from imagegen.util import paths
 
         self.drop_caches()
         started = time.time()

@@ -527,7 +527,7 @@ def check_registry(target: Path) -> list[str]:
     repo = Path(__file__).resolve().parent.parent
     if str(repo) not in sys.path:
         sys.path.insert(0, str(repo))
-    from imagegen.registry import Registry
+    from imagegen.models.registry import Registry
 
     registry = Registry.load(user=target)
     return sorted(name for name, bundle in registry.bundles.items() if bundle.source == str(target))
@@ -595,7 +595,9 @@ def verify_layout(model: str, scale: str = "full", flux_dtype: str = "bf16") -> 
                     if entry["detected"].startswith("Flux"):
                         from comfy.ldm.flux.model import Flux as Net
                     else:
-                        from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel as Net
+                        from comfy.ldm.modules.diffusionmodules.openaimodel import (
+                            UNetModel as Net,
+                        )
                     net = Net(**unet_config, dtype=torch.float16, device="meta", operations=_ops())
                 # what load_state_dict_guess_config / load_diffusion_model_state_dict do, key for key
                 work = dict(sd)

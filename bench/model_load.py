@@ -44,8 +44,8 @@ def build_full_sd15(target: Path, seed: int = 0) -> Path:
     comfy_dir = _comfy_on_path()
     import json
 
-    import torch
     import comfy.ops
+    import torch
     from comfy.clip_model import CLIPTextModel
     from comfy.ldm.models.autoencoder import AutoencoderKL
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -110,8 +110,8 @@ class Loader:
     def __init__(self, scratch: Path):
         import requests
 
-        from imagegen import paths
-        from imagegen.runtime import LocalRuntime
+        from imagegen.runtimes.local import LocalRuntime
+        from imagegen.util import paths
 
         self.runtime = LocalRuntime(keep_warm=900)
         self.worker = self.runtime.ensure()  # the first GPU when there is one, else the CPU

@@ -10,7 +10,7 @@ user model, so the CLI goes through the registry as `imagegen generate -m NAME` 
             ComfyUI child's command line), waits on the websocket, GETs /history and /view, writes
             the PNG, with its HTTP session and websocket kept open: the strictest baseline;
 - `proxy`   the same client through the worker's token proxy (client → proxy → ComfyUI);
-- `inproc`  imagegen.generate.generate() in this process: validation, registry, worker lookup, job,
+- `inproc`  imagegen.engine.generate.generate() in this process: validation, registry, worker lookup, job,
             fetch, PNG tagging, atomic write (the per-image cost without process start-up);
 - `script`  the bare client's few lines as a new `python -c` process per image: the fair baseline
             for a CLI, which also starts a process per image;
@@ -51,7 +51,7 @@ MODEL = "bench-tiny-sd15"
 PATHS = ["bare", "proxy", "inproc", "script", "cli"]
 LABELS = {"bare": "bare client → ComfyUI (session and websocket kept open)",
           "proxy": "same client → worker proxy → ComfyUI",
-          "inproc": "`imagegen.generate.generate()` in-process, warm worker",
+          "inproc": "`imagegen.engine.generate.generate()` in-process, warm worker",
           "script": "bare script, a new `python -c` process per image",
           "cli": "`imagegen generate -m …` CLI, a new process per image"}
 BARE_SCRIPT = """
@@ -71,7 +71,7 @@ ref = [i for o in entry["outputs"].values() for i in o.get("images", [])][0]
 data = requests.get(base + "/view", params={"filename": ref["filename"], "subfolder": ref["subfolder"], "type": ref["type"]}, headers=h).content
 open(out, "wb").write(data)
 """
-IMPORTS = "import imagegen.cli, imagegen.generate, imagegen.runtime, imagegen.comfy, imagegen.fetch, websocket, filelock"
+IMPORTS = "import imagegen.cli.main, imagegen.engine.generate, imagegen.runtimes.base, imagegen.comfy.client, imagegen.models.fetch, websocket, filelock"
 
 
 @dataclass
@@ -113,12 +113,12 @@ class Bench:
     def __init__(self, args, scratch: Path):
         import requests
 
-        from imagegen import generate as gen
-        from imagegen.registry import add_user_model
-        from imagegen.runtime import LocalRuntime
+        from imagegen.engine import generate as gen
+        from imagegen.models.registry import add_user_model
+        from imagegen.runtimes.local import LocalRuntime
 
         self.args, self.scratch, self.gen = args, scratch, gen
-        from imagegen import modelfile
+        from imagegen.models import modelfile
 
         self.model = args.model or MODEL
         self.checkpoint = Path(args.checkpoint).resolve() if args.checkpoint else c.tiny_checkpoint()
@@ -132,12 +132,12 @@ class Bench:
         return self.gen.Request(prompt=PROMPT, model=self.model, size=self.args.size, steps=self.args.steps, seed=seed, output=str(out))
 
     def start(self) -> None:
-        from imagegen.progress import Reporter
+        from imagegen.engine.progress import Reporter
 
         started = time.monotonic()
         list(self.gen.generate(self.request(1, self.scratch / "first.png"), self.runtime, Reporter(quiet=True)))
         c.log(f"worker started and first image rendered in {time.monotonic() - started:.1f}s (not counted)")
-        from imagegen.runtime import default_slot
+        from imagegen.runtimes.base import default_slot
 
         self.worker = self.runtime.find(default_slot())
         self.worker_pid = self.worker.info["pid"]
@@ -150,7 +150,7 @@ class Bench:
         self.planned = self.gen.plan(self.request(1, self.scratch / "unused.png"))
 
     def graph(self, seed: int) -> dict:
-        from imagegen import workflows
+        from imagegen.comfy import workflows
 
         params = self.planned.jobs[0]
         params.seed = seed
@@ -177,7 +177,7 @@ class Bench:
                        env={**os.environ, "UPSTREAM_SECRET": self.worker.info["upstream_secret"]})
 
     def run_inproc(self, seed: int, out: Path) -> float:
-        from imagegen.progress import Reporter
+        from imagegen.engine.progress import Reporter
 
         records = list(self.gen.generate(self.request(seed, out), self.runtime, Reporter(quiet=True)))
         return records[0]["timings"].get("sampling")
@@ -263,7 +263,9 @@ BEFORE, INSIDE, AFTER = ("from the call to execution_start", "ComfyUI execution 
 
 
 def breakdown(bench: Bench, runs: int) -> list[list[str]]:
-    from imagegen import cache, comfy, generate, output, registry, timings
+    from imagegen.comfy import client as comfy
+    from imagegen.engine import generate, output, timings
+    from imagegen.models import cache, registry
 
     tracer = Tracer()
     pieces = [
@@ -362,9 +364,9 @@ def main() -> int:
             results: dict[str, list[Sample]] = {name: [] for name in PATHS}
             processes = {"python -c pass": [sys.executable, "-c", "pass"],
                          "python -c 'import requests, websocket'  (the bare script's imports)": [sys.executable, "-c", "import requests, websocket"],
-                         "python -c 'import imagegen.cli'  (typer)": [sys.executable, "-c", "import imagegen.cli"],
-                         "python -c 'import imagegen.cli, typer._adapters'  (+ pydantic, which typer 0.29 uses to parse)":
-                             [sys.executable, "-c", "import imagegen.cli, typer._adapters"],
+                         "python -c 'import imagegen.cli.main'  (typer)": [sys.executable, "-c", "import imagegen.cli.main"],
+                         "python -c 'import imagegen.cli.main, typer._adapters'  (+ pydantic, which typer 0.29 uses to parse)":
+                             [sys.executable, "-c", "import imagegen.cli.main, typer._adapters"],
                          "python -c 'import <everything the generate path imports>'": [sys.executable, "-c", IMPORTS + ", typer._adapters"],
                          "imagegen generate x --size 65x64 -m sd15  (exits 2 after parsing and validation)":
                              [sys.executable, CLI, "generate", "x", "--size", "65x64", "-m", "sd15"]}

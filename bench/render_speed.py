@@ -78,14 +78,17 @@ class Series:
 
 
 def request(model: str, case: Case, seed: int, out: Path, fast: bool = False):
-    from imagegen import generate as gen
+    from imagegen.engine import generate as gen
 
     return gen.Request(prompt=PROMPT, model=model, size=case.size, steps=case.steps, seed=seed, output=str(out), fast=fast,
                        overwrite=True)
 
 
 def run_bare(case: Case, runs: int, scratch: Path, device: str) -> Series:
-    from imagegen import cache, generate as gen, paths, workflows
+    from imagegen.comfy import workflows
+    from imagegen.engine import generate as gen
+    from imagegen.models import cache
+    from imagegen.util import paths
 
     planned = gen.plan(request(case.model, case, 1, scratch / "unused.png"))
     cache.ensure_bundle(planned.bundle)
@@ -113,8 +116,8 @@ def run_bare(case: Case, runs: int, scratch: Path, device: str) -> Series:
 
 
 def render(runtime, model: str, case: Case, seed: int, out: Path, fast: bool) -> tuple[float, float | None]:
-    from imagegen import generate as gen
-    from imagegen.progress import Reporter
+    from imagegen.engine import generate as gen
+    from imagegen.engine.progress import Reporter
 
     started = time.monotonic()
     (record,) = list(gen.generate(request(model, case, seed, out, fast), runtime, Reporter(quiet=True)))
@@ -124,7 +127,7 @@ def render(runtime, model: str, case: Case, seed: int, out: Path, fast: bool) ->
 
 
 def run_imagegen(case: Case, runs: int, scratch: Path) -> dict:
-    from imagegen.runtime import LocalRuntime
+    from imagegen.runtimes.local import LocalRuntime
 
     runtime = LocalRuntime(keep_warm=1800)
     out = scratch / "imagegen.png"
@@ -200,7 +203,7 @@ def main() -> int:
     parser.add_argument("--max-load", type=float, default=1.5, help="wait (up to 2 min) for the load average to fall below this")
     parser.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
     args = parser.parse_args()
-    from imagegen.gpus import detect_device
+    from imagegen.util.gpus import detect_device
 
     device = detect_device()
     os.environ.setdefault("IMAGEGEN_FAST_ON_CPU", "1")  # measure compiling on a CPU too (imagegen skips it there by default)
@@ -210,8 +213,9 @@ def main() -> int:
         scratch = Path(tmp)
         os.environ["IMAGEGEN_HOME"] = str(scratch / "home")
         os.environ.pop("IMAGEGEN_MODELS_DIR", None)
-        from imagegen import modelfile, paths
-        from imagegen.registry import add_user_model
+        from imagegen.models import modelfile
+        from imagegen.models.registry import add_user_model
+        from imagegen.util import paths
 
         models_yaml = build_full(args.full, "sd15,sdxl,flux-dev") if args.full else args.models_yaml
         if models_yaml:

@@ -53,12 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):
             return 1
     if args.command == "serve":
-        from .worker import ServeOptions, serve
+        from imagegen.worker.serve import ServeOptions, serve
 
         if not args.comfyui_dir or not (Path(args.comfyui_dir) / "main.py").is_file():
             print(json.dumps({"event": "failed", "error": f"no ComfyUI at {args.comfyui_dir!r} (set IMAGEGEN_COMFYUI_DIR)"}), flush=True)
             return 2
-        from . import paths
+        from imagegen.util import paths
 
         models_dir = Path(args.models_dir) if args.models_dir else paths.models_dir()
         return serve(ServeOptions(
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             work_dir=Path(args.work_dir) if args.work_dir else None,
             extra_model_paths=[Path(p) for p in args.shared_models]))
     if args.command == "fetch":
-        from .fetch import fetch_main
+        from imagegen.models.fetch import fetch_main
 
         return fetch_main(args.model, Path(args.models_dir) if args.models_dir else None)
     return 2

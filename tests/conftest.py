@@ -36,7 +36,7 @@ def isolated_home(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def comfyui_dir() -> Path:
-    from imagegen import paths
+    from imagegen.util import paths
 
     for candidate in paths.comfyui_dir_candidates():
         if (candidate / "main.py").is_file():
@@ -77,7 +77,7 @@ def session_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def comfy_worker(comfyui_dir, session_home):
     """A real local worker (ComfyUI on CPU behind the token proxy), started once per session."""
-    from imagegen.runtime import LocalRuntime
+    from imagegen.runtimes.local import LocalRuntime
 
     previous = os.environ.get("IMAGEGEN_HOME")
     os.environ["IMAGEGEN_HOME"] = str(session_home)

@@ -1,11 +1,10 @@
-from pathlib import Path
 
 import pytest
 
-from imagegen import batch
-from imagegen.errors import ImagegenError
-from imagegen.scheduler import Job, JobQueue, WorkerState, prefer_loaded_model
-from imagegen.registry import Registry
+from imagegen.engine import batch
+from imagegen.engine.scheduler import Job, JobQueue, WorkerState, prefer_loaded_model
+from imagegen.models.registry import Registry
+from imagegen.util.errors import ImagegenError
 
 
 def test_plain_lines_and_jsonl_items():

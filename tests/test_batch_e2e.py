@@ -9,11 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from imagegen import output
-
 from conftest import REPO, communicate, run_cli
 from safetensors_util import write_safetensors
+
+from imagegen.comfy import png
 
 pytestmark = pytest.mark.comfyui
 
@@ -51,7 +50,7 @@ def test_prompts_from_stdin_over_two_workers(env, tiny_sd15, tmp_path):
     assert {line["worker"] for line in lines} == {"local-cpu", "local-cpu-2"}, "both workers must take jobs"
     assert (out / "named.png").is_file() and next(l for l in lines if l["path"].endswith("named.png"))["seed"] == 9
     for line in lines:
-        assert output.png_size(Path(line["path"]).read_bytes()) == (64, 64)
+        assert png.png_size(Path(line["path"]).read_bytes()) == (64, 64)
     # a rerun of the same command skips everything and starts nothing
     again = run_cli(*batch_args(tiny_sd15, out, "--steps", "30", "--json"), input=prompts.encode(), env=env)
     assert again.returncode == 0 and again.stdout == b""

@@ -5,12 +5,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from jsonschema import Draft202012Validator
 
-from imagegen import output
-from imagegen.schema import RESULT
-
-from conftest import run_cli
+from imagegen.comfy import png
+from imagegen.engine.schema import RESULT
 
 pytestmark = pytest.mark.comfyui
 
@@ -39,8 +38,8 @@ def test_cold_then_warm_generate_with_a_local_checkpoint(env, tiny_sd15, tmp_pat
     assert cold.stdout.decode() == f"{tmp_path / 'cold.png'}\n"  # stdout is data: one absolute path
     assert "CPU" in cold.stderr.decode()
     data = (tmp_path / "cold.png").read_bytes()
-    assert output.png_size(data) == (64, 96)
-    chunks = output.read_text_chunks(data)
+    assert png.png_size(data) == (64, 96)
+    chunks = png.read_text_chunks(data)
     assert {"prompt", "parameters", "imagegen"} <= set(chunks)
     assert json.loads(chunks["imagegen"])["seed"] == 7
     first_pid = workers(env)[0]["pid"]
@@ -63,15 +62,15 @@ def test_json_and_count(env, tiny_sd15, tmp_path):
     assert [r["seed"] for r in records] == [100, 101]
     for record in records:
         assert record["schema"] == "imagegen.result/1" and record["width"] == 64
-        assert output.png_size(open(record["path"], "rb").read()) == (64, 64)
+        assert png.png_size(open(record["path"], "rb").read()) == (64, 64)
         assert {"sampling", "since_submit"} <= set(record["timings"])
 
 
 def test_png_bytes_on_stdout(env, tiny_sd15):
     result = run_cli("generate", "a cat", "--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "1", "-o", "-", env=env)
     assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout.startswith(output.PNG_SIGNATURE)
-    assert output.png_size(result.stdout) == (64, 64)
+    assert result.stdout.startswith(png.PNG_SIGNATURE)
+    assert png.png_size(result.stdout) == (64, 64)
     assert result.stdout.endswith(b"IEND\xaeB`\x82")  # nothing but the PNG
 
 
@@ -82,7 +81,7 @@ def test_registered_local_model_by_name(env, tiny_sd15, tmp_path):
     assert listed["tiny"]["installed"] and listed["tiny"]["family"] == "sd15"
     result = run_cli("generate", "a tiny model", "-m", "tiny", "--size", "64x64", "--steps", "1", "-o", str(tmp_path / "t.png"), env=env)
     assert result.returncode == 0, result.stderr.decode()
-    assert output.png_size((tmp_path / "t.png").read_bytes()) == (64, 64)
+    assert png.png_size((tmp_path / "t.png").read_bytes()) == (64, 64)
 
 
 def test_bad_input_exits_2_before_any_worker_starts(env, tiny_sd15, tmp_path):
@@ -97,7 +96,7 @@ def test_bad_input_exits_2_before_any_worker_starts(env, tiny_sd15, tmp_path):
 
 
 def idat(path) -> bytes:
-    return b"".join(body for kind, body, _ in output.iter_chunks(open(path, "rb").read()) if kind == b"IDAT")
+    return b"".join(body for kind, body, _ in png.iter_chunks(open(path, "rb").read()) if kind == b"IDAT")
 
 
 def test_same_parameters_same_pixels_and_from_reproduces(env, tiny_sd15, tmp_path):
@@ -136,8 +135,8 @@ def test_fast_mode_without_a_compiler_fails_before_any_worker_starts(tiny_sd15, 
 
 
 def test_fast_mode_keeps_the_pixels_and_caches_compiled_kernels_in_the_model_cache(env, tiny_sd15, tmp_path):
-    from PIL import Image
     import numpy
+    from PIL import Image
 
     common = ["a fast fox", "--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "3", "--seed", "77", "--json"]
     plain = run_cli("generate", *common, "-o", str(tmp_path / "plain.png"), env=env)

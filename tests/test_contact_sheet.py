@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops
 
-from imagegen import contact_sheet
-from imagegen.contact_sheet import LABEL, PAD, THUMB, TITLE, Tile
+from imagegen.funnel import contact_sheet
+from imagegen.funnel.contact_sheet import LABEL, PAD, THUMB, TITLE, Tile
 
 
 def _image(path: Path, color, size=(64, 64)) -> Path:

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-from imagegen import __version__, output
-
 from conftest import REPO, require
+
+from imagegen import __version__
+from imagegen.comfy import png
 
 pytestmark = pytest.mark.docker
 
@@ -203,7 +203,7 @@ def test_generate_renders_a_png_owned_by_the_invoking_user(box):
     record = json.loads(result.stdout.decode())
     assert record["path"] == str(target) and record["seed"] == 7
     data = target.read_bytes()
-    assert output.png_size(data) == (64, 96)
+    assert png.png_size(data) == (64, 96)
     assert target.stat().st_uid == box.uid and target.stat().st_gid == box.gid
 
     (container,) = box.containers()

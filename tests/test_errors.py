@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from imagegen.errors import ERRORS, ImagegenError
+from imagegen.util.errors import ERRORS, ImagegenError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -15,7 +15,7 @@ def test_every_code_is_documented_with_its_exit_code():
 
 def test_every_code_raised_in_the_package_is_registered():
     raised = set()
-    for path in (REPO / "imagegen").glob("*.py"):
+    for path in (REPO / "imagegen").rglob("*.py"):
         raised |= set(re.findall(r'ImagegenError\(\s*"([a-z_]+)"', path.read_text()))
         raised |= set(re.findall(r'code="([a-z_]+)"', path.read_text()))
     assert raised and raised <= set(ERRORS), raised - set(ERRORS)

@@ -11,14 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-
-from imagegen import output
-from imagegen.comfy import ComfyClient, Timeouts, output_images
-from imagegen.registry import local_bundle
-from imagegen.runtime import pid_alive
-from imagegen.workflows import Params, build
-
 from conftest import REPO, communicate, run_cli
+
+from imagegen.comfy import png
+from imagegen.comfy.client import ComfyClient, Timeouts, output_images
+from imagegen.comfy.workflows import Params, build
+from imagegen.models.registry import local_bundle
+from imagegen.runtimes.base import pid_alive
 
 pytestmark = pytest.mark.comfyui
 
@@ -75,7 +74,7 @@ def assert_next_call_works(env, tiny_sd15, tmp_path):
     result = run_cli("generate", "after the fault", "--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "1",
                      "-o", str(tmp_path / "after.png"), env=env)
     assert result.returncode == 0, result.stderr.decode()
-    assert output.png_size((tmp_path / "after.png").read_bytes()) == (64, 64)
+    assert png.png_size((tmp_path / "after.png").read_bytes()) == (64, 64)
 
 
 def comfy_pid(record) -> int:
@@ -130,7 +129,7 @@ def test_port_that_stops_answering(env, tiny_sd15, tmp_path):
 
 def test_dropped_websocket_loses_nothing(comfy_worker, session_home, tiny_sd15, monkeypatch):
     """The websocket dies mid-job: progress stops, but completion comes from /history."""
-    from imagegen import cache
+    from imagegen.models import cache
 
     bundle = local_bundle(tiny_sd15, "sd15")
     cache.link_local(bundle.files["checkpoint"], session_home / "models")
@@ -155,5 +154,5 @@ def test_dropped_websocket_loses_nothing(comfy_worker, session_home, tiny_sd15, 
     entry = client.run(graph, Timeouts(stall=30), on_progress)
     assert dropped, "the socket was never dropped: the test proved nothing"
     data = client.fetch_file(output_images(entry)[0])
-    assert output.png_size(data) == (64, 64)
+    assert png.png_size(data) == (64, 64)
 

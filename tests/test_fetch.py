@@ -15,11 +15,12 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-
 from hub_server import HubServer
-from imagegen import cache, fetch
-from imagegen.errors import ImagegenError
-from imagegen.registry import Bundle, ModelFile
+
+from imagegen.models import cache, fetch
+from imagegen.models.ledger import LEDGER
+from imagegen.models.registry import Bundle, ModelFile
+from imagegen.util.errors import ImagegenError
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 600 * 1024
@@ -79,7 +80,7 @@ def test_downloads_verifies_and_records_then_trusts_the_ledger(hub, models_dir, 
     heads = [r for r in hub.requests if r.method == "HEAD"]
     assert [r.path for r in heads] == ["/org/tiny/resolve/main/tiny.safetensors"] and len(hub.gets()) == 1
     assert not leftovers(models_dir)
-    ledger = json.loads((models_dir / fetch.LEDGER).read_text())
+    ledger = json.loads((models_dir / LEDGER).read_text())
     assert ledger["checkpoints/tiny.safetensors"]["sha256"] == hashlib.sha256(data).hexdigest()
 
     monkeypatch.setattr(fetch, "sha256_file", lambda path: pytest.fail("re-hashed a verified file"))
@@ -94,7 +95,7 @@ def test_unknown_sha256_is_recorded_on_first_download(hub, models_dir):
     sha = hashlib.sha256(data).hexdigest()
     recorded = [e for e in events if e["event"] == "recorded"]
     assert len(recorded) == 1 and recorded[0]["sha256"] == sha and "not in the registry" in recorded[0]["message"]
-    assert json.loads((models_dir / fetch.LEDGER).read_text())["checkpoints/tiny.safetensors"]["sha256"] == sha
+    assert json.loads((models_dir / LEDGER).read_text())["checkpoints/tiny.safetensors"]["sha256"] == sha
 
 
 def test_connection_cut_mid_file_continues_with_a_range_request(hub, models_dir):
@@ -373,7 +374,7 @@ def test_make_fetcher_plugs_into_ensure_bundle(hub, models_dir):
 
 
 def test_tqdm_renderer_draws_one_bar_per_file(hub, models_dir, tmp_path):
-    from imagegen.fetch_progress import TqdmRenderer
+    from imagegen.models.fetch_progress import TqdmRenderer
 
     bundle, _ = make_bundle(hub)
     out = (tmp_path / "stderr.txt").open("w+")
@@ -423,5 +424,5 @@ def test_models_pull_tiny_sd15_from_the_test_hub(hub, isolated_home, tiny_sd15):
     assert path == isolated_home / "models" / "checkpoints" / "tiny-sd15.safetensors"
     assert path.stat().st_size == len(data)
     assert "verified" in result.stderr.decode()
-    ledger = json.loads((isolated_home / "models" / fetch.LEDGER).read_text())
+    ledger = json.loads((isolated_home / "models" / LEDGER).read_text())
     assert ledger["checkpoints/tiny-sd15.safetensors"]["sha256"] == hashlib.sha256(data).hexdigest()

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, require, run_cli
 
 BUILDER = REPO / "bench" / "full_models.py"
@@ -180,8 +179,9 @@ def bench_env(comfyui_dir, small_models, tmp_path_factory):
 
 @pytest.mark.comfyui
 def test_models_yaml_is_a_valid_user_registry(small_models, monkeypatch):
-    from imagegen import modelfile, paths
-    from imagegen.registry import Registry
+    from imagegen.models import modelfile
+    from imagegen.models.registry import Registry
+    from imagegen.util import paths
 
     monkeypatch.setenv("IMAGEGEN_HOME", str(small_models))  # so that OUT_DIR/models.yaml is the user file
     assert paths.user_models_yaml() == small_models / "models.yaml"

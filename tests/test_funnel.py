@@ -13,16 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
-from imagegen import contact_sheet, funnel, output
-from imagegen.errors import ImagegenError
-from imagegen.funnel_stages import Stage, configure, default_stages, load_stage_file
-from imagegen.progress import Reporter
-from imagegen.registry import Registry
-
 from conftest import FIXTURES, REPO, communicate, run_cli
+from PIL import Image
 from safetensors_util import write_safetensors
+
+from imagegen.comfy import png
+from imagegen.engine.progress import Reporter
+from imagegen.funnel import contact_sheet
+from imagegen.funnel import pipeline as funnel
+from imagegen.funnel.stages import Stage, configure, default_stages, load_stage_file
+from imagegen.models.registry import Registry
+from imagegen.util.errors import ImagegenError
 
 SD15_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 NO_MODELS = {"drafts": None, "refine": None, "polish": None, "upscale": None}
@@ -252,7 +253,7 @@ def _state(directory: Path) -> dict:
 def test_a_whole_funnel_drafts_pick_refine_pick_polish_upscale(env, tiny_sd15, tiny_esrgan, tmp_path):
     from jsonschema import Draft202012Validator
 
-    from imagegen.schema import RESULT
+    from imagegen.engine.schema import RESULT
 
     stage_file = tmp_path / "stages.yaml"
     stage_file.write_text(f"stages:\n"
@@ -289,8 +290,8 @@ def test_a_whole_funnel_drafts_pick_refine_pick_polish_upscale(env, tiny_sd15, t
     assert len(paths) == 2 and "/stage-3-polish/" in paths[0] and "/stage-4-upscale/" in paths[1]
     assert "funnel done" in third.stderr.decode()
     final = Path(paths[1]).read_bytes()
-    assert output.png_size(final) == (256, 256)
-    assert json.loads(output.read_text_chunks(final)["imagegen"])["family"] == "upscale"
+    assert png.png_size(final) == (256, 256)
+    assert json.loads(png.read_text_chunks(final)["imagegen"])["family"] == "upscale"
     state = _state(out)
     assert [(s["picks"], s["picked_by"]) for s in state["stages"]] == [([2, 4], "pick"), ([2], "pick"), ([1], "all"), (None, None)]
     assert state["next"] == {"action": "done"}
@@ -339,7 +340,7 @@ def test_an_interrupted_stage_resumes_without_redoing_finished_images(env, tiny_
     assert {path: (out / path).stat().st_mtime_ns for path in before} == before
     assert f"{len(finished)} done earlier" in resumed.stderr.decode()
     assert status["status"] == "done" and len(status["final"]) == 1
-    assert output.png_size(Path(status["final"][0]).read_bytes()) == (128, 128)
+    assert png.png_size(Path(status["final"][0]).read_bytes()) == (128, 128)
     assert _state(out)["stages"][0]["picks"] == [3]
 
 

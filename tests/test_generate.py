@@ -2,9 +2,9 @@ import math
 
 import pytest
 
-from imagegen import generate
-from imagegen.errors import ImagegenError
-from imagegen.registry import Registry
+from imagegen.engine import generate
+from imagegen.models.registry import Registry
+from imagegen.util.errors import ImagegenError
 
 
 @pytest.mark.parametrize("size, fragment", [("512", "not WIDTHxHEIGHT"), ("513x512", "multiple of 8"),

@@ -10,13 +10,12 @@ import sys
 
 import anyio
 import pytest
+from conftest import REPO, run_cli
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from PIL import Image
 
-from imagegen import output
-
-from conftest import REPO, run_cli
+from imagegen.comfy import png
 
 pytestmark = pytest.mark.comfyui
 
@@ -90,9 +89,9 @@ def test_generate_image_returns_path_parameters_thumbnail_and_progress(env, tiny
     (record,) = texts(result)
     assert record["schema"] == "imagegen.result/1" and record["seed"] == 11 and record["steps"] == 1
     assert record["path"].startswith(str(tmp_path / "out"))
-    assert output.png_size(open(record["path"], "rb").read()) == (64, 64)
+    assert png.png_size(open(record["path"], "rb").read()) == (64, 64)
     (thumb,) = images(result)
-    assert thumb.startswith(output.PNG_SIGNATURE) and max(Image.open(io.BytesIO(thumb)).size) <= 128
+    assert thumb.startswith(png.PNG_SIGNATURE) and max(Image.open(io.BytesIO(thumb)).size) <= 128
     assert result.structured_content["results"][0]["path"] == record["path"]
     assert progress, "no progress notification arrived"
     values = [value for value, _total, _message in progress]

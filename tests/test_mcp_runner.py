@@ -6,8 +6,8 @@ import threading
 
 from PIL import Image
 
-from imagegen.errors import ImagegenError
-from imagegen.mcp_server import ImageSpec, ImagegenTools
+from imagegen.mcp.server import ImagegenTools, ImageSpec
+from imagegen.util.errors import ImagegenError
 
 
 def fake_runner(png_path, fail_item=None):

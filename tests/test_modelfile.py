@@ -2,12 +2,11 @@ import json
 import struct
 
 import pytest
-
-from imagegen import modelfile
-from imagegen.errors import ImagegenError
-from imagegen.registry import Registry
-
 from safetensors_util import write_safetensors
+
+from imagegen.models import modelfile
+from imagegen.models.registry import Registry
+from imagegen.util.errors import ImagegenError
 
 
 def flux_model(path, context=4096):

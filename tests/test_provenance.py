@@ -1,6 +1,6 @@
-from imagegen import output, provenance
-
 from test_output import PNG_1x1
+
+from imagegen.comfy import png, provenance
 
 
 def test_a1111_parameters_are_parsed_back():
@@ -15,7 +15,7 @@ def test_a1111_parameters_are_parsed_back():
 def test_our_own_parameters_text_round_trips():
     record = {"prompt": "a fox", "negative": "", "steps": 20, "sampler": "euler_ancestral", "scheduler": "normal",
               "cfg": 7.0, "seed": 42, "width": 512, "height": 768, "model": "sd15", "family": "sd15", "imagegen_version": "0.1.0"}
-    found = provenance.parse_a1111(output.a1111_parameters(record))
+    found = provenance.parse_a1111(png.a1111_parameters(record))
     assert {k: found[k] for k in ("prompt", "steps", "sampler", "scheduler", "cfg", "seed", "width", "height", "model")} == \
         {k: record[k] for k in ("prompt", "steps", "sampler", "scheduler", "cfg", "seed", "width", "height", "model")}
 
@@ -30,7 +30,7 @@ def test_plain_comfyui_graph_is_read(tmp_path):
     image = tmp_path / "comfy.png"
     import json
 
-    image.write_bytes(output.add_text_chunks(PNG_1x1, {"prompt": json.dumps(graph)}))
+    image.write_bytes(png.add_text_chunks(PNG_1x1, {"prompt": json.dumps(graph)}))
     found = provenance.read_parameters(image)
     assert found == {"prompt": "a red barn", "negative": "ugly", "seed": 9, "steps": 12, "cfg": 5.0, "sampler": "euler",
                      "scheduler": "karras", "width": 640, "height": 448, "model_file": "dreamshaper.safetensors"}
@@ -39,7 +39,7 @@ def test_plain_comfyui_graph_is_read(tmp_path):
 def test_an_image_without_parameters_is_refused(tmp_path):
     import pytest
 
-    from imagegen.errors import ImagegenError
+    from imagegen.util.errors import ImagegenError
 
     bare = tmp_path / "bare.png"
     bare.write_bytes(PNG_1x1)

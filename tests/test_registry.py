@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from imagegen import registry
-from imagegen.errors import ImagegenError
-from imagegen.registry import Registry
+from imagegen.models import registry
+from imagegen.models.registry import Registry
+from imagegen.util.errors import ImagegenError
 
 
 def test_builtin_registry_has_the_four_bundles():

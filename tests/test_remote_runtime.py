@@ -14,16 +14,15 @@ import time
 import pytest
 import requests
 from PIL import Image
-
-from imagegen import generate
-from imagegen.comfy import ComfyClient, Timeouts, output_images
-from imagegen.errors import ImagegenError
-from imagegen.registry import Bundle, ModelFile
-from imagegen.remote_runtime import ENV, TOKEN_FILE_ENV, RemoteRuntime, parse_entries
-from imagegen.scheduler import Job, Scheduler
-from imagegen.workflows import Params, build
-
 from sim_comfy import SimWorker
+
+from imagegen.comfy.client import ComfyClient, Timeouts, output_images
+from imagegen.comfy.workflows import Params, build
+from imagegen.engine import generate, render
+from imagegen.engine.scheduler import Job, Scheduler
+from imagegen.models.registry import Bundle, ModelFile
+from imagegen.runtimes.remote import ENV, TOKEN_FILE_ENV, RemoteRuntime, parse_entries
+from imagegen.util.errors import ImagegenError
 
 
 def bundle(name: str = "sim-model") -> Bundle:
@@ -308,7 +307,7 @@ def test_a_dead_remote_workers_jobs_finish_elsewhere(tmp_path):
 
 
 def test_a_hung_remote_worker_is_routed_around(tmp_path, monkeypatch):
-    monkeypatch.setattr(generate, "REQUEST_TIMEOUT", 1.0)
+    monkeypatch.setattr(render, "REQUEST_TIMEOUT", 1.0)
     with SimWorker(step_seconds=0.005, name="a") as a, SimWorker(step_seconds=0.05, name="b") as b:
         runtime = RemoteRuntime([a.entry, b.entry], request_timeout=1, ready_timeout=0)
 

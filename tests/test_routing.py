@@ -1,9 +1,10 @@
 import pytest
 
-from imagegen import routing, workflows
-from imagegen.errors import ImagegenError
-from imagegen.registry import Registry
-from imagegen.scheduler import Job, WorkerState
+from imagegen.comfy import workflows
+from imagegen.engine import routing
+from imagegen.engine.scheduler import Job, WorkerState
+from imagegen.models.registry import Registry
+from imagegen.util.errors import ImagegenError
 
 GIB = 1024 ** 3
 REGISTRY = Registry.load()

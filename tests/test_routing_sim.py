@@ -7,13 +7,13 @@ from __future__ import annotations
 import threading
 import time
 
-from imagegen import workflows
-from imagegen.comfy import Timeouts
-from imagegen.registry import Registry
-from imagegen.remote_runtime import RemoteRuntime
-from imagegen.scheduler import Job, Scheduler
-
 from sim_comfy import SimWorker
+
+from imagegen.comfy import workflows
+from imagegen.comfy.client import Timeouts
+from imagegen.engine.scheduler import Job, Scheduler
+from imagegen.models.registry import Registry
+from imagegen.runtimes.remote import RemoteRuntime
 
 REGISTRY = Registry.load()
 
@@ -86,8 +86,9 @@ def test_generate_and_workers_through_the_cli_with_a_remote_worker(tmp_path):
     import json
 
     from conftest import run_cli
-    from imagegen import output
     from safetensors_util import write_safetensors
+
+    from imagegen.comfy import png
 
     checkpoint = write_safetensors(tmp_path / "remote-sd15.safetensors", {
         "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": ("F16", [320, 768])})
@@ -99,7 +100,7 @@ def test_generate_and_workers_through_the_cli_with_a_remote_worker(tmp_path):
                          "-o", str(tmp_path / "fox.png"), "--json", env=env)
         assert result.returncode == 0, result.stderr.decode()
         assert not (tmp_path / "imagegen-home" / "models" / "checkpoints").exists(), "nothing is downloaded for a remote worker"
-        assert output.png_size((tmp_path / "fox.png").read_bytes()) == (96, 64)
+        assert png.png_size((tmp_path / "fox.png").read_bytes()) == (96, 64)
         assert json.loads(result.stdout)["worker"].startswith("remote-1")
         listed = [json.loads(line) for line in run_cli("workers", "--json", env=env).stdout.decode().splitlines()]
         assert listed[0]["gpu"]["name"] == "NVIDIA L40S" and sim.token not in json.dumps(listed)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import run_cli
 from jsonschema import Draft202012Validator
 
-from imagegen.schema import ERROR, MODEL, RESULT, SCHEMAS, WORKER
-
-from conftest import run_cli
+from imagegen.engine.schema import ERROR, MODEL, RESULT, SCHEMAS, WORKER
 
 
 def check(schema: dict, record: dict) -> None:

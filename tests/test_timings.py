@@ -1,5 +1,5 @@
-from imagegen import timings
-from imagegen.comfy import Timeouts
+from imagegen.comfy.client import Timeouts
+from imagegen.engine import timings
 
 
 def test_load_budget_grows_with_bytes_and_shrinks_when_resident():

@@ -8,7 +8,7 @@ import pytest
 import requests
 import websocket
 
-from imagegen import comfy_launch
+from imagegen.worker.serve import comfy_launch
 
 pytestmark = pytest.mark.comfyui
 

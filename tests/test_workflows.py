@@ -2,8 +2,8 @@
 
 import pytest
 
-from imagegen import workflows
-from imagegen.registry import Registry
+from imagegen.comfy import workflows
+from imagegen.models.registry import Registry
 
 FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name1", "clip_name2", "vae_name", "model_name", "image"}
 

@@ -50,12 +50,12 @@ def _randomize(state: dict, seed: int, dtype) -> dict:
 
 def build_sd15(target: Path, seed: int = 0) -> Path:
     comfy_dir = _comfy_on_path()
-    import torch
-    from safetensors.torch import save_file
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    from comfy.clip_model import CLIPTextModel
     import comfy.ops
+    import torch
+    from comfy.clip_model import CLIPTextModel
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from safetensors.torch import save_file
 
     ops = comfy.ops.disable_weight_init
     unet = UNetModel(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1],

@@ -1,0 +1,174 @@
+"""`imagegen funnel`: many drafts, then picks, refine, polish and upscale (see imagegen.funnel)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from imagegen.cli.common import (
+    AutoOpt,
+    DebugOpt,
+    FastOpt,
+    ForceOpt,
+    GpusOpt,
+    JsonOpt,
+    KeepWarmOpt,
+    PickOpt,
+    ProgressOpt,
+    QuietOpt,
+    RuntimeOpt,
+    TimeoutOpt,
+    WorkersOpt,
+    run_guarded,
+)
+from imagegen.util.errors import ImagegenError
+
+
+class _FunnelGroup(TyperGroup):
+    """`imagegen funnel "PROMPT" ...` means `imagegen funnel run "PROMPT" ...` (a prompt that is a command
+    name, like "show", needs the explicit `run`)."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+funnel_app = typer.Typer(cls=_FunnelGroup, no_args_is_help=True,
+                         help='Progressive refinement: many drafts -> pick -> refine -> pick -> polish -> upscale. `imagegen funnel "PROMPT" -o DIR` starts one.')
+
+
+def _advance_funnel(funnel, picks, auto, gpus, workers_n, timeout, force, fast, runtime, keep_warm, json_mode, quiet, progress) -> None:
+    """Shared by `funnel run` and `funnel resume`: render and pick until done or a pick is needed."""
+    from imagegen.engine import generate as gen
+    from imagegen.engine.output import emit_result
+    from imagegen.engine.progress import BatchReporter
+    from imagegen.funnel import pipeline as funnel_mod
+    from imagegen.runtimes.choose import make_runtime
+
+    if not 1 <= workers_n <= 64:
+        raise ImagegenError("invalid_argument", "--workers must be 1..64")
+    timeouts, explicit = gen.timeouts_from_env(timeout)
+    options = funnel_mod.Options(gpus=gpus, workers=workers_n, timeouts=timeouts, explicit=explicit, force=force, fast=fast,
+                                 picks=tuple(picks or ()), auto=auto,
+                                 interactive=not json_mode and sys.stdin is not None and sys.stdin.isatty())
+    reporter = BatchReporter(quiet=quiet, show_progress=progress)
+    status = funnel_mod.advance(funnel, make_runtime(runtime, keep_warm), reporter, lambda record: emit_result(record, json_mode),
+                                options)
+    if json_mode:
+        print(json.dumps(status), flush=True)
+    if status["status"] == "awaiting_pick":
+        reporter.status(f"stage {status['stage']} is done; contact sheet: {status['sheet']}")
+        reporter.status(f"pick {status['keep']} of its {len(status['choices'])} images to continue: {status['command']}  (or --auto)")
+    elif status["status"] == "done":
+        reporter.status(f"funnel done; final image(s): {', '.join(status['final'])}")
+
+
+@funnel_app.command("run")
+def funnel_run(
+    prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    out_dir: Annotated[Path, typer.Option("--output", "-o", help="The funnel directory: stage folders, contact sheets, funnel.json.")] = Path("imagegen-funnel"),
+    stages_file: Annotated[Optional[Path], typer.Option("--stages", help="A YAML stage file (docs/funnel.md); flags below override it.")] = None,
+    drafts: Annotated[Optional[int], typer.Option("--drafts", help="Images in the first stage (default 20).")] = None,
+    keep: Annotated[Optional[str], typer.Option("--keep", help="Images kept after each stage but the last, e.g. 8,3,1.")] = None,
+    draft_model: Annotated[Optional[str], typer.Option("--draft-model", help="Model (name or .safetensors path) of the drafts stage.")] = None,
+    refine_model: Annotated[Optional[str], typer.Option("--refine-model", help="Model of the refine stage, or none to skip it.")] = None,
+    polish_model: Annotated[Optional[str], typer.Option("--polish-model", help="Model of the polish stage, or none to skip it.")] = None,
+    upscale_model: Annotated[Optional[str], typer.Option("--upscale-model", help="Upscale model (name or path), or none to skip upscaling.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A local SD1.5/SDXL .safetensors file for every drawing stage.")] = None,
+    size: Annotated[Optional[str], typer.Option("--size", help="WIDTHxHEIGHT for every drawing stage, or one per stage: 512x512,1024x1024,1024x1024.")] = None,
+    steps: Annotated[Optional[str], typer.Option("--steps", help="Steps for every drawing stage, or one per stage: 20,25,40.")] = None,
+    denoise: Annotated[Optional[str], typer.Option("--denoise", help="img2img strength for every later drawing stage, or one each: 0.55,0.3.")] = None,
+    scale: Annotated[Optional[int], typer.Option("--scale", help="Upscale factor (default 2; the model's own factor is 4).")] = None,
+    negative: Annotated[Optional[str], typer.Option("--negative", help="Negative prompt (SD1.5/SDXL).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Base seed (random when omitted; stage N's images use seed + (N-1)*1000 + i).")] = None,
+    pick: PickOpt = None,
+    auto: AutoOpt = False,
+    gpus: GpusOpt = None,
+    workers_n: WorkersOpt = 1,
+    timeout: TimeoutOpt = None,
+    force: ForceOpt = False,
+    fast: FastOpt = False,
+    runtime: RuntimeOpt = "auto",
+    keep_warm: KeepWarmOpt = 300.0,
+    json_mode: JsonOpt = False,
+    quiet: QuietOpt = False,
+    progress: ProgressOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Start a funnel: drafts, then picks (--pick, --auto, or asked on a terminal), refine, polish, upscale."""
+
+    def body() -> None:
+        import secrets
+
+        from imagegen.engine import generate as gen
+        from imagegen.funnel import pipeline as funnel_mod
+        from imagegen.funnel import stages as funnel_stages
+        from imagegen.models.registry import Registry
+
+        registry = Registry.load()
+        text = gen.check_prompt(prompt)
+        if seed is not None and not 0 <= seed <= 2**32:
+            raise ImagegenError("invalid_argument", f"--seed {seed} is outside 0..{2**32}")
+        stages = funnel_stages.load_stage_file(stages_file) if stages_file else funnel_stages.default_stages(registry)
+        models = {"drafts": draft_model, "refine": refine_model, "polish": polish_model, "upscale": upscale_model}
+        stages = funnel_stages.configure(stages, registry, models=models, checkpoint=checkpoint, drafts=drafts, keep=keep,
+                                         size=size, steps=steps, denoise=denoise, scale=scale)
+        funnel = funnel_mod.Funnel.create(out_dir, text, negative, secrets.randbelow(2**32) if seed is None else seed, stages)
+        _advance_funnel(funnel, pick, auto, gpus, workers_n, timeout, force, fast, runtime, keep_warm, json_mode, quiet, progress)
+
+    run_guarded(json_mode, debug, body)
+
+
+@funnel_app.command("resume")
+def funnel_resume(
+    funnel_dir: Annotated[Path, typer.Argument(help="A funnel directory (holds funnel.json).")],
+    pick: PickOpt = None,
+    auto: AutoOpt = False,
+    gpus: GpusOpt = None,
+    workers_n: WorkersOpt = 1,
+    timeout: TimeoutOpt = None,
+    force: ForceOpt = False,
+    fast: FastOpt = False,
+    runtime: RuntimeOpt = "auto",
+    keep_warm: KeepWarmOpt = 300.0,
+    json_mode: JsonOpt = False,
+    quiet: QuietOpt = False,
+    progress: ProgressOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Continue a funnel: finish an interrupted stage (finished images are kept), then apply --pick/--auto."""
+
+    def body() -> None:
+        from imagegen.funnel import pipeline as funnel_mod
+
+        _advance_funnel(funnel_mod.Funnel.load(funnel_dir), pick, auto, gpus, workers_n, timeout, force, fast, runtime, keep_warm,
+                        json_mode, quiet, progress)
+
+    run_guarded(json_mode, debug, body)
+
+
+@funnel_app.command("show")
+def funnel_show(
+    funnel_dir: Annotated[Path, typer.Argument(help="A funnel directory (holds funnel.json).")],
+    json_mode: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Where a funnel stands: each stage's images, contact sheet and picks, and what comes next."""
+
+    def body() -> None:
+        from imagegen.funnel import pipeline as funnel_mod
+
+        funnel = funnel_mod.Funnel.load(funnel_dir)
+        if json_mode:
+            print(json.dumps({**funnel.data, "dir": str(funnel.root), "status": funnel_mod.status_record(funnel)}))
+            return
+        for line in funnel_mod.describe(funnel):
+            print(line)
+
+    run_guarded(json_mode, debug, body)

@@ -1,0 +1,181 @@
+"""ComfyUI API-format graphs, one builder per family and task, with readable node ids.
+
+Limits below are those of the pinned ComfyUI 0.3.75's node definitions (its /object_info);
+tests/test_workflows.py holds them to the real server so they cannot drift.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, replace
+
+from imagegen.models.registry import Bundle
+
+MAX_RESOLUTION = 16384
+SIZE_MULTIPLE = 8
+MAX_STEPS = 10000
+MAX_CFG = 100.0
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+MAX_BATCH = 4096
+MAX_GUIDANCE = 100.0
+SAMPLERS = (
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
+    "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
+    "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
+    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm",
+    "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde",
+    "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
+)
+SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+              "linear_quadratic", "kl_optimal")
+
+
+@dataclass
+class Params:
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    cfg: float
+    sampler: str
+    scheduler: str
+    seed: int
+    negative: str = ""
+    guidance: float = 3.5
+    batch_size: int = 1
+    denoise: float = 1.0
+    init_image: str | None = None     # an image already in the worker's input folder (img2img)
+    filename_prefix: str = "imagegen/image"
+    fast: bool = False                # torch.compile the diffusion model; fp8 matmul for fp8 weights
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build(bundle: Bundle, params: Params) -> dict:
+    """The graph for one job: text-to-image, or image-to-image when params.init_image is set."""
+    if bundle.family == "flux":
+        return _flux(bundle, params, flux_weight_dtype(bundle, params.fast))
+    if bundle.family in ("sd15", "sdxl"):
+        return _checkpoint(bundle, params)
+    if bundle.family == "upscale":
+        size = (params.width, params.height) if params.width and params.height else None
+        return upscale(bundle.files["upscale_model"].filename, params.init_image, params.filename_prefix, size)
+    raise ValueError(f"no text-to-image graph for family {bundle.family!r}")
+
+
+FAST_ON_CPU = "IMAGEGEN_FAST_ON_CPU"
+FAST_ON_CPU_NOTE = ("--fast has no effect on a CPU worker: compiled models sampled slower than plain ones there "
+                    "(docs/benchmarks.md); set IMAGEGEN_FAST_ON_CPU=1 to compile anyway")
+
+
+def compiles_on(device: str) -> bool:
+    """Whether fast mode compiles on a worker of `device`. On a CPU, torch.compile made sampling slower
+    in every measurement (docs/benchmarks.md), so only with IMAGEGEN_FAST_ON_CPU=1."""
+    return device != "cpu" or os.environ.get(FAST_ON_CPU, "").lower() in ("1", "true", "yes")
+
+
+def for_device(params: Params, device: str) -> Params:
+    """The job as a worker on `device` runs it."""
+    return params if not params.fast or compiles_on(device) else replace(params, fast=False)
+
+
+def flux_weight_dtype(bundle: Bundle, fast: bool) -> str:
+    """fp8 weights run their matmuls in fp8 in fast mode (`fp8_e4m3fn_fast`) where the GPU can
+    (compute capability 8.9+: Ada, Hopper, Blackwell); elsewhere ComfyUI treats it as plain fp8
+    storage, exactly like `fp8_e4m3fn`. Fast mode never lowers the precision of bf16/fp16 weights."""
+    dtype = bundle.default("weight_dtype", "default")
+    return "fp8_e4m3fn_fast" if fast and dtype == "fp8_e4m3fn" else dtype
+
+
+def compiled(graph: dict, model_source: list, fast: bool) -> list:
+    """Where the sampler takes its model from: in fast mode through a TorchCompileModel node
+    (inductor; ComfyUI compiles on the first step, and the worker keeps inductor's cache in the
+    model cache, so a later worker reuses the compiled kernels)."""
+    if not fast:
+        return model_source
+    graph["compile"] = {"class_type": "TorchCompileModel", "inputs": {"model": model_source, "backend": "inductor"}}
+    return ["compile", 0]
+
+
+def _latent(params: Params, vae: list, empty_node: str) -> tuple[dict, list]:
+    if params.init_image:
+        nodes = {
+            "load_image": {"class_type": "LoadImage", "inputs": {"image": params.init_image}},
+            "resize": {"class_type": "ImageScale", "inputs": {"image": ["load_image", 0], "upscale_method": "lanczos",
+                                                              "width": params.width, "height": params.height, "crop": "center"}},
+            "encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["resize", 0], "vae": vae}},
+        }
+        if params.batch_size > 1:
+            nodes["repeat"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["encode", 0], "amount": params.batch_size}}
+            return nodes, ["repeat", 0]
+        return nodes, ["encode", 0]
+    return {"latent": {"class_type": empty_node, "inputs": {"width": params.width, "height": params.height,
+                                                              "batch_size": params.batch_size}}}, ["latent", 0]
+
+
+def _checkpoint(bundle: Bundle, params: Params) -> dict:
+    vae = ["load_checkpoint", 2]
+    graph: dict = {
+        "load_checkpoint": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": bundle.files["checkpoint"].filename}},
+        "positive": {"class_type": "CLIPTextEncode", "inputs": {"text": params.prompt, "clip": ["load_checkpoint", 1]}},
+        "negative": {"class_type": "CLIPTextEncode", "inputs": {"text": params.negative, "clip": ["load_checkpoint", 1]}},
+    }
+    if "vae" in bundle.files:
+        graph["load_vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": bundle.files["vae"].filename}}
+        vae = ["load_vae", 0]
+    latent_nodes, latent = _latent(params, vae, "EmptyLatentImage")
+    graph.update(latent_nodes)
+    graph["sampler"] = {"class_type": "KSampler", "inputs": {
+        "model": compiled(graph, ["load_checkpoint", 0], params.fast), "positive": ["positive", 0], "negative": ["negative", 0],
+        "latent_image": latent, "seed": params.seed, "steps": params.steps, "cfg": params.cfg,
+        "sampler_name": params.sampler, "scheduler": params.scheduler, "denoise": params.denoise}}
+    graph["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": vae}}
+    graph["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": params.filename_prefix}}
+    return graph
+
+
+def _flux(bundle: Bundle, params: Params, weight_dtype: str = "default") -> dict:
+    files = bundle.files
+    graph: dict = {
+        "load_unet": {"class_type": "UNETLoader", "inputs": {"unet_name": files["diffusion_model"].filename, "weight_dtype": weight_dtype}},
+        "load_clip": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": files["t5"].filename,
+                                                                 "clip_name2": files["clip_l"].filename, "type": "flux"}},
+        "load_vae": {"class_type": "VAELoader", "inputs": {"vae_name": files["vae"].filename}},
+        "positive": {"class_type": "CLIPTextEncode", "inputs": {"text": params.prompt, "clip": ["load_clip", 0]}},
+        "guidance": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["positive", 0], "guidance": params.guidance}},
+    }
+    latent_nodes, latent = _latent(params, ["load_vae", 0], "EmptySD3LatentImage")
+    graph.update(latent_nodes)
+    model = compiled(graph, ["load_unet", 0], params.fast)
+    graph.update({
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": params.seed}},
+        "guider": {"class_type": "BasicGuider", "inputs": {"model": model, "conditioning": ["guidance", 0]}},
+        "sampler_select": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": params.sampler}},
+        "schedule": {"class_type": "BasicScheduler", "inputs": {"model": ["load_unet", 0], "scheduler": params.scheduler,
+                                                                "steps": params.steps, "denoise": params.denoise}},
+        "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["noise", 0], "guider": ["guider", 0],
+                                                                     "sampler": ["sampler_select", 0], "sigmas": ["schedule", 0],
+                                                                     "latent_image": latent}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["load_vae", 0]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": params.filename_prefix}},
+    })
+    return graph
+
+
+def upscale(model_filename: str, image_name: str, filename_prefix: str = "imagegen/upscaled",
+            size: tuple[int, int] | None = None) -> dict:
+    """The model's own factor (x4 for RealESRGAN_x4plus); with `size`, its output resized to that
+    size (e.g. a x4 model's output halved for a x2 upscale, as ComfyUI users usually do)."""
+    graph = {
+        "load_image": {"class_type": "LoadImage", "inputs": {"image": image_name}},
+        "load_upscaler": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": model_filename}},
+        "upscale": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["load_upscaler", 0], "image": ["load_image", 0]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["upscale", 0], "filename_prefix": filename_prefix}},
+    }
+    if size:
+        graph["resize"] = {"class_type": "ImageScale", "inputs": {"image": ["upscale", 0], "upscale_method": "lanczos",
+                                                                  "width": size[0], "height": size[1], "crop": "disabled"}}
+        graph["save"]["inputs"]["images"] = ["resize", 0]
+    return graph

@@ -1,0 +1,279 @@
+"""`imagegen batch`: many prompts over every worker, with a manifest that makes reruns resume.
+
+Input: one prompt per line, or JSONL objects with per-item overrides
+  {"prompt": "...", "model": "sdxl", "seed": 7, "size": "768x512", "steps": 30, "cfg": 6,
+   "negative": "...", "count": 4, "output": "castle.png", "sampler": "...", "scheduler": "...", "guidance": 3.5}
+Blank lines and lines starting with # are skipped. Output: a directory with the images and
+manifest.jsonl, one line per finished (or failed) image, appended and flushed as it happens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from imagegen.comfy import png
+from imagegen.engine import generate, output, render
+from imagegen.engine.scheduler import Job, Outcome
+from imagegen.models import cache
+from imagegen.models.registry import Registry
+from imagegen.util.errors import ImagegenError
+
+MANIFEST = "manifest.jsonl"
+MANIFEST_SCHEMA = "imagegen.manifest/1"
+ITEM_KEYS = {"prompt", "model", "seed", "size", "steps", "cfg", "negative", "count", "output", "sampler",
+             "scheduler", "guidance", "checkpoint", "fast"}
+
+
+@dataclass
+class Item:
+    line: int
+    fields: dict
+
+
+@dataclass
+class Summary:
+    total: int = 0
+    skipped: int = 0
+    done: int = 0
+    failed: int = 0
+    failures: list[dict] = field(default_factory=list)
+
+
+def parse_items(text: str, source: str = "stdin") -> list[Item]:
+    items = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("{"):
+            try:
+                fields = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ImagegenError("invalid_argument", f"{source} line {number}: not valid JSON ({exc.msg})",
+                                    hint="Each JSONL line must be one JSON object, e.g. {\"prompt\": \"a fox\", \"seed\": 3}.") from None
+            if not isinstance(fields, dict) or not isinstance(fields.get("prompt"), str):
+                raise ImagegenError("invalid_prompt", f"{source} line {number}: a JSON item needs a \"prompt\" string")
+            unknown = set(fields) - ITEM_KEYS
+            if unknown:
+                raise ImagegenError("invalid_argument", f"{source} line {number}: unknown field(s) {', '.join(sorted(unknown))}",
+                                    hint=f"Known fields: {', '.join(sorted(ITEM_KEYS))}.")
+        else:
+            fields = {"prompt": line}
+        items.append(Item(number, fields))
+    if not items:
+        raise ImagegenError("invalid_prompt", f"no prompts in {source}", hint="Give one prompt per line, or JSONL objects.")
+    return items
+
+
+def safe_name(name: str, where: str) -> str:
+    """An output name from the input: a plain file name, never a path."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(".") \
+            or "\0" in name or len(name) > 200:
+        raise ImagegenError("invalid_argument", f"{where}: output name {name!r} must be a plain file name (no directories, no leading dot)")
+    return name if name.lower().endswith(".png") else name + ".png"
+
+
+def _stable_seed(prompt: str, line: int, base: int) -> int:
+    digest = hashlib.sha256(f"{base}|{line}|{prompt}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def plan(items: list[Item], out_dir: Path, defaults: dict, base_seed: int, pack: int,
+         registry: Registry | None = None) -> list[Job]:
+    """Every job of the batch, validated before anything starts. Seeds never depend on chance, so a
+    rerun of the same input plans the same jobs and can skip those already done."""
+    registry = registry or Registry.load()
+    jobs: list[Job] = []
+    names: set[str] = set()
+    for item in items:
+        where = f"line {item.line}"
+        fields = {**defaults, **{k: v for k, v in item.fields.items() if v is not None}}
+        count = fields.pop("count", 1)
+        name = fields.pop("output", None)
+        checkpoint = fields.pop("checkpoint", None)
+        if item.fields.get("model") and "checkpoint" not in item.fields:
+            checkpoint = None  # an item naming a model wins over the batch's default checkpoint
+        if fields.get("seed") is None:
+            fields["seed"] = _stable_seed(fields["prompt"], item.line, base_seed)
+        if not isinstance(fields.get("fast", False), bool):
+            raise ImagegenError("invalid_argument", f"{where}: fast must be true or false, not {fields['fast']!r}")
+        try:
+            request = generate.Request(**{k: fields.get(k) for k in ("prompt", "model", "negative", "seed", "steps", "cfg",
+                                                                     "size", "sampler", "scheduler", "guidance")},
+                                       checkpoint=Path(checkpoint) if checkpoint else None, count=count,
+                                       fast=fields.get("fast", False))
+            bundle = generate.resolve_bundle(request, registry)
+            params_list = generate.plan_jobs(request, bundle)
+        except ImagegenError as error:
+            error.message = f"{where}: {error.message}"
+            raise
+        except TypeError as exc:
+            raise ImagegenError("invalid_argument", f"{where}: a field has the wrong type ({exc})") from None
+        stem = safe_name(name, where)[:-4] if name else None
+        for start in range(0, len(params_list), pack):
+            group = params_list[start:start + pack]
+            targets = []
+            for index, params in enumerate(group, start=start):
+                file = (f"{stem}.png" if count == 1 else f"{stem}-{index + 1}.png") if stem else \
+                    f"{item.line:04d}-{output.slugify(params.prompt, 32)}-{params.seed}.png"
+                if file in names:
+                    raise ImagegenError("invalid_argument", f"{where}: output name {file} is used twice in this batch")
+                names.add(file)
+                targets.append(out_dir / file)
+            params = replace(group[0], batch_size=len(group))
+            settings = {k: v for k, v in params.to_dict().items() if k not in ("filename_prefix", "fast")}  # fast: how, not what
+            identity = json.dumps({"line": item.line, "start": start, "bundle": bundle.name, **settings}, sort_keys=True)
+            key = f"{item.line}:{start}:{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+            jobs.append(Job(key=key, bundle=bundle, params=params, targets=targets,
+                            meta={"line": item.line, "index": start, "item": item.fields}))
+    return jobs
+
+
+class Manifest:
+    """manifest.jsonl: one line per image, appended, flushed and fsynced as each finishes."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / MANIFEST
+
+    def finished_keys(self) -> set[str]:
+        """Jobs done in an earlier run whose every image is still on disk."""
+        done: dict[str, list[bool]] = {}
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return set()
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash: that image is redone
+            if record.get("status") == "done":
+                done.setdefault(record["key"], []).append(Path(record["path"]).is_file())
+        return {key for key, present in done.items() if all(present)}
+
+    def append(self, records: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def manifest_lines(outcome: Outcome) -> list[dict]:
+    job = outcome.job
+    base = {"schema": MANIFEST_SCHEMA, "key": job.key, "line": job.meta["line"], "attempts": job.attempts,
+            "worker": outcome.worker}
+    if outcome.error is None:
+        return [{**record, **base, "status": "done", "index": job.meta["index"] + offset}
+                for offset, record in enumerate(outcome.records)]
+    return [{**base, "status": "failed", "index": job.meta["index"] + offset, "path": str(target),
+             "prompt": job.params.prompt, "model": job.bundle.name, "seed": job.params.seed,
+             "error": {"code": outcome.error.code, "message": outcome.error.message, "hint": outcome.error.hint}}
+            for offset, target in enumerate(job.targets)]
+
+
+def check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ImagegenError("output_not_writable", f"{out_dir} is a file; batch needs a directory")
+    probe = out_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ImagegenError("output_not_writable", f"no permission to write in {probe}")
+
+
+def local_dirs(jobs: list[Job]) -> set[str]:
+    dirs: set[str] = set()
+    for job in jobs:
+        dirs |= generate.local_dirs(job.bundle)
+    return dirs
+
+
+def prepare_models(jobs: list[Job], fetch, runtime=None) -> dict[str, dict]:
+    """Fetch each model once (not once per worker) and hash its files for the images' provenance."""
+    hashes = {}
+    for job in jobs:
+        if job.bundle.name not in hashes:
+            generate.make_loadable(job.bundle, runtime, fetch)
+            hashes[job.bundle.name] = cache.file_hashes(job.bundle)
+    return hashes
+
+
+PACK_RE = re.compile(r"^(auto|\d+)$")
+
+
+def pack_size(choice: str, slots: list[str]) -> int:
+    """Images of one item rendered as one latent batch: worth it on GPUs, not on CPUs."""
+    from imagegen.runtimes.base import is_cpu_slot
+
+    if not PACK_RE.match(choice or ""):
+        raise ImagegenError("invalid_argument", f"--pack {choice!r}: give auto or a number of images")
+    if choice == "auto":
+        return 1 if all(is_cpu_slot(slot) for slot in slots) else 4
+    return max(1, min(int(choice), 64))
+
+
+def _ours(path: Path, job: Job) -> bool:
+    """An image at a target path that this very job wrote (its manifest line was lost in a crash)."""
+    try:
+        record = json.loads(png.read_text_chunks(path.read_bytes()).get("imagegen", "{}"))
+    except (OSError, ValueError):
+        return False
+    return (record.get("prompt"), record.get("model"), record.get("seed")) == (job.params.prompt, job.bundle.name, job.params.seed)
+
+
+def run(items: list[Item], out_dir: Path, runtime, reporter, emit, *, defaults: dict, base_seed: int, pack: str,
+        gpus: str | None, workers: int, depth: int, overwrite: bool, timeouts, explicit: set[str], fetch=None,
+        force: bool = False) -> Summary:
+    """Plan, skip what an earlier run finished, fetch each model once, and fan the rest out."""
+    from imagegen.engine.scheduler import Scheduler
+    from imagegen.models.fetch import make_fetcher
+
+    check_out_dir(out_dir)
+    slots = runtime.slots(gpus, cpu_workers=workers)
+    jobs = plan(items, out_dir, defaults, base_seed, pack_size(pack, slots))
+    manifest = Manifest(out_dir)
+    finished = manifest.finished_keys()
+    todo = [job for job in jobs if job.key not in finished]
+    summary = Summary(total=sum(len(j.targets) for j in jobs), skipped=sum(len(j.targets) for j in jobs if j.key in finished))
+    if not overwrite:
+        clashes = [t for job in todo for t in job.targets if t.exists() and not _ours(t, job)]
+        if clashes:
+            raise ImagegenError("output_exists", f"{len(clashes)} output file(s) exist already and are not from this batch, e.g. {clashes[0]}",
+                                hint="Pass --overwrite, or choose another -o directory.")
+    reporter.start(summary.total, summary.skipped)
+    if not todo:
+        return summary
+    generate.check_fast_toolchain(runtime, any(job.params.fast for job in todo))
+    hashes = prepare_models(todo, fetch or make_fetcher(reporter), runtime)
+
+    def budgets(job: Job, state) -> object:
+        resident = state.last_model == job.bundle.name
+        return render.job_budgets(job.bundle, job.params, state.handle.device, resident, timeouts, explicit)
+
+    def on_outcome(outcome: Outcome) -> None:
+        lines = manifest_lines(outcome)
+        manifest.append(lines)
+        if outcome.error is None:
+            summary.done += len(lines)
+        else:
+            summary.failed += len(lines)
+            summary.failures += lines
+        reporter.finished(len(lines), failed=outcome.error is not None)
+        for line in lines:
+            emit(line)
+
+    scheduler = Scheduler(runtime, slots[: len(todo)], todo, on_outcome, budgets, hashes, local_dirs(todo),
+                          overwrite=True, depth=depth, reporter=reporter, registry=Registry.load(), force=force)
+    reporter.attach(scheduler.workers)
+    try:
+        scheduler.run()
+    finally:
+        reporter.close()
+    return summary

@@ -1,0 +1,282 @@
+"""`imagegen generate`: validate a request, find a worker, render, and write self-describing PNGs."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import secrets
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imagegen.comfy import workflows
+from imagegen.comfy.client import Timeouts
+from imagegen.engine import output, timings
+from imagegen.engine.progress import Reporter
+from imagegen.engine.render import is_resident, job_budgets, render, timing_name
+from imagegen.models import cache, modelfile
+from imagegen.models.registry import Bundle, Registry, local_bundle
+from imagegen.util import paths
+from imagegen.util.errors import ImagegenError
+
+MAX_PROMPT_CHARS = 10000
+MAX_COUNT = 100
+DEFAULT_MODEL = os.environ.get("IMAGEGEN_MODEL", "sd15")
+
+
+@dataclass
+class Request:
+    prompt: str
+    model: str | None = None
+    checkpoint: Path | None = None
+    family: str | None = None
+    negative: str | None = None
+    seed: int | None = None
+    steps: int | None = None
+    cfg: float | None = None
+    size: str | None = None
+    sampler: str | None = None
+    scheduler: str | None = None
+    guidance: float | None = None
+    count: int = 1
+    output: str | None = None
+    overwrite: bool = False
+    force: bool = False                                         # skip the GPU-memory check
+    fast: bool = False                                          # torch.compile + fp8 matmul (workflows.compiled)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    explicit_timeouts: set[str] = field(default_factory=set)   # budgets the user set: never resized
+
+
+def timeouts_from_env(overall: float | None = None) -> tuple[Timeouts, set[str]]:
+    """Phase budgets from IMAGEGEN_TIMEOUT_* and --timeout, and which of them were set explicitly."""
+    values = {}
+    for name in ("queue", "load", "stall", "overall"):
+        raw = os.environ.get(f"IMAGEGEN_TIMEOUT_{name.upper()}")
+        if raw:
+            try:
+                values[name] = float(raw)
+            except ValueError:
+                raise ImagegenError("invalid_argument", f"IMAGEGEN_TIMEOUT_{name.upper()}={raw!r} is not a number of seconds") from None
+    if overall is not None:
+        if not overall > 0:
+            raise ImagegenError("invalid_argument", f"--timeout must be a positive number of seconds, got {overall}")
+        values["overall"] = overall
+    return Timeouts(**values), set(values)
+
+
+def merge_source(image: Path, given: dict, has_checkpoint: bool) -> dict:
+    """Parameters for `--from IMAGE`: the image's, with every flag the user gave taking precedence."""
+    from imagegen.comfy.provenance import read_parameters
+
+    found = read_parameters(image)
+    merged = dict(given)
+    for key in ("prompt", "negative", "seed", "steps", "cfg", "sampler", "scheduler", "guidance"):
+        if merged.get(key) is None and found.get(key) is not None:
+            merged[key] = found[key]
+    if merged.get("size") is None and found.get("width") and found.get("height"):
+        merged["size"] = f"{found['width']}x{found['height']}"
+    if merged.get("model") is None and not has_checkpoint and found.get("model"):
+        registry = Registry.load()
+        if found["model"] not in registry.bundles:
+            raise ImagegenError("unknown_model", f"{image} was made with model {found['model']!r}, which is not registered here",
+                                hint="Pass the same model file with --checkpoint PATH, or register it with `imagegen models add`.")
+        merged["model"] = found["model"]
+    return merged
+
+
+def check_prompt(prompt: str, what: str = "prompt") -> str:
+    if not prompt or not prompt.strip():
+        raise ImagegenError("invalid_prompt", f"the {what} is empty", hint='Pass the prompt as an argument: imagegen generate "a red fox".')
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ImagegenError("invalid_prompt", f"the {what} has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    bad = [c for c in prompt if unicodedata.category(c) == "Cc" and c not in "\n\t"]
+    if bad:
+        raise ImagegenError("invalid_prompt", f"the {what} contains control character(s) {', '.join(repr(c) for c in sorted(set(bad)))}",
+                            hint="Remove NUL and other control characters from the prompt.")
+    return prompt.strip()
+
+
+def parse_size(size: str, multiple: int = workflows.SIZE_MULTIPLE) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", size or "")
+    if not match:
+        raise ImagegenError("invalid_size", f"--size {size!r} is not WIDTHxHEIGHT")
+    width, height = int(match.group(1)), int(match.group(2))
+    for name, value in (("width", width), ("height", height)):
+        if not 16 <= value <= workflows.MAX_RESOLUTION:
+            raise ImagegenError("invalid_size", f"{name} {value} is outside 16..{workflows.MAX_RESOLUTION}")
+        if value % multiple:
+            lower = value // multiple * multiple
+            raise ImagegenError("invalid_size", f"{name} {value} is not a multiple of {multiple}",
+                                hint=f"Use {max(lower, multiple)} or {lower + multiple}.")
+    return width, height
+
+
+def _check_range(name: str, value, low, high):
+    if value is None:
+        return None
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        raise ImagegenError("invalid_argument", f"--{name} must be a finite number, got {value}")
+    if not low <= value <= high:
+        raise ImagegenError("invalid_argument", f"--{name} {value} is outside {low}..{high}")
+    return value
+
+
+def resolve_bundle(request: Request, registry: Registry | None) -> Bundle:
+    if request.checkpoint:
+        path = Path(request.checkpoint).expanduser()
+        detected = modelfile.detect(modelfile.read_header(path))
+        family = request.family or detected.family
+        if family not in ("sd15", "sdxl"):
+            raise ImagegenError("invalid_model_file", f"{path.name}: cannot use it as a checkpoint (looks like {detected.family or 'an unknown model'} {detected.kind})",
+                                hint="--checkpoint takes an SD1.5 or SDXL all-in-one .safetensors; pass --family to override detection.")
+        return local_bundle(path, family)
+    return (registry or Registry.load()).get(request.model or DEFAULT_MODEL)
+
+
+def plan_jobs(request: Request, bundle: Bundle) -> list[workflows.Params]:
+    if bundle.family == "upscale":
+        raise ImagegenError("invalid_argument", f"{bundle.name!r} is an upscale model: it enlarges images, it does not draw them",
+                            hint="Use it as a funnel's upscale stage (imagegen funnel --upscale-model NAME), or pick a drawing model.")
+    prompt = check_prompt(request.prompt)
+    negative = check_prompt(request.negative, "negative prompt") if request.negative else bundle.default("negative", "")
+    if request.size:
+        width, height = parse_size(request.size)
+    else:
+        width, height = bundle.default("width", 512), bundle.default("height", 512)
+    steps = _check_range("steps", request.steps, 1, workflows.MAX_STEPS) or bundle.default("steps", 20)
+    cfg = _check_range("cfg", request.cfg, 0.0, workflows.MAX_CFG)
+    guidance = _check_range("guidance", request.guidance, 0.0, workflows.MAX_GUIDANCE)
+    count = _check_range("count", request.count, 1, MAX_COUNT)
+    seed = _check_range("seed", request.seed, 0, workflows.MAX_SEED - MAX_COUNT)
+    sampler = request.sampler or bundle.default("sampler", "euler")
+    scheduler = request.scheduler or bundle.default("scheduler", "normal")
+    if sampler not in workflows.SAMPLERS:
+        raise ImagegenError("invalid_argument", f"--sampler {sampler!r} is not a ComfyUI sampler", hint="Known: " + ", ".join(workflows.SAMPLERS))
+    if scheduler not in workflows.SCHEDULERS:
+        raise ImagegenError("invalid_argument", f"--scheduler {scheduler!r} is not a ComfyUI scheduler", hint="Known: " + ", ".join(workflows.SCHEDULERS))
+    base_seed = secrets.randbelow(2**32) if seed is None else seed
+    return [workflows.Params(prompt=prompt, negative=negative, width=width, height=height, steps=steps,
+                             cfg=cfg if cfg is not None else bundle.default("cfg", 7.0), sampler=sampler, scheduler=scheduler,
+                             seed=base_seed + i, guidance=guidance if guidance is not None else bundle.default("guidance", 3.5),
+                             filename_prefix=f"imagegen/{secrets.token_hex(4)}", fast=request.fast)
+            for i in range(count)]
+
+
+@dataclass
+class Plan:
+    bundle: Bundle
+    jobs: list[workflows.Params]
+    targets: list[Path | None]
+    request: Request
+
+
+def plan(request: Request, registry: Registry | None = None) -> Plan:
+    """Validate everything and decide every output path; nothing is started."""
+    bundle = resolve_bundle(request, registry)
+    jobs = plan_jobs(request, bundle)
+    names = [output.default_name(p.prompt, p.seed) for p in jobs]
+    targets = output.plan_outputs(request.output, len(jobs), names, request.overwrite, paths.default_output_dir())
+    return Plan(bundle, jobs, targets, request)
+
+
+def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
+    """Make the model loadable, find a worker, and yield one result record per image."""
+    from imagegen.models.fetch import make_fetcher
+
+    bundle, jobs, request = planned.bundle, planned.jobs, planned.request
+    if not request.force:
+        check_gpu_memory(bundle, jobs[0])
+    check_fast_toolchain(runtime, request.fast)
+    make_loadable(bundle, runtime, fetch or make_fetcher(reporter))
+    worker = runtime.ensure(on_status=reporter.status, mounts=local_dirs(bundle))
+    if worker.device == "cpu":
+        reporter.once("cpu", "no GPU in use: running on CPU (slow; fine for small models and tests)")
+    jobs = [workflows.for_device(params, worker.device) for params in jobs]
+    if request.fast and not jobs[0].fast:
+        reporter.once("fast-cpu", workflows.FAST_ON_CPU_NOTE)
+    resident = is_resident(bundle, worker.client().worker_info())
+    budgets = job_budgets(bundle, jobs[0], worker.device, resident, request.timeouts, request.explicit_timeouts)
+    learned = timings.estimate(timing_name(bundle, jobs[0]), jobs[0].width, jobs[0].height, worker.device)
+    each = timings.eta(learned, jobs[0].steps, resident)
+    if each is not None:
+        reporter.status(f"rendering {len(jobs)} image(s) with {bundle.name} on {worker.name}: about {each * len(jobs):.0f}s (from earlier runs)")
+    try:
+        yield from render(bundle, jobs, planned.targets, worker, reporter, budgets, request.overwrite, cache.file_hashes(bundle))
+    except KeyboardInterrupt:
+        if worker.started_here:  # stop what this command started; a shared warm worker stays
+            runtime.stop(worker.slot)
+        raise
+    except ImagegenError as error:
+        raise worker_failure(runtime, worker, error) from None
+
+
+def generate(request: Request, runtime, reporter: Reporter, registry: Registry | None = None, fetch=None):
+    """Yield one result record per image. All validation happens before any worker starts."""
+    yield from execute(plan(request, registry), runtime, reporter, fetch)
+
+
+def make_loadable(bundle: Bundle, runtime, fetch) -> None:
+    """Fetch and link a bundle's files into the model cache the workers read. Remote workers have
+    their own models folders: nothing is sent to them, so a local file cannot be used there."""
+    if getattr(runtime, "name", "") != "remote":
+        cache.ensure_bundle(bundle, fetch=fetch)
+        return
+    local = [f.local_path for f in bundle.files.values() if f.local_path]
+    if local:
+        raise ImagegenError("invalid_argument", f"remote workers cannot read the local file {local[0]}",
+                            hint="Use a registered model the remote workers hold (under the same file name), or another --runtime.")
+
+
+def check_fast_toolchain(runtime, fast: bool) -> None:
+    """Fast mode compiles where the worker runs: for the local runtime on this machine, with this
+    interpreter (the worker image brings its own compiler). Refuse before anything starts, not after
+    the model has loaded, when torch.compile would find no compiler or no Python.h."""
+    import shutil
+    import sysconfig
+
+    from imagegen.util.gpus import detect_device
+
+    device = detect_device()
+    if not fast or getattr(runtime, "name", "") != "local" or not workflows.compiles_on(device):
+        return
+    missing = []
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        missing.append("a C compiler (cc or gcc)")
+    if device == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+        missing.append("a C++ compiler (c++ or g++), which inductor uses for CPU kernels")
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.is_file():
+        missing.append(f"Python's headers ({headers})")
+    if missing:
+        raise ImagegenError("fast_unavailable", f"--fast compiles the model on this machine, which lacks {' and '.join(missing)}")
+
+
+def check_gpu_memory(bundle: Bundle, params: workflows.Params) -> None:
+    """Refuse, before downloading or starting anything, a job no GPU on this machine can hold."""
+    from imagegen.engine.routing import Router
+    from imagegen.util import gpus
+
+    found = gpus.list_gpus()
+    if found:
+        Router([], Registry.load()).check_feasible([(bundle, params)], [g.memory_total_mib * 1024 * 1024 for g in found])
+
+
+def local_dirs(bundle: Bundle) -> set[str]:
+    """Directories holding a bundle's local files: a container must see them at the same path."""
+    return {str(Path(f.local_path).resolve().parent) for f in bundle.files.values() if f.local_path}
+
+
+def worker_failure(runtime, worker, error: ImagegenError) -> ImagegenError:
+    """After a stall, a timeout or a lost connection: stop that worker so the next call gets a fresh
+    one, and say what happened (the phase, and whether the worker died, hung or ran out of memory)."""
+    if error.code not in ("timeout", "worker_unreachable", "out_of_memory"):
+        return error
+    cause = runtime.diagnose(worker)
+    runtime.stop(worker.slot)
+    restarted = " The worker was stopped; the next call starts a fresh one."
+    if cause is not None and error.code != "timeout":
+        cause.message += f" (phase '{error.details.get('phase', 'unknown')}').{restarted}"
+        return cause
+    error.message += restarted
+    return error

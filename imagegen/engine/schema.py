@@ -1,0 +1,158 @@
+"""JSON Schemas of the records imagegen prints with --json: results, errors, models and workers.
+
+Each record carries its schema name in a `schema` field ("imagegen.result/1"), which is the `$id`
+here. Adding a field keeps the version; removing or retyping one bumps it. So records may carry
+properties beyond those listed, and the `required` lists are what a consumer can rely on.
+`imagegen schema --json` prints these; tests hold real output to them.
+"""
+
+from __future__ import annotations
+
+from imagegen.engine.output import RESULT_SCHEMA
+from imagegen.models.cache import MODEL_SCHEMA
+from imagegen.models.registry import FAMILIES as _FAMILIES
+from imagegen.util.errors import ERROR_SCHEMA, ERRORS
+
+DIALECT = "https://json-schema.org/draft/2020-12/schema"
+WORKER_SCHEMA = "imagegen.worker/1"
+FAMILIES = list(_FAMILIES)
+
+_string_or_null = {"type": ["string", "null"]}
+_int_or_null = {"type": ["integer", "null"]}
+_seconds = {"type": "number", "minimum": 0}
+
+
+def _tag(name: str) -> dict:
+    return {"const": name, "description": "The schema name and version of this record."}
+
+
+RESULT = {
+    "$schema": DIALECT,
+    "$id": RESULT_SCHEMA,
+    "title": "One generated image",
+    "description": "One line on stdout per image with --json (generate, batch, funnel).",
+    "type": "object",
+    "required": ["schema", "path", "prompt", "negative", "model", "family", "seed", "width", "height", "steps", "cfg",
+                 "sampler", "scheduler", "denoise", "imagegen_version", "comfyui_version", "files", "worker",
+                 "device", "timings"],
+    "properties": {
+        "schema": _tag(RESULT_SCHEMA),
+        "path": {"type": "string", "description": "Absolute path of the PNG, or \"-\" when it went to stdout."},
+        "prompt": {"type": "string"},
+        "negative": {"type": "string"},
+        "model": {"type": "string", "description": "Registered model name, or the checkpoint's file stem."},
+        "family": {"enum": FAMILIES},
+        "seed": {"type": "integer", "minimum": 0},
+        "width": {"type": "integer", "minimum": 16},
+        "height": {"type": "integer", "minimum": 16},
+        "steps": {"type": "integer", "minimum": 1},
+        "cfg": {"type": "number", "minimum": 0},
+        "guidance": {"type": "number", "minimum": 0, "description": "Flux only."},
+        "sampler": {"type": "string"},
+        "scheduler": {"type": "string"},
+        "denoise": {"type": "number", "minimum": 0, "maximum": 1},
+        "fast": {"const": True, "description": "Present when rendered in fast mode (--fast: torch.compile, fp8 matmul)."},
+        "model_hash": {"type": "string", "description": "sha256 of the checkpoint or diffusion model, when known."},
+        "imagegen_version": {"type": "string"},
+        "comfyui_version": {"type": "string"},
+        "files": {
+            "type": "object",
+            "description": "The bundle's files by role (checkpoint, diffusion_model, t5, clip_l, vae).",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["name", "sha256"],
+                "properties": {"name": {"type": "string"}, "sha256": _string_or_null},
+            },
+        },
+        "worker": {"type": "string"},
+        "device": {"type": "string", "description": "\"cpu\" or the GPU the worker runs on."},
+        "timings": {
+            "type": "object",
+            "description": "Seconds: ComfyUI phases (queued, loading, sampling, finishing) and our fetch, write, since_submit.",
+            "required": ["fetch", "write", "since_submit"],
+            "additionalProperties": _seconds,
+        },
+    },
+}
+
+ERROR = {
+    "$schema": DIALECT,
+    "$id": ERROR_SCHEMA,
+    "title": "An error",
+    "description": "With --json, the last line on stderr of a failed command; the exit code matches exit_code.",
+    "type": "object",
+    "required": ["schema", "code", "message", "hint", "exit_code"],
+    "properties": {
+        "schema": _tag(ERROR_SCHEMA),
+        "code": {"description": "A stable snake_case code; each is listed with its meaning and exit code.",
+                 "oneOf": [{"const": code, "description": f"{kind.meaning} (exit {kind.exit_code})"} for code, kind in ERRORS.items()]},
+        "message": {"type": "string"},
+        "hint": {"type": "string", "description": "What to do next, often a command to run."},
+        "exit_code": {"enum": sorted({kind.exit_code for kind in ERRORS.values()})},
+        "details": {"type": "object", "description": "Code-specific extras (e.g. the timed-out phase)."},
+    },
+}
+
+MODEL = {
+    "$schema": DIALECT,
+    "$id": MODEL_SCHEMA,
+    "title": "A registered model",
+    "description": "One line per model from `imagegen models list --json`.",
+    "type": "object",
+    "required": ["schema", "name", "family", "installed", "size_bytes", "missing_bytes", "gated", "description",
+                 "source", "defaults", "files"],
+    "properties": {
+        "schema": _tag(MODEL_SCHEMA),
+        "name": {"type": "string"},
+        "family": {"enum": FAMILIES},
+        "installed": {"type": "boolean", "description": "Every file is on disk (cache, local file or shared tree)."},
+        "size_bytes": {"type": "integer", "minimum": 0},
+        "missing_bytes": {"type": "integer", "minimum": 0},
+        "gated": {"type": "boolean"},
+        "description": {"type": "string"},
+        "source": {"type": "string", "description": "\"builtin\", or the models.yaml or file it came from."},
+        "defaults": {
+            "type": "object",
+            "required": ["width", "height", "steps", "cfg", "sampler", "scheduler"],
+            "properties": {"width": _int_or_null, "height": _int_or_null, "steps": _int_or_null,
+                           "cfg": {"type": ["number", "null"]}, "sampler": _string_or_null, "scheduler": _string_or_null},
+        },
+        "files": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "required": ["folder", "name", "repo", "revision", "size", "sha256", "local"],
+                "properties": {"folder": {"type": "string"}, "name": {"type": "string"}, "repo": _string_or_null,
+                               "revision": _string_or_null, "size": _int_or_null, "sha256": _string_or_null,
+                               "local": _string_or_null},
+            },
+        },
+    },
+}
+
+WORKER = {
+    "$schema": DIALECT,
+    "$id": WORKER_SCHEMA,
+    "title": "A running worker",
+    "description": "One line per worker from `imagegen workers --json`. The worker-reported fields are null when it did not answer.",
+    "type": "object",
+    "required": ["schema", "name", "runtime", "slot", "device", "url", "last_model", "idle_seconds", "jobs_done",
+                 "keep_warm", "imagegen_version"],
+    "properties": {
+        "schema": _tag(WORKER_SCHEMA),
+        "name": {"type": "string"},
+        "runtime": {"enum": ["local", "docker"]},
+        "slot": {"type": "string", "description": "\"cpu\", or a GPU index or UUID."},
+        "device": _string_or_null,
+        "url": _string_or_null,
+        "pid": {"type": ["integer", "null"], "description": "Local runtime only."},
+        "container": {"type": "string", "description": "Docker runtime only: the short container id."},
+        "last_model": _string_or_null,
+        "idle_seconds": {"type": ["number", "null"]},
+        "jobs_done": _int_or_null,
+        "keep_warm": {"type": ["number", "null"]},
+        "imagegen_version": _string_or_null,
+    },
+}
+
+SCHEMAS = {schema["$id"]: schema for schema in (RESULT, ERROR, MODEL, WORKER)}

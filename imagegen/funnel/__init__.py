@@ -1,0 +1,1 @@
+"""`imagegen funnel`: progressive refinement from many drafts to one final image."""

@@ -1,0 +1,372 @@
+"""`imagegen funnel`: progressive refinement, from many fast drafts to one final image.
+
+Stages, by default: 20 SD1.5 drafts at 512x512 -> keep 8 -> SDXL img2img refine at 1024x1024
+(denoise 0.55) -> keep 3 -> polish (img2img at denoise 0.3 with more steps: flux-dev when all its
+files are in the cache, else SDXL) -> keep 1 -> upscale x2 with realesrgan-x4. Each stage fans out
+over every worker (the batch Scheduler), writes its images and a numbered contact sheet into
+FUNNEL_DIR/stage-N-NAME/, and records everything in FUNNEL_DIR/funnel.json, rewritten atomically
+after every change: a funnel interrupted at any point resumes with `imagegen funnel resume DIR`.
+docs/funnel.md describes the stage file, the picking rules and the state file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from imagegen.comfy import workflows
+from imagegen.engine import batch, generate, render
+from imagegen.funnel import contact_sheet
+from imagegen.funnel.stages import Stage, is_upscaler, resolve, stage_request
+from imagegen.models.registry import Registry
+from imagegen.util.errors import ImagegenError
+
+SCHEMA = "imagegen.funnel/1"                 # funnel.json, and `funnel show --json`
+STATUS_SCHEMA = "imagegen.funnel_status/1"   # the line --json prints when a funnel stops or ends
+STATE_FILE = "funnel.json"
+SHEET = "sheet.png"
+SCORER_ENV = "IMAGEGEN_FUNNEL_SCORER"
+SEED_STRIDE = 1000                           # stage N's seeds start at seed + (N-1) * 1000
+DEFAULT_DENOISE = 0.5
+
+
+# --- the state file ---------------------------------------------------------------
+class Funnel:
+    """FUNNEL_DIR/funnel.json in memory; paths inside it are relative to FUNNEL_DIR."""
+
+    def __init__(self, root: Path, data: dict):
+        self.root, self.data = root, data
+
+    @classmethod
+    def create(cls, root: Path, prompt: str, negative: str | None, seed: int, stages: list[Stage]) -> "Funnel":
+        root = root.absolute()
+        if (root / STATE_FILE).exists():
+            raise ImagegenError("output_exists", f"{root} holds a funnel already",
+                                hint=f"Continue it with `imagegen funnel resume {shlex.quote(str(root))}`, or choose another -o directory.")
+        batch.check_out_dir(root)
+        data = {"schema": SCHEMA, "prompt": prompt, "negative": negative, "seed": seed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "stages": [{**asdict(s), "dir": f"stage-{i}-{s.name}", "sheet": None, "images": [], "picks": None, "picked_by": None}
+                           for i, s in enumerate(stages, start=1)]}
+        funnel = cls(root, data)
+        funnel.save()
+        return funnel
+
+    @classmethod
+    def load(cls, root: Path) -> "Funnel":
+        root = root.absolute()
+        try:
+            data = json.loads((root / STATE_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ImagegenError("invalid_argument", f"{root} is not a funnel directory (no {STATE_FILE})",
+                                hint='Start one with `imagegen funnel "PROMPT" -o DIR`.') from None
+        except (OSError, ValueError) as exc:
+            raise ImagegenError("invalid_argument", f"{root / STATE_FILE} cannot be read: {exc}") from None
+        if data.get("schema") != SCHEMA:
+            raise ImagegenError("invalid_argument", f"{root / STATE_FILE} is not a {SCHEMA} state file")
+        return cls(root, data)
+
+    def save(self) -> None:
+        self.data["next"] = self.next_step()
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{STATE_FILE}.{os.getpid()}.partial"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(self.data, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.root / STATE_FILE)
+
+    def stage(self, number: int) -> Stage:
+        return Stage(**{f.name: self.data["stages"][number - 1][f.name] for f in fields(Stage)})
+
+    def record(self, number: int) -> dict:
+        return self.data["stages"][number - 1]
+
+    def done(self, image: dict) -> bool:
+        return image["status"] == "done" and (self.root / image["path"]).is_file()
+
+    def next_step(self) -> dict:
+        """What comes next: render a stage, pick from a stage, or nothing (done)."""
+        stages = self.data["stages"]
+        for number, record in enumerate(stages, start=1):
+            if not record["images"] or not all(self.done(image) for image in record["images"]):
+                return {"action": "render", "stage": number, "name": record["name"]}
+            if number < len(stages) and record["picks"] is None:
+                return {"action": "pick", "stage": number, "name": record["name"], "keep": record["keep"] or 1}
+        return {"action": "done"}
+
+    def plan_images(self, number: int) -> None:
+        """Decide a stage's images (index, seed, source, file) once; a resumed stage keeps them."""
+        record = self.record(number)
+        if record["images"]:
+            return
+        stage, base = self.stage(number), self.data["seed"] + (number - 1) * SEED_STRIDE
+        sources = [None] if number == 1 else self.record(number - 1)["picks"]
+        previous = {image["index"]: image for image in self.record(number - 1)["images"]} if number > 1 else {}
+        upscaling = is_upscaler(stage.model, Registry.load())
+        images = []
+        for source in sources:
+            for _ in range(1 if upscaling else stage.count):
+                index = len(images) + 1
+                seed = previous[source]["seed"] if upscaling else base + index - 1
+                images.append({"index": index, "seed": seed, "source": source, "status": "pending",
+                               "path": f"{record['dir']}/{index:02d}-{seed}.png"})
+        record["images"] = images
+
+
+def status_record(funnel: Funnel) -> dict:
+    """Where the funnel stands, and the command that continues it."""
+    step, root = funnel.next_step(), funnel.root
+    record = {"schema": STATUS_SCHEMA, "dir": str(root), "status": {"pick": "awaiting_pick", "render": "incomplete"}.get(step["action"], "done"),
+              "next": step, "command": None}
+    if step["action"] == "pick":
+        stage = funnel.record(step["stage"])
+        record.update(stage=step["stage"], sheet=str(root / stage["sheet"]) if stage["sheet"] else None, keep=step["keep"],
+                      choices=[image["index"] for image in stage["images"] if funnel.done(image)])
+        example = ",".join(str(i) for i in record["choices"][: step["keep"]])
+        record["command"] = f"imagegen funnel resume {shlex.quote(str(root))} --pick {example}"
+    elif step["action"] == "render":
+        record.update(stage=step["stage"], command=f"imagegen funnel resume {shlex.quote(str(root))}")
+    else:
+        last = funnel.data["stages"][-1]
+        record.update(final=[str(root / image["path"]) for image in last["images"]], sheet=str(root / last["sheet"]) if last["sheet"] else None)
+    return record
+
+
+# --- picking --------------------------------------------------------------------------------
+def parse_picks(text: str, choices: list[int], sheet: str | None) -> list[int]:
+    """'3,7' or '3 7': 1-based indices into the stage's contact sheet."""
+    try:
+        picks = [int(item) for item in re.split(r"[,\s]+", text.strip()) if item]
+    except ValueError:
+        picks = []
+    bad = [p for p in picks if p not in choices]
+    if not picks or bad or len(set(picks)) != len(picks):
+        why = f"{', '.join(map(str, bad))} not on the sheet" if bad else "give distinct numbers like 3,7"
+        raise ImagegenError("invalid_argument", f"pick {text.strip()!r}: {why} (choices: {', '.join(map(str, choices))})",
+                            hint=f"Pick by the numbers on the contact sheet{': ' + sheet if sheet else ''}.")
+    return picks
+
+
+def auto_pick(prompt: str, images: list[tuple[int, Path]], keep: int, reporter) -> list[int]:
+    """The --auto rule: rank by a configured scorer's prompt-image similarity, else keep the first N."""
+    command = os.environ.get(SCORER_ENV)
+    if not command:
+        chosen = [index for index, _ in images[:keep]]
+        reporter.status(f"--auto: no CLIP-similarity scorer is configured ({SCORER_ENV}), so it keeps the first {keep}: "
+                        f"{', '.join(map(str, chosen))}")
+        return chosen
+    payload = json.dumps({"prompt": prompt, "images": [str(path) for _, path in images]})
+    try:
+        done = subprocess.run(shlex.split(command), input=payload, capture_output=True, text=True, timeout=600)
+        scores = [float(line) for line in done.stdout.split()]
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        raise ImagegenError("invalid_argument", f"{SCORER_ENV} ({command}) failed: {exc}", hint=f"Fix the scorer, or unset {SCORER_ENV}.") from None
+    if done.returncode != 0 or len(scores) != len(images):
+        raise ImagegenError("invalid_argument", f"{SCORER_ENV} ({command}) exited {done.returncode} with {len(scores)} score(s) "
+                            f"for {len(images)} image(s): {done.stderr.strip()[-300:]}",
+                            hint="The scorer reads {\"prompt\", \"images\"} JSON on stdin and prints one number per image.")
+    ranked = sorted(zip(scores, [index for index, _ in images]), key=lambda pair: (-pair[0], pair[1]))
+    chosen = sorted(index for _, index in ranked[:keep])
+    reporter.status(f"--auto: kept {', '.join(map(str, chosen))} (highest scores from {SCORER_ENV})")
+    return chosen
+
+
+def ask(choices: list[int], keep: int, sheet: str, stdin, stderr) -> list[int] | None:
+    """Ask on the terminal; None when the person stops (q or end of input)."""
+    default = ",".join(map(str, choices[:keep]))
+    while True:
+        stderr.write(f"contact sheet: {sheet}\npick {keep} of {len(choices)} (e.g. {default}; Enter = {default}; q = stop here): ")
+        stderr.flush()
+        line = stdin.readline()
+        if not line or line.strip().lower() in ("q", "quit"):
+            return None
+        try:
+            return parse_picks(line if line.strip() else default, choices, sheet)
+        except ImagegenError as error:
+            stderr.write(f"{error.message}\n")
+
+
+# --- running --------------------------------------------------------------------------------
+@dataclass
+class Options:
+    gpus: str | None = None
+    workers: int = 1
+    depth: int = 2
+    timeouts: object = None
+    explicit: frozenset = frozenset()
+    force: bool = False             # run jobs that look too large for every GPU's memory
+    fast: bool = False              # fast mode for the drawing stages (workflows.compiled)
+    picks: tuple[str, ...] = ()     # applied to the next selections, in order
+    auto: bool = False
+    interactive: bool = False
+
+
+def stage_jobs(funnel: Funnel, number: int, registry: Registry, fast: bool = False) -> list:
+    from imagegen.engine.scheduler import Job
+
+    stage, record = funnel.stage(number), funnel.record(number)
+    bundle = resolve(stage.model, registry)
+    previous = {image["index"]: image for image in funnel.record(number - 1)["images"]} if number > 1 else {}
+    prompt, negative = funnel.data["prompt"], funnel.data["negative"]
+    jobs = []
+    for image in record["images"]:
+        if funnel.done(image):
+            continue
+        source = previous.get(image["source"])
+        if bundle.family == "upscale":
+            factor = stage.scale or 0
+            params = workflows.Params(prompt=prompt, width=source["width"] * factor, height=source["height"] * factor, steps=1,
+                                      cfg=1.0, sampler="euler", scheduler="normal", seed=image["seed"],
+                                      filename_prefix=f"imagegen/funnel-{number}-{image['index']}")
+        else:
+            params = replace(generate.plan_jobs(stage_request(stage, prompt, image["seed"], negative), bundle)[0], fast=fast)
+            if source is not None:
+                params = replace(params, denoise=stage.denoise or bundle.default("denoise", DEFAULT_DENOISE))
+        jobs.append(Job(key=f"{number}:{image['index']}", bundle=bundle, params=params, targets=[funnel.root / image["path"]],
+                        meta={"stage": number, "index": image["index"]}, source=funnel.root / source["path"] if source else None,
+                        quality=source is not None and bundle.family != "upscale"))  # refine, polish: the soonest finisher
+    return jobs
+
+
+def render_stage(funnel: Funnel, number: int, runtime, reporter, emit, options: Options, started: set, fetch=None) -> None:
+    from imagegen.engine.scheduler import Scheduler
+    from imagegen.models.fetch import make_fetcher
+
+    registry = Registry.load()
+    funnel.plan_images(number)
+    funnel.save()
+    record, stage = funnel.record(number), funnel.stage(number)
+    jobs = stage_jobs(funnel, number, registry, options.fast)
+    total = len(record["images"])
+    reporter.status(f"stage {number}/{len(funnel.data['stages'])} {stage.name}: {total} image(s) with {stage.model}"
+                    + (f", {total - len(jobs)} done earlier" if len(jobs) < total else ""))
+    if jobs:
+        slots = runtime.slots(options.gpus, cpu_workers=options.workers)
+        generate.check_fast_toolchain(runtime, options.fast)
+        hashes = batch.prepare_models(jobs, fetch or make_fetcher(reporter))
+
+        def budgets(job, state):
+            resident = state.last_model == job.bundle.name
+            return render.job_budgets(job.bundle, job.params, state.handle.device, resident, options.timeouts, options.explicit)
+
+        def on_outcome(outcome) -> None:
+            image = record["images"][outcome.job.meta["index"] - 1]
+            if outcome.error is None:
+                result = outcome.records[0]
+                image.update(status="done", width=result["width"], height=result["height"], worker=outcome.worker, error=None)
+                emit({**result, "funnel": {"dir": str(funnel.root), "stage": number, "stage_name": stage.name,
+                                           "index": image["index"], "source": image["source"]}})
+            else:
+                image.update(status="failed", error={"code": outcome.error.code, "message": outcome.error.message})
+            funnel.save()
+            reporter.finished(1, failed=outcome.error is not None)
+
+        scheduler = Scheduler(runtime, slots[: len(jobs)], jobs, on_outcome, budgets, hashes, batch.local_dirs(jobs),
+                              overwrite=True, depth=options.depth, reporter=reporter, registry=registry, force=options.force)
+        reporter.start(total, total - len(jobs))
+        reporter.attach(scheduler.workers)
+        try:
+            scheduler.run()
+        finally:
+            started.update(scheduler.started_here)
+            reporter.close()
+    tiles = [contact_sheet.Tile(image["index"], image["seed"], funnel.root / image["path"],
+                                "" if funnel.done(image) else image["status"]) for image in record["images"]]
+    title = f"stage {number} {stage.name}: {funnel.data['prompt']}"[:120]
+    contact_sheet.write(tiles, funnel.root / record["dir"] / SHEET, title)
+    record["sheet"] = f"{record['dir']}/{SHEET}"
+    funnel.save()
+    failed = [image for image in record["images"] if not funnel.done(image)]
+    if failed:
+        first = failed[0].get("error") or {"message": "not written"}
+        raise ImagegenError("jobs_failed", f"stage {number} ({stage.name}): {len(failed)} image(s) failed, e.g. #{failed[0]['index']}: {first['message']}",
+                            hint=f"Run `imagegen funnel resume {shlex.quote(str(funnel.root))}` to retry only those.", failed=len(failed))
+
+
+def select(funnel: Funnel, number: int, options: Options, reporter, stdin=None, stderr=None) -> tuple[list[int], str] | None:
+    """The picks from a finished stage and how they were made, or None when nobody can pick now."""
+    record = funnel.record(number)
+    keep = record["keep"] or 1
+    choices = [image["index"] for image in record["images"] if funnel.done(image)]
+    sheet = str(funnel.root / record["sheet"])
+    if len(choices) <= keep:
+        return choices, "all"
+    if options.picks:
+        text, options.picks = options.picks[0], options.picks[1:]
+        return parse_picks(text, choices, sheet), "pick"
+    if options.auto:
+        return auto_pick(funnel.data["prompt"], [(i, funnel.root / record["images"][i - 1]["path"]) for i in choices], keep, reporter), "auto"
+    if options.interactive:
+        import sys
+
+        picks = ask(choices, keep, sheet, stdin or sys.stdin, stderr or sys.stderr)
+        return (picks, "interactive") if picks else None
+    return None
+
+
+def advance(funnel: Funnel, runtime, reporter, emit, options: Options, fetch=None) -> dict:
+    """Render and pick until the funnel is done or needs a pick nobody gave; returns the status record."""
+    from filelock import FileLock, Timeout
+
+    started: set[str] = set()
+    lock = FileLock(str(funnel.root / ".funnel.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ImagegenError("invalid_argument", f"another imagegen command is working on the funnel in {funnel.root}",
+                            hint=f"Wait for it to finish, then `imagegen funnel show {shlex.quote(str(funnel.root))}`.") from None
+    try:
+        funnel.data = Funnel.load(funnel.root).data  # what the state file says now, under the lock
+        while True:
+            step = funnel.next_step()
+            if step["action"] == "render":
+                render_stage(funnel, step["stage"], runtime, reporter, emit, options, started, fetch)
+            elif step["action"] == "pick":
+                chosen = select(funnel, step["stage"], options, reporter)
+                if chosen is None:
+                    return status_record(funnel)
+                record = funnel.record(step["stage"])
+                record["picks"], record["picked_by"] = chosen
+                funnel.save()
+                reporter.status(f"stage {step['stage']} {step['name']}: kept {', '.join(map(str, chosen[0]))} ({chosen[1]})")
+            else:
+                return status_record(funnel)
+    except KeyboardInterrupt:
+        for slot in started:  # workers this command started in earlier stages; the running stage stopped its own
+            runtime.stop(slot)
+        raise
+    finally:
+        lock.release()
+
+
+def describe(funnel: Funnel) -> list[str]:
+    """`funnel show`: one paragraph per stage, then what comes next."""
+    root, data = funnel.root, funnel.data
+    lines = [f"funnel {root}", f"prompt: {data['prompt']}", f"seed: {data['seed']}"]
+    for number, record in enumerate(data["stages"], start=1):
+        done = sum(funnel.done(image) for image in record["images"])
+        settings = ", ".join(f"{key} {record[key]}" for key in ("count", "keep", "size", "steps", "denoise", "scale") if record.get(key) is not None)
+        lines.append(f"stage {number} {record['name']}: {record['model']} ({settings})")
+        if not record["images"]:
+            lines.append("  not started")
+            continue
+        lines.append(f"  images: {done}/{len(record['images'])} done" + (f"; sheet: {root / record['sheet']}" if record["sheet"] else ""))
+        for image in record["images"]:
+            origin = f" from #{image['source']}" if image["source"] is not None else ""
+            lines.append(f"  #{image['index']:<3} seed {image['seed']:<11} {'done' if funnel.done(image) else image['status']:<8} {root / image['path']}{origin}")
+        if record["picks"] is not None:
+            lines.append(f"  picked: {', '.join(map(str, record['picks']))} ({record['picked_by']})")
+    status = status_record(funnel)
+    if status["status"] == "done":
+        lines.append("next: nothing, the funnel is done; final: " + ", ".join(status["final"]))
+    elif status["status"] == "awaiting_pick":
+        lines.append(f"next: pick {status['keep']} from stage {status['stage']} ({status['sheet']}): {status['command']}")
+    else:
+        lines.append(f"next: render stage {status['stage']}: {status['command']}")
+    return lines

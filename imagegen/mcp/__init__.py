@@ -1,0 +1,1 @@
+"""`imagegen mcp`: the MCP stdio server for agents."""

@@ -1,0 +1,267 @@
+"""`imagegen mcp`: an MCP stdio server with the tools generate_image, batch and list_models.
+
+Each tool call runs the same code path as the CLI (`generate.generate`) in a worker thread, so the
+event loop keeps answering while an image renders. Sampling steps and finished images go to the
+client as progress notifications; failures come back as tool errors whose text is the
+`imagegen.error/1` JSON (code, message, hint). The mcp SDK moves fd 1 aside for the protocol,
+so a stray print reaches stderr, never the client.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.types import CallToolResult, ImageContent, TextContent
+from pydantic import BaseModel, Field
+
+from imagegen import __version__
+from imagegen.engine import generate as gen
+from imagegen.engine.progress import Reporter
+from imagegen.util.errors import ImagegenError
+
+THUMBNAIL_PX = 128
+logger = logging.getLogger("imagegen.mcp")
+
+# Tool arguments, declared once for generate_image and for the items of batch.
+Prompt = Annotated[str, Field(description="What to draw.")]
+ModelName = Annotated[Optional[str], Field(description="A registered model (see list_models); sd15 when omitted.")]
+Checkpoint = Annotated[Optional[str], Field(description="Absolute path of a local SD1.5/SDXL .safetensors file, used instead of a registered model.")]
+Size = Annotated[Optional[str], Field(description="WIDTHxHEIGHT in multiples of 8, e.g. 768x512; the model's default when omitted.")]
+Steps = Annotated[Optional[int], Field(description="Sampling steps; the model's default when omitted.")]
+Seed = Annotated[Optional[int], Field(description="Seed of the first image; random when omitted. Image i gets seed+i.")]
+Count = Annotated[int, Field(description="Number of images.")]
+Cfg = Annotated[Optional[float], Field(description="Classifier-free guidance scale.")]
+Negative = Annotated[Optional[str], Field(description="Negative prompt (SD1.5/SDXL).")]
+Fast = Annotated[bool, Field(description="Fast mode: torch.compile the model (the first image compiles for minutes, later ones are faster) and fp8 matmuls for fp8 models on Ada/Hopper; GPU workers only. Worth it for many images.")]
+OutputDir = Annotated[Optional[str], Field(description="Directory to write the PNGs into; imagegen's output directory when omitted.")]
+
+
+class ImageSpec(BaseModel):
+    """One prompt and its options: the arguments of generate_image, and one item of batch."""
+
+    prompt: Prompt
+    model: ModelName = None
+    checkpoint: Checkpoint = None
+    size: Size = None
+    steps: Steps = None
+    seed: Seed = None
+    count: Count = 1
+    cfg: Cfg = None
+    negative: Negative = None
+    fast: Fast = False
+    output_dir: OutputDir = None
+
+    def request(self) -> gen.Request:
+        if self.output_dir is not None and self.output_dir.strip() in ("", "-"):
+            raise ImagegenError("invalid_argument", f"output_dir {self.output_dir!r} is not a directory",
+                                hint="Pass a directory path, or leave output_dir out for the default.")
+        timeouts, explicit = gen.timeouts_from_env()
+        output = str(Path(self.output_dir).expanduser()) + os.sep if self.output_dir else None
+        return gen.Request(prompt=self.prompt, model=self.model, checkpoint=Path(self.checkpoint) if self.checkpoint else None,
+                           size=self.size, steps=self.steps, seed=self.seed, count=self.count, cfg=self.cfg,
+                           negative=self.negative, fast=self.fast, output=output, timeouts=timeouts, explicit_timeouts=explicit)
+
+
+# A runner takes the validated plans of one tool call, keyed by item index, and yields
+# (item index, result record or error) as images finish. Today's runs them one after another;
+# the batch scheduler slots in here.
+Runner = Callable[[dict[int, gen.Plan], object, Reporter], Iterable[tuple[int, "dict | ImagegenError"]]]
+
+
+def run_in_sequence(plans: dict[int, gen.Plan], runtime, reporter: Reporter) -> Iterator[tuple[int, dict | ImagegenError]]:
+    for index, planned in plans.items():
+        try:
+            for record in gen.execute(planned, runtime, reporter):
+                yield index, record
+        except ImagegenError as error:
+            if error.code == "interrupted":
+                raise
+            yield index, error
+
+
+class ClientProgress(Reporter):
+    """Reports to the MCP client from the worker thread. Progress counts images (total = images in
+    the call), the current image's sampling steps giving the fraction; MCP wants every notification
+    to carry a larger value than the last, so repeats are dropped."""
+
+    def __init__(self, ctx: Context, total_images: int, cancelled: threading.Event):
+        super().__init__(quiet=False, show_progress=False)
+        self.ctx, self.total, self.cancelled = ctx, total_images, cancelled
+        self.done = 0
+        self.sent = -1.0
+
+    def status(self, message: str) -> None:
+        super().status(message)
+        self._send(self.done, message)
+
+    def progress(self, state) -> None:
+        if self.cancelled.is_set():
+            raise ImagegenError("interrupted", "the client cancelled the request")
+        if state.phase == "sampling" and state.total:
+            # steps / (total + 1): the image is not done until it is decoded and saved
+            fraction = min(state.step, state.total) / (state.total + 1)
+            self._send(self.done + fraction, f"image {self.done + 1}/{self.total}: step {state.step}/{state.total}")
+
+    def finished(self, record: dict) -> None:
+        self.done += 1
+        self._send(self.done, f"image {self.done}/{self.total} saved: {record['path']}")
+
+    def _send(self, value: float, message: str) -> None:
+        if value <= self.sent:
+            return
+        self.sent = value
+        try:
+            anyio.from_thread.run(self.ctx.report_progress, value, self.total, message)
+        except Exception as exc:  # noqa: BLE001 - progress is advisory; it never fails a job
+            logger.debug("progress notification failed: %r", exc)
+
+
+def thumbnail(path: str, size: int = THUMBNAIL_PX) -> bytes:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.thumbnail((size, size))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def image_content(record: dict) -> list:
+    return [TextContent(type="text", text=json.dumps(record)),
+            ImageContent(type="image", data=base64.b64encode(thumbnail(record["path"])).decode("ascii"), mime_type="image/png")]
+
+
+def error_result(error: ImagegenError) -> CallToolResult:
+    record = error.to_json()
+    return CallToolResult(content=[TextContent(type="text", text=json.dumps(record))], structured_content=record, is_error=True)
+
+
+def as_imagegen_error(exc: Exception) -> ImagegenError:
+    if isinstance(exc, ImagegenError):
+        return exc
+    logger.exception("unexpected error in a tool call")
+    return ImagegenError("internal_error", f"{exc.__class__.__name__}: {exc}")
+
+
+class ImagegenTools:
+    """The state the tools share: which runtime to use (made on first use) and how to run requests."""
+
+    def __init__(self, runtime_name: str = "auto", keep_warm: float = 300.0, runner: Runner = run_in_sequence):
+        self.runtime_name, self.keep_warm, self.runner = runtime_name, keep_warm, runner
+        self._runtime = None
+        self._lock = threading.Lock()
+
+    def runtime(self):
+        from imagegen.runtimes.choose import make_runtime
+
+        with self._lock:
+            if self._runtime is None:
+                self._runtime = make_runtime(self.runtime_name, self.keep_warm)
+            return self._runtime
+
+    async def in_thread(self, work: Callable, *args):
+        """Run blocking work off the event loop. On cancellation the thread is told to stop (it
+        interrupts its ComfyUI jobs at the next progress event) and is not waited for."""
+        cancelled = threading.Event()
+        try:
+            return await anyio.to_thread.run_sync(work, *args, cancelled, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            cancelled.set()
+            raise
+
+    async def render(self, specs: list[ImageSpec], ctx: Context, batch: bool) -> CallToolResult:
+        try:
+            return await self.in_thread(self._render, specs, ctx, batch)
+        except Exception as exc:  # noqa: BLE001 - every failure reaches the client as a tool error
+            return error_result(as_imagegen_error(exc))
+
+    def _render(self, specs: list[ImageSpec], ctx: Context, batch: bool, cancelled: threading.Event) -> CallToolResult:
+        """Images as they finish, and failures as imagegen.error/1 records: generate_image fails as a
+        whole (still listing any images it wrote), while batch goes on with its other items."""
+        content, results, errors = [], [], []
+
+        def failed(index: int, error: ImagegenError) -> None:
+            record = {"item": index, **error.to_json()} if batch else error.to_json()
+            errors.append(record)
+            content.insert(len(errors) - 1, TextContent(type="text", text=json.dumps(record)))
+
+        plans = {}
+        for index, spec in enumerate(specs):  # validate every item before any worker starts
+            try:
+                plans[index] = gen.plan(spec.request())
+            except ImagegenError as error:
+                failed(index, error)
+        if plans and (batch or not errors):
+            reporter = ClientProgress(ctx, sum(len(p.jobs) for p in plans.values()), cancelled)
+            for index, outcome in self.runner(plans, self.runtime(), reporter):
+                if isinstance(outcome, ImagegenError):
+                    failed(index, outcome)
+                    continue
+                record = {"item": index, **outcome} if batch else outcome
+                reporter.finished(record)
+                results.append(record)
+                content += image_content(record)
+        if not batch and errors:
+            return CallToolResult(content=content, structured_content=errors[0], is_error=True)
+        return CallToolResult(content=content, structured_content={"results": results, "errors": errors},
+                              is_error=bool(errors) and not results)
+
+    def _models(self, _cancelled: threading.Event) -> CallToolResult:
+        from imagegen.models.cache import model_record
+        from imagegen.models.registry import Registry
+
+        records = [model_record(bundle) for _name, bundle in sorted(Registry.load().bundles.items())]
+        return CallToolResult(content=[TextContent(type="text", text=json.dumps(records))], structured_content={"models": records})
+
+    async def models(self) -> CallToolResult:
+        try:
+            return await self.in_thread(self._models)
+        except Exception as exc:  # noqa: BLE001
+            return error_result(as_imagegen_error(exc))
+
+
+def build_server(tools: ImagegenTools) -> MCPServer:
+    server = MCPServer(name="imagegen", version=__version__, instructions=(
+        "Generate images locally with ComfyUI. generate_image returns each PNG's absolute path, its parameters "
+        "as JSON and a small thumbnail; list_models shows the models and whether they are installed."))
+
+    @server.tool()
+    async def generate_image(prompt: Prompt, ctx: Context, model: ModelName = None, checkpoint: Checkpoint = None,
+                             size: Size = None, steps: Steps = None, seed: Seed = None, count: Count = 1,
+                             cfg: Cfg = None, negative: Negative = None, fast: Fast = False,
+                             output_dir: OutputDir = None) -> CallToolResult:
+        """Generate images from a prompt. Returns, per image, a JSON record (path, seed, model, size, steps,
+        timings; schema imagegen.result/1) and a thumbnail. The first call may start a worker (seconds to minutes)."""
+        spec = ImageSpec(prompt=prompt, model=model, checkpoint=checkpoint, size=size, steps=steps, seed=seed,
+                         count=count, cfg=cfg, negative=negative, fast=fast, output_dir=output_dir)
+        return await tools.render([spec], ctx, batch=False)
+
+    @server.tool()
+    async def batch(items: Annotated[list[ImageSpec], Field(description="The prompts, each with its own options.", min_length=1)],
+                    ctx: Context) -> CallToolResult:
+        """Generate images for several prompts in one call. Each image's record carries `item` (its index in
+        `items`); an item that fails is reported as an imagegen.error/1 record with its `item`, and the others still run."""
+        return await tools.render(items, ctx, batch=True)
+
+    @server.tool()
+    async def list_models() -> CallToolResult:
+        """The registered models (schema imagegen.model/1): family, installed or not, size, defaults and files."""
+        return await tools.models()
+
+    return server
+
+
+def serve(runtime_name: str = "auto", keep_warm: float = 300.0) -> None:
+    build_server(ImagegenTools(runtime_name, keep_warm)).run("stdio")

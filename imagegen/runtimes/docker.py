@@ -1,0 +1,286 @@
+"""Workers as Docker containers: one per GPU, pinned to that device, published on 127.0.0.1 only.
+
+A container is found again by its labels, so any invocation reuses a warm worker. Its secret lives
+in a 0600 file on the host, bind-mounted read-only, so it never shows in `docker inspect`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+
+from imagegen import __version__
+from imagegen.runtimes.base import (
+    DEFAULT_KEEP_WARM,
+    DEFAULT_START_TIMEOUT,
+    WorkerHandle,
+    cpu_slots,
+    healthy,
+    is_cpu_slot,
+    pid_alive,
+)
+from imagegen.util import gpus, paths
+from imagegen.util.errors import ImagegenError
+
+LABEL = "imagegen.worker"
+CONTAINER_PORT = "8188/tcp"
+IMAGE = os.environ.get("IMAGEGEN_IMAGE", f"imagegen:{__version__}")
+
+
+def memory_limit() -> str:
+    """IMAGEGEN_DOCKER_MEMORY (e.g. "16g"): an opt-in hard memory cap per worker container, swap included."""
+    return os.environ.get("IMAGEGEN_DOCKER_MEMORY", "").strip()
+
+
+def connect():
+    """A docker client, or a clear error naming what is wrong with the daemon."""
+    import docker
+    from docker.errors import DockerException
+
+    try:
+        client = docker.from_env(timeout=60)
+        client.ping()
+        return client
+    except DockerException as exc:
+        text = str(exc)
+        if "Permission denied" in text or "PermissionError" in text:
+            raise ImagegenError("docker_permission", f"permission denied on the Docker socket ({os.environ.get('DOCKER_HOST', '/var/run/docker.sock')})") from exc
+        raise ImagegenError("docker_unavailable", f"the Docker daemon is not reachable: {text.splitlines()[0][:200]}") from exc
+
+
+class DockerRuntime:
+    name = "docker"
+    uses_host_cache = True
+    can_restart = True
+    compiles_on_host = False   # the image brings its own compiler
+    reads_local_files = True   # mounted into the container at the same path
+
+    def __init__(self, keep_warm: float = DEFAULT_KEEP_WARM, start_timeout: float = DEFAULT_START_TIMEOUT,
+                 image: str | None = None, shared_models: list[Path] | None = None):
+        self.keep_warm = keep_warm
+        self.start_timeout = start_timeout
+        self.image = image or IMAGE
+        self.shared_models = shared_models or []
+        self.client = connect()
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.dir = paths.ensure_private_dir(paths.workers_dir())
+
+    def image_present(self) -> bool:
+        from docker.errors import ImageNotFound
+
+        try:
+            self.client.images.get(self.image)
+            return True
+        except ImageNotFound:
+            return False
+
+    # --- discovery ------------------------------------------------------------------
+    def _containers(self, slot: str | None = None, all_states: bool = False):
+        filters = {"label": [f"{LABEL}=1", f"imagegen.owner_uid={self.uid}"]}
+        if slot is not None:
+            filters["label"].append(f"imagegen.slot={slot}")
+        return self.client.containers.list(all=all_states, filters=filters)
+
+    def _token_path(self, slot: str) -> Path:
+        return self.dir / f"docker-{slot}.token"
+
+    def _handle(self, container, slot: str, started_here: bool) -> WorkerHandle | None:
+        container.reload()
+        bindings = (container.attrs.get("NetworkSettings", {}).get("Ports") or {}).get(CONTAINER_PORT) or []
+        if not bindings:
+            return None
+        url = f"http://127.0.0.1:{bindings[0]['HostPort']}"
+        try:
+            token = self._token_path(slot).read_text().strip()
+        except OSError:
+            return None
+        return WorkerHandle(name=container.name, url=url, token=token, device=container.labels.get("imagegen.device", "cpu"),
+                            runtime=self.name, slot=slot, started_here=started_here,
+                            info={"container": container.id[:12], "image": self.image})
+
+    def find(self, slot: str, mounts: set[str] = frozenset()) -> WorkerHandle | None:
+        for container in self._containers(slot):
+            mounted = set(json.loads(container.labels.get("imagegen.mounts", "[]")))
+            if (container.labels.get("imagegen.image") != self.image or not set(mounts) <= mounted
+                    or container.labels.get("imagegen.memory", "") != memory_limit()):
+                self._remove(container)  # an older image, another memory cap, or it cannot see a file this job needs
+                continue
+            handle = self._handle(container, slot, started_here=False)
+            if handle and healthy(handle.url):
+                return handle
+        return None
+
+    def slots(self, choice: str | None = None, cpu_workers: int = 1) -> list[str]:
+        found = gpus.select(gpus.list_gpus(), choice)
+        return [g.uuid for g in found] or cpu_slots(cpu_workers)
+
+    # --- lifecycle ------------------------------------------------------------------
+    def ensure(self, slot: str | None = None, on_status=None, mounts: set[str] = frozenset()) -> WorkerHandle:
+        from filelock import FileLock
+
+        slot = slot or self.slots()[0]
+        self.reap()
+        with FileLock(str(self.dir / f"docker-{slot}.lock")):
+            return self.find(slot, mounts) or self._start(slot, set(mounts), on_status)
+
+    def _start(self, slot: str, mounts: set[str], on_status) -> WorkerHandle:
+        from docker.errors import APIError
+        from docker.types import DeviceRequest
+
+        if not self.image_present():
+            raise ImagegenError("image_missing", f"the Docker image {self.image} is not built",
+                                hint="Build it with ./build-image.sh (./build-image.sh --cpu-local offline), or use --runtime local.")
+        gpu = not is_cpu_slot(slot)
+        if gpu and "nvidia" not in (self.client.info().get("Runtimes") or {}):
+            raise ImagegenError("nvidia_runtime_missing", f"GPU {slot} was requested but Docker has no NVIDIA runtime")
+        for container in self._containers(slot, all_states=True):
+            self._remove(container)
+        token_path = self._token_path(slot)
+        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32))
+        models_dir = paths.models_dir()
+        models_dir.mkdir(parents=True, exist_ok=True)
+        volumes = {str(models_dir): {"bind": "/models", "mode": "rw"},
+                   str(token_path): {"bind": "/run/imagegen/token", "mode": "ro"}}
+        command = ["serve", "--host", "0.0.0.0", "--port", "8188", "--token-file", "/run/imagegen/token",
+                   "--keep-warm", str(self.keep_warm), "--device", "cuda" if gpu else "cpu", "--models-dir", "/models"]
+        for index, tree in enumerate(self.shared_models):
+            volumes[str(tree)] = {"bind": f"/shared/{index}", "mode": "ro"}
+            command += ["--shared-models", f"/shared/{index}"]
+        for directory in sorted(mounts):  # local model files, visible at the same path as on the host
+            volumes[directory] = {"bind": directory, "mode": "ro"}
+        labels = {LABEL: "1", "imagegen.slot": slot, "imagegen.device": "cuda" if gpu else "cpu",
+                  "imagegen.version": __version__, "imagegen.image": self.image, "imagegen.owner_uid": str(self.uid),
+                  "imagegen.owner_pid": str(os.getpid()), "imagegen.mounts": json.dumps(sorted(mounts)),
+                  "imagegen.started": str(int(time.time())), "imagegen.memory": memory_limit()}
+        if on_status:
+            on_status(f"starting a Docker worker ({'GPU ' + slot if gpu else 'CPU'}, image {self.image})")
+        name = f"imagegen-{self.uid}-{slot[:16].lower().replace(':', '-')}-{secrets.token_hex(3)}"
+        try:
+            container = self.client.containers.run(
+                self.image, command, detach=True, init=True, user=f"{self.uid}:{self.gid}", name=name,
+                ports={CONTAINER_PORT: ("127.0.0.1", None)}, volumes=volumes, labels=labels,
+                environment={"IMAGEGEN_MODELS_DIR": "/models", "HOME": "/tmp"},
+                mem_limit=memory_limit() or None, memswap_limit=memory_limit() or None,
+                device_requests=[DeviceRequest(device_ids=[slot], capabilities=[["gpu"]])] if gpu else None)
+        except APIError as exc:
+            self._remove_named(name)  # created but not started
+            raise ImagegenError("worker_start_failed", f"Docker refused to start the worker: {exc.explanation or exc}") from exc
+        except BaseException:
+            self._remove_named(name)  # Ctrl-C between create and start must not leave it behind
+            raise
+        try:
+            return self._wait_ready(container, slot)
+        except BaseException:
+            self._remove(container)
+            raise
+
+    def _wait_ready(self, container, slot: str) -> WorkerHandle:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            container.reload()
+            state = container.attrs["State"]
+            if state["Status"] in ("exited", "dead"):
+                raise self._death(container, "during start-up")
+            handle = self._handle(container, slot, started_here=True)
+            if handle and healthy(handle.url):
+                return handle
+            time.sleep(0.25)
+        raise ImagegenError("timeout", f"the Docker worker was not ready within {self.start_timeout:.0f}s. Last log lines:\n{self._logs(container)}",
+                            hint="Set IMAGEGEN_START_TIMEOUT higher on a slow machine.", phase="server_start")
+
+    def diagnose(self, worker: WorkerHandle, grace: float = 10.0) -> ImagegenError | None:
+        """Why a worker failed a job: its container exited (killed for memory?), or it hangs.
+
+        When ComfyUI is killed (the kernel's OOM killer picks it, not the container's init), the
+        worker notices within a second and exits: wait for that before calling it a hang."""
+        from docker.errors import DockerException, NotFound
+
+        deadline = time.monotonic() + grace
+        while True:
+            try:
+                container = self.client.containers.get(worker.info.get("container") or worker.name)
+            except NotFound:
+                return ImagegenError("worker_died", f"the worker container {worker.name} is gone")
+            except DockerException:
+                container = None
+            if container is not None and container.attrs["State"]["Status"] in ("exited", "dead"):
+                return self._death(container, "while running a job")
+            if healthy(worker.url):
+                return None
+            if time.monotonic() >= deadline:
+                return ImagegenError("worker_unreachable", f"the worker container {worker.name} stopped answering")
+            time.sleep(0.5)
+
+    def _death(self, container, when: str) -> ImagegenError:
+        state = container.attrs["State"]
+        if state.get("OOMKilled") or state.get("ExitCode") == 137:
+            how = "by the kernel's OOM killer" if state.get("OOMKilled") else "(exit 137: SIGKILL, usually the OOM killer)"
+            limit = memory_limit()
+            return ImagegenError("out_of_memory", f"the worker container was killed for memory {when} {how}"
+                                 + (f"; its memory limit is IMAGEGEN_DOCKER_MEMORY={limit}" if limit else ""),
+                                 hint=(f"Raise IMAGEGEN_DOCKER_MEMORY (now {limit}) or unset it, or use a smaller --size, --count or model."
+                                       if limit else None))
+        code = "worker_start_failed" if "start-up" in when else "worker_died"
+        return ImagegenError(code, f"the worker container exited with code {state.get('ExitCode')} {when}. Last log lines:\n{self._logs(container)}")
+
+    @staticmethod
+    def _logs(container, lines: int = 25) -> str:
+        try:
+            return container.logs(tail=lines).decode(errors="replace").strip() or "(no output)"
+        except Exception:  # noqa: BLE001 - the container may be gone already
+            return "(no log)"
+
+    @staticmethod
+    def _remove(container) -> None:
+        try:
+            container.remove(force=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+    def _remove_named(self, name: str) -> None:
+        try:
+            self._remove(self.client.containers.get(name))
+        except Exception:  # noqa: BLE001 - never created
+            pass
+
+    def reap(self) -> list[str]:
+        """Remove exited workers, and workers stuck starting whose owner process is gone."""
+        removed = []
+        for container in self._containers(all_states=True):
+            stuck = (container.status == "running" and container.attrs.get("State", {}).get("Health", {}).get("Status") == "starting"
+                     and not pid_alive(int(container.labels.get("imagegen.owner_pid", "0")))
+                     and time.time() - int(container.labels.get("imagegen.started", "0")) > self.start_timeout)
+            if container.status in ("exited", "dead", "created") or stuck:
+                self._remove(container)
+                removed.append(container.name)
+        return removed
+
+    def workers(self) -> list[dict]:
+        self.reap()
+        found = []
+        for container in self._containers():
+            slot = container.labels.get("imagegen.slot", "?")
+            handle = self._handle(container, slot, started_here=False)
+            info = {}
+            if handle:
+                try:
+                    info = handle.client(request_timeout=5).worker_info()
+                except ImagegenError:
+                    pass
+            found.append({"name": container.name, "runtime": self.name, "slot": slot, "device": container.labels.get("imagegen.device"),
+                          "url": handle.url if handle else None, "container": container.id[:12],
+                          "healthy": bool(handle and healthy(handle.url)),
+                          **{k: info.get(k) for k in ("gpu", "it_per_s", "last_model", "idle_seconds", "jobs_done", "keep_warm", "imagegen_version")}})
+        return found
+
+    def stop(self, slot: str | None = None) -> list[str]:
+        stopped = []
+        for container in self._containers(slot, all_states=True):
+            self._remove(container)
+            stopped.append(container.name)
+        return stopped
