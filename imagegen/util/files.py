@@ -108,3 +108,11 @@ def probe_writable(folder: Path) -> OSError | None:
     except OSError:
         pass
     return None
+
+
+def write_private(path: Path | str, text: str) -> Path:
+    """Write a secret (a token, a worker record) all or nothing, readable by this user only (0600):
+    the temporary file is created 0600 (never a moment with wider permissions), fsynced, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return write_atomic(path, text, mode=0o600)
