@@ -1,4 +1,7 @@
+import errno
+import json
 import os
+import subprocess
 
 import pytest
 
@@ -55,3 +58,58 @@ def test_a1111_parameters_text():
     text = png.a1111_parameters(record)
     assert text.startswith("a fox\nNegative prompt: blurry\nSteps: 20, Sampler: euler")
     assert "Seed: 42" in text and "Size: 512x768" in text
+
+
+def test_unwritable_output_dir_stops_before_anything_starts(tmp_path):
+    """-o /proc/x.png used to render the image and then lose it with internal_error."""
+    from conftest import run_cli
+
+    result = run_cli("generate", "a cat", "-o", "/proc/x.png", "--json", timeout=120)
+    assert result.returncode == 2, result.stderr
+    error = json.loads(result.stderr.decode().strip().splitlines()[-1])
+    assert error["code"] == "output_not_writable" and "/proc" in error["message"] and error["hint"]
+    assert not (tmp_path / "imagegen-home" / "state" / "workers").exists()  # no worker was started
+    plain = run_cli("generate", "a cat", "-o", "/proc/x.png", timeout=120)
+    assert plain.returncode == 2 and b"error:" in plain.stderr and b"hint:" in plain.stderr
+
+
+def test_write_atomic_falls_back_to_rename_where_links_are_unsupported(tmp_path, monkeypatch):
+    """exFAT/SMB refuse os.link: the image must still land, without clobbering and without a temp file."""
+    def no_links(src, dst, *args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    target = tmp_path / "img.png"
+    output.write_atomic(target, b"first", overwrite=False)
+    assert target.read_bytes() == b"first"
+    with pytest.raises(ImagegenError) as caught:
+        output.write_atomic(target, b"second", overwrite=False)
+    assert caught.value.code == "output_exists" and target.read_bytes() == b"first"
+    assert os.listdir(tmp_path) == ["img.png"]
+
+
+def test_write_atomic_failure_leaves_no_partial_file(tmp_path, monkeypatch):
+    def broken_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(ImagegenError) as caught:
+        output.write_atomic(tmp_path / "img.png", b"data", overwrite=True)
+    assert caught.value.code == "output_not_writable"
+    assert os.listdir(tmp_path) == []
+
+
+def test_full_disk_is_disk_full_with_a_hint(tmp_path):
+    """A real full file system (a 64 KiB tmpfs): disk_full naming the folder, and no .partial left."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.decode().strip()}")
+    try:
+        with pytest.raises(ImagegenError) as caught:
+            output.write_atomic(mount / "img.png", bytes(1024 * 1024), overwrite=False)
+        assert caught.value.code == "disk_full" and str(mount) in caught.value.hint
+        assert os.listdir(mount) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

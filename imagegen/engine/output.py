@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from imagegen.util import files
 from imagegen.util.errors import ImagegenError
 
 RESULT_SCHEMA = "imagegen.result/1"
@@ -46,45 +47,42 @@ def plan_outputs(output: str | None, count: int, names: list[str], overwrite: bo
                 raise ImagegenError("invalid_argument", f"-o {output}: output files are PNG; name it *.png or pass a directory",
                                     hint="For example -o robot.png or -o out/.")
             targets = [path] if count == 1 else [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(count)]
+    probed: set[Path] = set()
     for target in targets:
-        _check_writable(target.absolute(), overwrite)
+        _check_writable(target.absolute(), overwrite, probed)
     return [t.absolute() for t in targets]
 
 
-def _check_writable(target: Path, overwrite: bool) -> None:
+def _check_writable(target: Path, overwrite: bool, probed: set[Path]) -> None:
     if target.is_dir():
         raise ImagegenError("output_not_writable", f"{target} is a directory, not a file name")
     if target.exists() and not overwrite:
         raise ImagegenError("output_exists", f"{target} exists already")
-    parent = target.parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = files.nearest_existing_parent(target.parent)
     if not parent.is_dir():
         raise ImagegenError("output_not_writable", f"{parent} is a file, so {target} cannot be created")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ImagegenError("output_not_writable", f"no permission to write in {parent}")
+    if parent in probed:
+        return
+    problem = files.probe_writable(parent)  # os.access is not proof: /proc, read-only mounts, ACLs
+    probed.add(parent)
+    if problem is not None:
+        raise ImagegenError("output_not_writable", f"cannot create files in {parent}: {problem.strerror or problem}",
+                            hint="Choose an -o path in a writable directory.")
 
 
 def write_atomic(target: Path, data: bytes, overwrite: bool) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    """Write an image all or nothing; a full disk is disk_full and no temporary file is left."""
     try:
-        if overwrite:
-            os.replace(tmp, target)
-        else:
-            os.link(tmp, target)  # fails if the name appeared meanwhile: never clobber
-            os.unlink(tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return files.write_atomic(target, data, overwrite=overwrite)
     except FileExistsError:
-        os.unlink(tmp)
         raise ImagegenError("output_exists", f"{target} appeared while the image was rendering") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+    except OSError as exc:
+        if exc.errno in files.DISK_FULL:
+            raise ImagegenError("disk_full", f"no space left to write {target}",
+                                hint=f"Free space in {target.parent} or choose another -o.") from None
+        raise ImagegenError("output_not_writable", f"cannot write {target}: {exc.strerror or exc}",
+                            hint="Choose an -o path in a writable directory.") from None
 
 
 def write_stdout(data: bytes) -> None:
