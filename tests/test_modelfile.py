@@ -1,4 +1,5 @@
 import json
+import os
 import struct
 
 import pytest
@@ -77,3 +78,108 @@ def test_flux_bundle_with_the_wrong_text_encoder_is_refused_before_loading(tmp_p
     files["t5"] = t5(tmp_path / "t5-xxl.safetensors")
     resolve = {bundle.files[role].key: path for role, path in files.items()}
     modelfile.check_bundle_files(bundle, lambda f: resolve[f.key])  # the right encoder passes
+
+
+UNET_K = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+def _tensor(dtype="F16", shape=(2, 2), offsets=(0, 8)):
+    return {"dtype": dtype, "shape": list(shape) if isinstance(shape, tuple) else shape,
+            "data_offsets": list(offsets) if isinstance(offsets, tuple) else offsets}
+
+
+def _craft(path, header, data: int = 8, length: int | None = None):
+    """A .safetensors file with exactly this header (a dict, or raw bytes) and `data` zero bytes."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + bytes(data))
+    return path
+
+
+CRAFTED = {  # name: (header, data bytes, length override, what the message must say)
+    "shape-null": ({"w": _tensor(shape=None)}, 8, None, "'w' has shape None"),
+    "shape-string": ({"w": _tensor(shape="2x2")}, 8, None, "'w' has shape '2x2'"),
+    "shape-bool": ({"w": _tensor(shape=[True, 8])}, 8, None, "not a list of non-negative integers"),
+    "shape-negative": ({"w": _tensor(shape=[-2, -2])}, 8, None, "not a list of non-negative integers"),
+    "shape-float": ({"w": _tensor(shape=[2.0, 2])}, 8, None, "not a list of non-negative integers"),
+    "dtype-list": ({"w": _tensor(dtype=["F16"])}, 8, None, "has dtype ['F16']"),
+    "dtype-null": ({"w": _tensor(dtype=None)}, 8, None, "has dtype None"),
+    "entry-number": ({"w": 7}, 8, None, "'w' is a JSON int"),
+    "entry-missing-offsets": ({"w": {"dtype": "F16", "shape": [2, 2]}}, 8, None, "'w' has no data_offsets"),
+    "offsets-strings": ({"w": _tensor(offsets=["0", "8"])}, 8, None, "not a [start, end] pair"),
+    "offsets-three": ({"w": _tensor(offsets=[0, 4, 8])}, 8, None, "not a [start, end] pair"),
+    "offsets-null": ({"w": _tensor(offsets=None)}, 8, None, "not a [start, end] pair"),
+    "offsets-reversed": ({"w": _tensor(shape=[0], offsets=[8, 0])}, 8, None, "outside the file"),
+    "offsets-past-end": ({"w": _tensor(offsets=[0, 8])}, 4, None, "outside the file"),
+    "offsets-negative": ({"w": _tensor(shape=[0], offsets=[-8, -8])}, 8, None, "outside the file"),
+    "offsets-overlap": ({"a": _tensor(offsets=[0, 8]), "b": _tensor(offsets=[4, 12])}, 12, None, "overlap"),
+    "header-list": ([{"w": _tensor()}], 8, None, "JSON list, not an object"),
+    "header-string": ("weights", 8, None, "JSON str, not an object"),
+    "header-null": (b"null", 8, None, "JSON NoneType, not an object"),
+    "header-deeply-nested": (b"[" * 100_000 + b"]" * 100_000, 8, None, "not valid JSON"),
+    "header-not-utf8": (b'{"\xff": 1}', 8, None, "not valid JSON"),
+    "metadata-list": ({"__metadata__": ["x"], "w": _tensor()}, 8, None, "__metadata__"),
+    "length-past-file": ({"w": _tensor()}, 8, 10_000, "out of bounds"),
+    "length-huge": ({"w": _tensor()}, 8, 2**63, "out of bounds"),
+    "length-zero": ({"w": _tensor()}, 8, 0, "out of bounds"),
+    "unet-1d-to-k": ({UNET_K: _tensor(shape=[4])}, 8, None, "a 2-D weight is expected"),
+    "flux-1d-txt-in": ({"double_blocks.0.x": _tensor(shape=[4]), "txt_in.weight": _tensor(shape=[4], offsets=[8, 16])},
+                       16, None, "'txt_in.weight' has shape [4]"),
+    "clip-1d-embedding": ({"text_model.embeddings.token_embedding.weight": _tensor(shape=[4])}, 8, None,
+                          "2-D weight is expected"),
+    "t5-1d-shared": ({"shared.weight": _tensor(shape=[4]), "encoder.block.0.x": _tensor(shape=[4], offsets=[8, 16])},
+                     16, None, "'shared.weight' has shape [4]"),
+    "vae-2d-conv-in": ({"decoder.up.0.x": _tensor(shape=[4]), "decoder.conv_in.weight": _tensor(offsets=[8, 16])},
+                       16, None, "a 4-D weight is expected"),
+}
+
+
+def _error(result):
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.decode().strip().splitlines()
+    assert "Traceback" not in result.stderr.decode()
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_crafted_headers_are_invalid_model_file_through_the_cli(tmp_path, case):
+    """Valid JSON with wrong types, ranks or offsets used to crash inspect/add with internal_error."""
+    from conftest import run_cli
+
+    header, data, length, fragment = CRAFTED[case]
+    crafted = _craft(tmp_path / f"{case}.safetensors", header, data, length)
+    inspected = _error(run_cli("models", "inspect", str(crafted), "--json", timeout=120))
+    assert inspected["code"] == "invalid_model_file" and fragment in inspected["message"], inspected
+    assert inspected["hint"]
+    added = _error(run_cli("models", "add", "crafted", "--file", str(crafted), "--json", timeout=120))
+    assert added["code"] == "invalid_model_file" and fragment in added["message"], added
+    assert not (tmp_path / "imagegen-home" / "models.yaml").exists()
+
+
+@pytest.mark.parametrize("case", ["shape-null", "unet-1d-to-k", "offsets-overlap", "header-list"])
+def test_crafted_checkpoint_is_refused_before_generate_starts(tmp_path, case):
+    from conftest import run_cli
+
+    header, data, length, fragment = CRAFTED[case]
+    crafted = _craft(tmp_path / f"{case}.safetensors", header, data, length)
+    result = run_cli("generate", "a cat", "--checkpoint", str(crafted), "-o", str(tmp_path / "out.png"), "--json",
+                     timeout=120)
+    error = _error(result)
+    assert error["code"] == "invalid_model_file" and fragment in error["message"], error
+    assert not (tmp_path / "imagegen-home" / "state" / "workers").exists()
+    plain = run_cli("generate", "a cat", "--checkpoint", str(crafted), timeout=120)
+    assert plain.returncode == 2 and b"error:" in plain.stderr and b"hint:" in plain.stderr
+
+
+def test_every_crafted_header_is_refused_in_process(tmp_path):
+    for case, (header, data, length, fragment) in CRAFTED.items():
+        crafted = _craft(tmp_path / f"{case}.safetensors", header, data, length)
+        with pytest.raises(ImagegenError) as caught:
+            modelfile.detect(modelfile.read_header(crafted))
+        assert caught.value.code == "invalid_model_file" and fragment in caught.value.message, case
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(ImagegenError, match="not a regular file"):
+        modelfile.read_header(fifo)

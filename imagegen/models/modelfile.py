@@ -34,6 +34,15 @@ class Header:
                 return name, tensor["shape"]
         return None
 
+    def dim(self, name: str, index: int, ndim: int = 2) -> int | None:
+        """Dimension `index` of tensor `name` (None when absent), refusing a tensor of the wrong rank."""
+        shape = self.shape(name)
+        if shape is None:
+            return None
+        if len(shape) < ndim:
+            raise _invalid(self.path, f"tensor {name!r} has shape {shape}, but a {ndim}-D weight is expected")
+        return shape[index]
+
     def has_prefix(self, prefix: str) -> bool:
         return any(name.startswith(prefix) for name in self.tensors)
 
@@ -46,15 +55,26 @@ class Header:
 
 def _invalid(path: Path, why: str) -> ImagegenError:
     return ImagegenError("invalid_model_file", f"{path}: {why}",
-                         hint="Use an intact .safetensors file; a partial download must be fetched again.")
+                         hint=f"Use an intact .safetensors file (`imagegen models inspect {path}` checks one); "
+                              "a partial download must be fetched again.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def read_header(path: Path) -> Header:
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ImagegenError("invalid_model_file", f"{path.name}: only .safetensors files are accepted (pickle formats like .ckpt/.pt can run code on load)",
+        raise ImagegenError("invalid_model_file", f"{path.name}: only .safetensors files are accepted "
+                            "(pickle formats like .ckpt/.pt can run code on load)",
                             hint="Convert the model to .safetensors, or download its .safetensors release.")
     try:
+        if not path.is_file() and path.exists():
+            if path.is_dir():
+                raise ImagegenError("invalid_model_file", f"{path}: is a directory, not a model file",
+                                    hint="Pass the .safetensors file itself.")
+            raise _invalid(path, "is not a regular file")
         size = path.stat().st_size
         with path.open("rb") as handle:
             prefix = handle.read(8)
@@ -67,29 +87,59 @@ def read_header(path: Path) -> Header:
     except FileNotFoundError as exc:
         raise ImagegenError("invalid_model_file", f"{path}: no such file", hint="Check the path.") from exc
     except IsADirectoryError as exc:
-        raise ImagegenError("invalid_model_file", f"{path}: is a directory, not a model file", hint="Pass the .safetensors file itself.") from exc
+        raise ImagegenError("invalid_model_file", f"{path}: is a directory, not a model file",
+                            hint="Pass the .safetensors file itself.") from exc
+    except OSError as exc:
+        raise _invalid(path, f"cannot be read: {exc.strerror or exc}") from exc
+    if len(raw) != length:
+        raise _invalid(path, f"header is {len(raw)} bytes, but its length field says {length} (truncated?)")
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise _invalid(path, f"header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
-        raise _invalid(path, "header is not a JSON object")
+        raise _invalid(path, f"header is a JSON {type(header).__name__}, not an object of tensors")
     metadata = header.pop("__metadata__", None) or {}
-    data_size = size - 8 - length
+    if not isinstance(metadata, dict):
+        raise _invalid(path, "__metadata__ is not an object of strings")
+    _check_tensors(path, header, size - 8 - length)
+    return Header(path=path, tensors=header, metadata=metadata)
+
+
+def _check_tensors(path: Path, header: dict, data_size: int) -> None:
+    """Every field detect() and ComfyUI rely on: types, ranks, sizes, and offsets that neither overlap
+    nor point past the end of the file."""
+    spans = []
     for name, tensor in header.items():
-        try:
-            start, end = tensor["data_offsets"]
-            shape, dtype = tensor["shape"], tensor["dtype"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _invalid(path, f"tensor {name!r} has a malformed entry") from exc
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_size):
-            raise _invalid(path, f"tensor {name!r} has data offsets {start}..{end} outside the file's {data_size} data bytes (truncated?)")
+        if not isinstance(tensor, dict):
+            raise _invalid(path, f"tensor {name!r} is a JSON {type(tensor).__name__}, not an object")
+        missing = [key for key in ("dtype", "shape", "data_offsets") if key not in tensor]
+        if missing:
+            raise _invalid(path, f"tensor {name!r} has no {', '.join(missing)}")
+        dtype, shape, offsets = tensor["dtype"], tensor["shape"], tensor["data_offsets"]
+        if not isinstance(dtype, str) or not dtype.isascii() or not dtype.replace("_", "").isalnum():
+            raise _invalid(path, f"tensor {name!r} has dtype {dtype!r}, not a dtype name such as F16")
+        if not isinstance(shape, list) or not all(_is_int(dim) and dim >= 0 for dim in shape):
+            raise _invalid(path, f"tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
+        if len(shape) > 8:
+            raise _invalid(path, f"tensor {name!r} has {len(shape)} dimensions (at most 8 are expected)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(x) for x in offsets)):
+            raise _invalid(path, f"tensor {name!r} has data_offsets {offsets!r}, not a [start, end] pair of integers")
+        start, end = offsets
+        if not 0 <= start <= end <= data_size:
+            raise _invalid(path, f"tensor {name!r} has data offsets {start}..{end} outside the file's "
+                                 f"{data_size} data bytes (truncated?)")
         count = 1
         for dim in shape:
             count *= dim
         if dtype in DTYPE_BYTES and count * DTYPE_BYTES[dtype] != end - start:
             raise _invalid(path, f"tensor {name!r}: shape {shape} of {dtype} does not match its {end - start} bytes")
-    return Header(path=path, tensors=header, metadata=metadata if isinstance(metadata, dict) else {})
+        if start < end:
+            spans.append((start, end, name))
+    spans.sort()
+    for (_s1, end1, name1), (start2, _e2, name2) in zip(spans, spans[1:]):
+        if start2 < end1:
+            raise _invalid(path, f"tensors {name1!r} and {name2!r} overlap in the file's data")
 
 
 @dataclass
@@ -105,30 +155,27 @@ def detect(header: Header) -> Detected:
     unet = "model.diffusion_model."
     if header.has_prefix(unet + "double_blocks.") or header.has_prefix("double_blocks."):
         prefix = unet if header.has_prefix(unet + "double_blocks.") else ""
-        hidden = header.shape(prefix + "img_in.weight")
-        context = header.shape(prefix + "txt_in.weight")
-        details.update(hidden_size=hidden[0] if hidden else None, context_dim=context[1] if context else None,
+        details.update(hidden_size=header.dim(prefix + "img_in.weight", 0),
+                       context_dim=header.dim(prefix + "txt_in.weight", 1),
                        guidance_embed=header.has_prefix(prefix + "guidance_in."))
         return Detected("flux", "checkpoint" if prefix else "diffusion_model", details)
     if header.has_prefix(unet + "input_blocks."):
         found = header.find("attn2.to_k.weight")
-        context = found[1][1] if found else None
+        context = header.dim(found[0], 1) if found else None
         details["context_dim"] = context
         family = {768: "sd15", 2048: "sdxl", 1024: "sd2"}.get(context)
         if header.has_prefix(unet + "label_emb.") and context == 2048:
             family = "sdxl"
         return Detected(family, "checkpoint", details)
     if header.has_prefix("encoder.block.") or header.has_prefix("shared.weight"):
-        width = header.shape("shared.weight")
-        details["d_model"] = width[1] if width else None
+        details["d_model"] = header.dim("shared.weight", 1)
         return Detected("t5", "text_encoder", details)
     found = header.find("text_model.embeddings.token_embedding.weight")
     if found:
-        details["width"] = found[1][1]
-        return Detected("clip_l" if found[1][1] == 768 else "clip_g" if found[1][1] == 1280 else None, "text_encoder", details)
+        width = details["width"] = header.dim(found[0], 1)
+        return Detected({768: "clip_l", 1280: "clip_g"}.get(width), "text_encoder", details)
     if header.has_prefix("encoder.down.") or header.has_prefix("decoder.up."):
-        conv = header.shape("decoder.conv_in.weight")
-        details["latent_channels"] = conv[1] if conv else None
+        details["latent_channels"] = header.dim("decoder.conv_in.weight", 1, ndim=4)
         return Detected("vae", "vae", details)
     if header.has_prefix("body.") or header.has_prefix("model.") and header.find("conv_first.weight") or header.has_prefix("conv_first."):
         return Detected("upscale", "upscale_model", details)
