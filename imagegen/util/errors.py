@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -32,6 +31,8 @@ ERRORS: dict[str, ErrorKind] = {
     "invalid_models_yaml": ErrorKind(EXIT_USAGE, "A models.yaml file is malformed.", "Fix the file at the line named, or move it aside."),
     "invalid_model_file": ErrorKind(EXIT_USAGE, "A model file is missing, not .safetensors, or not a model imagegen understands.", "Pass a .safetensors checkpoint; `imagegen models inspect FILE` shows what a file holds."),
     "incompatible_bundle": ErrorKind(EXIT_USAGE, "A bundle's files do not fit together (e.g. the wrong text encoder for a Flux model).", "Run `imagegen models inspect FILE` on each file and fix the bundle in models.yaml."),
+    "model_exists": ErrorKind(EXIT_USAGE, "A model of that name is registered already (yours or a built-in).",
+                              "Pass --force to replace it, or choose another name."),
     "output_exists": ErrorKind(EXIT_USAGE, "The output file exists already.", "Pass --overwrite, or choose another -o path."),
     "output_not_writable": ErrorKind(EXIT_USAGE, "The output location cannot be written.", "Choose an -o path in a writable directory."),
     "invalid_source_image": ErrorKind(EXIT_USAGE, "The image given to --from carries no imagegen parameters.", "Pass a PNG written by imagegen (or by ComfyUI with its prompt chunk)."),
@@ -50,7 +51,8 @@ ERRORS: dict[str, ErrorKind] = {
     "download_failed": ErrorKind(EXIT_FAILURE, "A model download failed.", "Run the same command again: downloads resume."),
     "checksum_mismatch": ErrorKind(EXIT_FAILURE, "A downloaded file does not match its recorded sha256 or size.", "Run the command again to download it afresh; if it repeats, the registry entry is wrong."),
     "gated_model": ErrorKind(EXIT_FAILURE, "The model is gated: its licence must be accepted and a token given.", "Accept the licence on the model's page, then set HF_TOKEN."),
-    "disk_full": ErrorKind(EXIT_FAILURE, "Not enough free disk space for the download.", "Free space in the models directory, or set IMAGEGEN_MODELS_DIR to a larger disk."),
+    "disk_full": ErrorKind(EXIT_FAILURE, "Not enough free disk space (for a download, an image or a state file).",
+                           "Free space on the disk named above, or set IMAGEGEN_MODELS_DIR / -o to a larger one."),
     "docker_unavailable": ErrorKind(EXIT_USAGE, "The Docker daemon cannot be reached.", "Start Docker (`sudo systemctl start docker`), or use --runtime local."),
     "docker_permission": ErrorKind(EXIT_USAGE, "Permission denied on the Docker socket.", "Add yourself to the docker group (`sudo usermod -aG docker $USER`, then log in again)."),
     "image_missing": ErrorKind(EXIT_FAILURE, "The imagegen Docker image is not built.", "Build it with ./build-image.sh."),
@@ -90,6 +92,3 @@ class ImagegenError(Exception):
             record["details"] = self.details
         return record
 
-
-def usage(message: str, hint: str | None = None, code: str = "invalid_argument") -> ImagegenError:
-    return ImagegenError(code, message, hint)
