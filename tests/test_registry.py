@@ -88,3 +88,82 @@ def test_local_bundle_rejects_flux_as_a_checkpoint(tmp_path):
     with pytest.raises(ImagegenError) as caught:
         registry.local_bundle(Path(file), "flux")
     assert caught.value.code == "invalid_model_file"
+
+
+def _sd15_file(path: Path) -> Path:
+    from safetensors_util import write_safetensors
+
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    return write_safetensors(path, {key: ("F16", [4, 768])})
+
+
+def _cli_error(result) -> dict:
+    import json
+
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    return json.loads(result.stderr.decode().strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", ["", "../evil", "a\nb", "-rf", ".hidden", "a/b", "a..b", "x" * 65, "naïve", "a b"])
+def test_models_add_refuses_unusable_names(tmp_path, name):
+    from conftest import run_cli
+
+    file = _sd15_file(tmp_path / "m.safetensors")
+    error = _cli_error(run_cli("models", "add", "--file", str(file), "--json", "--", name, timeout=120))
+    assert error["code"] == "invalid_argument" and "model name" in error["message"] and error["hint"]
+    assert not (tmp_path / "imagegen-home" / "models.yaml").exists()
+
+
+def test_models_add_does_not_replace_or_shadow_without_force(tmp_path):
+    from conftest import run_cli
+
+    first, second = _sd15_file(tmp_path / "a.safetensors"), _sd15_file(tmp_path / "b.safetensors")
+    assert run_cli("models", "add", "mine", "--file", str(first), timeout=120).returncode == 0
+    error = _cli_error(run_cli("models", "add", "mine", "--file", str(second), "--json", timeout=120))
+    assert error["code"] == "model_exists" and "--force" in error["hint"]
+    assert Registry.load().get("mine").files["checkpoint"].local_path == str(first.resolve())
+    assert run_cli("models", "add", "mine", "--file", str(second), "--force", timeout=120).returncode == 0
+    assert Registry.load().get("mine").files["checkpoint"].local_path == str(second.resolve())
+
+    shadow = run_cli("models", "add", "sd15", "--file", str(first), timeout=120)
+    assert shadow.returncode == 2 and b"built-in" in shadow.stderr and b"hint:" in shadow.stderr
+    assert Registry.load().get("sd15").source.endswith("models.yaml") and Registry.load().get("sd15").files["checkpoint"].repo
+    assert run_cli("models", "add", "sd15", "--file", str(first), "--force", timeout=120).returncode == 0
+    assert Registry.load().get("sd15").files["checkpoint"].local_path == str(first.resolve())
+
+
+def test_concurrent_models_add_processes_lose_no_entry(tmp_path):
+    """Two real `imagegen models add` processes at a time, many rounds: every entry survives."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    file = _sd15_file(tmp_path / "m.safetensors")
+    names = []
+    for round_ in range(6):
+        pair = [f"r{round_}-{side}" for side in "ab"]
+        procs = [subprocess.Popen([sys.executable, str(REPO / "generate_image.py"), "models", "add", name,
+                                   "--file", str(file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in pair]
+        for proc in procs:
+            _out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+        names += pair
+    assert set(names) <= set(Registry.load().bundles)
+
+
+def test_concurrent_read_modify_write_loops_lose_no_entry(tmp_path):
+    """Two processes each add 40 models as fast as they can: without the lock, entries vanish."""
+    import subprocess
+    import sys
+
+    file = _sd15_file(tmp_path / "m.safetensors")
+    code = ("import sys; from pathlib import Path; from imagegen.models.registry import add_user_model\n"
+            "for i in range(40): add_user_model(f'{sys.argv[1]}-{i}', Path(sys.argv[2]), 'sd15')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, side, str(file)], stderr=subprocess.PIPE) for side in "ab"]
+    for proc in procs:
+        _out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    registered = set(Registry.load().bundles)
+    assert {f"{side}-{i}" for side in "ab" for i in range(40)} <= registered
+    assert not list((tmp_path / "imagegen-home").glob("*.partial"))

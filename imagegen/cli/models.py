@@ -40,6 +40,7 @@ def models_add(
     name: Annotated[str, typer.Argument(help="Name to register the model under.")],
     file: Annotated[Path, typer.Option("--file", help="The local .safetensors file.")],
     family: FamilyOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace your entry of that name, or shadow a built-in.")] = False,
     json_mode: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -47,14 +48,15 @@ def models_add(
 
     def body() -> None:
         from imagegen.models import modelfile
-        from imagegen.models.registry import FAMILIES, add_user_model
+        from imagegen.models.registry import FAMILIES, add_user_model, check_model_name
 
+        check_model_name(name)
         detected = modelfile.detect(modelfile.read_header(file))
         chosen = family or detected.family
         if chosen not in FAMILIES:
             raise ImagegenError("invalid_model_file", f"{file}: cannot tell its family (looks like {detected.kind}); pass --family",
                                 hint="--family sd15, sdxl or flux.")
-        target = add_user_model(name, file, chosen)
+        target = add_user_model(name, file, chosen, force=force)
         record = {"schema": "imagegen.model_added/1", "name": name, "family": chosen, "file": str(file.resolve()), "models_yaml": str(target)}
         print(json.dumps(record) if json_mode else f"registered {name} ({chosen}) in {target}")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import yaml
 
 from imagegen.util import paths
+from imagegen.util.files import write_atomic
 from imagegen.util.errors import ImagegenError
 
 FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "upscale_models", "loras", "clip_vision")
@@ -272,18 +274,54 @@ def local_bundle(path: Path, family: str, name: str | None = None) -> Bundle:
     return Bundle(name=name or path.stem, family=family, files={"checkpoint": checkpoint}, source=str(path))
 
 
-def add_user_model(name: str, file: Path, family: str, user_yaml: Path | None = None) -> Path:
-    """Register a local file as a model in the user's models.yaml; returns that file's path."""
-    target = user_yaml or paths.user_models_yaml()
-    data = load_yaml(target) if target.is_file() else {}
-    models = dict(data.get("models") or {})
-    role = {"flux": "diffusion_model", "upscale": "upscale_model"}.get(family, "checkpoint")
-    models[name] = {"family": family, "files": {role: {"local": str(file.expanduser().resolve()), "folder": ROLE_FOLDERS[role]}}}
-    document = {"schema": 1, **({"files": _plain(data["files"])} if data.get("files") else {}), "models": _plain(models)}
+MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}", re.IGNORECASE)
+
+
+def check_model_name(name: str) -> str:
+    """A name is a short word (letters, digits, . _ -) so it is safe in YAML, file names and messages."""
+    if not MODEL_NAME.fullmatch(name) or ".." in name:
+        raise ImagegenError("invalid_argument", f"{name!r} is not a usable model name: use 1-64 letters, digits, "
+                            "'.', '_' or '-', starting with a letter or digit",
+                            hint="For example: imagegen models add my-model --file model.safetensors")
+    return name
+
+
+def _builtin_names() -> set[str]:
+    return {str(name) for name in (load_yaml(paths.builtin_models_yaml()).get("models") or {})}
+
+
+def _user_lock(target: Path):
+    from filelock import FileLock
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, target)
+    return FileLock(str(target.with_name(f".{target.name}.lock")), timeout=60)
+
+
+def _write_user_yaml(target: Path, data: dict, models: dict) -> None:
+    document = {"schema": 1, **({"files": _plain(data["files"])} if data.get("files") else {}), "models": _plain(models)}
+    write_atomic(target, yaml.safe_dump(document, sort_keys=False))
+
+
+def add_user_model(name: str, file: Path, family: str, user_yaml: Path | None = None, force: bool = False) -> Path:
+    """Register a local file as a model in the user's models.yaml; returns that file's path.
+
+    Refuses to replace one of the user's entries or to shadow a built-in unless `force`. The
+    read-modify-write holds a lock, so concurrent `models add` calls all land."""
+    check_model_name(name)
+    target = user_yaml or paths.user_models_yaml()
+    if not force and name in _builtin_names():
+        raise ImagegenError("model_exists", f"{name!r} is a built-in model; registering yours would hide it",
+                            hint=f"Choose another name, or pass --force to shadow the built-in {name}.")
+    with _user_lock(target):
+        data = load_yaml(target) if target.is_file() else {}
+        models = dict(data.get("models") or {})
+        if name in models and not force:
+            raise ImagegenError("model_exists", f"{name!r} is already in {target}",
+                                hint=f"Pass --force to replace it, or `imagegen models rm {name}` first.")
+        role = {"flux": "diffusion_model", "upscale": "upscale_model"}.get(family, "checkpoint")
+        models[name] = {"family": family, "files": {role: {"local": str(file.expanduser().resolve()),
+                                                           "folder": ROLE_FOLDERS[role]}}}
+        _write_user_yaml(target, data, models)
     return target
 
 
@@ -291,15 +329,13 @@ def remove_user_model(name: str, user_yaml: Path | None = None) -> bool:
     target = user_yaml or paths.user_models_yaml()
     if not target.is_file():
         return False
-    data = load_yaml(target)
-    models = dict(data.get("models") or {})
-    if name not in models:
-        return False
-    del models[name]
-    document = {"schema": 1, **({"files": _plain(data["files"])} if data.get("files") else {}), "models": _plain(models)}
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, target)
+    with _user_lock(target):
+        data = load_yaml(target)
+        models = dict(data.get("models") or {})
+        if name not in models:
+            return False
+        del models[name]
+        _write_user_yaml(target, data, models)
     return True
 
 
