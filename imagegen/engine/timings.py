@@ -45,14 +45,16 @@ def estimate(model: str, width: int, height: int, device: str) -> Estimate:
 
 def record(model: str, width: int, height: int, device: str, phase_times: dict, steps: int) -> None:
     """Fold one finished job's phase times into the store (best effort: never fails a job)."""
-    store = load_store()
-    entry = store.setdefault(_key(model, width, height, device), {})
     observed = {"load": phase_times.get("loading"), "finish": phase_times.get("finishing"),
                 "step": phase_times["sampling"] / steps if phase_times.get("sampling") and steps else None}
-    for name, value in observed.items():
-        if value is not None and value >= 0:
-            entry[name] = value if entry.get(name) is None else entry[name] + WEIGHT * (value - entry[name])
-    paths.write_state(STORE, store)
+
+    def fold(store: dict) -> None:
+        entry = store.setdefault(_key(model, width, height, device), {})
+        for name, value in observed.items():
+            if value is not None and value >= 0:
+                entry[name] = value if entry.get(name) is None else entry[name] + WEIGHT * (value - entry[name])
+
+    paths.update_state(STORE, fold)  # locked: concurrent jobs and processes all keep their update
 
 
 def budgets(base: Timeouts, learned: Estimate, bytes_to_load: int, resident: bool, steps: int, explicit: set[str],

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from imagegen import COMFYUI_COMMIT
+from imagegen.util.files import write_atomic
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 SOURCE_ROOT = PACKAGE_DIR.parent  # the checkout, for editable installs and the image's /app
@@ -79,19 +80,35 @@ def ensure_private_dir(path: Path) -> Path:
 def read_state(name: str) -> dict:
     """A small JSON store in the state dir (learned timings, worker speeds); empty when absent or unreadable."""
     try:
-        return json.loads((state_dir() / name).read_text())
+        data = json.loads((state_dir() / name).read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def write_state(name: str, data: dict) -> None:
-    """Replace a state store atomically, best effort: learning must never fail a job. The temporary
-    name is per process and thread, since scheduler threads write concurrently."""
+    """Replace a state store atomically, best effort: learning must never fail a job.
+    Concurrent writers should use update_state, which also holds the store's lock."""
     path = state_dir() / name
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(data, indent=1, sort_keys=True))
     except OSError:
         pass
+
+
+def update_state(name: str, change: Callable[[dict], None], timeout: float = 10.0) -> bool:
+    """Read, change in place and write back a state store under its lock, so threads and processes that
+    learn at the same time all keep their update. Best effort: False when it could not be done."""
+    from filelock import FileLock, Timeout
+
+    path = state_dir() / name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path.with_name(f".{name}.lock")), timeout=timeout):
+            store = read_state(name)
+            change(store)
+            write_atomic(path, json.dumps(store, indent=1, sort_keys=True))
+        return True
+    except (OSError, Timeout):
+        return False
