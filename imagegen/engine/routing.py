@@ -163,9 +163,8 @@ class Router:
 
     @classmethod
     def remember(cls, worker) -> None:
-        store = paths.read_state(SPEEDS)
-        store[cls._speed_key(worker)] = {"speed": worker.speed, "samples": worker.samples, "name": worker.name}
-        paths.write_state(SPEEDS, store)
+        entry = {"speed": worker.speed, "samples": worker.samples, "name": worker.name}
+        paths.update_state(SPEEDS, lambda store: store.update({cls._speed_key(worker): entry}))  # locked
 
     @classmethod
     def observe(cls, worker, job, phase_times: dict) -> bool:
