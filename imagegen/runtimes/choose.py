@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from imagegen.runtimes.base import DEFAULT_KEEP_WARM
 from imagegen.util.errors import ImagegenError
 
 
-def make_runtime(name: str = "auto", keep_warm: float = DEFAULT_KEEP_WARM):
+def make_runtime(name: str = "auto", keep_warm: float | None = None):
     """`docker`, `local`, `remote` (workers already running elsewhere, from IMAGEGEN_REMOTE_WORKERS),
     or `auto` (Docker when its daemon answers and the image is built, else local). A runtime that
     cannot run here is refused now, before any worker starts."""
@@ -41,3 +40,28 @@ def make_runtime(name: str = "auto", keep_warm: float = DEFAULT_KEEP_WARM):
         raise ImagegenError("runtime_unavailable", f"no runtime can start a worker: {why}",
                             hint="Build the Docker image (./build-image.sh) or install the local runtime (scripts/setup-dev.sh).") from None
     return LocalRuntime(keep_warm=keep_warm, shared_models=shared)
+
+
+def runtimes_here(name: str = "auto", keep_warm: float | None = None) -> list:
+    """Every runtime that may have workers here, for `workers` and `stop`: with `auto`, the local
+    runtime (its records), Docker when its daemon answers, and the remote workers when some are
+    configured. A named runtime is just that one, refused as make_runtime refuses it."""
+    if name != "auto":
+        return [make_runtime(name, keep_warm)]
+    import os
+
+    from imagegen.models.cache import shared_trees
+    from imagegen.runtimes.local import LocalRuntime
+
+    found: list = [LocalRuntime(keep_warm=keep_warm, shared_models=shared_trees())]
+    try:
+        from imagegen.runtimes.docker import DockerRuntime
+
+        found.append(DockerRuntime(keep_warm=keep_warm, shared_models=shared_trees()))
+    except (ImagegenError, ImportError):
+        pass  # no daemon, or no permission: it can have no workers we could list or stop
+    if os.environ.get("IMAGEGEN_REMOTE_WORKERS", "").strip():
+        from imagegen.runtimes.remote import RemoteRuntime
+
+        found.append(RemoteRuntime())
+    return found

@@ -15,9 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from imagegen.comfy.client import ComfyClient
 from imagegen.runtimes.base import (
-    DEFAULT_KEEP_WARM,
-    DEFAULT_START_TIMEOUT,
+    default_keep_warm,
+    default_start_timeout,
     WorkerHandle,
     cpu_slots,
     default_slot,
@@ -26,8 +27,12 @@ from imagegen.runtimes.base import (
     log_tail,
     pid_alive,
 )
-from imagegen.util import paths
+from imagegen.util import paths, procs
+from imagegen.util.env import env_float
 from imagegen.util.errors import ImagegenError
+from imagegen.util.files import write_private
+
+# how long a worker that is ours and alive may not answer before it counts as hung
 
 
 def find_comfyui_dir() -> Path:
@@ -48,10 +53,10 @@ class LocalRuntime:
     compiles_on_host = True
     reads_local_files = True
 
-    def __init__(self, keep_warm: float = DEFAULT_KEEP_WARM, start_timeout: float = DEFAULT_START_TIMEOUT,
+    def __init__(self, keep_warm: float | None = None, start_timeout: float | None = None,
                  python: str | None = None, shared_models: list[Path] | None = None):
-        self.keep_warm = keep_warm
-        self.start_timeout = start_timeout
+        self.keep_warm = default_keep_warm() if keep_warm is None else keep_warm
+        self.start_timeout = default_start_timeout() if start_timeout is None else start_timeout
         self.python = python or os.environ.get("IMAGEGEN_WORKER_PYTHON") or sys.executable
         self.shared_models = shared_models or []
         self.cpu_workers = 1
@@ -59,22 +64,64 @@ class LocalRuntime:
 
     def _files(self, slot: str) -> tuple[Path, Path, Path, Path]:
         base = self.dir / f"local-{slot}"
-        return base.with_suffix(".json"), base.with_suffix(".token"), base.with_suffix(".log"), base.with_suffix(".lock")
+        return tuple(base.with_suffix(suffix) for suffix in (".json", ".token", ".log", ".lock"))
 
     def _handle(self, slot: str, record: dict, started_here: bool) -> WorkerHandle:
         return WorkerHandle(name=f"local-{slot}", url=f"http://127.0.0.1:{record['port']}", token=record["token"],
                             device=record.get("device", "cpu"), runtime=self.name, slot=slot,
                             started_here=started_here, info=record)
 
-    def find(self, slot: str) -> WorkerHandle | None:
-        record_path = self._files(slot)[0]
+    def _read(self, slot: str) -> dict | None:
         try:
-            record = json.loads(record_path.read_text())
+            record = json.loads(self._files(slot)[0].read_text())
         except (OSError, ValueError):
             return None
-        if pid_alive(record.get("pid", -1)) and healthy(f"http://127.0.0.1:{record['port']}"):
-            return self._handle(slot, record, started_here=False)
-        return None
+        return record if isinstance(record, dict) else None
+
+    def _ours(self, record: dict) -> bool:
+        """The recorded pid is still this worker: same start time and command line (pids are reused,
+        after a reboot most of all). A record without them (an older worker) must prove itself with
+        an authenticated /imagegen/info that names the same pid."""
+        pid = record.get("pid")
+        if record.get("pid_start") is not None:
+            return procs.same_process(pid, record.get("pid_start"), record.get("cmdline"))
+        if not isinstance(pid, int) or not pid_alive(pid) or "port" not in record:
+            return False
+        try:
+            client = ComfyClient(f"http://127.0.0.1:{record['port']}", record.get("token", ""), request_timeout=5)
+            info = client.worker_info()
+        except ImagegenError:
+            return False
+        return info.get("pid") == pid
+
+    def _drop_record(self, slot: str, record: dict) -> None:
+        """Delete a stale record (nothing is signalled), unless a new worker has replaced it meanwhile."""
+        path = self._files(slot)[0]
+        current = self._read(slot)
+        same = (current or {}).get("pid"), (current or {}).get("pid_start")
+        if current is None or same == (record.get("pid"), record.get("pid_start")):
+            path.unlink(missing_ok=True)
+
+    def _state(self, slot: str, probe_timeout: float = 5.0) -> tuple[dict | None, str]:
+        """(record, "healthy" | "busy" | "gone"). Busy: proven ours and alive, but its health probe
+        failed (a loaded machine, a long job): it is reported, never stopped for that."""
+        record = self._read(slot)
+        if record is None:
+            return None, "gone"
+        if not self._ours(record):
+            return record, "gone"
+        if healthy(f"http://127.0.0.1:{record['port']}", timeout=probe_timeout):
+            return record, "healthy"
+        return record, "busy"
+
+    def find(self, slot: str) -> WorkerHandle | None:
+        """The warm worker of a slot when it answers. A record whose process is gone or is not ours
+        (a reused pid) is deleted; nothing is signalled."""
+        record, state = self._state(slot)
+        if state == "gone" and record is not None:
+            self._drop_record(slot, record)
+            _kill_orphan_comfy(record)
+        return self._handle(slot, record, started_here=False) if state == "healthy" else None
 
     def slots(self, choice: str | None = None, cpu_workers: int = 1) -> list[str]:
         from imagegen.util import gpus
@@ -91,18 +138,41 @@ class LocalRuntime:
         slot = slot or default_slot()
         record_path, token_path, log_path, lock_path = self._files(slot)
         with FileLock(str(lock_path)):
-            found = self.find(slot)
-            if found:
-                return found
-            self._forget(slot)
+            record, state = self._state(slot)
+            if state == "healthy":
+                return self._handle(slot, record, started_here=False)
+            if state == "busy":
+                busy = self._busy_handle(slot, record)
+                if busy:
+                    return busy  # its own proxy answers: a loaded or busy worker, not a dead one
+                self._forget(slot)  # ours, alive, and silent for IMAGEGEN_BUSY_WAIT seconds: hung
+            elif record is not None:
+                self._drop_record(slot, record)  # its process is gone or is not ours: nothing is signalled
+                _kill_orphan_comfy(record)
             return self._start(slot, record_path, token_path, log_path, on_status)
+
+    def _busy_handle(self, slot: str, record: dict) -> WorkerHandle | None:
+        """A worker that fails its 5 s health probe but is ours: its handle when its proxy answers an
+        authenticated /imagegen/info (with a generous timeout) and its ComfyUI is still alive."""
+        deadline = time.monotonic() + env_float("IMAGEGEN_BUSY_WAIT", 60.0)
+        while time.monotonic() < deadline:
+            if not self._ours(record):
+                return None
+            try:
+                client = ComfyClient(f"http://127.0.0.1:{record['port']}", record["token"], request_timeout=30)
+                info = client.worker_info()
+            except ImagegenError:
+                time.sleep(1.0)
+                continue
+            if info.get("pid") == record.get("pid") and info.get("comfy_pid") and _comfy_ours(record):
+                return self._handle(slot, record, started_here=False)
+            return None
+        return None
 
     def _start(self, slot: str, record_path: Path, token_path: Path, log_path: Path, on_status) -> WorkerHandle:
         comfyui_dir = find_comfyui_dir()
-        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(32))
-        env = dict(os.environ)
+        write_private(token_path, secrets.token_urlsafe(32))
+        env = procs.child_env(os.environ)  # never HF_TOKEN, remote workers' tokens or other secrets
         on_cpu = is_cpu_slot(slot)
         env["CUDA_VISIBLE_DEVICES"] = "" if on_cpu else slot
         if on_cpu and "OMP_NUM_THREADS" not in env:
@@ -125,87 +195,135 @@ class LocalRuntime:
             while time.monotonic() < deadline:
                 if process.poll() is not None:
                     raise ImagegenError("worker_start_failed",
-                                        f"the local worker exited with code {process.returncode} during start-up. Last lines of {log_path}:\n{log_tail(log_path)}")
+                                        f"the local worker exited with code {process.returncode} during start-up. "
+                                        f"Last lines of {log_path}:\n{log_tail(log_path)}")
                 if record_path.exists():
                     record = json.loads(record_path.read_text())
                     if record.get("pid") == process.pid:
                         return self._handle(slot, record, started_here=True)
                 time.sleep(0.1)
-            raise ImagegenError("timeout", f"the local worker was not ready within {self.start_timeout:.0f}s. Last lines of {log_path}:\n{log_tail(log_path)}",
+            raise ImagegenError("timeout", f"the local worker was not ready within {self.start_timeout:.0f}s. "
+                                f"Last lines of {log_path}:\n{log_tail(log_path)}",
                                 hint="Set IMAGEGEN_START_TIMEOUT higher on a slow machine.", phase="server_start")
         except BaseException:
             _terminate(process.pid)
             record_path.unlink(missing_ok=True)
             raise
 
-    def _forget(self, slot: str) -> None:
-        record_path = self._files(slot)[0]
-        try:
-            record = json.loads(record_path.read_text())
-            if pid_alive(record.get("pid", -1)):
-                _terminate(record["pid"])
-        except (OSError, ValueError, KeyError):
-            pass
-        record_path.unlink(missing_ok=True)
+    def _forget(self, slot: str) -> bool:
+        """Stop a slot's worker and its ComfyUI when they are proven ours, and delete the record.
+        True when something of ours was stopped."""
+        record = self._read(slot)
+        if record is None:
+            return False
+        stopped = False
+        if self._ours(record):
+            _terminate(record["pid"], members=[_comfy_identity(record)])
+            stopped = True
+        else:
+            stopped = _kill_orphan_comfy(record)
+        self._drop_record(slot, record)
+        return stopped
 
     def diagnose(self, worker: WorkerHandle) -> ImagegenError | None:
         """Why a worker failed a job: it died, or it hangs (None: it still answers)."""
         pid = worker.info.get("pid", -1)
         log = self._files(worker.slot)[2]
-        if not pid_alive(pid):
-            return ImagegenError("worker_died", f"the local worker (pid {pid}) exited while running the job. Last lines of {log}:\n{log_tail(log, 10)}")
+        if not (pid_alive(pid) and self._ours(worker.info)):
+            return ImagegenError("worker_died", f"the local worker (pid {pid}) exited while running the job. "
+                                                 f"Last lines of {log}:\n{log_tail(log, 10)}")
         if not healthy(worker.url):
             return ImagegenError("worker_unreachable", f"the local worker (pid {pid}) stopped answering")
         return None
 
     def workers(self) -> list[dict]:
+        """Every worker of ours with a record. A record whose process is gone (or is not ours) is
+        deleted; a worker that is ours but fails its health probe is listed unhealthy, never stopped."""
         found = []
         for record_path in sorted(self.dir.glob("local-*.json")):
             slot = record_path.stem[len("local-"):]
-            handle = self.find(slot)
-            if handle is None:
-                self._forget(slot)  # reap: its process is gone or not answering
+            record, state = self._state(slot)
+            if state == "gone":
+                if record is not None:
+                    self._drop_record(slot, record)
+                    _kill_orphan_comfy(record)
                 continue
+            handle = self._handle(slot, record, started_here=False)
             try:
                 info = handle.client(request_timeout=5).worker_info()
             except ImagegenError:
                 info = {}
+            keys = ("comfy_pid", "gpu", "it_per_s", "last_model", "idle_seconds", "jobs_done", "keep_warm",
+                    "imagegen_version")
             found.append({"name": handle.name, "runtime": self.name, "slot": slot, "device": handle.device,
-                          "url": handle.url, "pid": handle.info.get("pid"), "healthy": True, **{k: info.get(k) for k in
-                          ("comfy_pid", "gpu", "it_per_s", "last_model", "idle_seconds", "jobs_done", "keep_warm", "imagegen_version")}})
+                          "url": handle.url, "pid": record.get("pid"), "healthy": state == "healthy",
+                          "state": "ready" if state == "healthy" else "busy or not answering",
+                          **{k: info.get(k) for k in keys}})
         return found
 
     def stop(self, slot: str | None = None) -> list[str]:
+        """Stop this runtime's workers (those proven ours); stale records are deleted, nothing else is signalled."""
         stopped = []
         for record_path in sorted(self.dir.glob("local-*.json")):
             this_slot = record_path.stem[len("local-"):]
-            if slot is None or slot == this_slot:
-                self._forget(this_slot)
+            if (slot is None or slot == this_slot) and self._forget(this_slot):
                 stopped.append(f"local-{this_slot}")
         return stopped
 
 
-def _terminate(pid: int, grace: float = 10.0) -> None:
-    """Stop a worker and its ComfyUI child (they share a process group)."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-        os.killpg(pid, signal.SIGCONT)  # a paused (SIGSTOP) worker must run to act on SIGTERM
-    except (ProcessLookupError, PermissionError):
+def _comfy_identity(record: dict) -> tuple:
+    return record.get("comfy_pid"), record.get("comfy_start"), record.get("comfy_cmdline")
+
+
+def _comfy_ours(record: dict) -> bool:
+    pid, start, command = _comfy_identity(record)
+    return start is None or procs.same_process(pid, start, command)  # older records: no way to tell
+
+
+def _kill_orphan_comfy(record: dict) -> bool:
+    """A ComfyUI whose worker is gone (one that outlived it before parent-death signals): stop it,
+    only when its start time and command line prove it is the one recorded."""
+    pid, start, command = _comfy_identity(record)
+    if start is None or not procs.same_process(pid, start, command):
+        return False
+    _terminate(pid, members=[(pid, start, command)], group=False)
+    return True
+
+
+def _terminate(pid: int, grace: float = 10.0, members: list[tuple] = (), group: bool = True) -> None:
+    """Stop a worker and its ComfyUI child (they share a process group led by the worker). Call it
+    only for a pid proven ours. `members` ((pid, start, cmdline) of children) are killed one by one
+    when they outlive the leader, and only while they are still the processes recorded."""
+    def send(sig: int) -> None:
         try:
-            os.kill(pid, signal.SIGTERM)
-            os.kill(pid, signal.SIGCONT)
-        except ProcessLookupError:
-            return
+            if group:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def alive_members() -> list[int]:
+        return [m[0] for m in members if m[1] is not None and procs.same_process(*m)]
+
+    send(signal.SIGTERM)
+    send(signal.SIGCONT)  # a paused (SIGSTOP) worker must run to act on SIGTERM
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return
         _reap(pid)
+        if not pid_alive(pid) and not alive_members():
+            return
         time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    if pid_alive(pid):
+        send(signal.SIGKILL)
+    for member in alive_members():
+        try:
+            os.kill(member, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     _reap(pid)
 
 

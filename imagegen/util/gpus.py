@@ -36,26 +36,38 @@ def parse_line(line: str) -> Gpu:
     return Gpu(int(index), uuid, name, int(float(total)), int(float(free)))
 
 
+CPU_CHOICES = ("cpu", "none")
+
+
 def select(gpus: list[Gpu], choice: str | None) -> list[Gpu]:
-    """`--gpus` as Docker reads it: all, none, N (the first N GPUs), or a list of indices/UUIDs
-    (`0,2`, `device=1`, `GPU-3f2a...`)."""
+    """`--gpus`: all (the default), cpu (no GPU: CPU workers; `none` says the same), or GPU indices
+    and UUIDs, comma-separated (`0`, `0,2`, `device=1`, `GPU-3f2a...`). An index is a GPU's index as
+    nvidia-smi numbers them: `--gpus 0` is the first GPU, never the CPU."""
     from imagegen.util.errors import ImagegenError
 
     choice = (choice or "all").strip()
-    if choice == "all":
+    if choice.lower() == "all":
         return gpus
-    if choice == "none":
+    if choice.lower() in CPU_CHOICES:
         return []
-    if choice.isdigit():
-        if int(choice) > len(gpus):
-            raise ImagegenError("invalid_argument", f"--gpus {choice}: this machine has {len(gpus)} GPU(s)")
-        return gpus[: int(choice)]
+    known = ", ".join(f"{g.index} ({g.uuid})" for g in gpus) or "none"
+    hint = ("Pass GPU indices or UUIDs as `nvidia-smi -L` lists them, --gpus all, or --gpus cpu." if gpus
+            else "This machine has no NVIDIA GPU: use --gpus cpu (or leave --gpus out).")
     chosen = []
-    for part in (p.strip() for p in choice.removeprefix("device=").split(",") if p.strip()):
-        match = [g for g in gpus if str(g.index) == part or g.uuid == part or (part.startswith("GPU-") and g.uuid.startswith(part))]
+    parts = [p.strip() for p in choice.removeprefix("device=").split(",")]
+    if not any(parts):
+        raise ImagegenError("invalid_argument", f"--gpus {choice!r}: name GPUs, all or cpu", hint=hint)
+    for part in parts:
+        if not part:
+            continue
+        if part.lower() in CPU_CHOICES or part.lower() == "all":
+            raise ImagegenError("invalid_argument", f"--gpus {choice}: {part!r} cannot be combined with GPUs",
+                                hint=hint)
+        match = [g for g in gpus
+                 if str(g.index) == part or g.uuid == part or (part.startswith("GPU-") and g.uuid.startswith(part))]
         if not match:
-            known = ", ".join(f"{g.index} ({g.uuid})" for g in gpus) or "none"
-            raise ImagegenError("invalid_argument", f"--gpus {choice}: no GPU {part!r} on this machine (GPUs: {known})")
+            raise ImagegenError("invalid_argument", f"--gpus {choice}: no GPU {part!r} on this machine (GPUs: {known})",
+                                hint=hint)
         chosen += [g for g in match if g not in chosen]
     return chosen
 

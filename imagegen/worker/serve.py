@@ -24,9 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagegen import COMFYUI_VERSION, __version__
+from imagegen.util import procs
+from imagegen.util.files import write_private
 from imagegen.util.gpus import detect_device  # noqa: F401 - the worker's device choice, shared with the host side
 from imagegen.util.model_trees import tree_layout
-from imagegen.worker import comfy_launch
+from imagegen.worker import comfy_flags, comfy_launch
+from imagegen.worker.compile_cache import COMPILE_CACHE, compile_cache_env  # noqa: F401 - used by tests and bench
 
 HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
                "transfer-encoding", "upgrade", "host", "authorization", "content-length", "origin", "referer",
@@ -68,18 +71,6 @@ def write_model_paths(models_dir: Path, target: Path, shared: list[Path] | None 
     return target
 
 
-COMPILE_CACHE = ".compile-cache"
-
-
-def compile_cache_env(models_dir: Path) -> dict[str, str]:
-    """Keep torch.compile's artifacts (fast mode) in the model cache: a container's /tmp dies with
-    it, the cache volume does not, so the next worker loads compiled kernels instead of compiling."""
-    if not os.access(models_dir, os.W_OK):
-        return {}
-    root = models_dir / COMPILE_CACHE
-    return {"TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"), "TRITON_CACHE_DIR": str(root / "triton")}
-
-
 class Worker:
     def __init__(self, options: ServeOptions):
         self.options = options
@@ -110,10 +101,10 @@ class Worker:
         config = write_model_paths(self.options.models_dir, self.work_dir / "extra_model_paths.yaml", self.options.extra_model_paths)
         command = [sys.executable, comfy_launch.__file__, str(self.options.comfyui_dir / "main.py"), "--listen", "127.0.0.1",
                    "--port", str(self.comfy_port), "--disable-auto-launch", "--disable-all-custom-nodes",
-                   "--disable-api-nodes", "--extra-model-paths-config", str(config),
+                   "--extra-model-paths-config", str(config),
                    "--output-directory", str(self.work_dir / "output"), "--input-directory", str(self.work_dir / "input"),
                    "--temp-directory", str(self.work_dir / "temp"), "--user-directory", str(self.work_dir / "user"),
-                   "--database-url", "sqlite:///:memory:", "--preview-method", "none"]
+                   "--preview-method", "none", *comfy_flags.optional_flags(self.options.comfyui_dir)]
         if self.device == "cpu":
             # ComfyUI's CPU default (split attention) asks psutil for free memory inside every
             # attention call: torch.compile breaks its graph there and fast mode gets slower, not faster
@@ -121,12 +112,15 @@ class Worker:
         return command + list(self.options.comfy_args)
 
     def start_comfy(self) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("IMAGEGEN_WORKER_TOKEN", None)
+        env = procs.child_env(os.environ)  # no tokens or keys: ComfyUI and its nodes never see them
+        env["PYTHONUNBUFFERED"] = "1"
         env[comfy_launch.ENV] = self.upstream_secret
-        env.update({name: value for name, value in compile_cache_env(self.options.models_dir).items() if name not in env})
+        cache = compile_cache_env(self.options.models_dir, fallback=self.work_dir / "compile-cache")
+        env.update({name: value for name, value in cache.items() if name not in env})
+        me = os.getpid()
+        # ComfyUI dies with this worker, even when the worker is SIGKILLed: it must never hold a GPU alone
         self.comfy = subprocess.Popen(self.comfy_command(), cwd=str(self.options.comfyui_dir), env=env,
-                                      stdin=subprocess.DEVNULL)
+                                      stdin=subprocess.DEVNULL, preexec_fn=lambda: procs.die_with_parent(me))
 
     def stop_comfy(self) -> None:
         if self.comfy and self.comfy.poll() is None:
@@ -275,9 +269,11 @@ class Worker:
         return client
 
     # --- lifecycle ------------------------------------------------------------------
-    async def wait_ready(self, timeout: float = 300.0) -> None:
+    async def wait_ready(self, timeout: float = 300.0, stop: asyncio.Event | None = None) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if stop is not None and stop.is_set():
+                raise RuntimeError("stopped (SIGTERM or SIGINT) during start-up")
             if self.comfy.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited with code {self.comfy.returncode} during start-up")
             try:
@@ -327,6 +323,27 @@ class Worker:
                 self.last_activity = time.monotonic()
 
     async def serve(self) -> int:
+        """Serve until idle, stopped (SIGTERM/SIGINT) or ComfyUI dies; whatever happens, ComfyUI is
+        stopped and this worker's record is deleted on the way out."""
+        try:
+            return await self._serve()
+        finally:
+            self.ready = False
+            self.stop_comfy()
+            self.forget_record()
+
+    def forget_record(self) -> None:
+        """Delete the state file when it still names this process (a newer worker may have replaced it)."""
+        path = self.options.state_file
+        if not path:
+            return
+        try:
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    async def _serve(self) -> int:
         from aiohttp import web
 
         stop = asyncio.Event()
@@ -342,7 +359,7 @@ class Worker:
         port = site._server.sockets[0].getsockname()[1]  # the port the OS picked for port 0
         self.start_comfy()
         try:
-            await self.wait_ready()
+            await self.wait_ready(stop=stop)
         except RuntimeError as exc:
             print(json.dumps({"event": "failed", "error": str(exc)}), flush=True)
             self.stop_comfy()
@@ -353,8 +370,14 @@ class Worker:
         record = {"event": "ready", "port": port, "pid": os.getpid(), "device": self.device,
                   "imagegen_version": __version__, "comfyui_version": COMFYUI_VERSION}
         if self.options.state_file:
-            write_private_json(self.options.state_file, {**record, "token": self.options.token, "comfy_port": self.comfy_port,
-                                                         "upstream_secret": self.upstream_secret})
+            # the start times and command lines let a later command prove a pid is still this worker
+            # (pids are reused, after a reboot most of all) before it sends any signal
+            me, comfy = procs.identity(os.getpid()), procs.identity(self.comfy.pid)
+            write_private_json(self.options.state_file, {
+                **record, "token": self.options.token, "comfy_port": self.comfy_port,
+                "upstream_secret": self.upstream_secret,
+                "pid_start": me["pid_start"], "cmdline": me["cmdline"], "comfy_pid": self.comfy.pid,
+                "comfy_start": comfy["pid_start"], "comfy_cmdline": comfy["cmdline"]})
         print(json.dumps(record), flush=True)
         await self.watchdog(stop)
         self.ready = False
@@ -371,12 +394,7 @@ class Worker:
 
 
 def write_private_json(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(record, handle)
-    os.replace(tmp, path)
+    write_private(path, json.dumps(record))
 
 
 def serve(options: ServeOptions) -> int:
