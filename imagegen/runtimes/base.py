@@ -14,10 +14,18 @@ from typing import Callable, ClassVar, Protocol, runtime_checkable
 import requests
 
 from imagegen.comfy.client import ComfyClient
+from imagegen.util.env import env_float
 from imagegen.util.errors import ImagegenError
 
-DEFAULT_KEEP_WARM = float(os.environ.get("IMAGEGEN_KEEP_WARM", "300"))
-DEFAULT_START_TIMEOUT = float(os.environ.get("IMAGEGEN_START_TIMEOUT", "300"))
+
+
+def default_keep_warm() -> float:
+    """IMAGEGEN_KEEP_WARM, checked when a runtime is made (a bad value is invalid_argument, not a crash on import)."""
+    return env_float("IMAGEGEN_KEEP_WARM", 300.0, minimum=0.0)
+
+
+def default_start_timeout() -> float:
+    return env_float("IMAGEGEN_START_TIMEOUT", 300.0, minimum=1.0)
 
 
 @dataclass

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from imagegen import __version__
 from imagegen.runtimes.base import (
-    DEFAULT_KEEP_WARM,
-    DEFAULT_START_TIMEOUT,
+    default_keep_warm,
+    default_start_timeout,
     WorkerHandle,
     cpu_slots,
     healthy,
@@ -58,10 +58,10 @@ class DockerRuntime:
     compiles_on_host = False   # the image brings its own compiler
     reads_local_files = True   # mounted into the container at the same path
 
-    def __init__(self, keep_warm: float = DEFAULT_KEEP_WARM, start_timeout: float = DEFAULT_START_TIMEOUT,
+    def __init__(self, keep_warm: float | None = None, start_timeout: float | None = None,
                  image: str | None = None, shared_models: list[Path] | None = None):
-        self.keep_warm = keep_warm
-        self.start_timeout = start_timeout
+        self.keep_warm = default_keep_warm() if keep_warm is None else keep_warm
+        self.start_timeout = default_start_timeout() if start_timeout is None else start_timeout
         self.image = image or IMAGE
         self.shared_models = shared_models or []
         self.client = connect()

@@ -23,13 +23,12 @@ import requests
 
 from imagegen.comfy.client import TOKEN_HEADER
 from imagegen.runtimes.base import WorkerHandle
+from imagegen.util.env import env_float
 from imagegen.util.errors import ImagegenError
 
 ENV = "IMAGEGEN_REMOTE_WORKERS"
 TOKEN_FILE_ENV = "IMAGEGEN_REMOTE_TOKEN_FILE"
 ENTRY_HINT = f"Set {ENV} to comma-separated URL[#TOKEN] entries, e.g. http://gpu-box:8188#s3cret or http://gpu-box:8188#@/path/to/token."
-DEFAULT_READY_TIMEOUT = float(os.environ.get("IMAGEGEN_REMOTE_READY_TIMEOUT", "30"))
-DEFAULT_REQUEST_TIMEOUT = float(os.environ.get("IMAGEGEN_REMOTE_TIMEOUT", "5"))
 
 
 @dataclass(frozen=True)
@@ -107,12 +106,14 @@ class RemoteRuntime:
     compiles_on_host = False
     reads_local_files = False
 
-    def __init__(self, entries: list[str] | str | None = None, ready_timeout: float = DEFAULT_READY_TIMEOUT,
-                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT):
+    def __init__(self, entries: list[str] | str | None = None, ready_timeout: float | None = None,
+                 request_timeout: float | None = None):
         self.remotes = parse_entries(entries)
         if not self.remotes:
             raise ImagegenError("runtime_unavailable", f"no remote workers are configured ({ENV} is empty)", hint=ENTRY_HINT)
-        self.ready_timeout, self.request_timeout = ready_timeout, request_timeout
+        self.ready_timeout = env_float("IMAGEGEN_REMOTE_READY_TIMEOUT", 30.0) if ready_timeout is None else ready_timeout
+        self.request_timeout = env_float("IMAGEGEN_REMOTE_TIMEOUT", 5.0, minimum=0.1) if request_timeout is None \
+            else request_timeout
         self.kinds: dict[str, str] = {}   # slot -> "imagegen" or "comfyui", as last seen
 
     # --- plain HTTP -------------------------------------------------------------------
