@@ -165,9 +165,9 @@ def workers(runtime: RuntimeOpt = "auto", json_mode: JsonOpt = False, debug: Deb
     """List running workers: device, model last used, idle time, address."""
 
     def body() -> None:
-        from imagegen.runtimes.choose import make_runtime
+        from imagegen.runtimes.choose import runtimes_here
 
-        found = make_runtime(runtime).workers()
+        found = [item for each in runtimes_here(runtime) for item in each.workers()]  # auto: every runtime here
         if json_mode:
             for item in found:
                 print(json.dumps({"schema": "imagegen.worker/1", **item}))
@@ -194,9 +194,9 @@ def stop(
     """Stop warm workers now instead of waiting for their keep-warm time to pass."""
 
     def body() -> None:
-        from imagegen.runtimes.choose import make_runtime
+        from imagegen.runtimes.choose import runtimes_here
 
-        stopped = make_runtime(runtime).stop()
+        stopped = [name for each in runtimes_here(runtime) for name in each.stop()]  # auto: every runtime here
         if json_mode:
             print(json.dumps({"schema": "imagegen.stopped/1", "stopped": stopped}))
         else:
