@@ -50,14 +50,13 @@ class Request:
 
 def timeouts_from_env(overall: float | None = None) -> tuple[Timeouts, set[str]]:
     """Phase budgets from IMAGEGEN_TIMEOUT_* and --timeout, and which of them were set explicitly."""
+    from imagegen.util.env import env_float
+
     values = {}
     for name in ("queue", "load", "stall", "overall"):
-        raw = os.environ.get(f"IMAGEGEN_TIMEOUT_{name.upper()}")
-        if raw:
-            try:
-                values[name] = float(raw)
-            except ValueError:
-                raise ImagegenError("invalid_argument", f"IMAGEGEN_TIMEOUT_{name.upper()}={raw!r} is not a number of seconds") from None
+        if os.environ.get(f"IMAGEGEN_TIMEOUT_{name.upper()}", "").strip():
+            values[name] = env_float(f"IMAGEGEN_TIMEOUT_{name.upper()}", getattr(Timeouts(), name) or 0.0, minimum=0.1)
+    env_float("IMAGEGEN_TIMEOUT_REQUEST", 30.0, minimum=0.1)  # checked here too: before any worker starts
     if overall is not None:
         if not overall > 0:
             raise ImagegenError("invalid_argument", f"--timeout must be a positive number of seconds, got {overall}")
