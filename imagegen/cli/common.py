@@ -1,14 +1,20 @@
-"""What every imagegen command shares: its options, declared once, and the error contract.
+"""What every imagegen command shares: its options, declared once (alone and as groups), and the error contract.
 
 stdout is data (paths or JSON); errors are a message and a hint on stderr (a JSON object with
---json) and an exit code from the error table.
+--json) and an exit code from the error table. Kept light: `imagegen --help` imports only this and typer.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
+import math
 import os
 import sys
+import typing
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -16,17 +22,126 @@ import typer
 from imagegen.util.errors import ImagegenError
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whose reader left
+MAX_KEEP_WARM = 7 * 24 * 3600.0  # a week: longer is a typo, and a worker that never idles out
+
+
+def _finite(low: float, high: float | None, what: str, low_open: bool = False):
+    """A typer callback refusing nan, inf and values outside low..high (a usage error, exit 2)."""
+
+    def check(value: Optional[float]) -> Optional[float]:
+        if value is None:
+            return None
+        bad_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or bad_low or (high is not None and value > high):
+            limits = f"above {low:g}" if low_open else f"from {low:g}"
+            limits += f" to {high:g}" if high is not None else ""
+            raise typer.BadParameter(f"{value} is not {what} ({limits})")
+        return value
+
+    return check
+
 
 # Shared options, declared once.
 JsonOpt = Annotated[bool, typer.Option("--json", help="Write one JSON object per result on stdout; errors as JSON on stderr.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on stderr but errors.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for unexpected errors.", envvar="IMAGEGEN_DEBUG")]
 RuntimeOpt = Annotated[str, typer.Option("--runtime", help="Where workers run: auto, docker, local, or remote (IMAGEGEN_REMOTE_WORKERS=URL#TOKEN,...).", envvar="IMAGEGEN_RUNTIME")]
-KeepWarmOpt = Annotated[float, typer.Option("--keep-warm", help="Seconds an idle worker stays up for the next call.", envvar="IMAGEGEN_KEEP_WARM")]
+KeepWarmOpt = Annotated[float, typer.Option("--keep-warm", help="Seconds an idle worker stays up for the next call (0 to a week).", envvar="IMAGEGEN_KEEP_WARM",
+                                            callback=_finite(0.0, MAX_KEEP_WARM, "a number of seconds"))]
 ProgressOpt = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bars on stderr (default: only when stderr is a terminal).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run even when a job looks too large for every GPU's memory.")]
 FastOpt = Annotated[bool, typer.Option("--fast", envvar="IMAGEGEN_FAST", help="Fast mode: torch.compile the model (the first image compiles for a while; later ones and later workers reuse it) and fp8 matmuls for fp8 models on Ada/Hopper GPUs; GPU workers only. Images may differ slightly.")]
 FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Model family: sd15, sdxl or flux (detected when omitted).")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="A registered model (see `imagegen models list`); in a batch, the default for items that name none.")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="A local SD1.5/SDXL .safetensors file to use instead of a registered model.")]
+SizeOpt = Annotated[Optional[str], typer.Option("--size", help="WIDTHxHEIGHT, multiples of 8 (model default when omitted).")]
+StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (model default when omitted).")]
+CfgOpt = Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale.", callback=_finite(0.0, None, "a guidance scale"))]
+NegativeOpt = Annotated[Optional[str], typer.Option("--negative", help="Negative prompt (SD1.5/SDXL).")]
+CountOpt = Annotated[int, typer.Option("--count", "-n", help="Images per prompt (seeds seed, seed+1, ...).")]
+GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", help="Flux guidance (default 3.5).", callback=_finite(0.0, None, "a guidance value"))]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
+CallTimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help="Overall cap in seconds for the whole call.", callback=_finite(0.0, None, "a number of seconds", low_open=True))]
+
+PickOpt = Annotated[Optional[list[str]], typer.Option("--pick", metavar="3,7", help="1-based indices from the last contact sheet, e.g. 3,7; repeat for later stages.")]
+AutoOpt = Annotated[bool, typer.Option("--auto", help="Pick by the documented rule (a scorer in $IMAGEGEN_FUNNEL_SCORER, else the first N).")]
+GpusOpt = Annotated[Optional[str], typer.Option("--gpus", help="all, cpu, or GPU indices/UUIDs: 0 (the first GPU), 0,2 or GPU-3f2a...")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="CPU workers when no GPU is used.")]
+TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help="Overall cap in seconds per job.",
+                                                     callback=_finite(0.0, None, "a number of seconds", low_open=True))]
+
+
+@dataclasses.dataclass
+class Mode:
+    """How a command talks: --json, --quiet, --progress, --debug."""
+
+    json_mode: JsonOpt = False
+    quiet: QuietOpt = False
+    progress: ProgressOpt = None
+    debug: DebugOpt = False
+
+
+@dataclasses.dataclass
+class Workers:
+    """Where and how workers run: --runtime, --keep-warm, --fast, --force."""
+
+    runtime: RuntimeOpt = "auto"
+    keep_warm: KeepWarmOpt = 300.0
+    fast: FastOpt = False
+    force: ForceOpt = False
+
+
+@dataclasses.dataclass
+class Draw:
+    """What to draw with, shared by generate and batch: -m, --checkpoint, --size, --steps, --cfg, --negative, -n."""
+
+    model: ModelOpt = None
+    checkpoint: CheckpointOpt = None
+    size: SizeOpt = None
+    steps: StepsOpt = None
+    cfg: CfgOpt = None
+    negative: NegativeOpt = None
+    count: CountOpt = 1
+
+
+@dataclasses.dataclass
+class Pool:
+    """How many workers a batch or funnel uses: --gpus, --workers, and --timeout per job."""
+
+    gpus: GpusOpt = None
+    workers_n: WorkersOpt = 1
+    timeout: TimeoutOpt = None
+
+
+def grouped(func):
+    """Let a command take option groups: each parameter annotated with a dataclass above is
+    expanded into the dataclass's options for typer, and rebuilt from them for the command."""
+    signature = inspect.signature(func)
+    hints = typing.get_type_hints(func, include_extras=True)
+    params, groups = [], {}
+    for param in signature.parameters.values():
+        group = hints.get(param.name)
+        if not (isinstance(group, type) and dataclasses.is_dataclass(group)):
+            params.append(param.replace(annotation=hints.get(param.name, param.annotation)))
+            continue
+        field_hints = typing.get_type_hints(group, include_extras=True)
+        fields = dataclasses.fields(group)
+        groups[param.name] = (group, [f.name for f in fields])
+        params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=field_hints[f.name],
+                                     default=f.default) for f in fields]
+    names = [p.name for p in params]
+    if len(set(names)) != len(names):
+        raise TypeError(f"{func.__name__}: an option group repeats a parameter name")
+
+    @functools.wraps(func)
+    def command(**values):
+        for name, (group, fields) in groups.items():
+            values[name] = group(**{field: values.pop(field) for field in fields})
+        return func(**values)
+
+    command.__signature__ = signature.replace(parameters=params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
 
 
 class Context:
@@ -34,13 +149,29 @@ class Context:
     debug = False
 
 
-def fail(error: ImagegenError) -> None:
-    if Context.json_mode:
+def report(error: ImagegenError, json_mode: bool) -> None:
+    """The error contract on stderr: the JSON error object with --json, else `error:` and `hint:` lines."""
+    if json_mode:
         print(json.dumps(error.to_json()), file=sys.stderr, flush=True)
     else:
         print(f"error: {error.message}", file=sys.stderr)
         print(f"hint: {error.hint}", file=sys.stderr, flush=True)
+
+
+def fail(error: ImagegenError) -> None:
+    report(error, Context.json_mode)
     raise typer.Exit(error.exit_code)
+
+
+def stdout_closed() -> None:
+    """The reader of stdout went away (`imagegen ... | head -c 10`): exit 141 as shell tools do, with
+    no traceback and no "Exception ignored" at exit (stdout now points at /dev/null)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    if Context.json_mode:  # an agent reading stderr learns why the output stopped short
+        report(ImagegenError("output_closed", "stdout was closed before all output was written"), True)
+    raise typer.Exit(EXIT_BROKEN_PIPE)
 
 
 def run_guarded(json_mode: bool, debug: bool, body) -> None:
@@ -48,14 +179,13 @@ def run_guarded(json_mode: bool, debug: bool, body) -> None:
     Context.json_mode, Context.debug = json_mode, debug
     try:
         body()
+        sys.stdout.flush()  # a short write to a closed pipe is an error here, not at interpreter exit
+    except BrokenPipeError:
+        stdout_closed()
     except ImagegenError as error:
         fail(error)
     except KeyboardInterrupt:
         fail(ImagegenError("interrupted", "interrupted; what this command started was stopped"))
-    except BrokenPipeError:
-        # The reader of stdout went away (`imagegen ... | head -1`): stop quietly, as shell tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(EXIT_BROKEN_PIPE) from None
     except (typer.Exit, typer.Abort, SystemExit):
         raise
     except Exception as exc:  # noqa: BLE001 - the last resort: a bug, reported as one
@@ -64,12 +194,34 @@ def run_guarded(json_mode: bool, debug: bool, body) -> None:
         fail(ImagegenError("internal_error", f"{exc.__class__.__name__}: {exc}"))
 
 
-def read_stdin_prompt() -> str:
+def usage_failure(exc: typer.TyperException, json_mode: bool) -> int:
+    """A usage error Click raised (a bad value, an unknown option, a missing argument) under the
+    error contract: invalid_argument or usage_error, exit 2."""
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "imagegen"
+    if type(exc).__name__ == "NoArgsIsHelpError" and not json_mode:
+        print(exc.format_message(), file=sys.stderr, flush=True)  # `imagegen` alone: the help
+        return 2
+    code = "invalid_argument" if isinstance(exc, typer.BadParameter) and \
+        type(exc).__name__ != "MissingParameter" else "usage_error"
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    report(ImagegenError(code, message, hint=f"Run `{command} --help` to see what it accepts."), json_mode)
+    return 2
+
+
+def read_stdin_prompt(max_chars: int) -> str:
+    """The prompt piped on stdin, read up to a bound: `generate < /dev/zero` is refused at once."""
     if sys.stdin is None or sys.stdin.isatty():
-        raise ImagegenError("invalid_prompt", "no prompt given", hint='Pass a prompt: imagegen generate "a red fox", or pipe one on stdin.')
-    return sys.stdin.read()
-PickOpt = Annotated[Optional[list[str]], typer.Option("--pick", metavar="3,7", help="1-based indices from the last contact sheet, e.g. 3,7; repeat for later stages.")]
-AutoOpt = Annotated[bool, typer.Option("--auto", help="Pick by the documented rule (a scorer in $IMAGEGEN_FUNNEL_SCORER, else the first N).")]
-GpusOpt = Annotated[Optional[str], typer.Option("--gpus", help="all, none, N, or indices/UUIDs: 0,2 or GPU-3f2a...")]
-WorkersOpt = Annotated[int, typer.Option("--workers", help="CPU workers when no GPU is used.")]
-TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help="Overall cap in seconds per job.")]
+        raise ImagegenError("invalid_prompt", "no prompt given",
+                            hint='Pass a prompt: imagegen generate "a red fox", or pipe one on stdin.')
+    limit = max_chars * 4 + 1  # UTF-8 takes at most 4 bytes a character
+    stream = getattr(sys.stdin, "buffer", None)
+    data = stream.read(limit) if stream is not None else sys.stdin.read(max_chars + 1).encode()
+    if len(data) >= limit:
+        raise ImagegenError("invalid_prompt", f"the prompt on stdin is longer than {max_chars} characters",
+                            hint=f"Pipe at most {max_chars} characters of text.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ImagegenError("invalid_prompt", "the prompt on stdin is not UTF-8 text",
+                            hint="Pipe plain UTF-8 text, e.g. `echo \"a red fox\" | imagegen generate`.") from None

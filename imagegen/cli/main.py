@@ -10,20 +10,22 @@ from typing import Annotated, Optional
 import typer
 
 from imagegen.cli.common import (
+    CallTimeoutOpt,
     DebugOpt,
+    Draw,
     FamilyOpt,
-    FastOpt,
-    ForceOpt,
-    GpusOpt,
+    GuidanceOpt,
     JsonOpt,
     KeepWarmOpt,
-    ProgressOpt,
-    QuietOpt,
+    Mode,
+    OverwriteOpt,
+    Pool,
     RuntimeOpt,
-    TimeoutOpt,
-    WorkersOpt,
+    Workers,
+    grouped,
     read_stdin_prompt,
     run_guarded,
+    usage_failure,
 )
 from imagegen.cli.funnel import funnel_app
 from imagegen.cli.models import models_app
@@ -36,32 +38,26 @@ app.add_typer(funnel_app, name="funnel")
 
 
 @app.command()
+@grouped
 def generate(
-    prompt: Annotated[Optional[str], typer.Argument(help="What to draw. Read from stdin when omitted and stdin is not a terminal.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="A registered model (see `imagegen models list`).")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A local SD1.5/SDXL .safetensors file to use instead of a registered model.")] = None,
+    prompt: Annotated[Optional[str], typer.Argument(
+        help="What to draw. Read from stdin when omitted and stdin is not a terminal.")] = None,
+    *,
+    draw: Draw,
     family: FamilyOpt = None,
-    from_image: Annotated[Optional[Path], typer.Option("--from", help="Reproduce a PNG from its metadata (imagegen, A1111 or ComfyUI); other flags override.")] = None,
-    output_path: Annotated[Optional[str], typer.Option("--output", "-o", help="A .png path, a directory, or - for PNG bytes on stdout.")] = None,
+    from_image: Annotated[Optional[Path], typer.Option(
+        "--from", help="Reproduce a PNG from its metadata (imagegen, A1111 or ComfyUI); other flags override.")] = None,
+    output_path: Annotated[Optional[str], typer.Option(
+        "--output", "-o", help="A .png path, a directory, or - for PNG bytes on stdout.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the first image (random when omitted).")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (model default when omitted).")] = None,
-    cfg: Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale.")] = None,
-    size: Annotated[Optional[str], typer.Option("--size", help="WIDTHxHEIGHT, multiples of 8 (model default when omitted).")] = None,
-    negative: Annotated[Optional[str], typer.Option("--negative", help="Negative prompt (SD1.5/SDXL).")] = None,
     sampler: Annotated[Optional[str], typer.Option("--sampler", help="ComfyUI sampler name, e.g. euler, dpmpp_2m.")] = None,
-    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="ComfyUI scheduler name, e.g. normal, karras.")] = None,
-    guidance: Annotated[Optional[float], typer.Option("--guidance", help="Flux guidance (default 3.5).")] = None,
-    count: Annotated[int, typer.Option("--count", "-n", help="Number of images (seeds seed, seed+1, ...).")] = 1,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
-    force: ForceOpt = False,
-    fast: FastOpt = False,
-    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Overall cap in seconds for the whole call.")] = None,
-    runtime: RuntimeOpt = "auto",
-    keep_warm: KeepWarmOpt = 300.0,
-    progress: ProgressOpt = None,
-    json_mode: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
+    scheduler: Annotated[Optional[str], typer.Option(
+        "--scheduler", help="ComfyUI scheduler name, e.g. normal, karras.")] = None,
+    guidance: GuidanceOpt = None,
+    overwrite: OverwriteOpt = False,
+    timeout: CallTimeoutOpt = None,
+    workers: Workers,
+    mode: Mode,
 ) -> None:
     """Generate images from a prompt; prints one path (or JSON object) per image."""
 
@@ -72,51 +68,44 @@ def generate(
         from imagegen.runtimes.choose import make_runtime
 
         timeouts, explicit = gen.timeouts_from_env(timeout)
-        given = {"prompt": prompt, "model": model, "negative": negative, "seed": seed, "steps": steps, "cfg": cfg,
-                 "size": size, "sampler": sampler, "scheduler": scheduler, "guidance": guidance}
+        given = {"prompt": prompt, "model": draw.model, "negative": draw.negative, "seed": seed, "steps": draw.steps,
+                 "cfg": draw.cfg, "size": draw.size, "sampler": sampler, "scheduler": scheduler, "guidance": guidance}
         if from_image is not None:
-            given = gen.merge_source(from_image, given, checkpoint is not None)
+            given = gen.merge_source(from_image, given, draw.checkpoint is not None)
         if given["prompt"] is None:
-            given["prompt"] = read_stdin_prompt()
-        request = gen.Request(**given, checkpoint=checkpoint, family=family, count=count, output=output_path,
-                              overwrite=overwrite, force=force, fast=fast, timeouts=timeouts, explicit_timeouts=explicit)
-        reporter = Reporter(quiet=quiet, show_progress=progress)
+            given["prompt"] = read_stdin_prompt(gen.MAX_PROMPT_CHARS)
+        request = gen.Request(**given, checkpoint=draw.checkpoint, family=family, count=draw.count, output=output_path,
+                              overwrite=overwrite, force=workers.force, fast=workers.fast, timeouts=timeouts,
+                              explicit_timeouts=explicit)
+        reporter = Reporter(quiet=mode.quiet, show_progress=mode.progress)
         planned = gen.plan(request)
-        for record in gen.execute(planned, make_runtime(runtime, keep_warm), reporter):
+        for record in gen.execute(planned, make_runtime(workers.runtime, workers.keep_warm), reporter):
             if record["path"] != "-":
-                emit_result(record, json_mode, quiet=False)
-            elif json_mode:
+                emit_result(record, mode.json_mode, quiet=False)
+            elif mode.json_mode:
                 print(json.dumps(record), file=sys.stderr, flush=True)
 
-    run_guarded(json_mode, debug, body)
+    run_guarded(mode.json_mode, mode.debug, body)
 
 
 @app.command()
+@grouped
 def batch(
-    prompts_file: Annotated[Optional[Path], typer.Argument(help="Prompts, one per line or JSONL objects; - or omitted: stdin.")] = None,
-    out_dir: Annotated[Path, typer.Option("--output", "-o", help="Directory for the images and manifest.jsonl (rerun to resume).")] = Path("imagegen-batch"),
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Default model for items that name none.")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Default local SD1.5/SDXL .safetensors file for items that name no model.")] = None,
-    size: Annotated[Optional[str], typer.Option("--size", help="Default WIDTHxHEIGHT.")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Default sampling steps.")] = None,
-    cfg: Annotated[Optional[float], typer.Option("--cfg", help="Default guidance scale.")] = None,
-    negative: Annotated[Optional[str], typer.Option("--negative", help="Default negative prompt.")] = None,
-    count: Annotated[int, typer.Option("--count", "-n", help="Default images per prompt.")] = 1,
-    seed: Annotated[int, typer.Option("--seed", help="Base for the seeds of items that give none (seeds are stable across reruns).")] = 0,
-    gpus: GpusOpt = None,
-    workers_n: WorkersOpt = 1,
-    pack: Annotated[str, typer.Option("--pack", help="Images of one prompt per latent batch: auto (4 on GPU, 1 on CPU) or N.")] = "auto",
+    prompts_file: Annotated[Optional[Path], typer.Argument(
+        help="Prompts, one per line or JSONL objects; - or omitted: stdin.")] = None,
+    *,
+    out_dir: Annotated[Path, typer.Option(
+        "--output", "-o", help="Directory for the images and manifest.jsonl (rerun to resume).")] = Path("imagegen-batch"),
+    draw: Draw,
+    seed: Annotated[int, typer.Option(
+        "--seed", help="Base for the seeds of items that give none (seeds are stable across reruns).")] = 0,
+    pool: Pool,
+    pack: Annotated[str, typer.Option(
+        "--pack", help="Images of one prompt per latent batch: auto (4 on GPU, 1 on CPU) or N.")] = "auto",
     depth: Annotated[int, typer.Option("--depth", help="Jobs kept queued on each worker so it never idles.")] = 2,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing files in the output directory.")] = False,
-    force: ForceOpt = False,
-    fast: FastOpt = False,
-    timeout: TimeoutOpt = None,
-    runtime: RuntimeOpt = "auto",
-    keep_warm: KeepWarmOpt = 300.0,
-    progress: ProgressOpt = None,
-    json_mode: JsonOpt = False,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
+    overwrite: OverwriteOpt = False,
+    workers: Workers,
+    mode: Mode,
 ) -> None:
     """Render many prompts over every worker; prints each image as it finishes; rerun to resume."""
 
@@ -126,30 +115,30 @@ def batch(
         from imagegen.engine.progress import BatchReporter
         from imagegen.runtimes.choose import make_runtime
 
+        if not 1 <= pool.workers_n <= 64 or not 1 <= depth <= 16:
+            raise ImagegenError("invalid_argument", "--workers must be 1..64 and --depth 1..16")
         if prompts_file is None or str(prompts_file) == "-":
             if sys.stdin is None or sys.stdin.isatty():
                 raise ImagegenError("invalid_prompt", "no prompts: give a file or pipe prompts on stdin",
                                     hint="imagegen batch prompts.txt, or: cat prompts.txt | imagegen batch")
-            text, source = sys.stdin.read(), "stdin"
+            items = batch_mod.read_items(sys.stdin, "stdin")  # line by line: a line over the limit stops the read
         else:
             try:
-                text, source = prompts_file.read_text(encoding="utf-8"), str(prompts_file)
+                with open(prompts_file, encoding="utf-8") as handle:
+                    items = batch_mod.read_items(handle, str(prompts_file))
             except OSError as exc:
                 raise ImagegenError("invalid_argument", f"cannot read {prompts_file}: {exc.strerror}") from None
-        if not 1 <= workers_n <= 64 or not 1 <= depth <= 16:
-            raise ImagegenError("invalid_argument", "--workers must be 1..64 and --depth 1..16")
-        items = batch_mod.parse_items(text, source)
-        timeouts, explicit = gen.timeouts_from_env(timeout)
-        defaults = {k: v for k, v in {"model": model, "size": size, "steps": steps, "cfg": cfg, "negative": negative,
-                                      "count": count, "checkpoint": str(checkpoint) if checkpoint else None,
-                                      "fast": fast or None}.items() if v is not None}
-        reporter = BatchReporter(quiet=quiet, show_progress=progress)
+        timeouts, explicit = gen.timeouts_from_env(pool.timeout)
+        defaults = {k: v for k, v in {"model": draw.model, "size": draw.size, "steps": draw.steps, "cfg": draw.cfg, "negative": draw.negative,
+                                      "count": draw.count, "checkpoint": str(draw.checkpoint) if draw.checkpoint else None,
+                                      "fast": workers.fast or None}.items() if v is not None}
+        reporter = BatchReporter(quiet=mode.quiet, show_progress=mode.progress)
         batch_mod.plan(items, out_dir, defaults, seed, 1)  # every item is valid before a worker starts
-        emit = (lambda line: print(json.dumps(line, sort_keys=True), flush=True)) if json_mode else \
+        emit = (lambda line: print(json.dumps(line, sort_keys=True), flush=True)) if mode.json_mode else \
             (lambda line: print(line["path"], flush=True) if line["status"] == "done" else None)
-        summary = batch_mod.run(items, out_dir.absolute(), make_runtime(runtime, keep_warm), reporter, emit,
-                                defaults=defaults, base_seed=seed, pack=pack, gpus=gpus, workers=workers_n, depth=depth,
-                                overwrite=overwrite, force=force, timeouts=timeouts, explicit=explicit)
+        summary = batch_mod.run(items, out_dir.absolute(), make_runtime(workers.runtime, workers.keep_warm), reporter, emit,
+                                defaults=defaults, base_seed=seed, pack=pack, gpus=pool.gpus, workers=pool.workers_n, depth=depth,
+                                overwrite=overwrite, force=workers.force, timeouts=timeouts, explicit=explicit)
         reporter.status(f"batch: {summary.done} done, {summary.failed} failed, {summary.skipped} skipped (done earlier) "
                         f"of {summary.total}; manifest: {out_dir.absolute() / batch_mod.MANIFEST}")
         if summary.failed:
@@ -157,7 +146,7 @@ def batch(
             raise ImagegenError("jobs_failed", f"{summary.failed} image(s) failed, e.g. line {first['line']}: {first['error']['message']}",
                                 failed=summary.failed, done=summary.done)
 
-    run_guarded(json_mode, debug, body)
+    run_guarded(mode.json_mode, mode.debug, body)
 
 
 @app.command()
@@ -275,10 +264,20 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """The `imagegen` command. Usage errors (a bad value, an unknown option, a missing argument) keep
+    the error contract too: `error:`/`hint:` lines, or with --json anywhere the JSON error object; exit 2."""
     _interrupt_on_sigterm()  # `kill` cleans up like Ctrl-C does
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        app(standalone_mode=True)
+        code = app(args=args, prog_name="imagegen", standalone_mode=False)
+    except typer.Abort:
+        print("Aborted.", file=sys.stderr)
+        return 1
+    except typer.TyperException as exc:  # Click's usage errors (UsageError, BadParameter, ...)
+        if getattr(exc, "exit_code", 1) != 2:
+            raise
+        return usage_failure(exc, "--json" in args)
     except SystemExit as exit_:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
-    return 0
+    return code if isinstance(code, int) else 0

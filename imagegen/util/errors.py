@@ -25,6 +25,8 @@ class ErrorKind:
 ERRORS: dict[str, ErrorKind] = {
     # Bad input: nothing was started.
     "invalid_argument": ErrorKind(EXIT_USAGE, "An option has a value outside what it accepts.", "Run the command with --help to see the accepted values."),
+    "usage_error": ErrorKind(EXIT_USAGE, "The command line is malformed: an unknown option, a missing argument, or an extra one.",
+                             "Run the command with --help to see what it accepts."),
     "invalid_prompt": ErrorKind(EXIT_USAGE, "The prompt is empty, too long or has control characters.", "Pass a non-empty prompt of printable text."),
     "invalid_size": ErrorKind(EXIT_USAGE, "The image size is malformed or out of range.", "Use --size WIDTHxHEIGHT with multiples of 8, e.g. --size 768x512."),
     "unknown_model": ErrorKind(EXIT_USAGE, "No model of that name is registered.", "Run `imagegen models list` to see the registered models."),
@@ -35,6 +37,8 @@ ERRORS: dict[str, ErrorKind] = {
                               "Pass --force to replace it, or choose another name."),
     "output_exists": ErrorKind(EXIT_USAGE, "The output file exists already.", "Pass --overwrite, or choose another -o path."),
     "output_not_writable": ErrorKind(EXIT_USAGE, "The output location cannot be written.", "Choose an -o path in a writable directory."),
+    "invalid_funnel_state": ErrorKind(EXIT_USAGE, "A funnel's funnel.json is malformed, or names a path outside its folder.",
+                                      "Restore funnel.json (imagegen writes only paths inside the funnel folder), or start a new funnel."),
     "invalid_source_image": ErrorKind(EXIT_USAGE, "The image given to --from carries no imagegen parameters.", "Pass a PNG written by imagegen (or by ComfyUI with its prompt chunk)."),
     "runtime_unavailable": ErrorKind(EXIT_USAGE, "The chosen runtime cannot run here.", "Run `imagegen doctor`, or choose another --runtime."),
     "fast_unavailable": ErrorKind(EXIT_USAGE, "Fast mode compiles the model where the worker runs, and a compiler or Python's headers are missing there.",
@@ -60,7 +64,13 @@ ERRORS: dict[str, ErrorKind] = {
     "worker_unhealthy": ErrorKind(EXIT_FAILURE, "A worker ran far slower than its own history and was taken out of the rotation.", "Check the GPU (thermals, other processes); `imagegen workers` shows each worker's recent speed."),
     "insufficient_gpu_memory": ErrorKind(EXIT_USAGE, "No GPU here can hold the job (model plus activations).", "Use a smaller size or model (an fp8 variant), or pass --force to try anyway."),
     "out_of_memory": ErrorKind(EXIT_FAILURE, "The worker ran out of memory.", "Use a smaller --size or --count, or a smaller model."),
+    "output_busy": ErrorKind(EXIT_FAILURE, "Another imagegen command is writing in the same output folder.",
+                             "Wait for it to finish, or choose another -o directory."),
+    "source_missing": ErrorKind(EXIT_FAILURE, "A funnel stage's source image (a picked image of the stage before) is gone.",
+                                "Run `imagegen funnel resume DIR`: it draws the missing image again, then goes on."),
     "jobs_failed": ErrorKind(EXIT_FAILURE, "Some jobs of a batch failed; the others finished.", "See the failed lines in manifest.jsonl; run the same command again to retry only those."),
+    "output_closed": ErrorKind(141, "stdout was closed by its reader before all output was written (e.g. `| head`).",
+                               "Read the whole output, or write to a file with -o."),
     "interrupted": ErrorKind(EXIT_INTERRUPTED, "Interrupted by the user.", "Run the command again to continue."),
     "internal_error": ErrorKind(EXIT_FAILURE, "An unexpected error; this is a bug.", "Run again with --debug and report the traceback."),
 }

@@ -1,0 +1,180 @@
+"""Fast checks of the CLI contract, through the real CLI in a subprocess: usage errors, bounded
+input, closed pipes, option groups and the version. Nothing here starts a worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import typer
+from conftest import REPO, run_cli
+from typer.testing import CliRunner
+
+from imagegen.cli.common import Mode, Workers, grouped
+
+CLI = [sys.executable, str(REPO / "generate_image.py")]
+
+
+def json_error(result) -> dict:
+    lines = result.stderr.decode().strip().splitlines()
+    assert lines, "no error on stderr"
+    return json.loads(lines[-1])
+
+
+def no_worker_started(home) -> bool:
+    folder = home / "state" / "workers"
+    return not folder.exists() or not any(folder.glob("*.json"))
+
+
+@pytest.mark.parametrize("args, code", [
+    (["generate", "x", "--steps", "abc"], "invalid_argument"),
+    (["generate", "x", "--bogus"], "usage_error"),
+    (["funnel", "run"], "usage_error"),  # a missing argument
+    (["batch", "--workers", "many"], "invalid_argument"),
+    (["generate", "x", "extra-argument"], "usage_error"),
+    (["models", "inspect"], "usage_error"),
+])
+def test_usage_errors_keep_the_json_contract(args, code, isolated_home):
+    result = run_cli(*args, "--json")
+    assert result.returncode == 2, result.stderr.decode()
+    error = json_error(result)
+    assert error["schema"] == "imagegen.error/1" and error["code"] == code and error["exit_code"] == 2
+    assert error["message"] and "--help" in error["hint"]
+    assert result.stdout == b""
+    assert no_worker_started(isolated_home)
+
+
+def test_json_anywhere_on_the_line_counts():
+    result = run_cli("--json", "generate", "x", "--steps", "abc")
+    assert result.returncode == 2 and json_error(result)["code"] in ("usage_error", "invalid_argument")
+
+
+@pytest.mark.parametrize("args", [["generate", "x", "--steps", "abc"], ["generate", "--bogus"], ["funnel", "run"]])
+def test_usage_errors_without_json_are_error_and_hint_lines(args):
+    result = run_cli(*args)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 2
+    assert lines[0].startswith("error: ") and lines[-1].startswith("hint: ") and len(lines) == 2, lines
+    assert "--help" in lines[-1]
+
+
+def test_no_command_shows_the_help():
+    result = run_cli()
+    assert result.returncode == 2 and "Commands:" in result.stderr.decode() + result.stdout.decode()
+
+
+@pytest.mark.parametrize("args", [
+    ["--keep-warm", "-5"], ["--keep-warm", "nan"], ["--keep-warm", "inf"], ["--keep-warm", "1e12"],
+    ["--cfg", "nan"], ["--cfg", "-1"], ["--guidance", "inf"], ["--timeout", "nan"], ["--timeout", "0"],
+])
+def test_numbers_that_would_never_end_are_refused(args, isolated_home):
+    result = run_cli("generate", "a fox", "--size", "64x64", *args, "--json")
+    assert result.returncode == 2, result.stderr.decode()
+    error = json_error(result)
+    assert error["code"] == "invalid_argument" and args[0] in error["message"], error
+    assert no_worker_started(isolated_home)
+
+
+@pytest.mark.parametrize("command", [["batch", "-"], ["funnel", "run", "x"], ["mcp"]])
+def test_keep_warm_is_checked_by_every_command(command):
+    result = run_cli(*command, "--keep-warm", "nan", input=b"a fox\n")
+    assert result.returncode == 2 and result.stderr.decode().startswith("error: Invalid value for '--keep-warm'")
+
+
+def test_keep_warm_from_the_environment_is_checked_too():
+    result = run_cli("generate", "a fox", "--json", env={"IMAGEGEN_KEEP_WARM": "nan"})
+    assert result.returncode == 2 and "IMAGEGEN_KEEP_WARM" in json_error(result)["message"]
+
+
+def test_an_endless_stdin_prompt_is_refused_without_reading_it_all(tmp_path):
+    with open("/dev/zero", "rb") as endless:
+        result = subprocess.run([*CLI, "generate", "--json"], stdin=endless, capture_output=True, timeout=120,
+                                env={**os.environ})
+    assert result.returncode == 2
+    assert json_error(result)["code"] == "invalid_prompt"
+
+
+def test_stdin_prompt_limits(tmp_path):
+    from imagegen.engine.generate import MAX_PROMPT_CHARS
+
+    too_long = run_cli("generate", "--json", input=b"a" * (MAX_PROMPT_CHARS * 4 + 10))
+    assert too_long.returncode == 2 and json_error(too_long)["code"] == "invalid_prompt"
+    not_text = run_cli("generate", "--json", input=b"\xff\xfe a fox")
+    assert not_text.returncode == 2 and "UTF-8" in json_error(not_text)["message"]
+    fine = run_cli("generate", "--size", "65x64", "--json", input="a red fox, ünïcode\n".encode())
+    assert json_error(fine)["code"] == "invalid_size", "a good prompt on stdin passes on to the next check"
+
+
+def closed_pipe_run(*args: str) -> subprocess.CompletedProcess:
+    """Run the CLI with stdout a pipe whose reader is gone before the CLI starts: every write fails."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([*CLI, *args], stdout=write_end, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(write_end)
+
+
+def test_a_closed_stdout_exits_141_quietly():
+    result = closed_pipe_run("schema")
+    assert result.returncode == 141, result.stderr.decode()
+    assert result.stderr == b"", "no traceback, no 'Exception ignored' at exit"
+
+
+def test_a_closed_stdout_with_json_says_why_on_stderr():
+    result = closed_pipe_run("schema", "--json")
+    assert result.returncode == 141
+    error = json.loads(result.stderr.decode().strip())
+    assert error["code"] == "output_closed" and error["exit_code"] == 141
+    assert "Exception ignored" not in result.stderr.decode()
+
+
+def help_lines(*command: str) -> dict[str, str]:
+    """Each option's help entry (its first line and continuation lines joined)."""
+    text = run_cli(*command, "--help", env={"COLUMNS": "200"}).stdout.decode()
+    entries, current = {}, None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("-"):
+            current = stripped.split()[0].rstrip(",")
+            entries[current] = stripped
+        elif current and stripped:
+            entries[current] += " " + stripped
+    return entries
+
+
+def test_shared_options_read_the_same_in_every_command():
+    generate, batch, funnel = help_lines("generate"), help_lines("batch"), help_lines("funnel", "run")
+    for option in ("--runtime", "--keep-warm", "--fast", "--force", "--json", "-q", "--progress", "--debug"):
+        assert generate[option] == batch[option] == funnel[option], option
+    for option in ("-m", "--checkpoint", "--size", "--steps", "--cfg", "--negative", "-n"):
+        assert generate[option] == batch[option], option
+    for option in ("--gpus", "--workers", "--timeout"):
+        assert batch[option] == funnel[option], option
+
+
+def test_option_groups_arrive_as_dataclasses():
+    app = typer.Typer()
+    seen = {}
+
+    @app.command()
+    @grouped
+    def probe(name: str, *, workers: Workers, mode: Mode) -> None:
+        seen.update(name=name, workers=workers, mode=mode)
+
+    result = CliRunner().invoke(app, ["fox", "--runtime", "local", "--keep-warm", "5", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    assert seen["name"] == "fox"
+    assert seen["workers"] == Workers(runtime="local", keep_warm=5.0, fast=False, force=False)
+    assert seen["mode"] == Mode(json_mode=True, quiet=True, progress=None, debug=False)
+
+
+def test_version_has_one_source():
+    import imagegen
+
+    result = run_cli("version", "--json")
+    record = json.loads(result.stdout)
+    assert record["imagegen"] == imagegen.__version__ and record["comfyui_commit"] == imagegen.COMFYUI_COMMIT
