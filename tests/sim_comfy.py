@@ -57,6 +57,10 @@ class SimConfig:
     memory_free_mib: int | None = None       # None: the total, less the loaded model's model_mib
     model_mib: dict = field(default_factory=dict)  # model file -> MiB; larger than the GPU: out of memory
     plain: bool = False
+    comfyui_version: str = "0.3.75"          # what /system_stats and /imagegen/info report
+    samplers: tuple = ()                     # KSampler's sampler_name choices in /object_info; () the pinned list
+    schedulers: tuple = ()                   # its scheduler choices; () the pinned list
+    combo_inputs: bool = False               # /object_info in the newer ["COMBO", {"options": [...]}] style
 
     def __post_init__(self):
         self.gpu_uuid = self.gpu_uuid or f"GPU-sim-{uuid.uuid4()}"
@@ -115,6 +119,7 @@ class SimServer:
 
     def __init__(self, config: SimConfig):
         self.config = config
+        self.object_info_requests = 0
         self.pending: list[dict] = []
         self.running: dict | None = None
         self.history: dict[str, dict] = {}
@@ -218,6 +223,9 @@ class SimServer:
             return await self.upload(request)
         if path == "/system_stats":
             return web.json_response(self.system_stats())
+        if path in ("/object_info", "/object_info/KSampler"):
+            self.object_info_requests += 1
+            return web.json_response(self.object_info())
         return web.Response(status=404, text="404: Not Found")
 
     def memory_free(self) -> int:
@@ -232,11 +240,24 @@ class SimServer:
         c = self.config
         gpu = {"name": c.gpu_name, "uuid": c.gpu_uuid, "memory_total_mib": int(c.memory_total_mib),
                "memory_free_mib": self.memory_free()} if c.device == "cuda" else None
-        return {"imagegen_version": "sim", "comfyui_version": "0.3.75", "device": c.device, "pid": os.getpid(),
+        return {"imagegen_version": "sim", "comfyui_version": c.comfyui_version, "device": c.device, "pid": os.getpid(),
                 "comfy_pid": None, "ready": True, "gpu": gpu, "name": c.name,
                 "idle_seconds": 0.0 if self.busy() else round(time.monotonic() - self.last_activity, 1),
                 "keep_warm": 0, "last_model": self.last_model, "jobs_done": self.jobs_done, "started": self.started,
                 "cuda_visible_devices": "0" if c.device == "cuda" else ""}
+
+    def object_info(self) -> dict:
+        """KSampler's definition: the sampler and scheduler choices, in 0.3.x's or the newer input style."""
+        from imagegen.comfy import choices
+
+        c = self.config
+        samplers, schedulers = list(c.samplers or choices.SAMPLERS), list(c.schedulers or choices.SCHEDULERS)
+        if c.combo_inputs:
+            sampler_spec, scheduler_spec = ["COMBO", {"options": samplers}], ["COMBO", {"options": schedulers}]
+        else:
+            sampler_spec, scheduler_spec = [samplers, {}], [schedulers, {}]
+        return {"KSampler": {"input": {"required": {"sampler_name": sampler_spec, "scheduler": scheduler_spec}},
+                             "name": "KSampler", "output": ["LATENT"]}}
 
     def system_stats(self) -> dict:
         c = self.config
@@ -247,7 +268,8 @@ class SimServer:
         else:
             device = {"name": "cpu", "type": "cpu", "index": None, "vram_total": 0, "vram_free": 0,
                       "torch_vram_total": 0, "torch_vram_free": 0}
-        return {"system": {"os": "posix", "ram_total": 64 * 2 ** 30, "ram_free": 32 * 2 ** 30, "comfyui_version": "0.3.75",
+        return {"system": {"os": "posix", "ram_total": 64 * 2 ** 30, "ram_free": 32 * 2 ** 30,
+                           "comfyui_version": c.comfyui_version,
                            "python_version": sys.version, "pytorch_version": "sim", "embedded_python": False, "argv": ["main.py"]},
                 "devices": [device]}
 

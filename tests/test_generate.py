@@ -27,7 +27,7 @@ def test_bad_prompts(prompt, fragment):
 
 
 @pytest.mark.parametrize("field, value", [("steps", 0), ("steps", 10001), ("cfg", math.nan), ("cfg", -1.0),
-                                          ("count", 0), ("seed", -1), ("sampler", "nope"), ("scheduler", "nope")])
+                                          ("count", 0), ("seed", -1), ("sampler", "no pe"), ("scheduler", "No-Pe")])
 def test_out_of_range_parameters(field, value):
     request = generate.Request(prompt="a fox", **{field: value})
     with pytest.raises(ImagegenError) as caught:

@@ -2,7 +2,8 @@
 
 import pytest
 
-from imagegen.comfy import workflows
+from imagegen import COMFYUI_VERSION
+from imagegen.comfy import choices, workflows
 from imagegen.models.registry import Registry
 
 FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name1", "clip_name2", "vae_name", "model_name", "image"}
@@ -101,10 +102,13 @@ def test_validator_catches_mistakes(object_info):
 
 
 @pytest.mark.comfyui
-def test_limits_and_choices_match_the_pinned_comfyui(object_info):
+def test_limits_and_choices_match_the_pinned_comfyui(object_info, comfy_worker):
     ksampler = object_info["KSampler"]["input"]["required"]
-    assert tuple(_spec_type(ksampler["sampler_name"])[1]) == workflows.SAMPLERS
-    assert tuple(_spec_type(ksampler["scheduler"])[1]) == workflows.SCHEDULERS
+    # the fallback lists are the pinned ComfyUI's; a newer one's own lists are what its jobs are held to
+    assert comfy_worker.client().comfyui_version() == COMFYUI_VERSION
+    assert choices.from_object_info(object_info) == (workflows.SAMPLERS, workflows.SCHEDULERS)
+    assert choices.from_object_info(comfy_worker.client().object_info("KSampler")) == (workflows.SAMPLERS,
+                                                                                      workflows.SCHEDULERS)
     assert ksampler["steps"][1]["max"] == workflows.MAX_STEPS
     assert ksampler["cfg"][1]["max"] == workflows.MAX_CFG
     assert ksampler["seed"][1]["max"] == workflows.MAX_SEED

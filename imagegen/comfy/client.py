@@ -14,9 +14,13 @@ from typing import Callable
 
 import requests
 
+from imagegen.comfy import choices
 from imagegen.util.errors import ImagegenError
 
 TOKEN_HEADER = "Authorization"
+
+# What each worker's ComfyUI is, asked once per process: {(url, token): {"version": ..., "choices": ...}}.
+_FACTS: dict[tuple[str, str | None], dict] = {}
 
 
 @dataclass
@@ -95,6 +99,45 @@ class ComfyClient:
     def system_stats(self) -> dict:
         return self._json("GET", "/system_stats")
 
+    def _facts(self) -> dict:
+        return _FACTS.setdefault((self.base_url, self.token), {})
+
+    def comfyui_version(self) -> str | None:
+        """The worker's ComfyUI version (/system_stats system.comfyui_version), asked once per process;
+        None when it does not say."""
+        facts = self._facts()
+        if "version" not in facts:
+            try:
+                version = (self.system_stats().get("system") or {}).get("comfyui_version")
+            except (ImagegenError, requests.RequestException, ValueError):
+                return None  # not remembered: the next image asks again
+            facts["version"] = str(version) if version else None
+        return facts["version"]
+
+    def choices(self) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+        """(samplers, schedulers) this worker's ComfyUI offers, from KSampler's inputs in its
+        /object_info, asked once per process; None when it cannot tell."""
+        facts = self._facts()
+        if "choices" not in facts:
+            try:
+                facts["choices"] = choices.from_object_info(self.object_info("KSampler"))
+            except (ImagegenError, requests.RequestException, ValueError):
+                return None
+        return facts["choices"]
+
+    def check_choices(self, graph: dict) -> None:
+        """Refuse (invalid_argument) a graph whose sampler or scheduler this worker's ComfyUI lacks,
+        listing the worker's names. Graphs that use only the pinned ComfyUI's names cost no request:
+        a worker without one of those rejects the graph itself (graph_rejected, with its list)."""
+        if choices.pinned_only(graph):
+            return
+        offered = self.choices()
+        if offered is None:
+            return  # cannot tell: ComfyUI validates the graph itself
+        version = self.comfyui_version()
+        where = f"the worker's ComfyUI {version}" if version else "the worker's ComfyUI"
+        choices.check_graph(graph, *offered, where=where)
+
     def object_info(self, node_class: str | None = None) -> dict:
         return self._json("GET", "/object_info" + (f"/{node_class}" if node_class else ""))
 
@@ -116,6 +159,7 @@ class ComfyClient:
             pass
 
     def submit(self, graph: dict, client_id: str) -> str:
+        self.check_choices(graph)
         response = self._request("POST", "/prompt", json={"prompt": graph, "client_id": client_id})
         if response.status_code == 400:
             try:

@@ -1,7 +1,8 @@
 """ComfyUI API-format graphs, one builder per family and task, with readable node ids.
 
 Limits below are those of the pinned ComfyUI 0.3.75's node definitions (its /object_info);
-tests/test_workflows.py holds them to the real server so they cannot drift.
+tests/test_workflows.py holds them to the real server so they cannot drift. Sampler and scheduler
+names are a worker's own (comfy/choices.py), with the pinned lists as the fallback.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, replace
 
+from imagegen.comfy import choices
 from imagegen.models.registry import Bundle
 
 MAX_RESOLUTION = 16384
@@ -18,17 +20,8 @@ MAX_CFG = 100.0
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_BATCH = 4096
 MAX_GUIDANCE = 100.0
-SAMPLERS = (
-    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
-    "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
-    "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
-    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm",
-    "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
-    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde",
-    "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
-)
-SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
-              "linear_quadratic", "kl_optimal")
+# The pinned ComfyUI's names, the fallback before a worker is known; a worker's own come from its /object_info.
+SAMPLERS, SCHEDULERS = choices.SAMPLERS, choices.SCHEDULERS
 
 
 @dataclass

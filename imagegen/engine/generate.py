@@ -150,10 +150,7 @@ def plan_jobs(request: Request, bundle: Bundle) -> list[workflows.Params]:
     seed = _check_range("seed", request.seed, 0, workflows.MAX_SEED - MAX_COUNT)
     sampler = request.sampler or bundle.default("sampler", "euler")
     scheduler = request.scheduler or bundle.default("scheduler", "normal")
-    if sampler not in workflows.SAMPLERS:
-        raise ImagegenError("invalid_argument", f"--sampler {sampler!r} is not a ComfyUI sampler", hint="Known: " + ", ".join(workflows.SAMPLERS))
-    if scheduler not in workflows.SCHEDULERS:
-        raise ImagegenError("invalid_argument", f"--scheduler {scheduler!r} is not a ComfyUI scheduler", hint="Known: " + ", ".join(workflows.SCHEDULERS))
+    workflows.choices.check_up_front(sampler, scheduler)  # the worker's own lists: at submission (comfy/choices.py)
     base_seed = secrets.randbelow(2**32) if seed is None else seed
     return [workflows.Params(prompt=prompt, negative=negative, width=width, height=height, steps=steps,
                              cfg=cfg if cfg is not None else bundle.default("cfg", 7.0), sampler=sampler, scheduler=scheduler,

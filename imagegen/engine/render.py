@@ -20,13 +20,15 @@ from imagegen.util.errors import ImagegenError
 REQUEST_TIMEOUT = float(os.environ.get("IMAGEGEN_TIMEOUT_REQUEST", "30"))
 
 
-def image_parameters(bundle: Bundle, params: workflows.Params, hashes: dict | None = None) -> dict:
-    """The parameters record an image carries: enough to reproduce it with --from."""
+def image_parameters(bundle: Bundle, params: workflows.Params, hashes: dict | None = None,
+                     comfyui_version: str | None = None) -> dict:
+    """The parameters record an image carries: enough to reproduce it with --from. `comfyui_version`:
+    the worker's (ComfyClient.comfyui_version), the pinned one when the worker does not say."""
     hashes = hashes or {}
     record = {"prompt": params.prompt, "negative": params.negative, "model": bundle.name, "family": bundle.family,
               "seed": params.seed, "width": params.width, "height": params.height, "steps": params.steps,
               "cfg": params.cfg, "sampler": params.sampler, "scheduler": params.scheduler,
-              "denoise": params.denoise, "imagegen_version": __version__, "comfyui_version": COMFYUI_VERSION,
+              "denoise": params.denoise, "imagegen_version": __version__, "comfyui_version": comfyui_version or COMFYUI_VERSION,
               "files": {role: {"name": f.filename, "sha256": hashes.get(role) or f.sha256} for role, f in bundle.files.items()}}
     if bundle.family == "flux":
         record["guidance"] = params.guidance
@@ -74,7 +76,7 @@ def save_outputs(client, entry: dict, bundle: Bundle, params: workflows.Params, 
         fetch_started = time.monotonic()
         data = client.fetch_file(ref)
         fetched = time.monotonic()
-        record = image_parameters(bundle, params, hashes)
+        record = image_parameters(bundle, params, hashes, client.comfyui_version())
         record["width"], record["height"] = png.png_size(data)  # an upscale's size is its input's times the scale
         if params.batch_size > 1:
             record.update(batch_size=params.batch_size, batch_index=index)
