@@ -57,6 +57,7 @@ class LocalRuntime:
                  python: str | None = None, shared_models: list[Path] | None = None):
         self.keep_warm = default_keep_warm() if keep_warm is None else keep_warm
         self.start_timeout = default_start_timeout() if start_timeout is None else start_timeout
+        self.busy_wait = env_float("IMAGEGEN_BUSY_WAIT", 60.0)  # checked up front, used when a worker is busy
         self.python = python or os.environ.get("IMAGEGEN_WORKER_PYTHON") or sys.executable
         self.shared_models = shared_models or []
         self.cpu_workers = 1
@@ -154,7 +155,7 @@ class LocalRuntime:
     def _busy_handle(self, slot: str, record: dict) -> WorkerHandle | None:
         """A worker that fails its 5 s health probe but is ours: its handle when its proxy answers an
         authenticated /imagegen/info (with a generous timeout) and its ComfyUI is still alive."""
-        deadline = time.monotonic() + env_float("IMAGEGEN_BUSY_WAIT", 60.0)
+        deadline = time.monotonic() + self.busy_wait
         while time.monotonic() < deadline:
             if not self._ours(record):
                 return None
