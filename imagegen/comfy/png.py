@@ -19,15 +19,46 @@ def text_chunk(key: str, value: str) -> bytes:
         return _chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + value.encode("utf-8"))
 
 
+MAX_CHUNK = 2**31 - 1              # the format's own limit on a chunk's length
+MAX_INFLATED = 1024 * 1024          # one compressed text chunk may inflate to at most this
+MAX_TEXT_TOTAL = 8 * 1024 * 1024    # all text chunks of one image together
+
+
+class BadPNG(ValueError):
+    """A PNG whose chunk structure or text chunks are malformed."""
+
+
 def iter_chunks(data: bytes):
+    """(kind, body, offset) of each chunk; BadPNG when a chunk runs past the end of the data."""
     if not data.startswith(PNG_SIGNATURE):
-        raise ValueError("not a PNG file")
+        raise BadPNG("not a PNG file")
     offset = len(PNG_SIGNATURE)
     while offset + 8 <= len(data):
         (length,) = struct.unpack(">I", data[offset:offset + 4])
         kind = data[offset + 4:offset + 8]
+        if length > MAX_CHUNK or offset + 12 + length > len(data):
+            raise BadPNG(f"chunk {kind!r} at byte {offset} claims {length} bytes, past the end of the file")
         yield kind, data[offset + 8:offset + 8 + length], offset
         offset += 12 + length
+
+
+def _crc_ok(data: bytes, offset: int, length: int) -> bool:
+    (stored,) = struct.unpack(">I", data[offset + 8 + length:offset + 12 + length])
+    return zlib.crc32(data[offset + 4:offset + 8 + length]) & 0xFFFFFFFF == stored
+
+
+def _inflate(blob: bytes, key: str) -> bytes:
+    """Inflate a compressed text chunk, refusing one that grows past MAX_INFLATED (a zip bomb)."""
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(blob, MAX_INFLATED)
+    except zlib.error as exc:
+        raise BadPNG(f"text chunk {key!r} is not valid compressed data ({exc})") from None
+    if inflater.unconsumed_tail:
+        raise BadPNG(f"text chunk {key!r} inflates to more than {MAX_INFLATED // 1024} KiB")
+    if not inflater.eof:
+        raise BadPNG(f"text chunk {key!r} is truncated compressed data")
+    return text
 
 
 def add_text_chunks(data: bytes, entries: dict[str, str]) -> bytes:
@@ -40,25 +71,46 @@ def add_text_chunks(data: bytes, entries: dict[str, str]) -> bytes:
 
 
 def read_text_chunks(data: bytes) -> dict[str, str]:
-    found = {}
-    for kind, body, _offset in iter_chunks(data):
+    """tEXt, zTXt and iTXt chunks as {key: text}; BadPNG for a malformed, corrupt or oversized one."""
+    found: dict[str, str] = {}
+    total = 0
+    for kind, body, offset in iter_chunks(data):
+        if kind not in (b"tEXt", b"zTXt", b"iTXt"):
+            continue
+        if not _crc_ok(data, offset, len(body)):
+            raise BadPNG(f"{kind.decode()} chunk at byte {offset} fails its CRC check (a corrupt file)")
+        raw_key, separator, rest = body.partition(b"\0")
+        key = raw_key.decode("latin-1")
+        if not separator or not 1 <= len(raw_key) <= 79:
+            raise BadPNG(f"{kind.decode()} chunk at byte {offset} has no valid keyword")
         if kind == b"tEXt":
-            key, _, value = body.partition(b"\0")
-            found[key.decode("latin-1")] = value.decode("latin-1")
-        elif kind == b"iTXt":
-            key, _, rest = body.partition(b"\0")
+            text = rest.decode("latin-1")
+        elif kind == b"zTXt":
+            if not rest or rest[0] != 0:
+                raise BadPNG(f"zTXt chunk {key!r} uses an unknown compression method")
+            text = _inflate(rest[1:], key).decode("latin-1")
+        else:
+            if len(rest) < 2:
+                raise BadPNG(f"iTXt chunk {key!r} is truncated")
             compressed, rest = rest[0], rest[2:]
             _lang, _, rest = rest.partition(b"\0")
-            _translated, _, text = rest.partition(b"\0")
-            found[key.decode("latin-1")] = (zlib.decompress(text) if compressed else text).decode("utf-8")
+            _translated, _, blob = rest.partition(b"\0")
+            try:
+                text = (_inflate(blob, key) if compressed else blob).decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadPNG(f"iTXt chunk {key!r} is not UTF-8 text") from None
+        total += len(text)
+        if total > MAX_TEXT_TOTAL:
+            raise BadPNG(f"the text chunks hold more than {MAX_TEXT_TOTAL // (1024 * 1024)} MiB")
+        found[key] = text
     return found
 
 
 def png_size(data: bytes) -> tuple[int, int]:
     for kind, body, _offset in iter_chunks(data):
-        if kind == b"IHDR":
+        if kind == b"IHDR" and len(body) >= 8:
             return struct.unpack(">II", body[:8])
-    raise ValueError("PNG has no IHDR chunk")
+    raise BadPNG("PNG has no IHDR chunk")
 
 
 def a1111_parameters(record: dict) -> str:

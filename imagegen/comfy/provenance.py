@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from pathlib import Path
 
 from imagegen.comfy import png
@@ -20,21 +21,74 @@ A1111_SAMPLERS = {"euler a": "euler_ancestral", "euler": "euler", "heun": "heun"
 KEYS = ("prompt", "negative", "model", "seed", "width", "height", "steps", "cfg", "sampler", "scheduler", "guidance")
 
 
-def read_parameters(path: Path) -> dict:
+MAX_IMAGE_BYTES = 64 * 1024 * 1024  # a PNG larger than this is not one imagegen or ComfyUI wrote
+TYPES = {"prompt": str, "negative": str, "model": str, "model_file": str, "sampler": str, "scheduler": str,
+         "seed": int, "width": int, "height": int, "steps": int, "cfg": float, "guidance": float}
+MAX_SETTINGS_LINE = 8192
+HINT = "Pass a PNG written by imagegen (or by ComfyUI with its prompt chunk)."
+
+
+def _refuse(path: Path, why: str, hint: str = HINT) -> ImagegenError:
+    return ImagegenError("invalid_source_image", f"{path}: {why}", hint=hint)
+
+
+def read_image(path: Path) -> bytes:
+    """The bytes of a regular file of at most MAX_IMAGE_BYTES: never a device, pipe or folder."""
+    path = Path(path)
     try:
-        chunks = png.read_text_chunks(Path(path).read_bytes())
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise _refuse(path, "is a directory, not an image", hint="Pass the PNG file itself to --from.")
+        if not stat.S_ISREG(info.st_mode):
+            raise _refuse(path, "is not a regular file (a device or a pipe)", hint="Pass a PNG file to --from.")
+        if info.st_size > MAX_IMAGE_BYTES:
+            raise _refuse(path, f"is {info.st_size} bytes, larger than the {MAX_IMAGE_BYTES // 2**20} MiB a PNG with "
+                                "parameters can be")
+        with path.open("rb") as handle:
+            data = handle.read(MAX_IMAGE_BYTES + 1)
     except FileNotFoundError:
-        raise ImagegenError("invalid_source_image", f"{path}: no such file", hint="Check the path given to --from.") from None
-    except ValueError as exc:
-        raise ImagegenError("invalid_source_image", f"{path}: not a PNG file ({exc})") from None
-    if "imagegen" in chunks:
-        record = json.loads(chunks["imagegen"])
-        return {key: record[key] for key in KEYS if record.get(key) is not None}
-    if "parameters" in chunks:
-        return parse_a1111(chunks["parameters"])
-    if "prompt" in chunks:
-        return parse_comfy_graph(json.loads(chunks["prompt"]))
-    raise ImagegenError("invalid_source_image", f"{path}: carries no generation parameters (no imagegen, parameters or prompt chunk)")
+        raise _refuse(path, "no such file", hint="Check the path given to --from.") from None
+    except OSError as exc:
+        raise _refuse(path, f"cannot be read: {exc.strerror or exc}", hint="Check the path given to --from.") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise _refuse(path, f"grew past {MAX_IMAGE_BYTES // 2**20} MiB while being read")
+    return data
+
+
+def read_parameters(path: Path) -> dict:
+    data = read_image(path)
+    try:
+        chunks = png.read_text_chunks(data)
+        if "imagegen" in chunks:
+            record = json.loads(chunks["imagegen"])
+            if not isinstance(record, dict):
+                raise ValueError("the imagegen chunk is not a JSON object")
+            found = {key: record[key] for key in KEYS if record.get(key) is not None}
+        elif "parameters" in chunks:
+            found = parse_a1111(chunks["parameters"])
+        elif "prompt" in chunks:
+            graph = json.loads(chunks["prompt"])
+            if not isinstance(graph, dict):
+                raise ValueError("the prompt chunk is not a ComfyUI graph (a JSON object)")
+            found = parse_comfy_graph(graph)
+        else:
+            raise _refuse(path, "carries no generation parameters (no imagegen, parameters or prompt chunk)")
+    except png.BadPNG as exc:
+        raise _refuse(path, f"not a valid PNG file ({exc})") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+        raise _refuse(path, f"its parameters are malformed ({exc.__class__.__name__}: {exc})") from None
+    return _checked(path, found)
+
+
+def _checked(path: Path, found: dict) -> dict:
+    """Refuse a value of the wrong type (a seed that is a list, a prompt that is a number) up front."""
+    for key, value in found.items():
+        expected = TYPES.get(key)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            found[key] = value = float(value)
+        if expected is not None and (not isinstance(value, expected) or isinstance(value, bool)):
+            raise _refuse(path, f"its {key!r} parameter is {value!r}, not a {expected.__name__}")
+    return found
 
 
 def parse_a1111(text: str) -> dict:
@@ -49,6 +103,8 @@ def parse_a1111(text: str) -> dict:
     found: dict = {"prompt": "\n".join(prompt_lines).strip()}
     if negative_lines:
         found["negative"] = "\n".join(negative_lines).strip()
+    if len(settings_line) > MAX_SETTINGS_LINE:  # the pattern below is quadratic on a long line
+        raise ValueError(f"the settings line has {len(settings_line)} characters (at most {MAX_SETTINGS_LINE})")
     settings = dict(re.findall(r"([A-Za-z][A-Za-z0-9 ]*): ([^,]+)", settings_line))
     if "Steps" in settings:
         found["steps"] = int(settings["Steps"])
@@ -78,13 +134,16 @@ def parse_comfy_graph(graph: dict) -> dict:
     """The sampling parameters of a plain ComfyUI text-to-image graph."""
     found: dict = {}
     for node in graph.values():
+        if not isinstance(node, dict) or not isinstance(node.get("inputs", {}), dict):
+            continue
         kind, inputs = node.get("class_type"), node.get("inputs", {})
         if kind == "KSampler":
             found.update(seed=inputs.get("seed"), steps=inputs.get("steps"), cfg=inputs.get("cfg"),
                          sampler=inputs.get("sampler_name"), scheduler=inputs.get("scheduler"))
             for key, link in (("prompt", inputs.get("positive")), ("negative", inputs.get("negative"))):
-                source = graph.get(str(link[0])) if isinstance(link, list) else None
-                if source and isinstance(source.get("inputs", {}).get("text"), str):
+                source = graph.get(str(link[0])) if isinstance(link, list) and link else None
+                if isinstance(source, dict) and isinstance(source.get("inputs"), dict) and \
+                        isinstance(source["inputs"].get("text"), str):
                     found[key] = source["inputs"]["text"]
         elif kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
             found.update(width=inputs.get("width"), height=inputs.get("height"))
