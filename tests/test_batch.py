@@ -1,3 +1,8 @@
+"""Batch input (read line by line, with a bound), planning, output names and the manifest, without workers."""
+
+import io
+import json
+import os
 
 import pytest
 
@@ -49,12 +54,12 @@ def test_plans_are_stable_across_runs_and_validated_per_line(tmp_path):
 def test_queue_keeps_a_worker_on_its_loaded_model():
     registry = Registry.load()
     jobs = [Job(key=str(i), bundle=registry.get(name), params=None, targets=[]) for i, name in enumerate(["sd15", "sdxl", "sdxl", "sd15"])]
-    worker = WorkerState("0", last_model="sd15")
+    worker = WorkerState("0", last_bundle="sd15")
     assert prefer_loaded_model(worker, jobs).key == "0"
-    worker.last_model = None
+    worker.last_bundle = None
     assert prefer_loaded_model(worker, jobs).bundle.name in ("sd15", "sdxl")
     queue = JobQueue(jobs)
-    taken = [queue.take(WorkerState("0", last_model="sdxl"), block=False).key for _ in range(2)]
+    taken = [queue.take(WorkerState("0", last_bundle="sdxl"), block=False).key for _ in range(2)]
     assert taken == ["1", "2"]
     jobs[1].attempts = 1
     queue.settle(jobs[1], requeue=True)
@@ -69,4 +74,79 @@ def test_manifest_ignores_a_truncated_line_and_missing_files(tmp_path):
                      {"key": "k3", "status": "failed", "path": str(present)}])
     with open(manifest.path, "a") as handle:
         handle.write('{"key": "k4", "status": "do')
-    assert manifest.finished_keys() == {"k1"}
+    jobs = [Job(key=k, bundle=None, params=None, targets=[tmp_path / name]) for k, name in
+            (("k1", "a.png"), ("k2", "gone.png"), ("k3", "a.png"), ("k4", "a.png"))]
+    assert manifest.finished(manifest.read(), jobs) == {"k1"}
+    assert manifest.unreadable == [4]
+
+
+def test_manifest_skips_lines_that_are_not_whole_records_with_one_warning(tmp_path):
+    present = tmp_path / "a.png"
+    present.write_bytes(b"x")
+    good = json.dumps({"key": "k1", "status": "done", "path": str(present)})
+    (tmp_path / batch.MANIFEST).write_bytes("\n".join([
+        good, json.dumps({"status": "done", "path": str(present)}), "not json at all", "[1, 2]", '"a string"', "\xff\xfe",
+        json.dumps({"key": 7, "status": "done", "path": "x"}), '{"key": "k2", "sta']).encode("utf-8", "surrogateescape"))
+    manifest = batch.Manifest(tmp_path)
+    assert manifest.read() == [json.loads(good)]
+    assert manifest.unreadable == [2, 3, 4, 5, 6, 7, 8]
+    assert manifest.warning().count("warning:") == 1 and "skipped 7 unreadable line(s) (first: line 2)" in manifest.warning()
+
+
+def test_a_line_appended_after_a_cut_off_line_is_kept_and_each_append_is_one_write(tmp_path, monkeypatch):
+    manifest = batch.Manifest(tmp_path)
+    manifest.path.write_text('{"key": "k0", "status": "do')  # SIGKILL mid-write in an old version
+    writes = []
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(bytes(data)) or real_write(fd, data))
+    manifest.append([{"key": "k1", "status": "done", "path": "a.png", "index": i} for i in range(3)])
+    assert len(writes) == 1 and writes[0].startswith(b"\n") and writes[0].endswith(b"\n") and writes[0].count(b"\n") == 4
+    assert [(r["key"], r["index"]) for r in manifest.read()] == [("k1", 0), ("k1", 1), ("k1", 2)]
+    assert manifest.unreadable == [1]
+
+
+def test_a_rerun_keeps_exactly_one_line_per_finished_image(tmp_path):
+    kept, gone = tmp_path / "kept.png", tmp_path / "gone.png"
+    kept.write_bytes(b"x")
+    manifest = batch.Manifest(tmp_path)
+    done = {"key": "k1", "status": "done", "path": str(kept)}
+    manifest.append([{"key": "k1", "status": "failed", "path": str(kept)}, done, done,
+                     {"key": "k2", "status": "done", "path": str(gone)}, {"key": "k3", "status": "failed", "path": "x.png"},
+                     {"key": "other", "status": "done", "path": "elsewhere.png"}])
+    with open(manifest.path, "a") as handle:
+        handle.write("garbage\n")
+    jobs = [Job(key=k, bundle=None, params=None, targets=[t]) for k, t in (("k1", kept), ("k2", gone), ("k3", tmp_path / "x.png"))]
+    records = manifest.read()
+    finished = manifest.finished(records, jobs)
+    assert finished == {"k1"}
+    manifest.compact(records, jobs, finished)
+    assert manifest.read() == [done, {"key": "other", "status": "done", "path": "elsewhere.png"}] and manifest.unreadable == []
+    before = manifest.path.stat().st_mtime_ns
+    manifest.compact(manifest.read(), jobs, finished)
+    assert manifest.path.stat().st_mtime_ns == before, "nothing to drop: the file is left alone"
+
+
+def test_a_prompt_line_over_the_limit_is_refused_while_reading(monkeypatch):
+    class Endless(io.TextIOBase):
+        """A stream with no end of line: reading it whole would never finish."""
+
+        def readline(self, limit=-1):
+            assert 0 < limit <= batch.MAX_LINE_CHARS + 2, "each line is read with a bound"
+            return "a" * limit
+
+    with pytest.raises(ImagegenError) as caught:
+        batch.read_items(Endless(), "stdin")
+    assert caught.value.code == "invalid_prompt" and caught.value.message.startswith("stdin line 1: longer than")
+    text = "ok\n" + "b" * (batch.MAX_LINE_CHARS + 1) + "\n"
+    assert "stdin line 2: longer than" in pytest.raises(ImagegenError, batch.parse_items, text).value.message
+    assert len(batch.parse_items("ok\r\n" + "c" * batch.MAX_LINE_CHARS + "\r\nthird\n")) == 3
+
+
+def test_an_output_link_leading_out_of_the_folder_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "castle.png").symlink_to(tmp_path / "victim.png")
+    items = batch.parse_items('a\n{"prompt": "x", "output": "castle"}')
+    with pytest.raises(ImagegenError) as caught:
+        batch.plan(items, out, {"model": "sd15"}, 0, pack=1)
+    assert caught.value.exit_code == 2 and caught.value.message.startswith("line 2: output") and "leads outside" in caught.value.message

@@ -218,8 +218,13 @@ def test_without_picks_the_funnel_stops_and_one_command_at_a_time_works_on_it(tm
     status = funnel.advance(state, None, Reporter(), print, funnel.Options())
     assert status["status"] == "awaiting_pick" and status["keep"] == 1 and status["sheet"].endswith("stage-1-drafts/sheet.png")
     with FileLock(str(state.root / ".funnel.lock")):
-        with pytest.raises(ImagegenError, match="another imagegen command is working on the funnel"):
+        with pytest.raises(ImagegenError) as caught:
             funnel.advance(state, None, Reporter(), print, funnel.Options())
+        assert caught.value.code == "output_busy" and "another imagegen command is writing in" in caught.value.message
+        assert "funnel show" in caught.value.hint
+        with pytest.raises(ImagegenError) as caught:
+            funnel.Funnel.create(tmp_path / "f", "a fox", None, 5, [Stage("drafts", str(fake_models[0]))])
+        assert caught.value.code == "output_busy", "a funnel is created under the same lock"
 
 
 # --- whole funnels through the real CLI ---------------------------------------------------

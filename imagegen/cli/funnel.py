@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -43,7 +44,25 @@ funnel_app = typer.Typer(cls=_FunnelGroup, no_args_is_help=True,
                          help='Progressive refinement: many drafts -> pick -> refine -> pick -> polish -> upscale. `imagegen funnel "PROMPT" -o DIR` starts one.')
 
 
-def _advance_funnel(funnel, picks, auto, gpus, workers_n, timeout, force, fast, runtime, keep_warm, json_mode, quiet, progress) -> None:
+@dataclass
+class Advance:
+    """How `funnel run` and `funnel resume` go on: the picks, the workers, and what they print."""
+
+    picks: list[str] | None = None
+    auto: bool = False
+    gpus: str | None = None
+    workers_n: int = 1
+    timeout: float | None = None
+    force: bool = False
+    fast: bool = False
+    runtime: str = "auto"
+    keep_warm: float = 300.0
+    json_mode: bool = False
+    quiet: bool = False
+    progress: bool | None = None
+
+
+def _advance_funnel(funnel, how: Advance) -> None:
     """Shared by `funnel run` and `funnel resume`: render and pick until done or a pick is needed."""
     from imagegen.engine import generate as gen
     from imagegen.engine.output import emit_result
@@ -51,16 +70,16 @@ def _advance_funnel(funnel, picks, auto, gpus, workers_n, timeout, force, fast, 
     from imagegen.funnel import pipeline as funnel_mod
     from imagegen.runtimes.choose import make_runtime
 
-    if not 1 <= workers_n <= 64:
+    if not 1 <= how.workers_n <= 64:
         raise ImagegenError("invalid_argument", "--workers must be 1..64")
-    timeouts, explicit = gen.timeouts_from_env(timeout)
-    options = funnel_mod.Options(gpus=gpus, workers=workers_n, timeouts=timeouts, explicit=explicit, force=force, fast=fast,
-                                 picks=tuple(picks or ()), auto=auto,
-                                 interactive=not json_mode and sys.stdin is not None and sys.stdin.isatty())
-    reporter = BatchReporter(quiet=quiet, show_progress=progress)
-    status = funnel_mod.advance(funnel, make_runtime(runtime, keep_warm), reporter, lambda record: emit_result(record, json_mode),
-                                options)
-    if json_mode:
+    timeouts, explicit = gen.timeouts_from_env(how.timeout)
+    interactive = not how.json_mode and sys.stdin is not None and sys.stdin.isatty()
+    options = funnel_mod.Options(gpus=how.gpus, workers=how.workers_n, timeouts=timeouts, explicit=explicit, force=how.force,
+                                 fast=how.fast, picks=tuple(how.picks or ()), auto=how.auto, interactive=interactive)
+    reporter = BatchReporter(quiet=how.quiet, show_progress=how.progress)
+    status = funnel_mod.advance(funnel, make_runtime(how.runtime, how.keep_warm), reporter,
+                                lambda record: emit_result(record, how.json_mode), options)
+    if how.json_mode:
         print(json.dumps(status), flush=True)
     if status["status"] == "awaiting_pick":
         reporter.status(f"stage {status['stage']} is done; contact sheet: {status['sheet']}")
@@ -120,7 +139,9 @@ def funnel_run(
         stages = funnel_stages.configure(stages, registry, models=models, checkpoint=checkpoint, drafts=drafts, keep=keep,
                                          size=size, steps=steps, denoise=denoise, scale=scale)
         funnel = funnel_mod.Funnel.create(out_dir, text, negative, secrets.randbelow(2**32) if seed is None else seed, stages)
-        _advance_funnel(funnel, pick, auto, gpus, workers_n, timeout, force, fast, runtime, keep_warm, json_mode, quiet, progress)
+        _advance_funnel(funnel, Advance(picks=pick, auto=auto, gpus=gpus, workers_n=workers_n, timeout=timeout, force=force,
+                                        fast=fast, runtime=runtime, keep_warm=keep_warm, json_mode=json_mode, quiet=quiet,
+                                        progress=progress))
 
     run_guarded(json_mode, debug, body)
 
@@ -147,8 +168,9 @@ def funnel_resume(
     def body() -> None:
         from imagegen.funnel import pipeline as funnel_mod
 
-        _advance_funnel(funnel_mod.Funnel.load(funnel_dir), pick, auto, gpus, workers_n, timeout, force, fast, runtime, keep_warm,
-                        json_mode, quiet, progress)
+        _advance_funnel(funnel_mod.Funnel.load(funnel_dir),
+                        Advance(picks=pick, auto=auto, gpus=gpus, workers_n=workers_n, timeout=timeout, force=force, fast=fast,
+                                runtime=runtime, keep_warm=keep_warm, json_mode=json_mode, quiet=quiet, progress=progress))
 
     run_guarded(json_mode, debug, body)
 
@@ -168,7 +190,7 @@ def funnel_show(
         if json_mode:
             print(json.dumps({**funnel.data, "dir": str(funnel.root), "status": funnel_mod.status_record(funnel)}))
             return
-        for line in funnel_mod.describe(funnel):
+        for line in funnel_mod.summary_lines(funnel):
             print(line)
 
     run_guarded(json_mode, debug, body)

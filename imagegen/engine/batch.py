@@ -10,6 +10,7 @@ manifest.jsonl, one line per finished (or failed) image, appended and flushed as
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -18,12 +19,17 @@ from pathlib import Path
 
 from imagegen.comfy import png
 from imagegen.engine import generate, output, render
+from imagegen.engine.manifest import MANIFEST, Manifest, lock_folder  # noqa: F401  (MANIFEST: re-exported)
 from imagegen.engine.scheduler import Job, Outcome
 from imagegen.models import cache
 from imagegen.models.registry import Registry
+from imagegen.util import files
 from imagegen.util.errors import ImagegenError
 
-MANIFEST = "manifest.jsonl"
+LOCK = ".imagegen-batch.lock"               # held for the whole run: one batch per output folder
+# The longest line a valid item can need: a prompt and a negative prompt at the limit, every character
+# \u-escaped (json.dumps' default), plus the other fields. Reading stops there, not at the end of the line.
+MAX_LINE_CHARS = 2 * 6 * generate.MAX_PROMPT_CHARS + 4096
 MANIFEST_SCHEMA = "imagegen.manifest/1"
 ITEM_KEYS = {"prompt", "model", "seed", "size", "steps", "cfg", "negative", "count", "output", "sampler",
              "scheduler", "guidance", "checkpoint", "fast"}
@@ -45,8 +51,34 @@ class Summary:
 
 
 def parse_items(text: str, source: str = "stdin") -> list[Item]:
+    return read_items(io.StringIO(text), source)
+
+
+def _lines(stream, source: str):
+    """(number, line) from a text stream, each read with a bound: a line longer than any valid item
+    is refused as soon as that much of it has been read, never read whole into memory."""
+    number = 0
+    while True:
+        try:
+            raw = stream.readline(MAX_LINE_CHARS + 2)  # room for the "\r\n" of a line at the bound
+        except (UnicodeDecodeError, ValueError):
+            raise ImagegenError("invalid_argument", f"{source} line {number + 1}: not UTF-8 text",
+                                hint="Save the prompts file as UTF-8.") from None
+        if not raw:
+            return
+        number += 1
+        line = raw.rstrip("\r\n")
+        if len(line) > MAX_LINE_CHARS:
+            raise ImagegenError("invalid_prompt", f"{source} line {number}: longer than {MAX_LINE_CHARS} characters "
+                                f"(a prompt may have at most {generate.MAX_PROMPT_CHARS})",
+                                hint="Shorten the prompt on that line; put one prompt per line.")
+        yield number, line
+
+
+def read_items(stream, source: str = "stdin") -> list[Item]:
+    """The items of a prompts file or stdin, read line by line (see _lines)."""
     items = []
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in _lines(stream, source):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -90,6 +122,7 @@ def plan(items: list[Item], out_dir: Path, defaults: dict, base_seed: int, pack:
     registry = registry or Registry.load()
     jobs: list[Job] = []
     names: set[str] = set()
+    root = out_dir.resolve()
     for item in items:
         where = f"line {item.line}"
         fields = {**defaults, **{k: v for k, v in item.fields.items() if v is not None}}
@@ -124,6 +157,9 @@ def plan(items: list[Item], out_dir: Path, defaults: dict, base_seed: int, pack:
                 if file in names:
                     raise ImagegenError("invalid_argument", f"{where}: output name {file} is used twice in this batch")
                 names.add(file)
+                if (out_dir / file).resolve().parent != root:  # a link in the folder that leads out of it
+                    raise ImagegenError("invalid_argument", f"{where}: output {out_dir / file} is a link that leads outside {out_dir}",
+                                        hint="Remove the link, or choose another -o directory.")
                 targets.append(out_dir / file)
             params = replace(group[0], batch_size=len(group))
             settings = {k: v for k, v in params.to_dict().items() if k not in ("filename_prefix", "fast")}  # fast: how, not what
@@ -132,37 +168,6 @@ def plan(items: list[Item], out_dir: Path, defaults: dict, base_seed: int, pack:
             jobs.append(Job(key=key, bundle=bundle, params=params, targets=targets,
                             meta={"line": item.line, "index": start, "item": item.fields}))
     return jobs
-
-
-class Manifest:
-    """manifest.jsonl: one line per image, appended, flushed and fsynced as each finishes."""
-
-    def __init__(self, out_dir: Path):
-        self.path = out_dir / MANIFEST
-
-    def finished_keys(self) -> set[str]:
-        """Jobs done in an earlier run whose every image is still on disk."""
-        done: dict[str, list[bool]] = {}
-        try:
-            lines = self.path.read_text().splitlines()
-        except FileNotFoundError:
-            return set()
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash: that image is redone
-            if record.get("status") == "done":
-                done.setdefault(record["key"], []).append(Path(record["path"]).is_file())
-        return {key for key, present in done.items() if all(present)}
-
-    def append(self, records: list[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
 
 
 def manifest_lines(outcome: Outcome) -> list[dict]:
@@ -181,9 +186,7 @@ def manifest_lines(outcome: Outcome) -> list[dict]:
 def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ImagegenError("output_not_writable", f"{out_dir} is a file; batch needs a directory")
-    probe = out_dir
-    while not probe.exists():
-        probe = probe.parent
+    probe = files.nearest_existing_parent(out_dir)
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ImagegenError("output_not_writable", f"no permission to write in {probe}")
 
@@ -231,15 +234,28 @@ def _ours(path: Path, job: Job) -> bool:
 def run(items: list[Item], out_dir: Path, runtime, reporter, emit, *, defaults: dict, base_seed: int, pack: str,
         gpus: str | None, workers: int, depth: int, overwrite: bool, timeouts, explicit: set[str], fetch=None,
         force: bool = False) -> Summary:
-    """Plan, skip what an earlier run finished, fetch each model once, and fan the rest out."""
-    from imagegen.engine.scheduler import Scheduler
-    from imagegen.models.fetch import make_fetcher
-
+    """Plan, lock the folder, skip what an earlier run finished, fetch each model once, and fan the rest out."""
     check_out_dir(out_dir)
     slots = runtime.slots(gpus, cpu_workers=workers)
     jobs = plan(items, out_dir, defaults, base_seed, pack_size(pack, slots))
+    lock = lock_folder(out_dir, LOCK, "Another imagegen batch is writing there: wait for it to finish, or choose another -o directory.")
+    try:
+        return _run_locked(jobs, out_dir, runtime, reporter, emit, slots, depth=depth, overwrite=overwrite, timeouts=timeouts,
+                           explicit=explicit, fetch=fetch, force=force)
+    finally:
+        lock.release()
+
+
+def _run_locked(jobs: list[Job], out_dir: Path, runtime, reporter, emit, slots, *, depth, overwrite, timeouts, explicit, fetch,
+                force) -> Summary:
+    from imagegen.engine.scheduler import Scheduler
+    from imagegen.models.fetch import make_fetcher
+
     manifest = Manifest(out_dir)
-    finished = manifest.finished_keys()
+    records = manifest.read()
+    if manifest.warning():
+        reporter.status(manifest.warning())
+    finished = manifest.finished(records, jobs)
     todo = [job for job in jobs if job.key not in finished]
     summary = Summary(total=sum(len(j.targets) for j in jobs), skipped=sum(len(j.targets) for j in jobs if j.key in finished))
     if not overwrite:
@@ -247,6 +263,7 @@ def run(items: list[Item], out_dir: Path, runtime, reporter, emit, *, defaults: 
         if clashes:
             raise ImagegenError("output_exists", f"{len(clashes)} output file(s) exist already and are not from this batch, e.g. {clashes[0]}",
                                 hint="Pass --overwrite, or choose another -o directory.")
+    manifest.compact(records, jobs, finished)
     reporter.start(summary.total, summary.skipped)
     if not todo:
         return summary

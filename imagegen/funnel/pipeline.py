@@ -16,107 +16,22 @@ import os
 import re
 import shlex
 import subprocess
-import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from imagegen.comfy import workflows
 from imagegen.engine import batch, generate, render
 from imagegen.funnel import contact_sheet
-from imagegen.funnel.stages import Stage, is_upscaler, resolve, stage_request
+from imagegen.funnel import state as state_file
+from imagegen.funnel.stages import resolve, stage_request
+from imagegen.funnel.state import SCHEMA, STATE_FILE, Funnel  # noqa: F401  (re-exported: the state file lives in state.py)
 from imagegen.models.registry import Registry
 from imagegen.util.errors import ImagegenError
 
-SCHEMA = "imagegen.funnel/1"                 # funnel.json, and `funnel show --json`
 STATUS_SCHEMA = "imagegen.funnel_status/1"   # the line --json prints when a funnel stops or ends
-STATE_FILE = "funnel.json"
 SHEET = "sheet.png"
 SCORER_ENV = "IMAGEGEN_FUNNEL_SCORER"
-SEED_STRIDE = 1000                           # stage N's seeds start at seed + (N-1) * 1000
 DEFAULT_DENOISE = 0.5
-
-
-# --- the state file ---------------------------------------------------------------
-class Funnel:
-    """FUNNEL_DIR/funnel.json in memory; paths inside it are relative to FUNNEL_DIR."""
-
-    def __init__(self, root: Path, data: dict):
-        self.root, self.data = root, data
-
-    @classmethod
-    def create(cls, root: Path, prompt: str, negative: str | None, seed: int, stages: list[Stage]) -> "Funnel":
-        root = root.absolute()
-        if (root / STATE_FILE).exists():
-            raise ImagegenError("output_exists", f"{root} holds a funnel already",
-                                hint=f"Continue it with `imagegen funnel resume {shlex.quote(str(root))}`, or choose another -o directory.")
-        batch.check_out_dir(root)
-        data = {"schema": SCHEMA, "prompt": prompt, "negative": negative, "seed": seed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "stages": [{**asdict(s), "dir": f"stage-{i}-{s.name}", "sheet": None, "images": [], "picks": None, "picked_by": None}
-                           for i, s in enumerate(stages, start=1)]}
-        funnel = cls(root, data)
-        funnel.save()
-        return funnel
-
-    @classmethod
-    def load(cls, root: Path) -> "Funnel":
-        root = root.absolute()
-        try:
-            data = json.loads((root / STATE_FILE).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ImagegenError("invalid_argument", f"{root} is not a funnel directory (no {STATE_FILE})",
-                                hint='Start one with `imagegen funnel "PROMPT" -o DIR`.') from None
-        except (OSError, ValueError) as exc:
-            raise ImagegenError("invalid_argument", f"{root / STATE_FILE} cannot be read: {exc}") from None
-        if data.get("schema") != SCHEMA:
-            raise ImagegenError("invalid_argument", f"{root / STATE_FILE} is not a {SCHEMA} state file")
-        return cls(root, data)
-
-    def save(self) -> None:
-        self.data["next"] = self.next_step()
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{STATE_FILE}.{os.getpid()}.partial"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(self.data, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.root / STATE_FILE)
-
-    def stage(self, number: int) -> Stage:
-        return Stage(**{f.name: self.data["stages"][number - 1][f.name] for f in fields(Stage)})
-
-    def record(self, number: int) -> dict:
-        return self.data["stages"][number - 1]
-
-    def done(self, image: dict) -> bool:
-        return image["status"] == "done" and (self.root / image["path"]).is_file()
-
-    def next_step(self) -> dict:
-        """What comes next: render a stage, pick from a stage, or nothing (done)."""
-        stages = self.data["stages"]
-        for number, record in enumerate(stages, start=1):
-            if not record["images"] or not all(self.done(image) for image in record["images"]):
-                return {"action": "render", "stage": number, "name": record["name"]}
-            if number < len(stages) and record["picks"] is None:
-                return {"action": "pick", "stage": number, "name": record["name"], "keep": record["keep"] or 1}
-        return {"action": "done"}
-
-    def plan_images(self, number: int) -> None:
-        """Decide a stage's images (index, seed, source, file) once; a resumed stage keeps them."""
-        record = self.record(number)
-        if record["images"]:
-            return
-        stage, base = self.stage(number), self.data["seed"] + (number - 1) * SEED_STRIDE
-        sources = [None] if number == 1 else self.record(number - 1)["picks"]
-        previous = {image["index"]: image for image in self.record(number - 1)["images"]} if number > 1 else {}
-        upscaling = is_upscaler(stage.model, Registry.load())
-        images = []
-        for source in sources:
-            for _ in range(1 if upscaling else stage.count):
-                index = len(images) + 1
-                seed = previous[source]["seed"] if upscaling else base + index - 1
-                images.append({"index": index, "seed": seed, "source": source, "status": "pending",
-                               "path": f"{record['dir']}/{index:02d}-{seed}.png"})
-        record["images"] = images
 
 
 def status_record(funnel: Funnel) -> dict:
@@ -207,7 +122,17 @@ class Options:
     interactive: bool = False
 
 
+def missing_source(funnel: Funnel, number: int, image: dict, source: dict) -> ImagegenError:
+    """A picked image of the stage before that is gone from disk: this image fails up front, the others go on."""
+    return ImagegenError("source_missing", f"its source, stage {number - 1} image #{source['index']} "
+                         f"({funnel.path(source)}), is gone from disk",
+                         hint=f"Run `imagegen funnel resume {shlex.quote(str(funnel.root))}`: it draws stage {number - 1} "
+                              f"#{source['index']} again (same seed), then stage {number} #{image['index']}.")
+
+
 def stage_jobs(funnel: Funnel, number: int, registry: Registry, fast: bool = False) -> list:
+    """The stage's unfinished images as jobs. An image whose source is gone is marked failed
+    (source_missing) here, before anything is submitted."""
     from imagegen.engine.scheduler import Job
 
     stage, record = funnel.stage(number), funnel.record(number)
@@ -219,6 +144,10 @@ def stage_jobs(funnel: Funnel, number: int, registry: Registry, fast: bool = Fal
         if funnel.done(image):
             continue
         source = previous.get(image["source"])
+        if source is not None and not funnel.done(source):
+            error = missing_source(funnel, number, image, source)
+            image.update(status="failed", error={"code": error.code, "message": error.message, "hint": error.hint})
+            continue
         if bundle.family == "upscale":
             factor = stage.scale or 0
             params = workflows.Params(prompt=prompt, width=source["width"] * factor, height=source["height"] * factor, steps=1,
@@ -228,8 +157,8 @@ def stage_jobs(funnel: Funnel, number: int, registry: Registry, fast: bool = Fal
             params = replace(generate.plan_jobs(stage_request(stage, prompt, image["seed"], negative), bundle)[0], fast=fast)
             if source is not None:
                 params = replace(params, denoise=stage.denoise or bundle.default("denoise", DEFAULT_DENOISE))
-        jobs.append(Job(key=f"{number}:{image['index']}", bundle=bundle, params=params, targets=[funnel.root / image["path"]],
-                        meta={"stage": number, "index": image["index"]}, source=funnel.root / source["path"] if source else None,
+        jobs.append(Job(key=f"{number}:{image['index']}", bundle=bundle, params=params, targets=[funnel.path(image)],
+                        meta={"stage": number, "index": image["index"]}, source=funnel.path(source) if source else None,
                         quality=source is not None and bundle.family != "upscale"))  # refine, polish: the soonest finisher
     return jobs
 
@@ -243,13 +172,13 @@ def render_stage(funnel: Funnel, number: int, runtime, reporter, emit, options: 
     funnel.save()
     record, stage = funnel.record(number), funnel.stage(number)
     jobs = stage_jobs(funnel, number, registry, options.fast)
-    total = len(record["images"])
+    total, earlier = len(record["images"]), sum(funnel.done(image) for image in record["images"])
     reporter.status(f"stage {number}/{len(funnel.data['stages'])} {stage.name}: {total} image(s) with {stage.model}"
-                    + (f", {total - len(jobs)} done earlier" if len(jobs) < total else ""))
+                    + (f", {earlier} done earlier" if earlier else ""))
     if jobs:
         slots = runtime.slots(options.gpus, cpu_workers=options.workers)
         generate.check_fast_toolchain(runtime, options.fast)
-        hashes = batch.prepare_models(jobs, fetch or make_fetcher(reporter))
+        hashes = batch.prepare_models(jobs, fetch or make_fetcher(reporter), runtime)  # remote workers: nothing fetched here
 
         def budgets(job, state):
             resident = state.last_model == job.bundle.name
@@ -276,10 +205,10 @@ def render_stage(funnel: Funnel, number: int, runtime, reporter, emit, options: 
         finally:
             started.update(scheduler.started_here)
             reporter.close()
-    tiles = [contact_sheet.Tile(image["index"], image["seed"], funnel.root / image["path"],
+    tiles = [contact_sheet.Tile(image["index"], image["seed"], funnel.path(image),
                                 "" if funnel.done(image) else image["status"]) for image in record["images"]]
     title = f"stage {number} {stage.name}: {funnel.data['prompt']}"[:120]
-    contact_sheet.write(tiles, funnel.root / record["dir"] / SHEET, title)
+    contact_sheet.write(tiles, funnel.inside(f"{record['dir']}/{SHEET}", "sheet"), title)
     record["sheet"] = f"{record['dir']}/{SHEET}"
     funnel.save()
     failed = [image for image in record["images"] if not funnel.done(image)]
@@ -294,14 +223,14 @@ def select(funnel: Funnel, number: int, options: Options, reporter, stdin=None, 
     record = funnel.record(number)
     keep = record["keep"] or 1
     choices = [image["index"] for image in record["images"] if funnel.done(image)]
-    sheet = str(funnel.root / record["sheet"])
+    sheet = str(funnel.inside(record["sheet"], "sheet"))
     if len(choices) <= keep:
         return choices, "all"
     if options.picks:
         text, options.picks = options.picks[0], options.picks[1:]
         return parse_picks(text, choices, sheet), "pick"
     if options.auto:
-        return auto_pick(funnel.data["prompt"], [(i, funnel.root / record["images"][i - 1]["path"]) for i in choices], keep, reporter), "auto"
+        return auto_pick(funnel.data["prompt"], [(i, funnel.path(record["images"][i - 1])) for i in choices], keep, reporter), "auto"
     if options.interactive:
         import sys
 
@@ -312,15 +241,8 @@ def select(funnel: Funnel, number: int, options: Options, reporter, stdin=None, 
 
 def advance(funnel: Funnel, runtime, reporter, emit, options: Options, fetch=None) -> dict:
     """Render and pick until the funnel is done or needs a pick nobody gave; returns the status record."""
-    from filelock import FileLock, Timeout
-
     started: set[str] = set()
-    lock = FileLock(str(funnel.root / ".funnel.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise ImagegenError("invalid_argument", f"another imagegen command is working on the funnel in {funnel.root}",
-                            hint=f"Wait for it to finish, then `imagegen funnel show {shlex.quote(str(funnel.root))}`.") from None
+    lock = state_file.lock(funnel.root)
     try:
         funnel.data = Funnel.load(funnel.root).data  # what the state file says now, under the lock
         while True:
@@ -345,7 +267,7 @@ def advance(funnel: Funnel, runtime, reporter, emit, options: Options, fetch=Non
         lock.release()
 
 
-def describe(funnel: Funnel) -> list[str]:
+def summary_lines(funnel: Funnel) -> list[str]:
     """`funnel show`: one paragraph per stage, then what comes next."""
     root, data = funnel.root, funnel.data
     lines = [f"funnel {root}", f"prompt: {data['prompt']}", f"seed: {data['seed']}"]
