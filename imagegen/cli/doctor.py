@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 
 from imagegen import __version__
 from imagegen.util import gpus, paths
 from imagegen.util.errors import ImagegenError
+from imagegen.util.files import nearest_existing_parent, probe_writable
 
 
 def _check(name: str, ok: bool, detail: str, fix: str = "", optional: bool = False) -> dict:
@@ -45,10 +45,8 @@ def run_checks() -> list[dict]:
     except ImagegenError as error:
         checks.append(_check("local runtime", False, error.message, error.hint, optional=True))
     models = paths.models_dir()
-    probe = models
-    while not probe.exists():
-        probe = probe.parent
-    writable = os.access(probe, os.W_OK)
+    probe = nearest_existing_parent(models)
+    writable = probe_writable(probe) is None  # a real file created and removed: os.access misses read-only mounts
     checks.append(_check("model cache", writable, f"{models} ({'writable' if writable else 'not writable'})",
                          "Set IMAGEGEN_MODELS_DIR to a writable folder."))
     free = shutil.disk_usage(probe).free

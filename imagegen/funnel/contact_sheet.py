@@ -7,10 +7,12 @@ cell saying so, so the numbering never shifts. Text uses Pillow's default font (
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from imagegen.util.files import write_atomic
 
 THUMB = 256          # a cell's image box, in pixels
 PAD = 8              # space around cells
@@ -98,7 +100,7 @@ def render(tiles: list[Tile], title: str | None = None, thumb: int = THUMB):
 def write(tiles: list[Tile], target: Path, title: str | None = None, thumb: int = THUMB) -> Path:
     """Render and write the sheet atomically (a temp name, then a rename)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    render(tiles, title, thumb).save(tmp, format="PNG")
-    os.replace(tmp, target)
+    buffer = io.BytesIO()
+    render(tiles, title, thumb).save(buffer, format="PNG")
+    write_atomic(target, buffer.getvalue())
     return target

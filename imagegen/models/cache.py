@@ -10,6 +10,7 @@ searched read-only after the cache, so a file there is never downloaded again.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -63,10 +64,13 @@ def link_local(file: ModelFile, models_dir: Path | None = None) -> Path:
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() and os.readlink(link) == str(source):
         return link
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.link")
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.{threading.get_ident()}.link")  # unique per thread
     tmp.unlink(missing_ok=True)
-    os.symlink(source, tmp)
-    os.replace(tmp, link)
+    try:
+        os.symlink(source, tmp)
+        os.replace(tmp, link)
+    finally:
+        tmp.unlink(missing_ok=True)
     return link
 
 

@@ -30,6 +30,7 @@ from imagegen.models.ledger import Ledger, lock_dir, sha256_file
 from imagegen.models.registry import Bundle, ModelFile
 from imagegen.util import paths
 from imagegen.util.errors import EXIT_INTERRUPTED, ImagegenError
+from imagegen.util.files import nearest_existing_parent
 
 Event = dict[str, Any]
 EventCallback = Callable[[Event], None]
@@ -40,7 +41,7 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
-class Remote:
+class RemoteFile:
     """What the hub says about one file, from the HEAD request."""
 
     file: ModelFile
@@ -89,12 +90,12 @@ def _gated(file: ModelFile, token: str | None, status: int | None) -> ImagegenEr
         why = f"the Hugging Face token has no access to {file.repo} yet ({status or 403})"
     return ImagegenError(
         "gated_model", f"{_label(file)}: {why}. Accept the licence at {page} (logged in), then pass a read token.",
-        hint=f"Create a token at https://huggingface.co/settings/tokens, then `export HF_TOKEN=hf_...` "
-             f"(for Docker workers the same variable is passed to the fetch step only). Licence page: {page}",
+        hint=f"Create a read token at https://huggingface.co/settings/tokens, `export HF_TOKEN=hf_...`, "
+             f"and run the same command again. Licence page: {page}",
         repo=file.repo, url=page)
 
 
-def head(file: ModelFile, token: str | None, redact: Callable[[object], str]) -> Remote:
+def head(file: ModelFile, token: str | None, redact: Callable[[object], str]) -> RemoteFile:
     """The hub's metadata for a file; access and existence errors become ImagegenErrors."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import (
@@ -133,7 +134,7 @@ def head(file: ModelFile, token: str | None, redact: Callable[[object], str]) ->
                                                f"{exc.__class__.__name__}: {redact(exc)}",
                             hint="Check the network (or HF_ENDPOINT), then run the same command again.") from None
     etag = (meta.etag or "").lower()
-    return Remote(file=file, url=meta.location or url, size=meta.size, sha256=etag if SHA256.fullmatch(etag) else None)
+    return RemoteFile(file=file, url=meta.location or url, size=meta.size, sha256=etag if SHA256.fullmatch(etag) else None)
 
 
 class _Progress:
@@ -160,7 +161,7 @@ class _Progress:
         return getattr(self._raw, name)
 
 
-def _part_path(models_dir: Path, remote: Remote) -> Path:
+def _part_path(models_dir: Path, remote: RemoteFile) -> Path:
     tag = (remote.file.sha256 or remote.sha256 or remote.file.revision or "main")[:16]
     return models_dir / DOWNLOADS / remote.file.folder / f"{remote.file.filename}.{tag}.part"
 
@@ -171,7 +172,7 @@ def _mismatch(file: ModelFile, what: str, expected: object, got: object, deleted
                          expected=expected, got=got, file=_label(file))
 
 
-def _download(remote: Remote, models_dir: Path, token: str | None, emit: EventCallback, base: Event,
+def _download(remote: RemoteFile, models_dir: Path, token: str | None, emit: EventCallback, base: Event,
               redact: Callable[[object], str]) -> tuple[Path, str]:
     """Fetch one file into its part file; returns (part path, sha256) once size and hash are right."""
     from huggingface_hub.errors import HfHubHTTPError
@@ -221,7 +222,7 @@ def _download(remote: Remote, models_dir: Path, token: str | None, emit: EventCa
     return part, actual
 
 
-def _fetch_one(remote: Remote, models_dir: Path, token: str | None, emit: EventCallback, base: Event,
+def _fetch_one(remote: RemoteFile, models_dir: Path, token: str | None, emit: EventCallback, base: Event,
                redact: Callable[[object], str]) -> Path:
     from filelock import FileLock, Timeout
 
@@ -277,9 +278,7 @@ def _check_present(file: ModelFile, path: Path, models_dir: Path, emit: EventCal
 
 
 def _free_bytes(path: Path) -> int:
-    while not path.exists():
-        path = path.parent
-    return shutil.disk_usage(path).free
+    return shutil.disk_usage(nearest_existing_parent(path)).free
 
 
 def fetch_bundle(bundle: Bundle, models_dir: Path | None = None, on_event: EventCallback | None = None) -> dict[str, Path]:
@@ -320,7 +319,7 @@ def _fetch_bundle(bundle: Bundle, models_dir: Path, emit: EventCallback) -> dict
         raise ImagegenError("model_missing", f"model {bundle.name!r} is missing {', '.join(_label(f) for _, f in missing)} "
                                              f"in {models_dir}, and HF_HUB_OFFLINE is set",
                             hint=f"Unset HF_HUB_OFFLINE and run `imagegen models pull {bundle.name}`.")
-    remotes: list[tuple[str, Remote]] = []
+    remotes: list[tuple[str, RemoteFile]] = []
     for role, file in missing:
         remote = head(file, token, redact)
         if file.size and remote.size and file.size != remote.size:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
+
+from imagegen.util.files import write_atomic
 
 LEDGER = ".imagegen-verified.json"
 LOCKS = ".locks"
@@ -50,9 +51,7 @@ class Ledger:
             entries = self._read()
             entries[self._key(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256,
                                         "source": source, "verified_at": int(time.time())}
-            tmp = self.path.with_name(f"{LEDGER}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(entries, indent=1, sort_keys=True))
 
 
 def lock_dir(models_dir: Path) -> Path:

@@ -137,7 +137,7 @@ def _check_tensors(path: Path, header: dict, data_size: int) -> None:
         if start < end:
             spans.append((start, end, name))
     spans.sort()
-    for (_s1, end1, name1), (start2, _e2, name2) in zip(spans, spans[1:]):
+    for (_s1, end1, name1), (start2, _e2, name2) in zip(spans, spans[1:], strict=False):
         if start2 < end1:
             raise _invalid(path, f"tensors {name1!r} and {name2!r} overlap in the file's data")
 

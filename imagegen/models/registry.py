@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 from imagegen.util import paths
-from imagegen.util.files import write_atomic
 from imagegen.util.errors import ImagegenError
+from imagegen.util.files import write_atomic
 
 FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "upscale_models", "loras", "clip_vision")
 FAMILIES = {
