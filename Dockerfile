@@ -1,6 +1,6 @@
 # imagegen worker: ComfyUI 0.3.75 + entrypoint.py, one container per GPU.
 #
-#   online, CUDA (defaults):  docker build -t imagegen:$(cat VERSION) .
+#   online, CUDA (defaults):  ./build-image.sh (it passes VERSION and COMFYUI_COMMIT from imagegen/__init__.py)
 #   offline, CPU (this repo): ./build-image.sh --cpu-local
 #
 # Layers go from heaviest and most stable to lightest: torch (~5 GB) -> ComfyUI source ->
@@ -57,12 +57,14 @@ RUN env ${WHEELHOUSE:+PIP_NO_INDEX=1 PIP_FIND_LINKS=$WHEELHOUSE} ${TORCH_INDEX_U
 # The wildcards let this COPY succeed when that folder is absent (Dockerfile is the anchor).
 ARG COMFYUI_SOURCE=git
 ARG COMFYUI_REPO=https://github.com/comfyanonymous/ComfyUI
-ARG COMFYUI_COMMIT=f8b981ae9a5676311624bbafa636a1874db79459
+# COMFYUI_COMMIT has one source, imagegen/__init__.py: build-image.sh passes it (needed with COMFYUI_SOURCE=git).
+ARG COMFYUI_COMMIT
 COPY Dockerfile .docker-contex[t]/comfyu[i] /opt/comfyui/
 RUN set -eu; rm /opt/comfyui/Dockerfile; \
     if [ "$COMFYUI_SOURCE" = local ]; then \
       [ -f /opt/comfyui/main.py ] || { echo "COMFYUI_SOURCE=local but .docker-context/comfyui/main.py is missing (build-image.sh --comfyui-src DIR)" >&2; exit 1; }; \
     elif [ "$COMFYUI_SOURCE" = git ]; then \
+      [ -n "${COMFYUI_COMMIT:-}" ] || { echo "pass --build-arg COMFYUI_COMMIT=... (build-image.sh does)" >&2; exit 1; }; \
       rm -rf /opt/comfyui; mkdir -p /opt/comfyui; \
       url="$COMFYUI_REPO/archive/$COMFYUI_COMMIT.tar.gz"; \
       python3 -c 'import sys, urllib.request as u; u.urlretrieve(sys.argv[1], "/tmp/comfyui.tar.gz")' "$url" 2>/tmp/dl.err \
@@ -86,7 +88,7 @@ RUN env ${WHEELHOUSE:+PIP_NO_INDEX=1 PIP_FIND_LINKS=$WHEELHOUSE} ${TORCH_INDEX_U
 # This package, last: a code change only rebuilds from here.
 ARG VERSION=dev
 LABEL imagegen.version=$VERSION
-COPY VERSION pyproject.tom[l] entrypoint.p[y] models.yam[l] /app/
+COPY pyproject.tom[l] entrypoint.p[y] models.yam[l] /app/
 COPY imagegen/ /app/imagegen/
 RUN chmod -R a+rX /app && (python3 -m compileall -q /app/imagegen >/dev/null || true)
 

@@ -8,7 +8,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${IMAGEGEN_DEV_CACHE:-$repo/.cache}
 venv=${IMAGEGEN_VENV:-$cache/venv}
-comfy_commit=f8b981ae9a5676311624bbafa636a1874db79459
+comfy_commit=$(sed -n 's/^COMFYUI_COMMIT = "\([0-9a-f]*\)"$/\1/p' "$repo/imagegen/__init__.py")  # one source: imagegen/__init__.py
 comfy_dir=${IMAGEGEN_COMFYUI_DIR:-$cache/comfyui-$comfy_commit}
 torch_pins=(torch==2.13.0 torchvision==0.28.0)
 ca_bundle=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}

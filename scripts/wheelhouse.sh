@@ -8,7 +8,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${IMAGEGEN_DEV_CACHE:-$repo/.cache}
 wh=${IMAGEGEN_WHEELHOUSE:-$cache/wheelhouse}
-comfy_commit=f8b981ae9a5676311624bbafa636a1874db79459
+comfy_commit=$(sed -n 's/^COMFYUI_COMMIT = "\([0-9a-f]*\)"$/\1/p' "$repo/imagegen/__init__.py")  # one source: imagegen/__init__.py
 ca_bundle=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
 py=${PYTHON:-python3}
 # Keep in sync with the Dockerfile (TORCH_PACKAGES, APP_PACKAGES).

@@ -178,3 +178,22 @@ def test_version_has_one_source():
     result = run_cli("version", "--json")
     record = json.loads(result.stdout)
     assert record["imagegen"] == imagegen.__version__ and record["comfyui_commit"] == imagegen.COMFYUI_COMMIT
+
+
+def test_the_version_and_the_comfyui_commit_are_written_down_once():
+    import imagegen
+
+    assert not (REPO / "VERSION").exists(), "imagegen/__init__.py holds the version; build-image.sh reads it there"
+    skip = {".git", ".cache", ".docker-context", "docs", "__pycache__", ".pytest_cache", ".venv"}
+    holders = []
+    for path in REPO.rglob("*"):
+        if skip & set(path.relative_to(REPO).parts) or not path.is_file() or path.stat().st_size > 1_000_000:
+            continue
+        try:
+            if imagegen.COMFYUI_COMMIT in path.read_text(encoding="utf-8"):
+                holders.append(str(path.relative_to(REPO)))
+        except (UnicodeDecodeError, OSError):
+            continue
+    assert holders == ["imagegen/__init__.py"], holders
+    script = (REPO / "build-image.sh").read_text()
+    assert "imagegen/__init__.py" in script and "COMFYUI_COMMIT=$comfy_commit" in script

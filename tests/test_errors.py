@@ -28,8 +28,3 @@ def test_unregistered_codes_are_refused_and_json_is_complete():
     assert record == {"schema": "imagegen.error/1", "code": "invalid_size", "message": "bad",
                       "hint": ERRORS["invalid_size"].hint, "exit_code": 2}
 
-
-def test_version_file_and_package_agree():
-    from imagegen import __version__
-
-    assert (REPO / "VERSION").read_text().strip() == __version__
