@@ -129,3 +129,28 @@ def test_batch_runs_every_item_and_reports_the_failed_one(env, tiny_sd15, tmp_pa
     assert [(r["item"], r["code"]) for r in records if r["schema"] == "imagegen.error/1"] == [(1, "invalid_size")]
     assert len(images(result)) == 3
     assert all(os.path.isfile(r["path"]) for r in done)
+
+
+def test_schema_errors_and_unknown_arguments_are_the_error_json(env, tmp_path):
+    """Wrong types, a missing prompt and unknown arguments used to come back as the SDK's plain text, or
+    (unknown arguments) be dropped silently."""
+    calls = [("generate_image", {"prompt": "x", "steps": "abc"}, ["steps"]),
+             ("generate_image", {"size": "64x64"}, ["prompt is required"]),
+             ("generate_image", {"prompt": "x", "stepz": 3}, ["stepz", "did you mean steps"]),
+             ("generate_image", {"prompt": "x", "count": [1]}, ["count"]),
+             ("batch", {"items": [{"prompt": "x", "sizee": "64x64"}]}, ["items.0.sizee is not an option"]),
+             ("batch", {"items": "a fox"}, ["items"]),
+             ("batch", {"items": [{"seed": 1}]}, ["items.0.prompt is required"]),
+             ("list_models", {"verbose": True}, ["verbose"])]
+
+    async def scenario(session):
+        return [await session.call_tool(name, arguments) for name, arguments, _ in calls]
+
+    results = call_server(env, tmp_path, scenario)
+    for (name, arguments, fragments), result in zip(calls, results, strict=True):
+        assert result.is_error, (name, arguments)
+        (error,) = texts(result)
+        assert error["schema"] == "imagegen.error/1" and error["code"] == "invalid_argument", error
+        assert error["exit_code"] == 2 and error["hint"] and error["message"].startswith(name)
+        assert all(fragment in error["message"] for fragment in fragments), error["message"]
+        assert result.structured_content == error

@@ -23,8 +23,9 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ImageContent, TextContent
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from imagegen import __version__
 from imagegen.engine import generate as gen
@@ -50,6 +51,8 @@ OutputDir = Annotated[Optional[str], Field(description="Directory to write the P
 
 class ImageSpec(BaseModel):
     """One prompt and its options: the arguments of generate_image, and one item of batch."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, never silently dropped
 
     prompt: Prompt
     model: ModelName = None
@@ -148,6 +151,52 @@ def error_result(error: ImagegenError) -> CallToolResult:
     return CallToolResult(content=[TextContent(type="text", text=json.dumps(record))], structured_content=record, is_error=True)
 
 
+def argument_error(tool: str, exc: ValidationError) -> ImagegenError:
+    """A schema violation (a wrong type, a missing prompt, an unknown key in a batch item) as
+    invalid_argument naming each argument, like any other bad input."""
+    problems, names = [], []
+    for problem in exc.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "arguments"
+        names.append(where)
+        if problem["type"] == "missing":
+            problems.append(f"{where} is required")
+        elif problem["type"] == "extra_forbidden":
+            problems.append(f"{where} is not an option")
+        else:
+            problems.append(f"{where}: {problem['msg']} (got {json.dumps(problem.get('input'), default=str)[:60]})")
+    return ImagegenError("invalid_argument", f"{tool}: " + "; ".join(problems),
+                         hint=f"Fix the argument(s) named; the {tool} tool's input schema lists each option and its type.",
+                         arguments=names)
+
+
+def unknown_arguments(tool: str, unknown: list[str], known: set[str]) -> ImagegenError:
+    import difflib
+
+    guesses = [f"{name} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(name, known, n=1))
+               else name for name in unknown]
+    return ImagegenError("invalid_argument", f"{tool}: unknown argument(s) {', '.join(guesses)}",
+                         hint=f"{tool} takes: {', '.join(sorted(known))}.", arguments=unknown)
+
+
+class ImagegenServer(MCPServer):
+    """MCPServer whose argument errors come back as imagegen.error/1 tool errors (code invalid_argument),
+    like every other failure, instead of the SDK's plain text; unknown arguments are refused, not dropped."""
+
+    async def call_tool(self, name: str, arguments: dict, context: Context | None = None):
+        tool = self._tool_manager.get_tool(name)
+        if tool is not None:
+            known = set((tool.parameters or {}).get("properties", {}))
+            unknown = sorted(set(arguments or {}) - known)
+            if unknown:
+                return error_result(unknown_arguments(name, unknown, known))
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if isinstance(exc.__cause__, ValidationError):
+                return error_result(argument_error(name, exc.__cause__))
+            raise
+
+
 def as_imagegen_error(exc: Exception) -> ImagegenError:
     if isinstance(exc, ImagegenError):
         return exc
@@ -233,7 +282,7 @@ class ImagegenTools:
 
 
 def build_server(tools: ImagegenTools) -> MCPServer:
-    server = MCPServer(name="imagegen", version=__version__, instructions=(
+    server = ImagegenServer(name="imagegen", version=__version__, instructions=(
         "Generate images locally with ComfyUI. generate_image returns each PNG's absolute path, its parameters "
         "as JSON and a small thumbnail; list_models shows the models and whether they are installed."))
 
