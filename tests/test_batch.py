@@ -150,3 +150,49 @@ def test_an_output_link_leading_out_of_the_folder_is_refused(tmp_path):
     with pytest.raises(ImagegenError) as caught:
         batch.plan(items, out, {"model": "sd15"}, 0, pack=1)
     assert caught.value.exit_code == 2 and caught.value.message.startswith("line 2: output") and "leads outside" in caught.value.message
+
+
+def test_the_cli_refuses_an_overlong_line_without_waiting_for_the_end_of_stdin(tmp_path, isolated_home):
+    """The writer keeps stdin open: a CLI that read stdin whole first would wait for ever."""
+    import subprocess
+    import sys
+    import threading
+
+    from conftest import REPO
+
+    process = subprocess.Popen([sys.executable, str(REPO / "generate_image.py"), "batch", "-o", str(tmp_path / "out"), "--json"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stop = threading.Event()
+
+    def feed() -> None:
+        try:
+            process.stdin.write(b"a fox\n")
+            while not stop.is_set():
+                process.stdin.write(b"x" * 65536)
+                process.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    try:
+        process.wait(timeout=120)  # not communicate(): it would close stdin, and end of input is what must not be needed
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    finally:
+        stop.set()
+    stderr = process.stderr.read()
+    assert process.returncode == 2, stderr.decode()
+    error = json.loads(stderr.decode().strip().splitlines()[-1])
+    assert error["code"] == "invalid_prompt" and error["message"].startswith("stdin line 2: longer than")
+
+
+@pytest.mark.parametrize("name", ["../evil", "/tmp/evil.png", "sub/dir.png"])
+def test_the_cli_refuses_an_output_name_that_leaves_the_folder_before_anything_starts(tmp_path, isolated_home, name):
+    from conftest import run_cli
+
+    out = tmp_path / "out"
+    result = run_cli("batch", "-o", str(out), "-m", "sd15", input=f'ok\n{{"prompt": "x", "output": "{name}"}}\n'.encode(), timeout=120)
+    assert result.returncode == 2 and "line 2: output name" in result.stderr.decode() and "hint:" in result.stderr.decode()
+    assert not out.exists(), "nothing started, nothing written"

@@ -41,7 +41,8 @@ class _FunnelGroup(TyperGroup):
 
 
 funnel_app = typer.Typer(cls=_FunnelGroup, no_args_is_help=True,
-                         help='Progressive refinement: many drafts -> pick -> refine -> pick -> polish -> upscale. `imagegen funnel "PROMPT" -o DIR` starts one.')
+                         help="Progressive refinement: many drafts -> pick -> refine -> pick -> polish -> upscale. "
+                              '`imagegen funnel "PROMPT" -o DIR` starts one.')
 
 
 @dataclass
@@ -74,8 +75,9 @@ def _advance_funnel(funnel, how: Advance) -> None:
         raise ImagegenError("invalid_argument", "--workers must be 1..64")
     timeouts, explicit = gen.timeouts_from_env(how.timeout)
     interactive = not how.json_mode and sys.stdin is not None and sys.stdin.isatty()
-    options = funnel_mod.Options(gpus=how.gpus, workers=how.workers_n, timeouts=timeouts, explicit=explicit, force=how.force,
-                                 fast=how.fast, picks=tuple(how.picks or ()), auto=how.auto, interactive=interactive)
+    options = funnel_mod.Options(gpus=how.gpus, workers=how.workers_n, timeouts=timeouts, explicit=explicit,
+                                 force=how.force, fast=how.fast, picks=tuple(how.picks or ()), auto=how.auto,
+                                 interactive=interactive)
     reporter = BatchReporter(quiet=how.quiet, show_progress=how.progress)
     status = funnel_mod.advance(funnel, make_runtime(how.runtime, how.keep_warm), reporter,
                                 lambda record: emit_result(record, how.json_mode), options)
@@ -83,7 +85,8 @@ def _advance_funnel(funnel, how: Advance) -> None:
         print(json.dumps(status), flush=True)
     if status["status"] == "awaiting_pick":
         reporter.status(f"stage {status['stage']} is done; contact sheet: {status['sheet']}")
-        reporter.status(f"pick {status['keep']} of its {len(status['choices'])} images to continue: {status['command']}  (or --auto)")
+        reporter.status(f"pick {status['keep']} of its {len(status['choices'])} images to continue: "
+                        f"{status['command']}  (or --auto)")
     elif status["status"] == "done":
         reporter.status(f"funnel done; final image(s): {', '.join(status['final'])}")
 
@@ -91,21 +94,35 @@ def _advance_funnel(funnel, how: Advance) -> None:
 @funnel_app.command("run")
 def funnel_run(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
-    out_dir: Annotated[Path, typer.Option("--output", "-o", help="The funnel directory: stage folders, contact sheets, funnel.json.")] = Path("imagegen-funnel"),
-    stages_file: Annotated[Optional[Path], typer.Option("--stages", help="A YAML stage file (docs/funnel.md); flags below override it.")] = None,
+    out_dir: Annotated[Path, typer.Option(
+        "--output", "-o", help="The funnel directory: stage folders, contact sheets, funnel.json.")
+    ] = Path("imagegen-funnel"),
+    stages_file: Annotated[Optional[Path], typer.Option(
+        "--stages", help="A YAML stage file (docs/funnel.md); flags below override it.")] = None,
     drafts: Annotated[Optional[int], typer.Option("--drafts", help="Images in the first stage (default 20).")] = None,
-    keep: Annotated[Optional[str], typer.Option("--keep", help="Images kept after each stage but the last, e.g. 8,3,1.")] = None,
-    draft_model: Annotated[Optional[str], typer.Option("--draft-model", help="Model (name or .safetensors path) of the drafts stage.")] = None,
-    refine_model: Annotated[Optional[str], typer.Option("--refine-model", help="Model of the refine stage, or none to skip it.")] = None,
-    polish_model: Annotated[Optional[str], typer.Option("--polish-model", help="Model of the polish stage, or none to skip it.")] = None,
-    upscale_model: Annotated[Optional[str], typer.Option("--upscale-model", help="Upscale model (name or path), or none to skip upscaling.")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="A local SD1.5/SDXL .safetensors file for every drawing stage.")] = None,
-    size: Annotated[Optional[str], typer.Option("--size", help="WIDTHxHEIGHT for every drawing stage, or one per stage: 512x512,1024x1024,1024x1024.")] = None,
-    steps: Annotated[Optional[str], typer.Option("--steps", help="Steps for every drawing stage, or one per stage: 20,25,40.")] = None,
-    denoise: Annotated[Optional[str], typer.Option("--denoise", help="img2img strength for every later drawing stage, or one each: 0.55,0.3.")] = None,
-    scale: Annotated[Optional[int], typer.Option("--scale", help="Upscale factor (default 2; the model's own factor is 4).")] = None,
+    keep: Annotated[Optional[str], typer.Option(
+        "--keep", help="Images kept after each stage but the last, e.g. 8,3,1.")] = None,
+    draft_model: Annotated[Optional[str], typer.Option(
+        "--draft-model", help="Model (name or .safetensors path) of the drafts stage.")] = None,
+    refine_model: Annotated[Optional[str], typer.Option(
+        "--refine-model", help="Model of the refine stage, or none to skip it.")] = None,
+    polish_model: Annotated[Optional[str], typer.Option(
+        "--polish-model", help="Model of the polish stage, or none to skip it.")] = None,
+    upscale_model: Annotated[Optional[str], typer.Option(
+        "--upscale-model", help="Upscale model (name or path), or none to skip upscaling.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", help="A local SD1.5/SDXL .safetensors file for every drawing stage.")] = None,
+    size: Annotated[Optional[str], typer.Option(
+        "--size", help="WIDTHxHEIGHT for every drawing stage, or one per stage: 512x512,1024x1024,1024x1024.")] = None,
+    steps: Annotated[Optional[str], typer.Option(
+        "--steps", help="Steps for every drawing stage, or one per stage: 20,25,40.")] = None,
+    denoise: Annotated[Optional[str], typer.Option(
+        "--denoise", help="img2img strength for every later drawing stage, or one each: 0.55,0.3.")] = None,
+    scale: Annotated[Optional[int], typer.Option(
+        "--scale", help="Upscale factor (default 2; the model's own factor is 4).")] = None,
     negative: Annotated[Optional[str], typer.Option("--negative", help="Negative prompt (SD1.5/SDXL).")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Base seed (random when omitted; stage N's images use seed + (N-1)*1000 + i).")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="Base seed (random when omitted; stage N's images use seed + (N-1)*1000 + i).")] = None,
     pick: PickOpt = None,
     auto: AutoOpt = False,
     gpus: GpusOpt = None,
@@ -136,12 +153,13 @@ def funnel_run(
             raise ImagegenError("invalid_argument", f"--seed {seed} is outside 0..{2**32}")
         stages = funnel_stages.load_stage_file(stages_file) if stages_file else funnel_stages.default_stages(registry)
         models = {"drafts": draft_model, "refine": refine_model, "polish": polish_model, "upscale": upscale_model}
-        stages = funnel_stages.configure(stages, registry, models=models, checkpoint=checkpoint, drafts=drafts, keep=keep,
-                                         size=size, steps=steps, denoise=denoise, scale=scale)
-        funnel = funnel_mod.Funnel.create(out_dir, text, negative, secrets.randbelow(2**32) if seed is None else seed, stages)
-        _advance_funnel(funnel, Advance(picks=pick, auto=auto, gpus=gpus, workers_n=workers_n, timeout=timeout, force=force,
-                                        fast=fast, runtime=runtime, keep_warm=keep_warm, json_mode=json_mode, quiet=quiet,
-                                        progress=progress))
+        stages = funnel_stages.configure(stages, registry, models=models, checkpoint=checkpoint, drafts=drafts,
+                                         keep=keep, size=size, steps=steps, denoise=denoise, scale=scale)
+        base_seed = secrets.randbelow(2**32) if seed is None else seed
+        funnel = funnel_mod.Funnel.create(out_dir, text, negative, base_seed, stages)
+        _advance_funnel(funnel, Advance(picks=pick, auto=auto, gpus=gpus, workers_n=workers_n, timeout=timeout,
+                                        force=force, fast=fast, runtime=runtime, keep_warm=keep_warm,
+                                        json_mode=json_mode, quiet=quiet, progress=progress))
 
     run_guarded(json_mode, debug, body)
 
@@ -169,8 +187,9 @@ def funnel_resume(
         from imagegen.funnel import pipeline as funnel_mod
 
         _advance_funnel(funnel_mod.Funnel.load(funnel_dir),
-                        Advance(picks=pick, auto=auto, gpus=gpus, workers_n=workers_n, timeout=timeout, force=force, fast=fast,
-                                runtime=runtime, keep_warm=keep_warm, json_mode=json_mode, quiet=quiet, progress=progress))
+                        Advance(picks=pick, auto=auto, gpus=gpus, workers_n=workers_n, timeout=timeout, force=force,
+                                fast=fast, runtime=runtime, keep_warm=keep_warm, json_mode=json_mode, quiet=quiet,
+                                progress=progress))
 
     run_guarded(json_mode, debug, body)
 

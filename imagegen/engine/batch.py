@@ -87,26 +87,30 @@ def read_items(stream, source: str = "stdin") -> list[Item]:
                 fields = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ImagegenError("invalid_argument", f"{source} line {number}: not valid JSON ({exc.msg})",
-                                    hint="Each JSONL line must be one JSON object, e.g. {\"prompt\": \"a fox\", \"seed\": 3}.") from None
+                                    hint='Each JSONL line must be one JSON object, e.g. {"prompt": "a fox", "seed": 3}.'
+                                    ) from None
             if not isinstance(fields, dict) or not isinstance(fields.get("prompt"), str):
                 raise ImagegenError("invalid_prompt", f"{source} line {number}: a JSON item needs a \"prompt\" string")
             unknown = set(fields) - ITEM_KEYS
             if unknown:
-                raise ImagegenError("invalid_argument", f"{source} line {number}: unknown field(s) {', '.join(sorted(unknown))}",
+                raise ImagegenError("invalid_argument",
+                                    f"{source} line {number}: unknown field(s) {', '.join(sorted(unknown))}",
                                     hint=f"Known fields: {', '.join(sorted(ITEM_KEYS))}.")
         else:
             fields = {"prompt": line}
         items.append(Item(number, fields))
     if not items:
-        raise ImagegenError("invalid_prompt", f"no prompts in {source}", hint="Give one prompt per line, or JSONL objects.")
+        raise ImagegenError("invalid_prompt", f"no prompts in {source}",
+                            hint="Give one prompt per line, or JSONL objects.")
     return items
 
 
 def safe_name(name: str, where: str) -> str:
     """An output name from the input: a plain file name, never a path."""
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith(".") \
-            or "\0" in name or len(name) > 200:
-        raise ImagegenError("invalid_argument", f"{where}: output name {name!r} must be a plain file name (no directories, no leading dot)")
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") \
+            or name.startswith(".") or "\0" in name or len(name) > 200:
+        raise ImagegenError("invalid_argument",
+                            f"{where}: output name {name!r} must be a plain file name (no directories, no leading dot)")
     return name if name.lower().endswith(".png") else name + ".png"
 
 
@@ -136,8 +140,8 @@ def plan(items: list[Item], out_dir: Path, defaults: dict, base_seed: int, pack:
         if not isinstance(fields.get("fast", False), bool):
             raise ImagegenError("invalid_argument", f"{where}: fast must be true or false, not {fields['fast']!r}")
         try:
-            request = generate.Request(**{k: fields.get(k) for k in ("prompt", "model", "negative", "seed", "steps", "cfg",
-                                                                     "size", "sampler", "scheduler", "guidance")},
+            keys = ("prompt", "model", "negative", "seed", "steps", "cfg", "size", "sampler", "scheduler", "guidance")
+            request = generate.Request(**{k: fields.get(k) for k in keys},
                                        checkpoint=Path(checkpoint) if checkpoint else None, count=count,
                                        fast=fields.get("fast", False))
             bundle = generate.resolve_bundle(request, registry)
@@ -158,12 +162,15 @@ def plan(items: list[Item], out_dir: Path, defaults: dict, base_seed: int, pack:
                     raise ImagegenError("invalid_argument", f"{where}: output name {file} is used twice in this batch")
                 names.add(file)
                 if (out_dir / file).resolve().parent != root:  # a link in the folder that leads out of it
-                    raise ImagegenError("invalid_argument", f"{where}: output {out_dir / file} is a link that leads outside {out_dir}",
+                    raise ImagegenError("invalid_argument",
+                                        f"{where}: output {out_dir / file} is a link that leads outside {out_dir}",
                                         hint="Remove the link, or choose another -o directory.")
                 targets.append(out_dir / file)
             params = replace(group[0], batch_size=len(group))
-            settings = {k: v for k, v in params.to_dict().items() if k not in ("filename_prefix", "fast")}  # fast: how, not what
-            identity = json.dumps({"line": item.line, "start": start, "bundle": bundle.name, **settings}, sort_keys=True)
+            # fast: how, not what
+            settings = {k: v for k, v in params.to_dict().items() if k not in ("filename_prefix", "fast")}
+            identity = json.dumps({"line": item.line, "start": start, "bundle": bundle.name, **settings},
+                                  sort_keys=True)
             key = f"{item.line}:{start}:{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
             jobs.append(Job(key=key, bundle=bundle, params=params, targets=targets,
                             meta={"line": item.line, "index": start, "item": item.fields}))
@@ -228,7 +235,8 @@ def _ours(path: Path, job: Job) -> bool:
         record = json.loads(png.read_text_chunks(path.read_bytes()).get("imagegen", "{}"))
     except (OSError, ValueError):
         return False
-    return (record.get("prompt"), record.get("model"), record.get("seed")) == (job.params.prompt, job.bundle.name, job.params.seed)
+    theirs = (record.get("prompt"), record.get("model"), record.get("seed"))
+    return theirs == (job.params.prompt, job.bundle.name, job.params.seed)
 
 
 def run(items: list[Item], out_dir: Path, runtime, reporter, emit, *, defaults: dict, base_seed: int, pack: str,
@@ -238,16 +246,17 @@ def run(items: list[Item], out_dir: Path, runtime, reporter, emit, *, defaults: 
     check_out_dir(out_dir)
     slots = runtime.slots(gpus, cpu_workers=workers)
     jobs = plan(items, out_dir, defaults, base_seed, pack_size(pack, slots))
-    lock = lock_folder(out_dir, LOCK, "Another imagegen batch is writing there: wait for it to finish, or choose another -o directory.")
+    lock = lock_folder(out_dir, LOCK, "Another imagegen batch is writing there: wait for it to finish, "
+                                      "or choose another -o directory.")
     try:
-        return _run_locked(jobs, out_dir, runtime, reporter, emit, slots, depth=depth, overwrite=overwrite, timeouts=timeouts,
-                           explicit=explicit, fetch=fetch, force=force)
+        return _run_locked(jobs, out_dir, runtime, reporter, emit, slots, depth=depth, overwrite=overwrite,
+                           timeouts=timeouts, explicit=explicit, fetch=fetch, force=force)
     finally:
         lock.release()
 
 
-def _run_locked(jobs: list[Job], out_dir: Path, runtime, reporter, emit, slots, *, depth, overwrite, timeouts, explicit, fetch,
-                force) -> Summary:
+def _run_locked(jobs: list[Job], out_dir: Path, runtime, reporter, emit, slots, *, depth, overwrite, timeouts, explicit,
+                fetch, force) -> Summary:
     from imagegen.engine.scheduler import Scheduler
     from imagegen.models.fetch import make_fetcher
 
@@ -257,11 +266,13 @@ def _run_locked(jobs: list[Job], out_dir: Path, runtime, reporter, emit, slots, 
         reporter.status(manifest.warning())
     finished = manifest.finished(records, jobs)
     todo = [job for job in jobs if job.key not in finished]
-    summary = Summary(total=sum(len(j.targets) for j in jobs), skipped=sum(len(j.targets) for j in jobs if j.key in finished))
+    summary = Summary(total=sum(len(j.targets) for j in jobs),
+                      skipped=sum(len(j.targets) for j in jobs if j.key in finished))
     if not overwrite:
         clashes = [t for job in todo for t in job.targets if t.exists() and not _ours(t, job)]
         if clashes:
-            raise ImagegenError("output_exists", f"{len(clashes)} output file(s) exist already and are not from this batch, e.g. {clashes[0]}",
+            raise ImagegenError("output_exists", f"{len(clashes)} output file(s) exist already and are not from this "
+                                                 f"batch, e.g. {clashes[0]}",
                                 hint="Pass --overwrite, or choose another -o directory.")
     manifest.compact(records, jobs, finished)
     reporter.start(summary.total, summary.skipped)

@@ -24,7 +24,7 @@ from imagegen.engine import batch, generate, render
 from imagegen.funnel import contact_sheet
 from imagegen.funnel import state as state_file
 from imagegen.funnel.stages import resolve, stage_request
-from imagegen.funnel.state import SCHEMA, STATE_FILE, Funnel  # noqa: F401  (re-exported: the state file lives in state.py)
+from imagegen.funnel.state import SCHEMA, STATE_FILE, Funnel  # noqa: F401  (re-exported)
 from imagegen.models.registry import Registry
 from imagegen.util.errors import ImagegenError
 
@@ -37,11 +37,12 @@ DEFAULT_DENOISE = 0.5
 def status_record(funnel: Funnel) -> dict:
     """Where the funnel stands, and the command that continues it."""
     step, root = funnel.next_step(), funnel.root
-    record = {"schema": STATUS_SCHEMA, "dir": str(root), "status": {"pick": "awaiting_pick", "render": "incomplete"}.get(step["action"], "done"),
-              "next": step, "command": None}
+    status = {"pick": "awaiting_pick", "render": "incomplete"}.get(step["action"], "done")
+    record = {"schema": STATUS_SCHEMA, "dir": str(root), "status": status, "next": step, "command": None}
     if step["action"] == "pick":
         stage = funnel.record(step["stage"])
-        record.update(stage=step["stage"], sheet=str(root / stage["sheet"]) if stage["sheet"] else None, keep=step["keep"],
+        record.update(stage=step["stage"], sheet=str(root / stage["sheet"]) if stage["sheet"] else None,
+                      keep=step["keep"],
                       choices=[image["index"] for image in stage["images"] if funnel.done(image)])
         example = ",".join(str(i) for i in record["choices"][: step["keep"]])
         record["command"] = f"imagegen funnel resume {shlex.quote(str(root))} --pick {example}"
@@ -49,7 +50,8 @@ def status_record(funnel: Funnel) -> dict:
         record.update(stage=step["stage"], command=f"imagegen funnel resume {shlex.quote(str(root))}")
     else:
         last = funnel.data["stages"][-1]
-        record.update(final=[str(root / image["path"]) for image in last["images"]], sheet=str(root / last["sheet"]) if last["sheet"] else None)
+        record.update(final=[str(root / image["path"]) for image in last["images"]],
+                      sheet=str(root / last["sheet"]) if last["sheet"] else None)
     return record
 
 
@@ -63,7 +65,8 @@ def parse_picks(text: str, choices: list[int], sheet: str | None) -> list[int]:
     bad = [p for p in picks if p not in choices]
     if not picks or bad or len(set(picks)) != len(picks):
         why = f"{', '.join(map(str, bad))} not on the sheet" if bad else "give distinct numbers like 3,7"
-        raise ImagegenError("invalid_argument", f"pick {text.strip()!r}: {why} (choices: {', '.join(map(str, choices))})",
+        raise ImagegenError("invalid_argument",
+                            f"pick {text.strip()!r}: {why} (choices: {', '.join(map(str, choices))})",
                             hint=f"Pick by the numbers on the contact sheet{': ' + sheet if sheet else ''}.")
     return picks
 
@@ -73,7 +76,8 @@ def auto_pick(prompt: str, images: list[tuple[int, Path]], keep: int, reporter) 
     command = os.environ.get(SCORER_ENV)
     if not command:
         chosen = [index for index, _ in images[:keep]]
-        reporter.status(f"--auto: no CLIP-similarity scorer is configured ({SCORER_ENV}), so it keeps the first {keep}: "
+        reporter.status(f"--auto: no CLIP-similarity scorer is configured ({SCORER_ENV}), "
+                        f"so it keeps the first {keep}: "
                         f"{', '.join(map(str, chosen))}")
         return chosen
     payload = json.dumps({"prompt": prompt, "images": [str(path) for _, path in images]})
@@ -81,12 +85,13 @@ def auto_pick(prompt: str, images: list[tuple[int, Path]], keep: int, reporter) 
         done = subprocess.run(shlex.split(command), input=payload, capture_output=True, text=True, timeout=600)
         scores = [float(line) for line in done.stdout.split()]
     except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
-        raise ImagegenError("invalid_argument", f"{SCORER_ENV} ({command}) failed: {exc}", hint=f"Fix the scorer, or unset {SCORER_ENV}.") from None
+        raise ImagegenError("invalid_argument", f"{SCORER_ENV} ({command}) failed: {exc}",
+                            hint=f"Fix the scorer, or unset {SCORER_ENV}.") from None
     if done.returncode != 0 or len(scores) != len(images):
-        raise ImagegenError("invalid_argument", f"{SCORER_ENV} ({command}) exited {done.returncode} with {len(scores)} score(s) "
-                            f"for {len(images)} image(s): {done.stderr.strip()[-300:]}",
-                            hint="The scorer reads {\"prompt\", \"images\"} JSON on stdin and prints one number per image.")
-    ranked = sorted(zip(scores, [index for index, _ in images]), key=lambda pair: (-pair[0], pair[1]))
+        raise ImagegenError("invalid_argument", f"{SCORER_ENV} ({command}) exited {done.returncode} with "
+                            f"{len(scores)} score(s) for {len(images)} image(s): {done.stderr.strip()[-300:]}",
+                            hint='The scorer reads {"prompt", "images"} JSON on stdin and prints one number per image.')
+    ranked = sorted(zip(scores, [index for index, _ in images], strict=True), key=lambda pair: (-pair[0], pair[1]))
     chosen = sorted(index for _, index in ranked[:keep])
     reporter.status(f"--auto: kept {', '.join(map(str, chosen))} (highest scores from {SCORER_ENV})")
     return chosen
@@ -96,7 +101,8 @@ def ask(choices: list[int], keep: int, sheet: str, stdin, stderr) -> list[int] |
     """Ask on the terminal; None when the person stops (q or end of input)."""
     default = ",".join(map(str, choices[:keep]))
     while True:
-        stderr.write(f"contact sheet: {sheet}\npick {keep} of {len(choices)} (e.g. {default}; Enter = {default}; q = stop here): ")
+        stderr.write(f"contact sheet: {sheet}\npick {keep} of {len(choices)} "
+                     f"(e.g. {default}; Enter = {default}; q = stop here): ")
         stderr.flush()
         line = stdin.readline()
         if not line or line.strip().lower() in ("q", "quit"):
@@ -126,8 +132,9 @@ def missing_source(funnel: Funnel, number: int, image: dict, source: dict) -> Im
     """A picked image of the stage before that is gone from disk: this image fails up front, the others go on."""
     return ImagegenError("source_missing", f"its source, stage {number - 1} image #{source['index']} "
                          f"({funnel.path(source)}), is gone from disk",
-                         hint=f"Run `imagegen funnel resume {shlex.quote(str(funnel.root))}`: it draws stage {number - 1} "
-                              f"#{source['index']} again (same seed), then stage {number} #{image['index']}.")
+                         hint=f"Run `imagegen funnel resume {shlex.quote(str(funnel.root))}`: it draws stage "
+                              f"{number - 1} #{source['index']} again (same seed), "
+                              f"then stage {number} #{image['index']}.")
 
 
 def stage_jobs(funnel: Funnel, number: int, registry: Registry, fast: bool = False) -> list:
@@ -150,20 +157,24 @@ def stage_jobs(funnel: Funnel, number: int, registry: Registry, fast: bool = Fal
             continue
         if bundle.family == "upscale":
             factor = stage.scale or 0
-            params = workflows.Params(prompt=prompt, width=source["width"] * factor, height=source["height"] * factor, steps=1,
-                                      cfg=1.0, sampler="euler", scheduler="normal", seed=image["seed"],
+            params = workflows.Params(prompt=prompt, width=source["width"] * factor, height=source["height"] * factor,
+                                      steps=1, cfg=1.0, sampler="euler", scheduler="normal", seed=image["seed"],
                                       filename_prefix=f"imagegen/funnel-{number}-{image['index']}")
         else:
-            params = replace(generate.plan_jobs(stage_request(stage, prompt, image["seed"], negative), bundle)[0], fast=fast)
+            request = stage_request(stage, prompt, image["seed"], negative)
+            params = replace(generate.plan_jobs(request, bundle)[0], fast=fast)
             if source is not None:
                 params = replace(params, denoise=stage.denoise or bundle.default("denoise", DEFAULT_DENOISE))
+        # quality: refine and polish go to the soonest finisher
         jobs.append(Job(key=f"{number}:{image['index']}", bundle=bundle, params=params, targets=[funnel.path(image)],
-                        meta={"stage": number, "index": image["index"]}, source=funnel.path(source) if source else None,
-                        quality=source is not None and bundle.family != "upscale"))  # refine, polish: the soonest finisher
+                        meta={"stage": number, "index": image["index"]},
+                        source=funnel.path(source) if source else None,
+                        quality=source is not None and bundle.family != "upscale"))
     return jobs
 
 
-def render_stage(funnel: Funnel, number: int, runtime, reporter, emit, options: Options, started: set, fetch=None) -> None:
+def render_stage(funnel: Funnel, number: int, runtime, reporter, emit, options: Options, started: set,
+                 fetch=None) -> None:
     from imagegen.engine.scheduler import Scheduler
     from imagegen.models.fetch import make_fetcher
 
@@ -178,17 +189,19 @@ def render_stage(funnel: Funnel, number: int, runtime, reporter, emit, options: 
     if jobs:
         slots = runtime.slots(options.gpus, cpu_workers=options.workers)
         generate.check_fast_toolchain(runtime, options.fast)
-        hashes = batch.prepare_models(jobs, fetch or make_fetcher(reporter), runtime)  # remote workers: nothing fetched here
+        hashes = batch.prepare_models(jobs, fetch or make_fetcher(reporter), runtime)  # remote: nothing fetched here
 
         def budgets(job, state):
             resident = state.last_model == job.bundle.name
-            return render.job_budgets(job.bundle, job.params, state.handle.device, resident, options.timeouts, options.explicit)
+            return render.job_budgets(job.bundle, job.params, state.handle.device, resident, options.timeouts,
+                                      options.explicit)
 
         def on_outcome(outcome) -> None:
             image = record["images"][outcome.job.meta["index"] - 1]
             if outcome.error is None:
                 result = outcome.records[0]
-                image.update(status="done", width=result["width"], height=result["height"], worker=outcome.worker, error=None)
+                image.update(status="done", width=result["width"], height=result["height"], worker=outcome.worker,
+                             error=None)
                 emit({**result, "funnel": {"dir": str(funnel.root), "stage": number, "stage_name": stage.name,
                                            "index": image["index"], "source": image["source"]}})
             else:
@@ -197,7 +210,8 @@ def render_stage(funnel: Funnel, number: int, runtime, reporter, emit, options: 
             reporter.finished(1, failed=outcome.error is not None)
 
         scheduler = Scheduler(runtime, slots[: len(jobs)], jobs, on_outcome, budgets, hashes, batch.local_dirs(jobs),
-                              overwrite=True, depth=options.depth, reporter=reporter, registry=registry, force=options.force)
+                              overwrite=True, depth=options.depth, reporter=reporter, registry=registry,
+                              force=options.force)
         reporter.start(total, total - len(jobs))
         reporter.attach(scheduler.workers)
         try:
@@ -214,11 +228,14 @@ def render_stage(funnel: Funnel, number: int, runtime, reporter, emit, options: 
     failed = [image for image in record["images"] if not funnel.done(image)]
     if failed:
         first = failed[0].get("error") or {"message": "not written"}
-        raise ImagegenError("jobs_failed", f"stage {number} ({stage.name}): {len(failed)} image(s) failed, e.g. #{failed[0]['index']}: {first['message']}",
-                            hint=f"Run `imagegen funnel resume {shlex.quote(str(funnel.root))}` to retry only those.", failed=len(failed))
+        raise ImagegenError("jobs_failed", f"stage {number} ({stage.name}): {len(failed)} image(s) failed, "
+                                           f"e.g. #{failed[0]['index']}: {first['message']}",
+                            hint=f"Run `imagegen funnel resume {shlex.quote(str(funnel.root))}` to retry only those.",
+                            failed=len(failed))
 
 
-def select(funnel: Funnel, number: int, options: Options, reporter, stdin=None, stderr=None) -> tuple[list[int], str] | None:
+def select(funnel: Funnel, number: int, options: Options, reporter, stdin=None,
+           stderr=None) -> tuple[list[int], str] | None:
     """The picks from a finished stage and how they were made, or None when nobody can pick now."""
     record = funnel.record(number)
     keep = record["keep"] or 1
@@ -230,7 +247,8 @@ def select(funnel: Funnel, number: int, options: Options, reporter, stdin=None, 
         text, options.picks = options.picks[0], options.picks[1:]
         return parse_picks(text, choices, sheet), "pick"
     if options.auto:
-        return auto_pick(funnel.data["prompt"], [(i, funnel.path(record["images"][i - 1])) for i in choices], keep, reporter), "auto"
+        images = [(i, funnel.path(record["images"][i - 1])) for i in choices]
+        return auto_pick(funnel.data["prompt"], images, keep, reporter), "auto"
     if options.interactive:
         import sys
 
@@ -256,7 +274,8 @@ def advance(funnel: Funnel, runtime, reporter, emit, options: Options, fetch=Non
                 record = funnel.record(step["stage"])
                 record["picks"], record["picked_by"] = chosen
                 funnel.save()
-                reporter.status(f"stage {step['stage']} {step['name']}: kept {', '.join(map(str, chosen[0]))} ({chosen[1]})")
+                kept = ", ".join(map(str, chosen[0]))
+                reporter.status(f"stage {step['stage']} {step['name']}: kept {kept} ({chosen[1]})")
             else:
                 return status_record(funnel)
     except KeyboardInterrupt:
@@ -273,22 +292,26 @@ def summary_lines(funnel: Funnel) -> list[str]:
     lines = [f"funnel {root}", f"prompt: {data['prompt']}", f"seed: {data['seed']}"]
     for number, record in enumerate(data["stages"], start=1):
         done = sum(funnel.done(image) for image in record["images"])
-        settings = ", ".join(f"{key} {record[key]}" for key in ("count", "keep", "size", "steps", "denoise", "scale") if record.get(key) is not None)
+        settings = ", ".join(f"{key} {record[key]}" for key in ("count", "keep", "size", "steps", "denoise", "scale")
+                             if record.get(key) is not None)
         lines.append(f"stage {number} {record['name']}: {record['model']} ({settings})")
         if not record["images"]:
             lines.append("  not started")
             continue
-        lines.append(f"  images: {done}/{len(record['images'])} done" + (f"; sheet: {root / record['sheet']}" if record["sheet"] else ""))
+        sheet = f"; sheet: {root / record['sheet']}" if record["sheet"] else ""
+        lines.append(f"  images: {done}/{len(record['images'])} done{sheet}")
         for image in record["images"]:
             origin = f" from #{image['source']}" if image["source"] is not None else ""
-            lines.append(f"  #{image['index']:<3} seed {image['seed']:<11} {'done' if funnel.done(image) else image['status']:<8} {root / image['path']}{origin}")
+            state = "done" if funnel.done(image) else image["status"]
+            lines.append(f"  #{image['index']:<3} seed {image['seed']:<11} {state:<8} {root / image['path']}{origin}")
         if record["picks"] is not None:
             lines.append(f"  picked: {', '.join(map(str, record['picks']))} ({record['picked_by']})")
     status = status_record(funnel)
     if status["status"] == "done":
         lines.append("next: nothing, the funnel is done; final: " + ", ".join(status["final"]))
     elif status["status"] == "awaiting_pick":
-        lines.append(f"next: pick {status['keep']} from stage {status['stage']} ({status['sheet']}): {status['command']}")
+        lines.append(f"next: pick {status['keep']} from stage {status['stage']} ({status['sheet']}): "
+                     f"{status['command']}")
     else:
         lines.append(f"next: render stage {status['stage']}: {status['command']}")
     return lines

@@ -52,7 +52,8 @@ def default_stages(registry: Registry) -> list[Stage]:
 # --- the stage file -----------------------------------------------------------------
 def _bad(path: Path, line: int, message: str) -> ImagegenError:
     return ImagegenError("invalid_argument", f"{path}:{line}: {message}",
-                         hint=f"Fix {path} at line {line}; docs/funnel.md describes the stage file.", file=str(path), line=line)
+                         hint=f"Fix {path} at line {line}; docs/funnel.md describes the stage file.",
+                         file=str(path), line=line)
 
 
 def load_stage_file(path: Path) -> list[Stage]:
@@ -71,11 +72,13 @@ def load_stage_file(path: Path) -> list[Stage]:
     if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or not data["stages"]:
         raise _bad(path, getattr(data, "line", 1), "the file must be a mapping with a non-empty `stages:` list")
     if set(data) - {"schema", "stages"}:
-        raise _bad(path, _line(data, sorted(set(data) - {"schema", "stages"})[0]), "unknown top-level key (expected stages)")
+        raise _bad(path, _line(data, sorted(set(data) - {"schema", "stages"})[0]),
+                   "unknown top-level key (expected stages)")
     stages = []
     for raw in data["stages"]:
         if not isinstance(raw, dict):
-            raise _bad(path, getattr(data, "key_lines", {}).get("stages", 1), "each stage must be a mapping (name: ..., model: ...)")
+            raise _bad(path, getattr(data, "key_lines", {}).get("stages", 1),
+                       "each stage must be a mapping (name: ..., model: ...)")
         for key, value in raw.items():
             expected = STAGE_TYPES.get(key)
             if expected is None:
@@ -100,13 +103,15 @@ def load_stage_file(path: Path) -> list[Stage]:
 
 def check_stage(stage: Stage) -> None:
     if not NAME_RE.match(stage.name):
-        raise ImagegenError("invalid_argument", f"stage name {stage.name!r}: use lowercase letters, digits, - and _ (it names a folder)")
+        raise ImagegenError("invalid_argument",
+                            f"stage name {stage.name!r}: use lowercase letters, digits, - and _ (it names a folder)")
     for key, low, high in (("count", 1, generate.MAX_COUNT), ("keep", 1, generate.MAX_COUNT), ("scale", 1, 8)):
         value = getattr(stage, key)
         if value is not None and not low <= value <= high:
             raise ImagegenError("invalid_argument", f"stage {stage.name}: {key} {value} is outside {low}..{high}")
     if stage.denoise is not None and not 0.0 < stage.denoise <= 1.0:
-        raise ImagegenError("invalid_argument", f"stage {stage.name}: denoise {stage.denoise} is outside 0..1 (0 keeps the image as it is)")
+        raise ImagegenError("invalid_argument",
+                            f"stage {stage.name}: denoise {stage.denoise} is outside 0..1 (0 keeps the image as it is)")
 
 
 # --- flags on top of the stages ---------------------------------------------------------
@@ -116,7 +121,8 @@ def _values(flag: str, text: str | None, count: int, convert) -> list | None:
         return None
     items = [item.strip() for item in text.split(",")]
     if count == 0 or len(items) not in (1, count):
-        raise ImagegenError("invalid_argument", f"{flag} {text!r}: give one value, or {count} separated by commas (one per stage it applies to)")
+        raise ImagegenError("invalid_argument", f"{flag} {text!r}: give one value, or {count} separated by commas "
+                                                "(one per stage it applies to)")
     try:
         values = [convert(item) for item in items]
     except ValueError:
@@ -131,8 +137,10 @@ def configure(stages: list[Stage], registry: Registry, *, models: dict[str, str 
     checkpoint_path = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
     unknown = [name for name, value in models.items() if value is not None and name not in {s.name for s in stages}]
     if unknown:
-        raise ImagegenError("invalid_argument", f"--{unknown[0].removesuffix('s')}-model: there is no stage named {unknown[0]}",
-                            hint="Stage names: " + ", ".join(s.name for s in stages) + "; set other stages' models in the stage file.")
+        raise ImagegenError("invalid_argument",
+                            f"--{unknown[0].removesuffix('s')}-model: there is no stage named {unknown[0]}",
+                            hint="Stage names: " + ", ".join(s.name for s in stages)
+                                 + "; set other stages' models in the stage file.")
     chosen = []
     for stage in stages:
         model = models.get(stage.name)
@@ -142,20 +150,23 @@ def configure(stages: list[Stage], registry: Registry, *, models: dict[str, str 
             model = checkpoint_path
         if model is not None and model.lower() == "none":
             if stage is stages[0]:
-                raise ImagegenError("invalid_argument", f"the first stage ({stage.name}) cannot be skipped: it draws from the prompt")
+                raise ImagegenError("invalid_argument",
+                                    f"the first stage ({stage.name}) cannot be skipped: it draws from the prompt")
             continue
         chosen.append(replace(stage, model=model or stage.model))
     if not chosen or is_upscaler(chosen[0].model, registry):
-        raise ImagegenError("invalid_argument", "the first stage must make images from the prompt (an SD1.5, SDXL or Flux model)")
+        raise ImagegenError("invalid_argument",
+                            "the first stage must make images from the prompt (an SD1.5, SDXL or Flux model)")
     if drafts is not None:
         chosen[0] = replace(chosen[0], count=drafts)
     diffusion = [i for i, s in enumerate(chosen) if not is_upscaler(s.model, registry)]
     img2img = [i for i in diffusion if i > 0]
     for flag, text, where, field, convert in (("--keep", keep, range(len(chosen) - 1), "keep", int),
-                                              ("--size", size, diffusion, "size", str), ("--steps", steps, diffusion, "steps", int),
+                                              ("--size", size, diffusion, "size", str),
+                                              ("--steps", steps, diffusion, "steps", int),
                                               ("--denoise", denoise, img2img, "denoise", float)):
         values = _values(flag, text, len(where), convert)
-        for i, value in zip(where, values or []):
+        for i, value in zip(where, values or [], strict=False):  # no values: the flag was not given
             chosen[i] = replace(chosen[i], **{field: value})
     if scale is not None:
         chosen = [replace(s, scale=scale) if is_upscaler(s.model, registry) else s for s in chosen]
@@ -165,7 +176,8 @@ def configure(stages: list[Stage], registry: Registry, *, models: dict[str, str 
         check_stage(stage)
         bundle = resolve(stage.model, registry)
         if bundle.family != "upscale":
-            generate.plan_jobs(stage_request(stage, "check", 0), bundle)  # sizes, steps, samplers: refused now, not later
+            # sizes, steps, samplers: refused now, not later
+            generate.plan_jobs(stage_request(stage, "check", 0), bundle)
     return chosen
 
 
@@ -183,12 +195,13 @@ def resolve(model: str, registry: Registry) -> Bundle:
         return registry.get(model)
     path = Path(model).expanduser().resolve()
     if modelfile.detect(modelfile.read_header(path)).family == "upscale":
-        file = ModelFile(key=f"{path.stem}.upscale_model", folder="upscale_models", filename=f"{LOCAL_SUBFOLDER}/{path.name}",
+        file = ModelFile(key=f"{path.stem}.upscale_model", folder="upscale_models",
+                         filename=f"{LOCAL_SUBFOLDER}/{path.name}",
                          local_path=str(path), size=path.stat().st_size)
         return Bundle(name=path.stem, family="upscale", files={"upscale_model": file}, source=str(path))
     return generate.resolve_bundle(generate.Request(prompt="", checkpoint=path), registry)
 
 
 def stage_request(stage: Stage, prompt: str, seed: int, negative: str | None = None) -> generate.Request:
-    return generate.Request(prompt=prompt, negative=negative, seed=seed, steps=stage.steps, cfg=stage.cfg, size=stage.size,
-                            sampler=stage.sampler, scheduler=stage.scheduler)
+    return generate.Request(prompt=prompt, negative=negative, seed=seed, steps=stage.steps, cfg=stage.cfg,
+                            size=stage.size, sampler=stage.sampler, scheduler=stage.scheduler)

@@ -19,7 +19,8 @@ SCHEMA = "imagegen.funnel/1"                 # funnel.json, and `funnel show --j
 STATE_FILE = "funnel.json"
 LOCK = ".funnel.lock"                        # held by the command working on the funnel
 SEED_STRIDE = 1000                           # stage N's seeds start at seed + (N-1) * 1000
-BUSY_HINT = "Another imagegen command is working on this funnel: wait for it to finish, then `imagegen funnel show {dir}`."
+BUSY_HINT = ("Another imagegen command is working on this funnel: wait for it to finish, "
+             "then `imagegen funnel show {dir}`.")
 
 
 def lock(root: Path):
@@ -104,7 +105,8 @@ class Funnel:
             if indices != list(range(1, len(indices) + 1)):
                 raise self._bad(f"{where}.images", "indices must be 1, 2, ... in order")
             picks = record.get("picks")
-            if picks is not None and (not isinstance(picks, list) or not all(p in indices and type(p) is int for p in picks)):
+            if picks is not None and (not isinstance(picks, list)
+                                      or not all(p in indices and type(p) is int for p in picks)):
                 raise self._bad(f"{where}.picks", f"{picks!r} must be a list of this stage's image indices")
             if not isinstance(record.get("picked_by"), (str, type(None))):
                 raise self._bad(f"{where}.picked_by", f"{record['picked_by']!r} is not a string")
@@ -115,7 +117,8 @@ class Funnel:
             value = record.get(key)
             if key in ("name", "model") and value is None:
                 raise self._bad(f"{where}.{key}", "is missing")
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind)):
+            types = (int, float) if kind is float else kind
+            if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
                 raise self._bad(f"{where}.{key}", f"{value!r} is not a {kind.__name__}")
         if not NAME_RE.match(record["name"]):
             raise self._bad(f"{where}.name", f"{record['name']!r} is not a stage name")
