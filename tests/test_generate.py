@@ -46,7 +46,7 @@ def test_fast_mode_needs_a_compiler_where_a_local_worker_compiles(monkeypatch):
     import shutil
     from types import SimpleNamespace
 
-    local, docker = SimpleNamespace(name="local"), SimpleNamespace(name="docker")
+    local, docker = SimpleNamespace(compiles_on_host=True), SimpleNamespace(compiles_on_host=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setenv("IMAGEGEN_FAST_ON_CPU", "1")  # this machine has no GPU: make its CPU worker compile
     with pytest.raises(ImagegenError) as caught:

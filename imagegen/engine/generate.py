@@ -1,4 +1,5 @@
-"""`imagegen generate`: validate a request, find a worker, render, and write self-describing PNGs."""
+"""`imagegen generate`: validate a request, find a worker, and render through the Scheduler (one slot), which
+writes self-describing PNGs."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from imagegen.comfy import workflows
 from imagegen.comfy.client import Timeouts
 from imagegen.engine import output, timings
 from imagegen.engine.progress import Reporter
-from imagegen.engine.render import is_resident, job_budgets, render, timing_name
+from imagegen.engine.render import is_resident, job_budgets, timing_name
 from imagegen.models import cache, modelfile
 from imagegen.models.registry import Bundle, Registry, local_bundle
 from imagegen.util import paths
@@ -177,34 +178,70 @@ def plan(request: Request, registry: Registry | None = None) -> Plan:
 
 
 def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
-    """Make the model loadable, find a worker, and yield one result record per image."""
+    """Make the model loadable, find a worker, and yield one result record per image, in order. The
+    jobs run through the Scheduler with this one worker, as batch, funnel and MCP jobs do."""
+    from imagegen.engine.scheduler import Job, Scheduler
     from imagegen.models.fetch import make_fetcher
 
-    bundle, jobs, request = planned.bundle, planned.jobs, planned.request
+    bundle, request = planned.bundle, planned.request
     if not request.force:
-        check_gpu_memory(bundle, jobs[0])
+        check_gpu_memory(bundle, planned.jobs[0])
     check_fast_toolchain(runtime, request.fast)
     make_loadable(bundle, runtime, fetch or make_fetcher(reporter))
     worker = runtime.ensure(on_status=reporter.status, mounts=local_dirs(bundle))
     if worker.device == "cpu":
         reporter.once("cpu", "no GPU in use: running on CPU (slow; fine for small models and tests)")
-    jobs = [workflows.for_device(params, worker.device) for params in jobs]
-    if request.fast and not jobs[0].fast:
+    first = workflows.for_device(planned.jobs[0], worker.device)
+    if request.fast and not first.fast:
         reporter.once("fast-cpu", workflows.FAST_ON_CPU_NOTE)
     resident = is_resident(bundle, worker.client().worker_info())
-    budgets = job_budgets(bundle, jobs[0], worker.device, resident, request.timeouts, request.explicit_timeouts)
-    learned = timings.estimate(timing_name(bundle, jobs[0]), jobs[0].width, jobs[0].height, worker.device)
-    each = timings.eta(learned, jobs[0].steps, resident)
+    budgets = job_budgets(bundle, first, worker.device, resident, request.timeouts, request.explicit_timeouts)
+    learned = timings.estimate(timing_name(bundle, first), first.width, first.height, worker.device)
+    each = timings.eta(learned, first.steps, resident)
+    count = len(planned.jobs)
     if each is not None:
-        reporter.status(f"rendering {len(jobs)} image(s) with {bundle.name} on {worker.name}: about {each * len(jobs):.0f}s (from earlier runs)")
-    try:
-        yield from render(bundle, jobs, planned.targets, worker, reporter, budgets, request.overwrite, cache.file_hashes(bundle))
-    except KeyboardInterrupt:
-        if worker.started_here:  # stop what this command started; a shared warm worker stays
-            runtime.stop(worker.slot)
-        raise
-    except ImagegenError as error:
-        raise worker_failure(runtime, worker, error) from None
+        check_overall_cap(request, each * count, f"{count} image(s) with {bundle.name} on {worker.name}")
+        reporter.status(f"rendering {count} image(s) with {bundle.name} on {worker.name}: about {each * count:.0f}s (from earlier runs)")
+    reporter.job(f"{bundle.name} {first.width}x{first.height}")
+    jobs = [Job(key=str(index), bundle=bundle, params=params, targets=[target])
+            for index, (params, target) in enumerate(zip(planned.jobs, planned.targets))]
+    scheduler = Scheduler(runtime, [worker.slot], jobs, lambda outcome: None, lambda job, state: budgets,
+                          {bundle.name: cache.file_hashes(bundle)}, local_dirs(bundle), overwrite=request.overwrite,
+                          depth=count, max_attempts=1, max_restarts=0, reporter=reporter, force=True,
+                          session_timeouts=budgets, handles={worker.slot: worker})
+    yield from in_order(scheduler.stream())
+
+
+def in_order(outcomes):
+    """Records of outcomes keyed 0, 1, 2, ..., in key order; the first failure is raised (which ends
+    the run: the prompts still queued are cancelled)."""
+    from contextlib import closing
+
+    finished: dict[int, list[dict]] = {}
+    following = 0
+    with closing(outcomes):
+        for outcome in outcomes:
+            if outcome.error is not None:
+                raise outcome.error from None
+            finished[int(outcome.job.key)] = outcome.records
+            while following in finished:
+                yield from finished.pop(following)
+                following += 1
+
+
+TIMEOUT_SLACK = 2.0   # refuse a --timeout when earlier runs say the call needs more than this many times it
+
+
+def check_overall_cap(request: Request, estimate: float, what: str) -> None:
+    """Refuse, before any job is queued, an overall cap far below what earlier runs say the call takes:
+    it could only end in a timeout, and the worker's time would be wasted."""
+    if "overall" not in request.explicit_timeouts or estimate <= TIMEOUT_SLACK * request.timeouts.overall:
+        return
+    cap = request.timeouts.overall
+    raise ImagegenError("invalid_argument", f"--timeout {cap:g}s is far below the {estimate:.0f}s that {what} took in earlier "
+                        "runs (the learned estimate)",
+                        hint=f"Pass --timeout {math.ceil(estimate * 1.5)} or more, or use fewer --steps, a smaller --size or "
+                             "--count.", estimate_seconds=round(estimate, 1), timeout_seconds=cap)
 
 
 def generate(request: Request, runtime, reporter: Reporter, registry: Registry | None = None, fetch=None):
@@ -215,13 +252,12 @@ def generate(request: Request, runtime, reporter: Reporter, registry: Registry |
 def make_loadable(bundle: Bundle, runtime, fetch) -> None:
     """Fetch and link a bundle's files into the model cache the workers read. Remote workers have
     their own models folders: nothing is sent to them, so a local file cannot be used there."""
-    if getattr(runtime, "name", "") != "remote":
-        cache.ensure_bundle(bundle, fetch=fetch)
-        return
     local = [f.local_path for f in bundle.files.values() if f.local_path]
-    if local:
+    if local and not getattr(runtime, "reads_local_files", True):
         raise ImagegenError("invalid_argument", f"remote workers cannot read the local file {local[0]}",
                             hint="Use a registered model the remote workers hold (under the same file name), or another --runtime.")
+    if getattr(runtime, "uses_host_cache", True):
+        cache.ensure_bundle(bundle, fetch=fetch)
 
 
 def check_fast_toolchain(runtime, fast: bool) -> None:
@@ -234,7 +270,7 @@ def check_fast_toolchain(runtime, fast: bool) -> None:
     from imagegen.util.gpus import detect_device
 
     device = detect_device()
-    if not fast or getattr(runtime, "name", "") != "local" or not workflows.compiles_on(device):
+    if not fast or not getattr(runtime, "compiles_on_host", False) or not workflows.compiles_on(device):
         return
     missing = []
     if not (shutil.which("cc") or shutil.which("gcc")):
@@ -259,20 +295,17 @@ def check_gpu_memory(bundle: Bundle, params: workflows.Params) -> None:
 
 
 def local_dirs(bundle: Bundle) -> set[str]:
-    """Directories holding a bundle's local files: a container must see them at the same path."""
-    return {str(Path(f.local_path).resolve().parent) for f in bundle.files.values() if f.local_path}
+    """A bundle's local files (the files, never their folders): a container mounts each one read-only
+    at the same path, so the cache's symlink to it resolves there and nothing else of the host shows."""
+    return {str(Path(f.local_path).absolute()) for f in bundle.files.values() if f.local_path}
 
 
 def worker_failure(runtime, worker, error: ImagegenError) -> ImagegenError:
-    """After a stall, a timeout or a lost connection: stop that worker so the next call gets a fresh
-    one, and say what happened (the phase, and whether the worker died, hung or ran out of memory)."""
+    """After a stall, a timeout or a lost connection: say what happened (the phase, and whether the
+    worker died, hung or ran out of memory). The worker is stopped only when this command started it;
+    a shared worker is left running (the Scheduler has cancelled this command's own prompts)."""
+    from imagegen.engine.scheduler import worker_fault
+
     if error.code not in ("timeout", "worker_unreachable", "out_of_memory"):
         return error
-    cause = runtime.diagnose(worker)
-    runtime.stop(worker.slot)
-    restarted = " The worker was stopped; the next call starts a fresh one."
-    if cause is not None and error.code != "timeout":
-        cause.message += f" (phase '{error.details.get('phase', 'unknown')}').{restarted}"
-        return cause
-    error.message += restarted
-    return error
+    return worker_fault(runtime, worker, error, stop=bool(worker.started_here))

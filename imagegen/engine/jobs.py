@@ -1,7 +1,9 @@
-"""Jobs and workers as the scheduler sees them: what a job is, how it ended, and each worker's state."""
+"""Jobs and workers as the scheduler sees them: what a job is, how it ended, each worker's state, and
+the queue every worker pulls from."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,12 +39,14 @@ class WorkerState:
     slot: str
     name: str = ""
     handle: object = None
-    last_model: str | None = None
+    last_bundle: str | None = None                 # the bundle of the job it ran last (likely still loaded)
     done: int = 0
     busy_seconds: float = 0.0
     status: str = "starting"
     restarts: int = 0
     inflight: dict = field(default_factory=dict)  # prompt_id -> (job, submitted_at)
+    held: list = field(default_factory=list)       # jobs taken from the queue and not settled yet
+    compiled: set = field(default_factory=set)     # fast-mode shapes this worker has compiled in this run
     gpu: dict | None = None
     memory_bytes: int | None = None
     healthy: bool = True
@@ -53,3 +57,62 @@ class WorkerState:
 
     def queued_jobs(self) -> list:
         return [job for job, _ in self.inflight.values()]
+
+
+class JobQueue:
+    """Jobs waiting for a worker, taken model by model."""
+
+    def __init__(self, jobs: list[Job], choose=None, others_can_take=None):
+        self.waiting = list(jobs)
+        self.inflight = 0
+        self.cond = threading.Condition()
+        self.choose = choose or prefer_loaded_model
+        self.others_can_take = others_can_take or (lambda worker, waiting: False)
+
+    def take(self, worker: WorkerState, block: bool) -> Job | None:
+        """The next job for this worker, or None when there is none now (block=False) or will be none (block=True)."""
+        with self.cond:
+            while True:
+                job = self.choose(worker, self.waiting) if self.waiting else None
+                if job is not None:
+                    self.waiting.remove(job)
+                    self.inflight += 1
+                    return job
+                if not block:
+                    return None
+                if self.inflight == 0 and not (self.waiting and self.others_can_take(worker, self.waiting)):
+                    return None  # nothing will come back, and nothing waiting is meant for another worker
+                self.cond.wait(0.5)  # a job in flight elsewhere may come back; a busier worker may free up
+
+    def finished(self) -> bool:
+        with self.cond:
+            return not self.waiting and self.inflight == 0
+
+    def settle(self, job: Job, requeue: bool = False) -> None:
+        with self.cond:
+            self.inflight -= 1
+            if requeue:
+                self.waiting.insert(0, job)
+            self.cond.notify_all()
+
+    def drain(self) -> list[Job]:
+        with self.cond:
+            left, self.waiting = self.waiting, []
+            self.cond.notify_all()
+            return left
+
+
+def prefer_loaded_model(worker: WorkerState, waiting: list[Job]) -> Job | None:
+    """Retries first (they waited longest); then stay on the model the worker has loaded; otherwise
+    take the model with the most work left."""
+    retries = [job for job in waiting if job.attempts]
+    if retries:
+        return retries[0]
+    same = [job for job in waiting if job.bundle.name == worker.last_bundle]
+    if same:
+        return same[0]
+    counts: dict[str, int] = {}
+    for job in waiting:
+        counts[job.bundle.name] = counts.get(job.bundle.name, 0) + 1
+    busiest = max(counts, key=counts.get)
+    return next(job for job in waiting if job.bundle.name == busiest)

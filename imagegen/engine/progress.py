@@ -34,6 +34,10 @@ class Reporter:
     def job(self, label: str) -> None:
         self._label = label
 
+    def worker_progress(self, state):
+        """The progress callback for one worker's jobs: one bar, for the job that samples now."""
+        return self.progress
+
     def progress(self, state: Progress) -> None:
         if not self.show_progress:
             return
@@ -101,6 +105,12 @@ class BatchReporter(Reporter):
             self.overall.write(message, file=sys.stderr)
         else:
             super().status(message)
+
+    def warn(self, message: str) -> None:
+        if self.overall is not None:
+            self.overall.write(f"warning: {message}", file=sys.stderr)
+        else:
+            super().warn(message)
 
     def close(self) -> None:
         for bar in self.worker_bars.values():

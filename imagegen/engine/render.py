@@ -1,23 +1,32 @@
-"""Render on a worker and write the results: budgets for a job, and each finished image fetched,
-tagged with its parameters (PNG chunks) and written atomically."""
+"""Write what a worker rendered: budgets for a job, each finished image fetched, checked, tagged
+with its parameters (PNG chunks) and written atomically, and any exception as a user-facing error."""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
-import os
 import time
 from pathlib import Path
+from typing import Callable
+
+import requests
 
 from imagegen import COMFYUI_VERSION, __version__
 from imagegen.comfy import png, workflows
 from imagegen.comfy.client import Timeouts, output_images
 from imagegen.engine import output, timings
-from imagegen.engine.progress import Reporter
 from imagegen.models import cache
 from imagegen.models.registry import Bundle
+from imagegen.util.env import env_float
 from imagegen.util.errors import ImagegenError
 
-REQUEST_TIMEOUT = float(os.environ.get("IMAGEGEN_TIMEOUT_REQUEST", "30"))
+REQUEST_TIMEOUT: float | None = None  # a fixed value (tests); None reads IMAGEGEN_TIMEOUT_REQUEST when used
+
+
+def request_timeout() -> float:
+    """Seconds one HTTP request to a worker may take (IMAGEGEN_TIMEOUT_REQUEST, checked when used)."""
+    return REQUEST_TIMEOUT if REQUEST_TIMEOUT is not None else env_float("IMAGEGEN_TIMEOUT_REQUEST", 30.0, minimum=0.1)
 
 
 def image_parameters(bundle: Bundle, params: workflows.Params, hashes: dict | None = None,
@@ -63,29 +72,40 @@ def timing_name(bundle: Bundle, params: workflows.Params) -> str:
 
 
 def save_outputs(client, entry: dict, bundle: Bundle, params: workflows.Params, targets: list[Path | None], worker,
-                 overwrite: bool, hashes: dict, submitted: float) -> list[dict]:
+                 overwrite: bool, hashes: dict, submitted: float, learn: bool = True,
+                 warn: Callable[[str], None] | None = None) -> list[dict]:
     """Fetch a finished job's images, tag them with their parameters, write them atomically, and
-    learn from its timings. A latent batch gives one image per target, in batch order."""
+    learn from its timings (learn=False: a fast-mode job that compiled, whose times say nothing).
+    A latent batch gives one image per target, in batch order. `warn` hears of a flat black image."""
     refs = output_images(entry)
     if len(refs) < len(targets):
         raise ImagegenError("execution_failed", f"ComfyUI finished the job but saved {len(refs)} of {len(targets)} image(s)")
     phase_times = entry.get("imagegen_phase_times", {})
-    timings.record(timing_name(bundle, params), params.width, params.height, worker.device, phase_times, params.steps)
+    if learn:
+        timings.record(timing_name(bundle, params), params.width, params.height, worker.device, phase_times, params.steps)
     records = []
     for index, (ref, target) in enumerate(zip(refs, targets)):
         fetch_started = time.monotonic()
         data = client.fetch_file(ref)
         fetched = time.monotonic()
+        if warn is not None and looks_blank(data):
+            warn(f"{target or 'the image'} is one flat, nearly black colour: the VAE likely decoded NaNs (a broken fp16 "
+                 "VAE does this). Try without --fast, a bundle with an fp32 VAE, or another model.")
         record = image_parameters(bundle, params, hashes, client.comfyui_version())
         record["width"], record["height"] = png.png_size(data)  # an upscale's size is its input's times the scale
         if params.batch_size > 1:
             record.update(batch_size=params.batch_size, batch_index=index)
         data = png.add_text_chunks(data, {"parameters": png.a1111_parameters(record),
                                              "imagegen": json.dumps(record, sort_keys=True)})
-        if target is None:
-            output.write_stdout(data)
-        else:
-            output.write_atomic(target, data, overwrite)
+        try:
+            if target is None:
+                output.write_stdout(data)
+            else:
+                output.write_atomic(target, data, overwrite)
+        except BrokenPipeError:
+            raise  # the reader of stdout went away: the whole call ends, not only this job
+        except OSError as exc:
+            raise as_error(exc, str(target or "stdout")) from exc
         records.append({"schema": output.RESULT_SCHEMA, "path": str(target) if target else "-", **record,
                         "worker": worker.name, "device": worker.device,
                         "timings": {**{k: round(v, 3) for k, v in phase_times.items()}, "fetch": round(fetched - fetch_started, 3),
@@ -93,12 +113,38 @@ def save_outputs(client, entry: dict, bundle: Bundle, params: workflows.Params, 
     return records
 
 
-def render(bundle: Bundle, jobs: list[workflows.Params], targets: list[Path | None], worker, reporter: Reporter,
-           timeouts: Timeouts, overwrite: bool, hashes: dict):
-    """Queue every job on one worker, then write each image as it finishes."""
-    client = worker.client(request_timeout=REQUEST_TIMEOUT)
-    graphs = [workflows.build(bundle, params) for params in jobs]
-    submitted = time.monotonic()
-    reporter.job(f"{bundle.name} {jobs[0].width}x{jobs[0].height}")
-    for index, entry in client.stream(graphs, timeouts, reporter.progress):
-        yield from save_outputs(client, entry, bundle, jobs[index], [targets[index]], worker, overwrite, hashes, submitted)
+def looks_blank(data: bytes) -> bool:
+    """Every pixel the same very dark value: what NaNs from a broken fp16 VAE decode to. Cheap: one
+    pass over the pixels in C (Image.getextrema)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            extrema = image.convert("RGB").getextrema()
+    except Exception:  # noqa: BLE001 - an image Pillow cannot read is not ours to judge
+        return False
+    return all(low == high for low, high in extrema) and max(high for _, high in extrema) <= BLANK_LEVEL
+
+
+BLANK_LEVEL = 8                                   # out of 255: "very dark"
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def as_error(exc: BaseException, where: str = "") -> ImagegenError:
+    """Any exception as a user-facing error. A full disk is disk_full; a lost connection is the
+    worker's fault; an HTTP error answer fails the job; anything else is internal_error naming it."""
+    if isinstance(exc, ImagegenError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        place = where or exc.filename or "the output"
+        return ImagegenError("disk_full", f"no space left on the disk to write {place} ({exc.strerror or exc})",
+                             hint="Free disk space (or choose another -o folder), then run the same command again.")
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+        return ImagegenError("worker_unreachable", f"lost the connection to the worker: {exc.__class__.__name__}: {exc}")
+    if isinstance(exc, requests.HTTPError):
+        status = exc.response.status_code if exc.response is not None else "an error"
+        url = exc.response.url if exc.response is not None else "a request"
+        return ImagegenError("execution_failed", f"the worker answered {status} on {url}")
+    if isinstance(exc, OSError) and where:
+        return ImagegenError("output_not_writable", f"cannot write {where}: {exc.strerror or exc}")
+    return ImagegenError("internal_error", f"unexpected {exc.__class__.__name__}: {exc}")

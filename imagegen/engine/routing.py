@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 
-from imagegen.engine.jobs import Job, WorkerState
+from imagegen.engine.jobs import prefer_loaded_model  # noqa: F401 - where the choice began
 from imagegen.util import paths
 from imagegen.util.errors import ImagegenError
 
@@ -114,7 +114,7 @@ class Router:
         if worker.speed is None:
             return None
         megapixels = job.params.width * job.params.height * max(1, job.params.batch_size) / 1e6
-        loading = 0.0 if worker.last_model == job.bundle.name else worker.load_seconds.get(job.bundle.name, 0.0)
+        loading = 0.0 if worker.last_bundle == job.bundle.name else worker.load_seconds.get(job.bundle.name, 0.0)
         return worker.speed * job.params.steps * megapixels + loading
 
     def finish_time(self, job, worker) -> float | None:
@@ -172,7 +172,7 @@ class Router:
         than its own history (it is then taken out of the rotation)."""
         sampling = phase_times.get("sampling")
         megapixels = job.params.width * job.params.height * max(1, job.params.batch_size) / 1e6
-        if phase_times.get("loading") is not None and worker.last_model != job.bundle.name:
+        if phase_times.get("loading") is not None and worker.last_bundle != job.bundle.name:
             worker.load_seconds[job.bundle.name] = phase_times["loading"]
         if not sampling or not job.params.steps or not megapixels:
             return True
@@ -184,19 +184,3 @@ class Router:
         cls.remember(worker)
         on_cpu = worker.handle is not None and getattr(worker.handle, "device", "") == "cpu"
         return on_cpu or usual is None or worker.samples < 3 or observed <= SLOW_FACTOR * usual
-
-
-def prefer_loaded_model(worker: WorkerState, waiting: list[Job]) -> Job | None:
-    """Retries first (they waited longest); then stay on the model the worker has loaded; otherwise
-    take the model with the most work left."""
-    retries = [job for job in waiting if job.attempts]
-    if retries:
-        return retries[0]
-    same = [job for job in waiting if job.bundle.name == worker.last_model]
-    if same:
-        return same[0]
-    counts: dict[str, int] = {}
-    for job in waiting:
-        counts[job.bundle.name] = counts.get(job.bundle.name, 0) + 1
-    busiest = max(counts, key=counts.get)
-    return next(job for job in waiting if job.bundle.name == busiest)
