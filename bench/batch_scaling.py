@@ -171,7 +171,7 @@ def start_workers(home: Path, count: int, checkpoint: Path, size: str):
             handle = runtime.ensure(slot)
             params = Params(prompt="warm-up", width=width, height=height, steps=2, cfg=7.0, sampler="euler",
                             scheduler="normal", seed=1, filename_prefix="imagegen/warm")
-            output_images(handle.client(request_timeout=60).run(build(bundle, params)))
+            output_images(dict(handle.client(request_timeout=60).stream([build(bundle, params)]))[0])
         except BaseException as error:  # noqa: BLE001 - raised below
             errors.append(error)
 

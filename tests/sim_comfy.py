@@ -463,6 +463,12 @@ def idle_gaps(records: list[dict]) -> list[float]:
     return [max(0.0, b["started"] - a["finished"]) for a, b in zip(ordered, ordered[1:])]
 
 
+def run_graph(client, graph: dict, timeouts=None, on_progress=None) -> dict:
+    """Submit one graph and wait for its /history entry: ComfyClient.stream with one graph."""
+    [(_, entry)] = list(client.stream([graph], timeouts, on_progress))
+    return entry
+
+
 class SimWorker:
     """Start and stop a simulated worker; see the module's docstring."""
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, communicate, run_cli
+from sim_comfy import run_graph
 
 from imagegen.comfy import png
 from imagegen.comfy.client import ComfyClient, Timeouts, output_images
@@ -151,7 +152,7 @@ def test_dropped_websocket_loses_nothing(comfy_worker, session_home, tiny_sd15, 
             dropped.append(state.step)
 
     graph = build(bundle, Params("a dropped socket", 64, 64, 30, 7.0, "euler", "normal", 3))
-    entry = client.run(graph, Timeouts(stall=30), on_progress)
+    entry = run_graph(client, graph, Timeouts(stall=30), on_progress)
     assert dropped, "the socket was never dropped: the test proved nothing"
     data = client.fetch_file(output_images(entry)[0])
     assert png.png_size(data) == (64, 64)

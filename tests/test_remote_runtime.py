@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 from PIL import Image
-from sim_comfy import SimWorker
+from sim_comfy import SimWorker, run_graph
 
 from imagegen.comfy.client import ComfyClient, Timeouts, output_images
 from imagegen.comfy.workflows import Params, build
@@ -96,7 +96,7 @@ def test_an_imagegen_worker_is_found_and_renders_through_the_client():
         assert handle.info["kind"] == "imagegen" and handle.info["gpu"]["name"] == "NVIDIA GeForce RTX 4090"
         assert handle.info["gpu"]["memory_total_mib"] == 24564 and handle.info["gpu"]["uuid"].startswith("GPU-")
         client = handle.client()
-        entry = client.run(build(bundle(), params(steps=3, width=96, height=64)))
+        entry = run_graph(client, build(bundle(), params(steps=3, width=96, height=64)))
         [ref] = output_images(entry)
         assert Image.open(io.BytesIO(client.fetch_file(ref))).size == (96, 64)
         assert runtime.ensure().name == handle.name  # the default slot is the first
@@ -126,7 +126,7 @@ def test_a_plain_comfyui_is_detected_through_system_stats():
         handle = runtime.ensure("remote-1")
         assert (handle.device, handle.info["kind"], handle.token) == ("cuda", "comfyui", "")
         assert handle.info["gpu"] == {"name": "NVIDIA H100 80GB HBM3", "uuid": None, "memory_total_mib": 81559, "memory_free_mib": 80000}
-        entry = handle.client().run(build(bundle(), params(steps=2)))
+        entry = run_graph(handle.client(), build(bundle(), params(steps=2)))
         assert len(output_images(entry)) == 1
         on_cpu = runtime.ensure("remote-2")
         assert on_cpu.device == "cpu" and on_cpu.info["gpu"] is None
@@ -206,7 +206,7 @@ def test_process_mode_hangs_like_sigstop_and_dies_like_a_crash():
     with SimWorker(mode="process", step_seconds=0.001) as sim:
         runtime = RemoteRuntime([sim.entry], request_timeout=1, ready_timeout=0)
         handle = runtime.ensure()
-        handle.client().run(build(bundle(), params(steps=2)))
+        run_graph(handle.client(), build(bundle(), params(steps=2)))
         assert [r["status"] for r in sim.records()] == ["success"]
         sim.hang()
         assert "may hang" in runtime.diagnose(handle).message
@@ -224,7 +224,7 @@ def test_sim_renders_with_progress_load_time_and_latent_batches():
         client = ComfyClient(sim.url, sim.token)
         seen = []
         started = time.monotonic()
-        entry = client.run(build(bundle("a"), params(1, steps=8, width=64, height=48, batch_size=3)),
+        entry = run_graph(client, build(bundle("a"), params(1, steps=8, width=64, height=48, batch_size=3)),
                            on_progress=lambda state: seen.append((state.phase, state.step, state.total)))
         first = time.monotonic() - started
         assert [s for s in seen if s[0] == "sampling"][-1][1:] == (8, 8)
@@ -233,8 +233,8 @@ def test_sim_renders_with_progress_load_time_and_latent_batches():
         assert len(refs) == 3 and len({r["filename"] for r in refs}) == 3
         assert {Image.open(io.BytesIO(client.fetch_file(r))).size for r in refs} == {(64, 48)}
         assert entry["status"]["completed"] and [m[0] for m in entry["status"]["messages"]][-1] == "execution_success"
-        client.run(build(bundle("a"), params(2, steps=8)))
-        client.run(build(bundle("b"), params(3, steps=8)))
+        run_graph(client, build(bundle("a"), params(2, steps=8)))
+        run_graph(client, build(bundle("b"), params(3, steps=8)))
         records = sim.records()
         assert [r["loaded"] for r in records] == [True, False, True] and [r["model"] for r in records] == ["a.safetensors", "a.safetensors", "b.safetensors"]
         assert first >= 0.3 + 8 * 0.01 and records[1]["finished"] - records[1]["started"] < 0.3
@@ -248,13 +248,13 @@ def test_sim_reports_failures_out_of_memory_and_interrupts():
         client = ComfyClient(sim.url, sim.token)
         sim.fail_next("mat1 and mat2 shapes cannot be multiplied (77x2048 and 768x320)")
         with pytest.raises(ImagegenError) as caught:
-            client.run(build(bundle(), params()))
+            run_graph(client, build(bundle(), params()))
         assert caught.value.code == "execution_failed" and caught.value.hint.startswith("The text encoder")
         with pytest.raises(ImagegenError) as caught:
-            client.run(build(bundle("big"), params()))
+            run_graph(client, build(bundle("big"), params()))
         assert caught.value.code == "out_of_memory"
         assert client.worker_info()["gpu"]["memory_free_mib"] == 8192
-        client.run(build(bundle(), params(steps=1)))  # the next prompt runs as usual
+        run_graph(client, build(bundle(), params(steps=1)))  # the next prompt runs as usual
         with client.session() as session:
             prompt_id = session.submit(build(bundle(), params(steps=200)))
             while session.states[prompt_id].phase != "sampling":

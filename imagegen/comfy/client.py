@@ -205,16 +205,6 @@ class ComfyClient:
         except Exception:  # noqa: BLE001 - any failure means: fall back to polling
             return None
 
-    def run(self, graph: dict, timeouts: Timeouts | None = None, on_progress: EventHandler | None = None) -> dict:
-        """Submit one graph and wait for it; returns its /history entry."""
-        return self.run_many([graph], timeouts, on_progress)[0]
-
-    def run_many(self, graphs: list[dict], timeouts: Timeouts | None = None,
-                 on_progress: EventHandler | None = None) -> list[dict]:
-        """Queue every graph at once (the worker never idles between them), then wait for all."""
-        results = dict(self.stream(graphs, timeouts, on_progress))
-        return [results[index] for index in range(len(graphs))]
-
     def stream(self, graphs: list[dict], timeouts: Timeouts | None = None, on_progress: EventHandler | None = None):
         """Queue graphs, then yield (index, history entry) as each finishes."""
         with self.session(timeouts, on_progress) as session:
