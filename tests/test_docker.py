@@ -342,6 +342,35 @@ def test_the_secret_is_not_in_docker_inspect(box):
     assert mounts["/run/imagegen/token"]["RW"] is False
 
 
+def test_a_checkpoint_is_mounted_as_the_file_not_its_folder(box):
+    container = box.client.containers.get(box.state["container"])
+    binds = {m["Destination"]: m for m in container.attrs["Mounts"] if m["Type"] == "bind"}
+    assert str(box.checkpoint) in binds and binds[str(box.checkpoint)]["RW"] is False, binds
+    assert not any(str(box.checkpoint.parent) == dest or str(box.base) == dest for dest in binds), binds
+    listing = container.exec_run(["ls", str(box.checkpoint.parent)])
+    assert listing.output.decode().split() == [box.checkpoint.name], "only the file shows, not its neighbours"
+
+
+def test_a_second_checkpoint_folder_starts_a_worker_beside_the_first_and_never_removes_it(box):
+    other = box.base / "other-folder" / "tiny-copy.safetensors"
+    other.parent.mkdir(mode=0o755, exist_ok=True)
+    shutil.copyfile(box.checkpoint, other)
+    other.chmod(0o644)
+    first = box.state["container"]
+    result = box.cli("generate", "a friendly robot", "--runtime", "docker", "--checkpoint", str(other), "--size", "64x64",
+                     "--steps", "2", "-o", str(box.base / "out" / "other.png"))
+    assert result.returncode == 0, result.stderr.decode()
+    running = {c.id: c for c in box.containers() if c.status == "running"}
+    assert first in running, "the first worker (another command may be using it) was removed"
+    (second,) = [c for c in running.values() if c.id != first]
+    assert json.loads(second.labels["imagegen.mounts"]) == [str(other)]
+    again = box.generate("-o", str(box.base / "out" / "first-again.png"))
+    assert again.returncode == 0, again.stderr.decode()
+    assert "starting a Docker worker" not in again.stderr.decode(), "the first worker fits and is reused"
+    assert {c.id for c in box.containers()} == set(running)
+    second.remove(force=True)
+
+
 def test_stop_removes_the_worker(box):
     result = box.cli("stop", "--runtime", "docker")
     assert result.returncode == 0, result.stderr.decode()
@@ -361,6 +390,42 @@ def test_the_next_run_reaps_an_exited_worker(box):
     result = box.cli("workers", "--runtime", "docker", "--json")
     assert result.returncode == 0, result.stderr.decode()
     assert box.containers() == [], "the exited worker container was not reaped"
+
+
+def test_reap_never_removes_a_container_another_process_is_starting(box):
+    from filelock import FileLock
+
+    labels = {"imagegen.worker": "1", "imagegen.owner_uid": str(box.uid), "imagegen.slot": "cpu",
+              "imagegen.owner_pid": str(os.getpid()), "imagegen.image": IMAGE, "imagegen.started": str(int(time.time()))}
+    # created, not yet started, by a live owner (this test process) within its start timeout
+    created = box.client.containers.create(IMAGE, entrypoint=["/bin/true"], command=[], labels=labels,
+                                           user=f"{box.uid}:{box.gid}", name=f"imagegen-starting-test-{os.getpid()}")
+    lock_path = box.home / "state" / "workers" / "docker-cpu.lock"
+    exited = None
+    try:
+        result = box.cli("workers", "--runtime", "docker", "--json")
+        assert result.returncode == 0, result.stderr.decode()
+        assert created.id in {c.id for c in box.containers()}, "reap removed a container its owner is starting"
+        # an exited one on a slot whose lock another process holds (it is starting a worker there) stays too
+        exited = box.client.containers.run(IMAGE, entrypoint=["/bin/true"], command=[], detach=True,
+                                           labels={**labels, "imagegen.owner_pid": "999999", "imagegen.started": "0"},
+                                           user=f"{box.uid}:{box.gid}", name=f"imagegen-exited-test-{os.getpid()}")
+        assert exited.wait(timeout=60)["StatusCode"] == 0
+        with FileLock(str(lock_path)):
+            os.chown(lock_path, box.uid, box.gid)
+            held = box.cli("workers", "--runtime", "docker", "--json")
+            assert held.returncode == 0, held.stderr.decode()
+            assert exited.id in {c.id for c in box.containers()}, "reap ran outside the slot lock"
+        released = box.cli("workers", "--runtime", "docker", "--json")
+        assert released.returncode == 0, released.stderr.decode()
+        assert exited.id not in {c.id for c in box.containers()}, "with the lock free, the exited worker is reaped"
+        assert created.id in {c.id for c in box.containers()}
+    finally:
+        for container in (created, exited):
+            try:
+                container and container.remove(force=True)
+            except Exception:  # noqa: BLE001 - gone already
+                pass
 
 
 # --- Ctrl-C never leaves a container behind --------------------------------------------------

@@ -14,16 +14,17 @@ from pathlib import Path
 
 from imagegen import __version__
 from imagegen.runtimes.base import (
-    default_keep_warm,
-    default_start_timeout,
     WorkerHandle,
     cpu_slots,
+    default_keep_warm,
+    default_start_timeout,
     healthy,
     is_cpu_slot,
     pid_alive,
 )
-from imagegen.util import gpus, paths
+from imagegen.util import cancel, gpus, paths
 from imagegen.util.errors import ImagegenError
+from imagegen.util.files import write_private
 
 LABEL = "imagegen.worker"
 CONTAINER_PORT = "8188/tcp"
@@ -102,11 +103,16 @@ class DockerRuntime:
                             info={"container": container.id[:12], "image": self.image})
 
     def find(self, slot: str, mounts: set[str] = frozenset()) -> WorkerHandle | None:
+        """A running worker of this slot that fits: this image and memory cap, and it sees every file
+        in `mounts`. One that does not fit is left alone: someone may be using it (it idles out by
+        itself), and the caller starts a separate container beside it."""
         for container in self._containers(slot):
-            mounted = set(json.loads(container.labels.get("imagegen.mounts", "[]")))
+            try:
+                mounted = set(json.loads(container.labels.get("imagegen.mounts", "[]")))
+            except ValueError:
+                continue
             if (container.labels.get("imagegen.image") != self.image or not set(mounts) <= mounted
                     or container.labels.get("imagegen.memory", "") != memory_limit()):
-                self._remove(container)  # an older image, another memory cap, or it cannot see a file this job needs
                 continue
             handle = self._handle(container, slot, started_here=False)
             if handle and healthy(handle.url):
@@ -136,12 +142,16 @@ class DockerRuntime:
         gpu = not is_cpu_slot(slot)
         if gpu and "nvidia" not in (self.client.info().get("Runtimes") or {}):
             raise ImagegenError("nvidia_runtime_missing", f"GPU {slot} was requested but Docker has no NVIDIA runtime")
+        running = []
         for container in self._containers(slot, all_states=True):
-            self._remove(container)
+            if container.status in ("exited", "dead"):
+                self._remove(container)  # we hold the slot lock: nobody is starting it
+            elif container.status == "running":
+                running.append(container)  # another mount set, image or memory cap: left alone
         token_path = self._token_path(slot)
-        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(32))
+        # the slot's containers share its secret: a running one keeps the secret it was started with
+        if not (running and token_path.is_file()):
+            write_private(token_path, secrets.token_urlsafe(32))
         models_dir = paths.models_dir()
         models_dir.mkdir(parents=True, exist_ok=True)
         volumes = {str(models_dir): {"bind": "/models", "mode": "rw"},
@@ -151,8 +161,8 @@ class DockerRuntime:
         for index, tree in enumerate(self.shared_models):
             volumes[str(tree)] = {"bind": f"/shared/{index}", "mode": "ro"}
             command += ["--shared-models", f"/shared/{index}"]
-        for directory in sorted(mounts):  # local model files, visible at the same path as on the host
-            volumes[directory] = {"bind": directory, "mode": "ro"}
+        for path in sorted(mounts):  # local model files (the files, never their folders), at the same path
+            volumes[path] = {"bind": path, "mode": "ro"}
         labels = {LABEL: "1", "imagegen.slot": slot, "imagegen.device": "cuda" if gpu else "cpu",
                   "imagegen.version": __version__, "imagegen.image": self.image, "imagegen.owner_uid": str(self.uid),
                   "imagegen.owner_pid": str(os.getpid()), "imagegen.mounts": json.dumps(sorted(mounts)),
@@ -189,6 +199,7 @@ class DockerRuntime:
             handle = self._handle(container, slot, started_here=True)
             if handle and healthy(handle.url):
                 return handle
+            cancel.check("the worker start")  # an MCP client gave up: the container is removed
             time.sleep(0.25)
         raise ImagegenError("timeout", f"the Docker worker was not ready within {self.start_timeout:.0f}s. Last log lines:\n{self._logs(container)}",
                             hint="Set IMAGEGEN_START_TIMEOUT higher on a slow machine.", phase="server_start")
@@ -249,16 +260,44 @@ class DockerRuntime:
             pass
 
     def reap(self) -> list[str]:
-        """Remove exited workers, and workers stuck starting whose owner process is gone."""
+        """Remove exited workers, and workers stuck starting (or created, never started) whose owner
+        process is gone and whose start timeout has passed. A slot another process holds the lock of
+        (it is starting a worker there) is skipped: nothing it may still be starting is removed."""
+        from filelock import FileLock, Timeout
+
         removed = []
+        by_slot: dict[str, list] = {}
         for container in self._containers(all_states=True):
-            stuck = (container.status == "running" and container.attrs.get("State", {}).get("Health", {}).get("Status") == "starting"
-                     and not pid_alive(int(container.labels.get("imagegen.owner_pid", "0")))
-                     and time.time() - int(container.labels.get("imagegen.started", "0")) > self.start_timeout)
-            if container.status in ("exited", "dead", "created") or stuck:
-                self._remove(container)
-                removed.append(container.name)
+            by_slot.setdefault(container.labels.get("imagegen.slot", "?"), []).append(container)
+        for slot, containers in by_slot.items():
+            try:
+                with FileLock(str(self.dir / f"docker-{slot}.lock"), timeout=0):
+                    removed += [c.name for c in containers if self._reap_one(c)]
+            except (Timeout, OSError):
+                continue  # another process is starting a worker on this slot
         return removed
+
+    def _reap_one(self, container) -> bool:
+        try:
+            container.reload()
+        except Exception:  # noqa: BLE001 - gone meanwhile
+            return False
+        status = container.status
+        if status in ("exited", "dead"):
+            self._remove(container)
+            return True
+        try:
+            owner = int(container.labels.get("imagegen.owner_pid", "0"))
+            started = int(container.labels.get("imagegen.started", "0"))
+        except ValueError:
+            owner, started = 0, 0
+        abandoned = not pid_alive(owner) and time.time() - started > self.start_timeout
+        starting = status == "created" or (status == "running" and
+                                           container.attrs.get("State", {}).get("Health", {}).get("Status") == "starting")
+        if starting and abandoned:
+            self._remove(container)
+            return True
+        return False
 
     def workers(self) -> list[dict]:
         self.reap()
