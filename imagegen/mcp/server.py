@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from imagegen import __version__
 from imagegen.engine import generate as gen
 from imagegen.engine.progress import Reporter
+from imagegen.util import cancel
 from imagegen.util.errors import ImagegenError
 
 THUMBNAIL_PX = 128
@@ -238,7 +239,13 @@ class ImagegenTools:
 
     def _render(self, specs: list[ImageSpec], ctx: Context, batch: bool, cancelled: threading.Event) -> CallToolResult:
         """Images as they finish, and failures as imagegen.error/1 records: generate_image fails as a
-        whole (still listing any images it wrote), while batch goes on with its other items."""
+        whole (still listing any images it wrote), while batch goes on with its other items. A cancelled
+        call stops wherever it is: a download, a worker start (the worker is stopped) or rendering."""
+        with cancel.scope(cancelled):
+            return self._render_items(specs, ctx, batch, cancelled)
+
+    def _render_items(self, specs: list[ImageSpec], ctx: Context, batch: bool,
+                      cancelled: threading.Event) -> CallToolResult:
         content, results, errors = [], [], []
 
         def failed(index: int, error: ImagegenError) -> None:

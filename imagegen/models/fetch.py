@@ -28,7 +28,7 @@ from imagegen.models import cache
 from imagegen.models.fetch_progress import gib
 from imagegen.models.ledger import Ledger, lock_dir, sha256_file
 from imagegen.models.registry import Bundle, ModelFile
-from imagegen.util import paths
+from imagegen.util import cancel, paths
 from imagegen.util.errors import EXIT_INTERRUPTED, ImagegenError
 from imagegen.util.files import nearest_existing_parent
 
@@ -233,7 +233,12 @@ def _fetch_one(remote: RemoteFile, models_dir: Path, token: str | None, emit: Ev
         lock.acquire(timeout=0)
     except Timeout:
         emit({**base, "event": "waiting", "message": f"another process is downloading {_label(file)}; waiting"})
-        lock.acquire()
+        while True:
+            try:
+                lock.acquire(timeout=1.0)
+                break
+            except Timeout:
+                cancel.check("the wait for another download")
     try:
         ledger = Ledger(models_dir)
         if final.is_file():  # finished by the process we waited for
@@ -286,14 +291,19 @@ def fetch_bundle(bundle: Bundle, models_dir: Path | None = None, on_event: Event
 
     Failures raise ImagegenError (or KeyboardInterrupt) after an "error" event.
     """
-    emit = on_event or (lambda event: None)
+    notify = on_event or (lambda event: None)
+
+    def emit(event: Event) -> None:  # every event, a progress tick included, is a point to stop at
+        cancel.check("the download")
+        notify(event)
+
     try:
         return _fetch_bundle(bundle, Path(models_dir or paths.models_dir()), emit)
     except ImagegenError as error:
-        emit({"event": "error", "model": bundle.name, **{k: v for k, v in error.to_json().items() if k != "schema"}})
+        notify({"event": "error", "model": bundle.name, **{k: v for k, v in error.to_json().items() if k != "schema"}})
         raise
     except KeyboardInterrupt:
-        emit({"event": "error", "model": bundle.name, "code": "interrupted", "exit_code": EXIT_INTERRUPTED,
+        notify({"event": "error", "model": bundle.name, "code": "interrupted", "exit_code": EXIT_INTERRUPTED,
               "message": "interrupted; the next fetch continues where this one stopped"})
         raise
 

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from imagegen.util import cancel
 from imagegen.util.files import write_atomic
 
 LEDGER = ".imagegen-verified.json"
@@ -64,5 +65,6 @@ def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while block := handle.read(HASH_BLOCK):
+            cancel.check("the checksum of a model file")
             digest.update(block)
     return digest.hexdigest()

@@ -18,7 +18,6 @@ from imagegen.util.env import env_float
 from imagegen.util.errors import ImagegenError
 
 
-
 def default_keep_warm() -> float:
     """IMAGEGEN_KEEP_WARM, checked when a runtime is made (a bad value is invalid_argument, not a crash on import)."""
     return env_float("IMAGEGEN_KEEP_WARM", 300.0, minimum=0.0)

@@ -17,17 +17,17 @@ from pathlib import Path
 
 from imagegen.comfy.client import ComfyClient
 from imagegen.runtimes.base import (
-    default_keep_warm,
-    default_start_timeout,
     WorkerHandle,
     cpu_slots,
+    default_keep_warm,
     default_slot,
+    default_start_timeout,
     healthy,
     is_cpu_slot,
     log_tail,
     pid_alive,
 )
-from imagegen.util import paths, procs
+from imagegen.util import cancel, paths, procs
 from imagegen.util.env import env_float
 from imagegen.util.errors import ImagegenError
 from imagegen.util.files import write_private
@@ -163,6 +163,7 @@ class LocalRuntime:
                 client = ComfyClient(f"http://127.0.0.1:{record['port']}", record["token"], request_timeout=30)
                 info = client.worker_info()
             except ImagegenError:
+                cancel.check("the wait for a busy worker")
                 time.sleep(1.0)
                 continue
             if info.get("pid") == record.get("pid") and info.get("comfy_pid") and _comfy_ours(record):
@@ -202,6 +203,7 @@ class LocalRuntime:
                     record = json.loads(record_path.read_text())
                     if record.get("pid") == process.pid:
                         return self._handle(slot, record, started_here=True)
+                cancel.check("the worker start")  # an MCP client gave up: stop the worker it was waiting for
                 time.sleep(0.1)
             raise ImagegenError("timeout", f"the local worker was not ready within {self.start_timeout:.0f}s. "
                                 f"Last lines of {log_path}:\n{log_tail(log_path)}",
