@@ -56,6 +56,7 @@ def run_scheduler(runtime, jobs, depth: int = 2, timeouts: Timeouts | None = Non
 # --- configuration --------------------------------------------------------------------------
 
 def test_entries_take_tokens_inline_from_files_or_a_default_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGEGEN_REMOTE_INSECURE", "1")  # these hosts are not loopback and plain http
     token_file = tmp_path / "token"
     token_file.write_text("from-file\n")
     remotes = parse_entries(f" http://gpu-a:8188/#inline , https://gpu-b.example/comfy#@{token_file},http://10.0.0.3:9000")
@@ -66,6 +67,23 @@ def test_entries_take_tokens_inline_from_files_or_a_default_file(tmp_path, monke
     monkeypatch.setenv(ENV, "http://a:1,http://b:2#own")
     monkeypatch.setenv(TOKEN_FILE_ENV, str(token_file))
     assert [r.token for r in parse_entries()] == ["from-file", "own"]
+
+
+@pytest.mark.parametrize("entry", ["http://gpu-box:8188#s3cret", "http://10.0.0.3:9000#s3cret", "http://[fe80::1]:8188#s3cret"])
+def test_a_token_over_plain_http_to_another_host_is_refused_unless_opted_in(entry, monkeypatch):
+    monkeypatch.delenv("IMAGEGEN_REMOTE_INSECURE", raising=False)
+    with pytest.raises(ImagegenError) as caught:
+        parse_entries(entry)
+    assert caught.value.code == "invalid_argument" and "unencrypted" in caught.value.message
+    assert "https://" in caught.value.hint and "IMAGEGEN_REMOTE_INSECURE=1" in caught.value.hint
+    monkeypatch.setenv("IMAGEGEN_REMOTE_INSECURE", "1")
+    assert parse_entries(entry)[0].token == "s3cret"
+
+
+def test_loopback_https_and_tokenless_entries_need_no_opt_in(monkeypatch):
+    monkeypatch.delenv("IMAGEGEN_REMOTE_INSECURE", raising=False)
+    entries = "http://127.0.0.1:8188#a,http://localhost:9#b,http://[::1]:7#c,https://gpu-box:443#d,http://gpu-box:8188"
+    assert [r.token for r in parse_entries(entries)] == ["a", "b", "c", "d", ""]
 
 
 @pytest.mark.parametrize("entry, fragment", [

@@ -11,6 +11,7 @@ must already hold every file a job names, under the same name, in its own models
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import time
@@ -28,6 +29,7 @@ from imagegen.util.errors import ImagegenError
 
 ENV = "IMAGEGEN_REMOTE_WORKERS"
 TOKEN_FILE_ENV = "IMAGEGEN_REMOTE_TOKEN_FILE"
+INSECURE_ENV = "IMAGEGEN_REMOTE_INSECURE"  # =1: allow a token over plain http:// to another host
 ENTRY_HINT = f"Set {ENV} to comma-separated URL[#TOKEN] entries, e.g. http://gpu-box:8188#s3cret or http://gpu-box:8188#@/path/to/token."
 
 
@@ -40,6 +42,16 @@ class Remote:
     @property
     def name(self) -> str:
         return f"{self.slot}@{urlsplit(self.url).netloc}"
+
+
+def _loopback(host: str) -> bool:
+    """This machine: localhost or a loopback address (127.0.0.0/8, ::1)."""
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _read_token(path: str, where: str) -> str:
@@ -81,6 +93,11 @@ def parse_entries(entries: list[str] | str | None = None) -> list[Remote]:
             token = _read_token(default_token_file, where)
         if re.search(r"\s", token):
             raise ImagegenError("invalid_argument", f"{where}: the token contains whitespace", hint=ENTRY_HINT)
+        if token and parts.scheme == "http" and not _loopback(parts.hostname) and os.environ.get(INSECURE_ENV) != "1":
+            raise ImagegenError("invalid_argument", f"{where}: {url} would send its token unencrypted (plain http:// to "
+                                f"{parts.hostname}, not this machine)",
+                                hint=f"Use https://, reach the worker through an SSH tunnel (http://127.0.0.1:PORT), "
+                                     f"or set {INSECURE_ENV}=1 on a network you trust.")
         if any(r.url == url for r in remotes):
             raise ImagegenError("invalid_argument", f"{where}: {url} is listed twice", hint=ENTRY_HINT)
         remotes.append(Remote(slot=f"remote-{len(remotes) + 1}", url=url, token=token))
