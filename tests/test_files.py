@@ -97,3 +97,17 @@ def test_there_is_one_atomic_write_in_the_package():
         if relative not in allowed and re.search(r"os\.replace\(|os\.link\(|\.partial\b|\.tmp\"", text):
             found.append(relative)
     assert not found, f"use imagegen.util.files.write_atomic in {found}"
+
+
+def test_write_private_makes_a_0600_file_atomically_and_is_the_only_secret_writer(tmp_path):
+    target = tmp_path / "private" / "worker.token"
+    files.write_private(target, "s3cret")
+    assert target.read_text() == "s3cret" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert stat.S_IMODE(target.parent.stat().st_mode) == 0o700
+    old_inode = target.stat().st_ino
+    files.write_private(target, "new")  # a rename: a file bind-mounted into a container keeps the old secret
+    assert target.read_text() == "new" and target.stat().st_ino != old_inode
+    assert os.listdir(target.parent) == ["worker.token"]
+    writers = [path.relative_to(REPO).as_posix() for path in (REPO / "imagegen").rglob("*.py")
+               if re.search(r"O_CREAT[^\n]*0o600|0o600[^\n]*O_CREAT", path.read_text(encoding="utf-8"))]
+    assert writers == [], f"write 0600 files with imagegen.util.files.write_private, not in {writers}"

@@ -56,13 +56,13 @@ def select(gpus: list[Gpu], choice: str | None) -> list[Gpu]:
     chosen = []
     parts = [p.strip() for p in choice.removeprefix("device=").split(",")]
     if not any(parts):
-        raise ImagegenError("invalid_argument", f"--gpus {choice!r}: name GPUs, all or cpu", hint=hint)
+        raise ImagegenError("invalid_argument", f"--gpus {choice!r}: name GPUs, all or cpu (GPUs: {known})", hint=hint)
     for part in parts:
         if not part:
             continue
         if part.lower() in CPU_CHOICES or part.lower() == "all":
-            raise ImagegenError("invalid_argument", f"--gpus {choice}: {part!r} cannot be combined with GPUs",
-                                hint=hint)
+            raise ImagegenError("invalid_argument",
+                                f"--gpus {choice}: {part!r} cannot be combined with GPUs (GPUs: {known})", hint=hint)
         match = [g for g in gpus
                  if str(g.index) == part or g.uuid == part or (part.startswith("GPU-") and g.uuid.startswith(part))]
         if not match:
