@@ -14,11 +14,14 @@ from imagegen.util.errors import ImagegenError
 
 def test_plain_lines_and_jsonl_items():
     items = batch.parse_items('a red fox\n\n# a comment\n{"prompt": "a cat", "seed": 3, "count": 2}\n')
-    assert [(i.line, i.fields) for i in items] == [(1, {"prompt": "a red fox"}), (4, {"prompt": "a cat", "seed": 3, "count": 2})]
+    assert [(i.line, i.fields) for i in items] == [(1, {"prompt": "a red fox"}),
+                                                   (4, {"prompt": "a cat", "seed": 3, "count": 2})]
 
 
-@pytest.mark.parametrize("text, fragment", [('{"prompt": "x",}', "line 1: not valid JSON"), ('ok\n{"seed": 1}', 'line 2: a JSON item needs'),
-                                            ('{"prompt": "x", "colour": "red"}', "unknown field(s) colour"), ("\n# only comments\n", "no prompts")])
+@pytest.mark.parametrize("text, fragment", [('{"prompt": "x",}', "line 1: not valid JSON"),
+                                            ('ok\n{"seed": 1}', "line 2: a JSON item needs"),
+                                            ('{"prompt": "x", "colour": "red"}', "unknown field(s) colour"),
+                                            ("\n# only comments\n", "no prompts")])
 def test_bad_input_names_the_line(text, fragment):
     with pytest.raises(ImagegenError) as caught:
         batch.parse_items(text)
@@ -32,7 +35,8 @@ def test_output_names_cannot_escape_the_directory(name):
 
 
 def test_plans_are_stable_across_runs_and_validated_per_line(tmp_path):
-    items = batch.parse_items('a fox\n{"prompt": "a cat", "count": 3, "output": "cat", "model": "sdxl", "size": "768x512"}\n')
+    items = batch.parse_items('a fox\n{"prompt": "a cat", "count": 3, "output": "cat", "model": "sdxl", '
+                              '"size": "768x512"}\n')
     first = batch.plan(items, tmp_path, {"model": "sd15"}, 0, pack=1)
     second = batch.plan(items, tmp_path, {"model": "sd15"}, 0, pack=1)
     assert [j.key for j in first] == [j.key for j in second] and len(first) == 4
@@ -43,7 +47,8 @@ def test_plans_are_stable_across_runs_and_validated_per_line(tmp_path):
     packed = batch.plan(items, tmp_path, {"model": "sd15"}, 0, pack=2)
     assert [j.params.batch_size for j in packed] == [1, 2, 1] and len(packed[1].targets) == 2
     fast = batch.plan(items, tmp_path, {"model": "sd15", "fast": True}, 0, pack=1)
-    assert all(j.params.fast for j in fast) and [j.key for j in fast] == [j.key for j in first], "--fast changes how, not what: a rerun resumes"
+    assert all(j.params.fast for j in fast) and [j.key for j in fast] == [j.key for j in first], \
+        "--fast changes how, not what: a rerun resumes"
     with pytest.raises(ImagegenError, match="line 1: fast must be true or false"):
         batch.plan(batch.parse_items('{"prompt": "x", "fast": "yes"}'), tmp_path, {"model": "sd15"}, 0, pack=1)
     bad = batch.parse_items('ok\n{"prompt": "x", "size": "65x64"}')
@@ -53,7 +58,8 @@ def test_plans_are_stable_across_runs_and_validated_per_line(tmp_path):
 
 def test_queue_keeps_a_worker_on_its_loaded_model():
     registry = Registry.load()
-    jobs = [Job(key=str(i), bundle=registry.get(name), params=None, targets=[]) for i, name in enumerate(["sd15", "sdxl", "sdxl", "sd15"])]
+    jobs = [Job(key=str(i), bundle=registry.get(name), params=None, targets=[])
+            for i, name in enumerate(["sd15", "sdxl", "sdxl", "sd15"])]
     worker = WorkerState("0", last_bundle="sd15")
     assert prefer_loaded_model(worker, jobs).key == "0"
     worker.last_bundle = None
@@ -70,7 +76,8 @@ def test_manifest_ignores_a_truncated_line_and_missing_files(tmp_path):
     manifest = batch.Manifest(tmp_path)
     present = tmp_path / "a.png"
     present.write_bytes(b"x")
-    manifest.append([{"key": "k1", "status": "done", "path": str(present)}, {"key": "k2", "status": "done", "path": str(tmp_path / "gone.png")},
+    manifest.append([{"key": "k1", "status": "done", "path": str(present)},
+                     {"key": "k2", "status": "done", "path": str(tmp_path / "gone.png")},
                      {"key": "k3", "status": "failed", "path": str(present)}])
     with open(manifest.path, "a") as handle:
         handle.write('{"key": "k4", "status": "do')
@@ -85,12 +92,14 @@ def test_manifest_skips_lines_that_are_not_whole_records_with_one_warning(tmp_pa
     present.write_bytes(b"x")
     good = json.dumps({"key": "k1", "status": "done", "path": str(present)})
     (tmp_path / batch.MANIFEST).write_bytes("\n".join([
-        good, json.dumps({"status": "done", "path": str(present)}), "not json at all", "[1, 2]", '"a string"', "\xff\xfe",
-        json.dumps({"key": 7, "status": "done", "path": "x"}), '{"key": "k2", "sta']).encode("utf-8", "surrogateescape"))
+        good, json.dumps({"status": "done", "path": str(present)}), "not json at all", "[1, 2]", '"a string"',
+        "\xff\xfe", json.dumps({"key": 7, "status": "done", "path": "x"}), '{"key": "k2", "sta'
+    ]).encode("utf-8", "surrogateescape"))
     manifest = batch.Manifest(tmp_path)
     assert manifest.read() == [json.loads(good)]
     assert manifest.unreadable == [2, 3, 4, 5, 6, 7, 8]
-    assert manifest.warning().count("warning:") == 1 and "skipped 7 unreadable line(s) (first: line 2)" in manifest.warning()
+    assert manifest.warning().count("warning:") == 1
+    assert "skipped 7 unreadable line(s) (first: line 2)" in manifest.warning()
 
 
 def test_a_line_appended_after_a_cut_off_line_is_kept_and_each_append_is_one_write(tmp_path, monkeypatch):
@@ -100,7 +109,8 @@ def test_a_line_appended_after_a_cut_off_line_is_kept_and_each_append_is_one_wri
     real_write = os.write
     monkeypatch.setattr(os, "write", lambda fd, data: writes.append(bytes(data)) or real_write(fd, data))
     manifest.append([{"key": "k1", "status": "done", "path": "a.png", "index": i} for i in range(3)])
-    assert len(writes) == 1 and writes[0].startswith(b"\n") and writes[0].endswith(b"\n") and writes[0].count(b"\n") == 4
+    assert len(writes) == 1 and writes[0].startswith(b"\n") and writes[0].endswith(b"\n")
+    assert writes[0].count(b"\n") == 4
     assert [(r["key"], r["index"]) for r in manifest.read()] == [("k1", 0), ("k1", 1), ("k1", 2)]
     assert manifest.unreadable == [1]
 
@@ -111,16 +121,19 @@ def test_a_rerun_keeps_exactly_one_line_per_finished_image(tmp_path):
     manifest = batch.Manifest(tmp_path)
     done = {"key": "k1", "status": "done", "path": str(kept)}
     manifest.append([{"key": "k1", "status": "failed", "path": str(kept)}, done, done,
-                     {"key": "k2", "status": "done", "path": str(gone)}, {"key": "k3", "status": "failed", "path": "x.png"},
+                     {"key": "k2", "status": "done", "path": str(gone)},
+                     {"key": "k3", "status": "failed", "path": "x.png"},
                      {"key": "other", "status": "done", "path": "elsewhere.png"}])
     with open(manifest.path, "a") as handle:
         handle.write("garbage\n")
-    jobs = [Job(key=k, bundle=None, params=None, targets=[t]) for k, t in (("k1", kept), ("k2", gone), ("k3", tmp_path / "x.png"))]
+    jobs = [Job(key=k, bundle=None, params=None, targets=[t])
+            for k, t in (("k1", kept), ("k2", gone), ("k3", tmp_path / "x.png"))]
     records = manifest.read()
     finished = manifest.finished(records, jobs)
     assert finished == {"k1"}
     manifest.compact(records, jobs, finished)
-    assert manifest.read() == [done, {"key": "other", "status": "done", "path": "elsewhere.png"}] and manifest.unreadable == []
+    assert manifest.read() == [done, {"key": "other", "status": "done", "path": "elsewhere.png"}]
+    assert manifest.unreadable == []
     before = manifest.path.stat().st_mtime_ns
     manifest.compact(manifest.read(), jobs, finished)
     assert manifest.path.stat().st_mtime_ns == before, "nothing to drop: the file is left alone"
@@ -149,7 +162,8 @@ def test_an_output_link_leading_out_of_the_folder_is_refused(tmp_path):
     items = batch.parse_items('a\n{"prompt": "x", "output": "castle"}')
     with pytest.raises(ImagegenError) as caught:
         batch.plan(items, out, {"model": "sd15"}, 0, pack=1)
-    assert caught.value.exit_code == 2 and caught.value.message.startswith("line 2: output") and "leads outside" in caught.value.message
+    assert caught.value.exit_code == 2 and caught.value.message.startswith("line 2: output")
+    assert "leads outside" in caught.value.message
 
 
 def test_the_cli_refuses_an_overlong_line_without_waiting_for_the_end_of_stdin(tmp_path, isolated_home):
@@ -160,7 +174,8 @@ def test_the_cli_refuses_an_overlong_line_without_waiting_for_the_end_of_stdin(t
 
     from conftest import REPO
 
-    process = subprocess.Popen([sys.executable, str(REPO / "generate_image.py"), "batch", "-o", str(tmp_path / "out"), "--json"],
+    process = subprocess.Popen([sys.executable, str(REPO / "generate_image.py"), "batch", "-o", str(tmp_path / "out"),
+                                "--json"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stop = threading.Event()
 
@@ -176,7 +191,7 @@ def test_the_cli_refuses_an_overlong_line_without_waiting_for_the_end_of_stdin(t
     writer = threading.Thread(target=feed, daemon=True)
     writer.start()
     try:
-        process.wait(timeout=120)  # not communicate(): it would close stdin, and end of input is what must not be needed
+        process.wait(timeout=120)  # not communicate(): it would close stdin, and the end of input must not be needed
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
@@ -193,6 +208,8 @@ def test_the_cli_refuses_an_output_name_that_leaves_the_folder_before_anything_s
     from conftest import run_cli
 
     out = tmp_path / "out"
-    result = run_cli("batch", "-o", str(out), "-m", "sd15", input=f'ok\n{{"prompt": "x", "output": "{name}"}}\n'.encode(), timeout=120)
-    assert result.returncode == 2 and "line 2: output name" in result.stderr.decode() and "hint:" in result.stderr.decode()
+    lines = f'ok\n{{"prompt": "x", "output": "{name}"}}\n'.encode()
+    result = run_cli("batch", "-o", str(out), "-m", "sd15", input=lines, timeout=120)
+    assert result.returncode == 2 and "line 2: output name" in result.stderr.decode()
+    assert "hint:" in result.stderr.decode()
     assert not out.exists(), "nothing started, nothing written"

@@ -55,8 +55,10 @@ def edit(state: funnel.Funnel, change) -> None:
 
 
 @pytest.mark.parametrize("change, field, fragment", [
-    (lambda d: d["stages"][0]["images"][0].update(path="/etc/passwd"), "stages[0].images[0].path", "must be a path relative"),
-    (lambda d: d["stages"][1]["images"][0].update(path="../../victim.png"), "stages[1].images[0].path", "leads outside"),
+    (lambda d: d["stages"][0]["images"][0].update(path="/etc/passwd"), "stages[0].images[0].path",
+     "must be a path relative"),
+    (lambda d: d["stages"][1]["images"][0].update(path="../../victim.png"), "stages[1].images[0].path",
+     "leads outside"),
     (lambda d: d["stages"][0].update(dir="stage-1-drafts/../.."), "stages[0].dir", "leads outside"),
     (lambda d: d["stages"][0].update(sheet="/tmp/sheet.png"), "stages[0].sheet", "must be a path relative"),
     (lambda d: d["stages"][0]["images"][1].update(path=7), "stages[0].images[1].path", "must be a path relative"),
@@ -68,13 +70,16 @@ def edit(state: funnel.Funnel, change) -> None:
     (lambda d: d["stages"][1].update(name="../x"), "stages[1].name", "not a stage name"),
     (lambda d: d.update(stages="all"), "stages", "non-empty list"),
     (lambda d: d.update(seed="7"), "seed", "wrong type"),
+    (lambda d: d["stages"][0].update(count=10**9), "stages[0]", "count 1000000000 is outside"),
+    (lambda d: d["stages"][0].update(count=None), "stages[0].count", "not a whole number"),
 ])
 def test_a_crafted_state_file_is_refused_naming_the_field(picked, change, field, fragment):
     edit(picked, change)
     with pytest.raises(ImagegenError) as caught:
         funnel.Funnel.load(picked.root)
     assert caught.value.code == "invalid_funnel_state" and caught.value.exit_code == 2
-    assert caught.value.details["field"] == field and f": {field}: " in caught.value.message and fragment in caught.value.message
+    assert caught.value.details["field"] == field and f": {field}: " in caught.value.message
+    assert fragment in caught.value.message
 
 
 def test_a_link_in_the_funnel_folder_that_leads_out_is_refused(picked, tmp_path):
@@ -103,12 +108,14 @@ def test_a_source_image_gone_from_disk_fails_its_job_up_front(picked):
     source = picked.root / picked.record(1)["images"][1]["path"]
     source.unlink()  # between `resume` deciding to render stage 2 and the stage starting
     with pytest.raises(ImagegenError) as caught:
-        funnel.render_stage(picked, 2, None, Reporter(), print, funnel.Options(), set())  # no runtime: nothing is submitted
+        # no runtime: nothing may be submitted
+        funnel.render_stage(picked, 2, None, Reporter(), print, funnel.Options(), set())
     assert caught.value.code == "jobs_failed" and caught.value.exit_code == 1
     assert "stage 2 (refine): 1 image(s) failed" in caught.value.message and "is gone from disk" in caught.value.message
     assert f"imagegen funnel resume {picked.root}" in caught.value.hint
     image = funnel.Funnel.load(picked.root).record(2)["images"][0]
-    assert image["status"] == "failed" and image["error"]["code"] == "source_missing" and str(source) in image["error"]["message"]
+    assert image["status"] == "failed" and image["error"]["code"] == "source_missing"
+    assert str(source) in image["error"]["message"]
     assert funnel.Funnel.load(picked.root).next_step() == {"action": "render", "stage": 1, "name": "drafts"}, \
         "a resume draws the missing draft again first"
 
@@ -127,4 +134,5 @@ def test_a_funnel_on_remote_workers_fetches_no_model_here(tmp_path):
     assert status["status"] == "done" and len(images) == 4 and all(Path(r["path"]).is_file() for r in images)
     assert [r["funnel"]["stage"] for r in images].count(2) == 1
     models = home / "models"
-    assert not models.exists() or not any(p.is_file() for p in models.rglob("*")), "nothing is downloaded for remote workers"
+    assert not models.exists() or not any(p.is_file() for p in models.rglob("*")), \
+        "nothing is downloaded for remote workers"

@@ -35,8 +35,9 @@ def prompts(count: int) -> bytes:
 
 
 def start_batch(out: Path, env: dict, count: int, *extra: str) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, str(REPO / "generate_image.py"), *batch_args(out, *extra)], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env})
+    process = subprocess.Popen([sys.executable, str(REPO / "generate_image.py"), *batch_args(out, *extra)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, **env})
     process.stdin.write(prompts(count))
     process.stdin.close()
     process.stdin = None  # communicate() must not flush it again
@@ -83,7 +84,8 @@ def test_a_second_batch_on_the_same_folder_stops_at_once_with_output_busy(sim, t
     assert_each_image_once(out, 6)
     assert len(sim.records()) == 6, "the refused batch rendered nothing"
     again = run_cli(*batch_args(out, "--steps", "30"), input=prompts(6), env=env, timeout=120)
-    assert again.returncode == 0 and "6 of 6 image(s) already done" in again.stderr.decode(), "the lock is released at the end"
+    assert again.returncode == 0 and "6 of 6 image(s) already done" in again.stderr.decode(), \
+        "the lock is released at the end"
 
 
 def test_sigkill_mid_batch_then_a_rerun_has_every_image_exactly_once(sim, tmp_path):

@@ -3,8 +3,10 @@
 Input: one prompt per line, or JSONL objects with per-item overrides
   {"prompt": "...", "model": "sdxl", "seed": 7, "size": "768x512", "steps": 30, "cfg": 6,
    "negative": "...", "count": 4, "output": "castle.png", "sampler": "...", "scheduler": "...", "guidance": 3.5}
-Blank lines and lines starting with # are skipped. Output: a directory with the images and
-manifest.jsonl, one line per finished (or failed) image, appended and flushed as it happens.
+Blank lines and lines starting with # are skipped; each line is read with a bound (MAX_LINE_CHARS).
+Output: a directory with the images (an `output` is a plain file name in it) and manifest.jsonl, one
+line per finished (or failed) image, appended atomically as it happens (engine/manifest.py). The run
+holds .imagegen-batch.lock in the directory: a second batch there stops at once with output_busy.
 """
 
 from __future__ import annotations
@@ -282,7 +284,7 @@ def _run_locked(jobs: list[Job], out_dir: Path, runtime, reporter, emit, slots, 
     hashes = prepare_models(todo, fetch or make_fetcher(reporter), runtime)
 
     def budgets(job: Job, state) -> object:
-        resident = state.last_bundle == job.bundle.name
+        resident = state.last_model == job.bundle.name
         return render.job_budgets(job.bundle, job.params, state.handle.device, resident, timeouts, explicit)
 
     def on_outcome(outcome: Outcome) -> None:

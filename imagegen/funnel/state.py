@@ -10,7 +10,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from imagegen.engine import batch
-from imagegen.funnel.stages import NAME_RE, STAGE_TYPES, Stage, is_upscaler
+from imagegen.funnel.stages import NAME_RE, STAGE_TYPES, Stage, check_stage, is_upscaler
 from imagegen.models.registry import Registry
 from imagegen.util import files
 from imagegen.util.errors import ImagegenError
@@ -122,6 +122,12 @@ class Funnel:
                 raise self._bad(f"{where}.{key}", f"{value!r} is not a {kind.__name__}")
         if not NAME_RE.match(record["name"]):
             raise self._bad(f"{where}.name", f"{record['name']!r} is not a stage name")
+        if type(record.get("count")) is not int:
+            raise self._bad(f"{where}.count", f"{record.get('count')!r} is not a whole number")
+        try:
+            check_stage(Stage(**{key: record.get(key) for key in STAGE_TYPES}))  # counts and ranges, as a stage file
+        except ImagegenError as error:
+            raise self._bad(where, error.message) from None
         self.inside(record.get("dir"), f"{where}.dir")
         if record.get("sheet") is not None:
             self.inside(record["sheet"], f"{where}.sheet")
