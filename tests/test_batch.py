@@ -213,3 +213,24 @@ def test_the_cli_refuses_an_output_name_that_leaves_the_folder_before_anything_s
     assert result.returncode == 2 and "line 2: output name" in result.stderr.decode()
     assert "hint:" in result.stderr.decode()
     assert not out.exists(), "nothing started, nothing written"
+
+
+def test_a_full_disk_mid_append_is_disk_full_and_leaves_no_half_line(tmp_path, monkeypatch):
+    import errno
+
+    manifest = batch.Manifest(tmp_path)
+    manifest.append([{"key": "k1", "status": "done", "path": "a.png"}])
+    before = manifest.path.read_bytes()
+    real_write = os.write
+
+    def short_then_full(fd, data):  # what a disk that fills during the write does: part of it, then ENOSPC
+        if len(data) > 10:
+            return real_write(fd, bytes(data[:10]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", short_then_full)
+    with pytest.raises(ImagegenError) as caught:
+        manifest.append([{"key": "k2", "status": "done", "path": "b.png"}])
+    monkeypatch.undo()
+    assert caught.value.code == "disk_full" and str(manifest.path) in caught.value.message
+    assert manifest.path.read_bytes() == before, "the cut-off line is taken back"

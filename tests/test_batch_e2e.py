@@ -40,15 +40,17 @@ def worker_pid(env, slot) -> int:
 def test_prompts_from_stdin_over_two_workers(env, tiny_sd15, tmp_path):
     warm = run_cli(*batch_args(tiny_sd15, tmp_path / "warm", "--steps", "1"), input=b"one\ntwo\n", env=env)
     assert warm.returncode == 0, warm.stderr.decode()
-    prompts = "\n".join(f"prompt number {i}" for i in range(8)) + '\n{"prompt": "named", "output": "named", "seed": 9}\n'
+    named = '{"prompt": "named", "output": "named", "seed": 9}'
+    prompts = "\n".join(f"prompt number {i}" for i in range(8)) + f"\n{named}\n"
     out = tmp_path / "out"
     result = run_cli(*batch_args(tiny_sd15, out, "--steps", "30", "--json"), input=prompts.encode(), env=env)
     assert result.returncode == 0, result.stderr.decode()
     lines = [json.loads(line) for line in result.stdout.decode().splitlines()]
     assert len(lines) == 9 and all(line["status"] == "done" for line in lines)
-    assert lines == sorted(manifest(out), key=lambda l: [x["key"] for x in lines].index(l["key"]))
+    assert lines == sorted(manifest(out), key=lambda line: [x["key"] for x in lines].index(line["key"]))
     assert {line["worker"] for line in lines} == {"local-cpu", "local-cpu-2"}, "both workers must take jobs"
-    assert (out / "named.png").is_file() and next(l for l in lines if l["path"].endswith("named.png"))["seed"] == 9
+    assert (out / "named.png").is_file()
+    assert next(line for line in lines if line["path"].endswith("named.png"))["seed"] == 9
     for line in lines:
         assert png.png_size(Path(line["path"]).read_bytes()) == (64, 64)
     # a rerun of the same command skips everything and starts nothing
@@ -61,8 +63,9 @@ def test_prompts_from_stdin_over_two_workers(env, tiny_sd15, tmp_path):
 def test_a_killed_workers_jobs_finish_elsewhere(env, tiny_sd15, tmp_path):
     out = tmp_path / "out"
     prompts = "\n".join(f"long prompt {i}" for i in range(8)).encode()
-    process = subprocess.Popen([sys.executable, str(REPO / "generate_image.py"), *batch_args(tiny_sd15, out, "--steps", "150")],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env})
+    args = batch_args(tiny_sd15, out, "--steps", "150")
+    process = subprocess.Popen([sys.executable, str(REPO / "generate_image.py"), *args], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env})
     process.stdin.write(prompts)
     process.stdin.close()
     process.stdin = None  # communicate() must not flush it again

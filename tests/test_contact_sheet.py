@@ -42,7 +42,8 @@ def test_each_thumbnail_sits_in_its_cell_with_its_aspect_ratio(tmp_path):
     assert sheet.getpixel((x + THUMB // 2, y + THUMB // 2)) == (255, 0, 0)
     x, y = _cell(2, 2)
     assert sheet.getpixel((x + THUMB // 2, y + THUMB // 2)) == (0, 0, 255)
-    assert sheet.getpixel((x + THUMB // 2, y + 10)) == contact_sheet.BACKGROUND, "a 2:1 image fills half the cell's height"
+    assert sheet.getpixel((x + THUMB // 2, y + 10)) == contact_sheet.BACKGROUND, \
+        "a 2:1 image fills half the cell's height"
 
 
 def _label_band(sheet, index, count):
@@ -52,7 +53,7 @@ def _label_band(sheet, index, count):
 
 def test_labels_carry_index_and_seed(tmp_path):
     images = [_image(tmp_path / f"{i}.png", (0, 128, 0)) for i in range(3)]
-    tiles = [Tile(i + 1, seed, path) for i, (seed, path) in enumerate(zip((11, 22, 33), images))]
+    tiles = [Tile(i + 1, seed, path) for i, (seed, path) in enumerate(zip((11, 22, 33), images, strict=True))]
     sheet = contact_sheet.render(tiles, title="stage")
     blank = Image.new("RGB", (THUMB, LABEL), contact_sheet.LABEL_BACKGROUND)
     bands = [_label_band(sheet, i, 3) for i in (1, 2, 3)]

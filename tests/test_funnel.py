@@ -43,7 +43,8 @@ def test_default_stages_polish_with_flux_dev_only_when_its_files_are_there(isola
     registry = Registry.load()
     stages = default_stages(registry)
     assert [(s.name, s.model, s.count, s.keep) for s in stages] == [
-        ("drafts", "sd15", 20, 8), ("refine", "sdxl", 1, 3), ("polish", "sdxl", 1, 1), ("upscale", "realesrgan-x4", 1, None)]
+        ("drafts", "sd15", 20, 8), ("refine", "sdxl", 1, 3), ("polish", "sdxl", 1, 1),
+        ("upscale", "realesrgan-x4", 1, None)]
     assert stages[1].size == "1024x1024" and stages[1].denoise == 0.55 and stages[2].denoise == 0.3
     assert stages[2].steps > stages[1].steps and stages[3].scale == 2
     assert registry.get("realesrgan-x4").family == "upscale"
@@ -57,8 +58,9 @@ def test_default_stages_polish_with_flux_dev_only_when_its_files_are_there(isola
 def test_flags_set_each_stage(isolated_home, fake_models):
     checkpoint, upscaler = fake_models
     registry = Registry.load()
-    stages = configure(default_stages(registry), registry, models={**NO_MODELS, "upscale": str(upscaler)}, checkpoint=checkpoint,
-                       drafts=5, keep="4,2,1", size="64x64,128x128,128x128", steps="3", denoise="0.6,0.2", scale=4)
+    stages = configure(default_stages(registry), registry, models={**NO_MODELS, "upscale": str(upscaler)},
+                       checkpoint=checkpoint, drafts=5, keep="4,2,1", size="64x64,128x128,128x128", steps="3",
+                       denoise="0.6,0.2", scale=4)
     assert [s.model for s in stages] == [str(checkpoint)] * 3 + [str(upscaler)]
     assert [s.keep for s in stages[:3]] == [4, 2, 1] and stages[0].count == 5
     assert [s.size for s in stages[:3]] == ["64x64", "128x128", "128x128"] and all(s.steps == 3 for s in stages[:3])
@@ -94,7 +96,8 @@ def test_an_upscaler_cannot_come_first(isolated_home, fake_models):
 
 def test_stage_file_with_a_relative_model_path(tmp_path, isolated_home, fake_models):
     stage_file = tmp_path / "stages.yaml"
-    stage_file.write_text("stages:\n  - {name: drafts, model: ckpt.safetensors, count: 4, keep: 2, size: 64x64, steps: 2}\n"
+    stage_file.write_text("stages:\n"
+                          "  - {name: drafts, model: ckpt.safetensors, count: 4, keep: 2, size: 64x64, steps: 2}\n"
                           "  - name: big\n    model: ./up.safetensors\n    scale: 2\n")
     stages = load_stage_file(stage_file)
     assert stages == [Stage("drafts", str(fake_models[0]), count=4, keep=2, size="64x64", steps=2),
@@ -107,7 +110,8 @@ def test_stage_file_with_a_relative_model_path(tmp_path, isolated_home, fake_mod
 
 @pytest.mark.parametrize("text, line, fragment", [
     ("stages:\n  - name: drafts\n    model: sd15\n    count: many\n", 4, "count: expected int, got 'many'"),
-    ("stages:\n  - name: drafts\n    model: sd15\n  - {name: up, model: x, colour: red}\n", 4, "unknown stage field 'colour'"),
+    ("stages:\n  - name: drafts\n    model: sd15\n  - {name: up, model: x, colour: red}\n", 4,
+     "unknown stage field 'colour'"),
     ("stages:\n  - name: drafts\n    model: sd15\n    denoise: 2\n", 2, "denoise 2.0 is outside 0..1"),
     ("stages:\n  - name: Drafts!\n    model: sd15\n", 2, "stage name 'Drafts!'"),
     ("stages:\n  - name: drafts\n", 2, "a stage needs `model:`"),
@@ -137,7 +141,8 @@ def test_auto_without_a_scorer_says_it_keeps_the_first_n(monkeypatch, capsys):
     monkeypatch.delenv(funnel.SCORER_ENV, raising=False)
     images = [(i, Path(f"{i}.png")) for i in (1, 2, 3, 4)]
     assert funnel.auto_pick("a fox", images, 2, Reporter()) == [1, 2]
-    assert "no CLIP-similarity scorer is configured (IMAGEGEN_FUNNEL_SCORER), so it keeps the first 2: 1, 2" in capsys.readouterr().err
+    assert "no CLIP-similarity scorer is configured (IMAGEGEN_FUNNEL_SCORER), so it keeps the first 2: 1, 2" \
+        in capsys.readouterr().err
 
 
 def test_auto_with_a_scorer_keeps_the_best(tmp_path, monkeypatch, capsys):
@@ -173,8 +178,8 @@ def _finish(state: funnel.Funnel, number: int) -> None:
 
 
 def test_the_state_file_says_what_comes_next(tmp_path, isolated_home, fake_models):
-    stages = [Stage("drafts", str(fake_models[0]), count=4, keep=2), Stage("refine", str(fake_models[0]), count=2, keep=1),
-              Stage("up", str(fake_models[1]), scale=2)]
+    stages = [Stage("drafts", str(fake_models[0]), count=4, keep=2),
+              Stage("refine", str(fake_models[0]), count=2, keep=1), Stage("up", str(fake_models[1]), scale=2)]
     state = funnel.Funnel.create(tmp_path / "f", "a fox", None, 100, stages)
     with pytest.raises(ImagegenError) as caught:
         funnel.Funnel.create(tmp_path / "f", "a fox", None, 100, stages)
@@ -201,8 +206,8 @@ def test_the_state_file_says_what_comes_next(tmp_path, isolated_home, fake_model
 
 
 def test_a_stage_with_no_more_images_than_it_keeps_passes_them_all_on(tmp_path, isolated_home, fake_models):
-    state = funnel.Funnel.create(tmp_path / "f", "a fox", None, 5, [Stage("drafts", str(fake_models[0]), count=2, keep=3),
-                                                                     Stage("up", str(fake_models[1]))])
+    stages = [Stage("drafts", str(fake_models[0]), count=2, keep=3), Stage("up", str(fake_models[1]))]
+    state = funnel.Funnel.create(tmp_path / "f", "a fox", None, 5, stages)
     state.plan_images(1)
     _finish(state, 1)
     assert funnel.select(state, 1, funnel.Options(picks=("1",)), Reporter()) == ([1, 2], "all")
@@ -211,12 +216,13 @@ def test_a_stage_with_no_more_images_than_it_keeps_passes_them_all_on(tmp_path, 
 def test_without_picks_the_funnel_stops_and_one_command_at_a_time_works_on_it(tmp_path, isolated_home, fake_models):
     from filelock import FileLock
 
-    state = funnel.Funnel.create(tmp_path / "f", "a fox", None, 5, [Stage("drafts", str(fake_models[0]), count=3, keep=1),
-                                                                     Stage("up", str(fake_models[1]))])
+    stages = [Stage("drafts", str(fake_models[0]), count=3, keep=1), Stage("up", str(fake_models[1]))]
+    state = funnel.Funnel.create(tmp_path / "f", "a fox", None, 5, stages)
     state.plan_images(1)
     _finish(state, 1)
     status = funnel.advance(state, None, Reporter(), print, funnel.Options())
-    assert status["status"] == "awaiting_pick" and status["keep"] == 1 and status["sheet"].endswith("stage-1-drafts/sheet.png")
+    assert status["status"] == "awaiting_pick" and status["keep"] == 1
+    assert status["sheet"].endswith("stage-1-drafts/sheet.png")
     with FileLock(str(state.root / ".funnel.lock")):
         with pytest.raises(ImagegenError) as caught:
             funnel.advance(state, None, Reporter(), print, funnel.Options())
@@ -267,13 +273,15 @@ def test_a_whole_funnel_drafts_pick_refine_pick_polish_upscale(env, tiny_sd15, t
                           f"  - {{name: polish, model: {tiny_sd15}, keep: 1, size: 128x128, steps: 6, denoise: 0.3}}\n"
                           f"  - {{name: upscale, model: {tiny_esrgan}, scale: 2}}\n")
     out = tmp_path / "fox"
-    first = run_cli("funnel", "a red fox", "-o", str(out), "--stages", str(stage_file), "--workers", "2", "--json", env=env)
+    first = run_cli("funnel", "a red fox", "-o", str(out), "--stages", str(stage_file), "--workers", "2", "--json",
+                    env=env)
     assert first.returncode == 0, first.stderr.decode()
     *images, status = _json_lines(first.stdout)
     assert len(images) == 4 and {r["funnel"]["stage"] for r in images} == {1}
     for record in images:
         assert not list(Draft202012Validator(RESULT).iter_errors(record))
-    assert status["schema"] == "imagegen.funnel_status/1" and status["status"] == "awaiting_pick" and status["stage"] == 1
+    assert status["schema"] == "imagegen.funnel_status/1"
+    assert status["status"] == "awaiting_pick" and status["stage"] == 1
     assert status["command"] == f"imagegen funnel resume {out} --pick 1,2" and status["choices"] == [1, 2, 3, 4]
     with Image.open(status["sheet"]) as sheet:
         assert sheet.size == contact_sheet.sheet_size(4)
@@ -284,12 +292,13 @@ def test_a_whole_funnel_drafts_pick_refine_pick_polish_upscale(env, tiny_sd15, t
     second = run_cli("funnel", "resume", str(out), "--pick", "2,4", "--workers", "2", "--json", env=env)
     assert second.returncode == 0, second.stderr.decode()
     *refined, status = _json_lines(second.stdout)
-    assert [(r["funnel"]["stage_name"], r["funnel"]["source"]) for r in sorted(refined, key=lambda r: r["funnel"]["index"])] == [
-        ("refine", 2), ("refine", 4)]
+    ordered = sorted(refined, key=lambda r: r["funnel"]["index"])
+    assert [(r["funnel"]["stage_name"], r["funnel"]["source"]) for r in ordered] == [("refine", 2), ("refine", 4)]
     assert all((r["width"], r["height"], r["denoise"]) == (128, 128, 0.55) for r in refined)
     assert status["status"] == "awaiting_pick" and status["stage"] == 2
 
-    third = run_cli("funnel", "resume", str(out), "--pick", "2", "--workers", "2", env=env)  # human mode: paths on stdout
+    # human mode: paths on stdout
+    third = run_cli("funnel", "resume", str(out), "--pick", "2", "--workers", "2", env=env)
     assert third.returncode == 0, third.stderr.decode()
     paths = third.stdout.decode().split()
     assert len(paths) == 2 and "/stage-3-polish/" in paths[0] and "/stage-4-upscale/" in paths[1]
@@ -298,9 +307,10 @@ def test_a_whole_funnel_drafts_pick_refine_pick_polish_upscale(env, tiny_sd15, t
     assert png.png_size(final) == (256, 256)
     assert json.loads(png.read_text_chunks(final)["imagegen"])["family"] == "upscale"
     state = _state(out)
-    assert [(s["picks"], s["picked_by"]) for s in state["stages"]] == [([2, 4], "pick"), ([2], "pick"), ([1], "all"), (None, None)]
+    assert [(s["picks"], s["picked_by"]) for s in state["stages"]] == [
+        ([2, 4], "pick"), ([2], "pick"), ([1], "all"), (None, None)]
     assert state["next"] == {"action": "done"}
-    for number, stage in enumerate(state["stages"], start=1):
+    for stage in state["stages"]:
         with Image.open(out / stage["sheet"]) as sheet:
             assert sheet.size == contact_sheet.sheet_size(len(stage["images"]))
     shown = run_cli("funnel", "show", str(out), env=env)
@@ -358,7 +368,8 @@ def test_on_a_terminal_it_asks_and_shows_the_sheet(env, tiny_sd15, tmp_path):
     master, slave = pty.openpty()
     process = subprocess.Popen([sys.executable, str(REPO / "generate_image.py"), "funnel", "a cat", "-o", str(out),
                                 "--checkpoint", str(tiny_sd15), "--polish-model", "none", "--upscale-model", "none",
-                                "--drafts", "3", "--keep", "1", "--size", "64x64", "--steps", "2", "--workers", "2", "--no-progress"],
+                                "--drafts", "3", "--keep", "1", "--size", "64x64", "--steps", "2", "--workers", "2",
+                                "--no-progress"],
                                stdin=slave, stdout=subprocess.PIPE, stderr=slave, env={**os.environ, **env})
     os.close(slave)
     seen, answers = b"", [b"7\n", b"2\n"]

@@ -136,3 +136,20 @@ def test_a_funnel_on_remote_workers_fetches_no_model_here(tmp_path):
     models = home / "models"
     assert not models.exists() or not any(p.is_file() for p in models.rglob("*")), \
         "nothing is downloaded for remote workers"
+
+
+def test_a_full_disk_while_saving_the_state_is_disk_full_and_keeps_the_old_file(picked, monkeypatch):
+    import errno
+
+    from imagegen.util import files
+
+    before = (picked.root / "funnel.json").read_bytes()
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "write_atomic", full)
+    with pytest.raises(ImagegenError) as caught:
+        picked.save()
+    assert caught.value.code == "disk_full" and "funnel.json" in caught.value.message
+    assert (picked.root / "funnel.json").read_bytes() == before

@@ -76,7 +76,7 @@ class Manifest:
         try:
             files.write_atomic(self.path, text)
         except OSError as exc:
-            raise _write_error(self.path, exc) from None
+            raise write_error(self.path, exc) from None
 
     def append(self, records: list[dict]) -> None:
         data = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records).encode("utf-8")
@@ -96,12 +96,13 @@ class Manifest:
                 os.ftruncate(fd, size)  # no half line left behind
             except OSError:
                 pass
-            raise _write_error(self.path, exc) from None
+            raise write_error(self.path, exc) from None
         finally:
             os.close(fd)
 
 
-def _write_error(path: Path, exc: OSError) -> ImagegenError:
+def write_error(path: Path, exc: OSError) -> ImagegenError:
+    """What a user reads when a file imagegen keeps (a manifest, a state file) cannot be written."""
     if exc.errno in files.DISK_FULL:
         return ImagegenError("disk_full", f"no space left on the disk to write {path}",
                              hint="Free space there, then run the same command again: finished images are kept.")

@@ -10,6 +10,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from imagegen.engine import batch
+from imagegen.engine.manifest import write_error
 from imagegen.funnel.stages import NAME_RE, STAGE_TYPES, Stage, check_stage, is_upscaler
 from imagegen.models.registry import Registry
 from imagegen.util import files
@@ -149,8 +150,11 @@ class Funnel:
     # --- reading and writing -----------------------------------------------------------------
     def save(self) -> None:
         self.data["next"] = self.next_step()
-        self.root.mkdir(parents=True, exist_ok=True)
-        files.write_atomic(self.root / STATE_FILE, json.dumps(self.data, indent=1))
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            files.write_atomic(self.root / STATE_FILE, json.dumps(self.data, indent=1))
+        except OSError as exc:  # a full disk is disk_full, not internal_error; the old state file stays whole
+            raise write_error(self.root / STATE_FILE, exc) from None
 
     def stage(self, number: int) -> Stage:
         return Stage(**{f.name: self.data["stages"][number - 1][f.name] for f in fields(Stage)})
