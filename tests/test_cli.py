@@ -197,3 +197,18 @@ def test_the_version_and_the_comfyui_commit_are_written_down_once():
     assert holders == ["imagegen/__init__.py"], holders
     script = (REPO / "build-image.sh").read_text()
     assert "imagegen/__init__.py" in script and "COMFYUI_COMMIT=$comfy_commit" in script
+
+
+COMMANDS = ["generate", "batch", "workers", "stop", "mcp", "schema", "doctor", "version", "models", "models list",
+            "funnel", "funnel run"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_the_light_path_of_one_command_reads_as_the_whole_tree(command):
+    """`imagegen generate ...` builds only that command; its help is what the whole tree shows."""
+    from imagegen.cli.main import app
+
+    light = run_cli(*command.split(), "--help", env={"COLUMNS": "80"})
+    whole = CliRunner().invoke(app, [*command.split(), "--help"], prog_name="imagegen", terminal_width=78)
+    assert light.returncode == 0 and whole.exit_code == 0, whole.output
+    assert light.stdout.decode() == whole.output

@@ -4,8 +4,6 @@ stdout is data (paths or JSON); errors are a message and a hint on stderr (a JSO
 --json) and an exit code from the error table. Kept light: `imagegen --help` imports only this and typer.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import functools
 import inspect

@@ -1,7 +1,5 @@
 """`imagegen funnel`: many drafts, then picks, refine, polish and upscale (see imagegen.funnel)."""
 
-from __future__ import annotations
-
 import json
 import sys
 from dataclasses import dataclass

@@ -1,7 +1,5 @@
 """The `imagegen` command line. stdout is data (paths or JSON); everything else goes to stderr."""
 
-from __future__ import annotations
-
 import json
 import sys
 from pathlib import Path
@@ -264,13 +262,33 @@ def _interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _just_the_command(args: list[str]) -> tuple[typer.Typer, str, list[str]]:
+    """The light path of a one-shot call: `imagegen generate ...` builds the click command of
+    `generate` alone (building all of them parses every command's signature), with the same
+    options, help and errors. Anything else goes through the whole tree."""
+    settings = {"add_completion": False, "pretty_exceptions_enable": False, "rich_markup_mode": None}
+    name = args[0] if args else ""
+    for info in app.registered_commands:
+        if (info.name or info.callback.__name__.lower().replace("_", "-")) == name:
+            single = typer.Typer(**settings)
+            single.registered_commands.append(info)
+            return single, f"imagegen {name}", args[1:]
+    for info in app.registered_groups:
+        if info.name == name:
+            holder = typer.Typer(**settings)
+            holder.registered_groups.append(info)
+            return holder, "imagegen", args
+    return app, "imagegen", args
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `imagegen` command. Usage errors (a bad value, an unknown option, a missing argument) keep
     the error contract too: `error:`/`hint:` lines, or with --json anywhere the JSON error object; exit 2."""
     _interrupt_on_sigterm()  # `kill` cleans up like Ctrl-C does
     args = sys.argv[1:] if argv is None else list(argv)
+    target, prog_name, rest = _just_the_command(args)
     try:
-        code = app(args=args, prog_name="imagegen", standalone_mode=False)
+        code = target(args=rest, prog_name=prog_name, standalone_mode=False)
     except typer.Abort:
         print("Aborted.", file=sys.stderr)
         return 1

@@ -1,7 +1,5 @@
 """`imagegen models`: list, add, remove, pull and inspect models."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import Annotated
