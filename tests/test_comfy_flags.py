@@ -19,7 +19,7 @@ NEW_SAMPLER = "exp_heun_2_x0"
 OLD_FLAG = ('parser.add_argument("--disable-api-nodes", action="store_true", '
             'help="Disable loading all api nodes. Also prevents the frontend from communicating with the internet.")')
 NEW_FLAGS = '\n'.join([
-    'parser.add_argument("--disable-partner-nodes", dest="disable_api_nodes", action="store_true", help="No API nodes.")',
+    'parser.add_argument("--disable-partner-nodes", dest="disable_api_nodes", action="store_true", help="No API.")',
     'parser.add_argument("--offline", action="store_true", help="No network access at all.")',
     'parser.add_argument("--disable-assets", action="store_true", help="No assets database.")',
 ])

@@ -6,6 +6,9 @@ from imagegen import COMFYUI_VERSION
 from imagegen.comfy import choices, workflows
 from imagegen.models.registry import Registry
 
+TASKS = (("txt2img", {}), ("img2img", {"init_image": "imagegen/init.png", "denoise": 0.45}),
+         ("batch", {"batch_size": 4}), ("img2img-batch", {"init_image": "a.png", "batch_size": 2, "denoise": 0.3}),
+         ("txt2img-fast", {"fast": True}), ("img2img-fast", {"init_image": "a.png", "denoise": 0.5, "fast": True}))
 FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name1", "clip_name2", "vae_name", "model_name", "image"}
 
 
@@ -71,11 +74,10 @@ def every_graph():
             params = workflows.Params("x", 2048, 2048, 1, 0.0, "euler", "normal", 0, init_image="imagegen/final.png")
             yield f"{name}-upscale-resized", workflows.build(bundle, params)
             continue
-        for task, extra in (("txt2img", {}), ("img2img", {"init_image": "imagegen/init.png", "denoise": 0.45}),
-                            ("batch", {"batch_size": 4}), ("img2img-batch", {"init_image": "a.png", "batch_size": 2, "denoise": 0.3}),
-                            ("txt2img-fast", {"fast": True}), ("img2img-fast", {"init_image": "a.png", "denoise": 0.5, "fast": True})):
+        for task, extra in TASKS:
             params = workflows.Params(prompt="a lighthouse", negative="blurry", width=bundle.default("width"),
-                                      height=bundle.default("height"), steps=bundle.default("steps"), cfg=bundle.default("cfg"),
+                                      height=bundle.default("height"), steps=bundle.default("steps"),
+                                      cfg=bundle.default("cfg"),
                                       sampler=bundle.default("sampler"), scheduler=bundle.default("scheduler"),
                                       seed=workflows.MAX_SEED, guidance=bundle.default("guidance", 3.5), **extra)
             yield f"{name}-{task}", workflows.build(bundle, params)
@@ -95,10 +97,12 @@ def test_graph_matches_the_real_node_definitions(object_info, name, graph):
 @pytest.mark.comfyui
 def test_validator_catches_mistakes(object_info):
     graph = dict(every_graph())["sd15-txt2img"]
-    graph["sampler"] = {**graph["sampler"], "inputs": {**graph["sampler"]["inputs"], "steps": 0, "sampler_name": "bogus"}}
+    graph["sampler"] = {**graph["sampler"],
+                        "inputs": {**graph["sampler"]["inputs"], "steps": 0, "sampler_name": "bogus"}}
     del graph["latent"]["inputs"]["width"]
     problems = validate(graph, object_info)
-    assert any("steps" in p for p in problems) and any("bogus" in p for p in problems) and any("width" in p for p in problems)
+    for word in ("steps", "bogus", "width"):
+        assert any(word in p for p in problems), (word, problems)
 
 
 @pytest.mark.comfyui
@@ -113,7 +117,8 @@ def test_limits_and_choices_match_the_pinned_comfyui(object_info, comfy_worker):
     assert ksampler["cfg"][1]["max"] == workflows.MAX_CFG
     assert ksampler["seed"][1]["max"] == workflows.MAX_SEED
     latent = object_info["EmptyLatentImage"]["input"]["required"]
-    assert latent["width"][1]["max"] == workflows.MAX_RESOLUTION and latent["width"][1]["step"] == workflows.SIZE_MULTIPLE
+    assert latent["width"][1]["max"] == workflows.MAX_RESOLUTION
+    assert latent["width"][1]["step"] == workflows.SIZE_MULTIPLE
     assert latent["batch_size"][1]["max"] == workflows.MAX_BATCH
     assert object_info["FluxGuidance"]["input"]["required"]["guidance"][1]["max"] == workflows.MAX_GUIDANCE
 
@@ -127,12 +132,15 @@ def test_fast_mode_compiles_the_model_the_sampler_uses():
     sd15 = registry.get("sd15")
     plain, fast = workflows.build(sd15, _params(sd15)), workflows.build(sd15, _params(sd15, fast=True))
     assert "compile" not in plain and plain["sampler"]["inputs"]["model"] == ["load_checkpoint", 0]
-    assert fast["compile"] == {"class_type": "TorchCompileModel", "inputs": {"model": ["load_checkpoint", 0], "backend": "inductor"}}
+    assert fast["compile"] == {"class_type": "TorchCompileModel",
+                               "inputs": {"model": ["load_checkpoint", 0], "backend": "inductor"}}
     assert fast["sampler"]["inputs"]["model"] == ["compile", 0]
-    assert {k: v for k, v in fast.items() if k not in ("compile", "sampler")} == {k: v for k, v in plain.items() if k != "sampler"}
+    same = {k: v for k, v in plain.items() if k != "sampler"}
+    assert {k: v for k, v in fast.items() if k not in ("compile", "sampler")} == same
     flux = registry.get("flux-dev")
     graph = workflows.build(flux, _params(flux, fast=True))
-    assert graph["guider"]["inputs"]["model"] == ["compile", 0] and graph["compile"]["inputs"]["model"] == ["load_unet", 0]
+    assert graph["guider"]["inputs"]["model"] == ["compile", 0]
+    assert graph["compile"]["inputs"]["model"] == ["load_unet", 0]
 
 
 def test_fast_mode_uses_fp8_matmul_only_for_fp8_weights():

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import requests
 
@@ -72,17 +72,21 @@ class ComfyClient:
         try:
             return self.http.request(method, self.base_url + path, **kwargs)
         except requests.ConnectionError as exc:
-            raise ImagegenError("worker_unreachable", f"cannot reach the worker at {self.base_url}: {exc.__class__.__name__}") from exc
+            raise ImagegenError("worker_unreachable",
+                                f"cannot reach the worker at {self.base_url}: {exc.__class__.__name__}") from exc
         except requests.Timeout as exc:
-            raise ImagegenError("worker_unreachable", f"the worker at {self.base_url} did not answer {path} within {kwargs['timeout']:.0f}s") from exc
+            raise ImagegenError("worker_unreachable", f"the worker at {self.base_url} did not answer {path} "
+                                                      f"within {kwargs['timeout']:.0f}s") from exc
 
     def _json(self, method: str, path: str, **kwargs):
         response = self._request(method, path, **kwargs)
         if response.status_code in (401, 403):
-            raise ImagegenError("worker_unreachable", f"the worker refused our credentials ({response.status_code} on {path})",
+            raise ImagegenError("worker_unreachable",
+                                f"the worker refused our credentials ({response.status_code} on {path})",
                                 hint="Another process may own this port; run `imagegen stop --all` and try again.")
         if response.status_code >= 500:
-            raise ImagegenError("worker_unreachable", f"the worker at {self.base_url} answered {response.status_code} on {path}: ComfyUI is not answering")
+            raise ImagegenError("worker_unreachable", f"the worker at {self.base_url} answered {response.status_code} "
+                                                      f"on {path}: ComfyUI is not answering")
         response.raise_for_status()
         return response.json()
 
@@ -213,7 +217,8 @@ class ComfyClient:
                 prompt_id, entry = session.next_finished()
                 yield order[prompt_id], entry
 
-    def session(self, timeouts: Timeouts | None = None, on_progress: EventHandler | None = None, cancel=None) -> "JobSession":
+    def session(self, timeouts: Timeouts | None = None, on_progress: EventHandler | None = None,
+                cancel=None) -> JobSession:
         return JobSession(self, timeouts or Timeouts(), on_progress, cancel)
 
     def running_ids(self) -> list[str]:
@@ -227,11 +232,14 @@ class ComfyClient:
                 if name == "execution_error":
                     message = body.get("exception_message", "").strip()
                     lowered = message.lower()
-                    code = "out_of_memory" if "out of memory" in lowered or "allocation" in lowered and "memory" in lowered else "execution_failed"
+                    memory = "out of memory" in lowered or ("allocation" in lowered and "memory" in lowered)
+                    code = "out_of_memory" if memory else "execution_failed"
                     hint = None
                     if "mat1 and mat2 shapes cannot be multiplied" in message:
-                        hint = "The text encoder does not fit this model; check the bundle with `imagegen models inspect`."
-                    raise ImagegenError(code, f"ComfyUI failed in node {body.get('node_id')!r} ({body.get('node_type')}): {body.get('exception_type', '')}: {message}",
+                        hint = ("The text encoder does not fit this model; "
+                                "check the bundle with `imagegen models inspect`.")
+                    node = f"node {body.get('node_id')!r} ({body.get('node_type')})"
+                    raise ImagegenError(code, f"ComfyUI failed in {node}: {body.get('exception_type', '')}: {message}",
                                         hint=hint, node_type=body.get("node_type"))
                 if name == "execution_interrupted":
                     raise ImagegenError("interrupted", "the job was interrupted on the worker")
@@ -265,7 +273,7 @@ class JobSession:
         self.started = time.monotonic()
         self.next_poll = 0.0
 
-    def __enter__(self) -> "JobSession":
+    def __enter__(self) -> JobSession:
         self.events = self.client.open_events(self.client_id)
         return self
 
@@ -297,10 +305,14 @@ class JobSession:
         now = time.monotonic()
         for prompt_id in self.pending:
             state, limits = self.states[prompt_id], self.budgets[prompt_id]
-            budget = {"queued": limits.queue, "loading": limits.load, "running": limits.overall}.get(state.phase, limits.stall)
+            phases = {"queued": limits.queue, "loading": limits.load, "running": limits.overall}
+            budget = phases.get(state.phase, limits.stall)
             if now - self.clocks[prompt_id] > budget:
-                raise ImagegenError("timeout", f"the job stalled in phase '{state.phase}': nothing happened for {now - self.clocks[prompt_id]:.0f}s (budget {budget:.0f}s)",
-                                    hint=f"Raise the {state.phase} budget (IMAGEGEN_TIMEOUT_{state.phase.upper()}, see docs/timeouts.md), or check the worker log.",
+                quiet = now - self.clocks[prompt_id]
+                raise ImagegenError("timeout", f"the job stalled in phase '{state.phase}': nothing happened for "
+                                               f"{quiet:.0f}s (budget {budget:.0f}s)",
+                                    hint=f"Raise the {state.phase} budget (IMAGEGEN_TIMEOUT_{state.phase.upper()}, "
+                                         "see docs/timeouts.md), or check the worker log.",
                                     phase=state.phase)
         if now - self.started > self.timeouts.overall:
             raise ImagegenError("timeout", f"the jobs ran past the overall cap of {self.timeouts.overall:.0f}s",

@@ -92,67 +92,70 @@ def compiled(graph: dict, model_source: list, fast: bool) -> list:
     return ["compile", 0]
 
 
+def _node(class_type: str, **inputs) -> dict:
+    return {"class_type": class_type, "inputs": inputs}
+
+
 def _latent(params: Params, vae: list, empty_node: str) -> tuple[dict, list]:
     if params.init_image:
         nodes = {
-            "load_image": {"class_type": "LoadImage", "inputs": {"image": params.init_image}},
-            "resize": {"class_type": "ImageScale", "inputs": {"image": ["load_image", 0], "upscale_method": "lanczos",
-                                                              "width": params.width, "height": params.height, "crop": "center"}},
-            "encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["resize", 0], "vae": vae}},
+            "load_image": _node("LoadImage", image=params.init_image),
+            "resize": _node("ImageScale", image=["load_image", 0], upscale_method="lanczos",
+                            width=params.width, height=params.height, crop="center"),
+            "encode": _node("VAEEncode", pixels=["resize", 0], vae=vae),
         }
         if params.batch_size > 1:
-            nodes["repeat"] = {"class_type": "RepeatLatentBatch", "inputs": {"samples": ["encode", 0], "amount": params.batch_size}}
+            nodes["repeat"] = _node("RepeatLatentBatch", samples=["encode", 0], amount=params.batch_size)
             return nodes, ["repeat", 0]
         return nodes, ["encode", 0]
-    return {"latent": {"class_type": empty_node, "inputs": {"width": params.width, "height": params.height,
-                                                              "batch_size": params.batch_size}}}, ["latent", 0]
+    latent = _node(empty_node, width=params.width, height=params.height, batch_size=params.batch_size)
+    return {"latent": latent}, ["latent", 0]
 
 
 def _checkpoint(bundle: Bundle, params: Params) -> dict:
     vae = ["load_checkpoint", 2]
     graph: dict = {
-        "load_checkpoint": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": bundle.files["checkpoint"].filename}},
-        "positive": {"class_type": "CLIPTextEncode", "inputs": {"text": params.prompt, "clip": ["load_checkpoint", 1]}},
-        "negative": {"class_type": "CLIPTextEncode", "inputs": {"text": params.negative, "clip": ["load_checkpoint", 1]}},
+        "load_checkpoint": _node("CheckpointLoaderSimple", ckpt_name=bundle.files["checkpoint"].filename),
+        "positive": _node("CLIPTextEncode", text=params.prompt, clip=["load_checkpoint", 1]),
+        "negative": _node("CLIPTextEncode", text=params.negative, clip=["load_checkpoint", 1]),
     }
     if "vae" in bundle.files:
-        graph["load_vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": bundle.files["vae"].filename}}
+        graph["load_vae"] = _node("VAELoader", vae_name=bundle.files["vae"].filename)
         vae = ["load_vae", 0]
     latent_nodes, latent = _latent(params, vae, "EmptyLatentImage")
     graph.update(latent_nodes)
-    graph["sampler"] = {"class_type": "KSampler", "inputs": {
-        "model": compiled(graph, ["load_checkpoint", 0], params.fast), "positive": ["positive", 0], "negative": ["negative", 0],
-        "latent_image": latent, "seed": params.seed, "steps": params.steps, "cfg": params.cfg,
-        "sampler_name": params.sampler, "scheduler": params.scheduler, "denoise": params.denoise}}
-    graph["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sampler", 0], "vae": vae}}
-    graph["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": params.filename_prefix}}
+    graph["sampler"] = _node("KSampler", model=compiled(graph, ["load_checkpoint", 0], params.fast),
+                             positive=["positive", 0], negative=["negative", 0], latent_image=latent,
+                             seed=params.seed, steps=params.steps, cfg=params.cfg, sampler_name=params.sampler,
+                             scheduler=params.scheduler, denoise=params.denoise)
+    graph["decode"] = _node("VAEDecode", samples=["sampler", 0], vae=vae)
+    graph["save"] = _node("SaveImage", images=["decode", 0], filename_prefix=params.filename_prefix)
     return graph
 
 
 def _flux(bundle: Bundle, params: Params, weight_dtype: str = "default") -> dict:
     files = bundle.files
     graph: dict = {
-        "load_unet": {"class_type": "UNETLoader", "inputs": {"unet_name": files["diffusion_model"].filename, "weight_dtype": weight_dtype}},
-        "load_clip": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": files["t5"].filename,
-                                                                 "clip_name2": files["clip_l"].filename, "type": "flux"}},
-        "load_vae": {"class_type": "VAELoader", "inputs": {"vae_name": files["vae"].filename}},
-        "positive": {"class_type": "CLIPTextEncode", "inputs": {"text": params.prompt, "clip": ["load_clip", 0]}},
-        "guidance": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["positive", 0], "guidance": params.guidance}},
+        "load_unet": _node("UNETLoader", unet_name=files["diffusion_model"].filename, weight_dtype=weight_dtype),
+        "load_clip": _node("DualCLIPLoader", clip_name1=files["t5"].filename, clip_name2=files["clip_l"].filename,
+                           type="flux"),
+        "load_vae": _node("VAELoader", vae_name=files["vae"].filename),
+        "positive": _node("CLIPTextEncode", text=params.prompt, clip=["load_clip", 0]),
+        "guidance": _node("FluxGuidance", conditioning=["positive", 0], guidance=params.guidance),
     }
     latent_nodes, latent = _latent(params, ["load_vae", 0], "EmptySD3LatentImage")
     graph.update(latent_nodes)
     model = compiled(graph, ["load_unet", 0], params.fast)
     graph.update({
-        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": params.seed}},
-        "guider": {"class_type": "BasicGuider", "inputs": {"model": model, "conditioning": ["guidance", 0]}},
-        "sampler_select": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": params.sampler}},
-        "schedule": {"class_type": "BasicScheduler", "inputs": {"model": ["load_unet", 0], "scheduler": params.scheduler,
-                                                                "steps": params.steps, "denoise": params.denoise}},
-        "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {"noise": ["noise", 0], "guider": ["guider", 0],
-                                                                     "sampler": ["sampler_select", 0], "sigmas": ["schedule", 0],
-                                                                     "latent_image": latent}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["load_vae", 0]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": params.filename_prefix}},
+        "noise": _node("RandomNoise", noise_seed=params.seed),
+        "guider": _node("BasicGuider", model=model, conditioning=["guidance", 0]),
+        "sampler_select": _node("KSamplerSelect", sampler_name=params.sampler),
+        "schedule": _node("BasicScheduler", model=["load_unet", 0], scheduler=params.scheduler, steps=params.steps,
+                          denoise=params.denoise),
+        "sample": _node("SamplerCustomAdvanced", noise=["noise", 0], guider=["guider", 0],
+                        sampler=["sampler_select", 0], sigmas=["schedule", 0], latent_image=latent),
+        "decode": _node("VAEDecode", samples=["sample", 0], vae=["load_vae", 0]),
+        "save": _node("SaveImage", images=["decode", 0], filename_prefix=params.filename_prefix),
     })
     return graph
 
@@ -162,13 +165,13 @@ def upscale(model_filename: str, image_name: str, filename_prefix: str = "imageg
     """The model's own factor (x4 for RealESRGAN_x4plus); with `size`, its output resized to that
     size (e.g. a x4 model's output halved for a x2 upscale, as ComfyUI users usually do)."""
     graph = {
-        "load_image": {"class_type": "LoadImage", "inputs": {"image": image_name}},
-        "load_upscaler": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": model_filename}},
-        "upscale": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["load_upscaler", 0], "image": ["load_image", 0]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["upscale", 0], "filename_prefix": filename_prefix}},
+        "load_image": _node("LoadImage", image=image_name),
+        "load_upscaler": _node("UpscaleModelLoader", model_name=model_filename),
+        "upscale": _node("ImageUpscaleWithModel", upscale_model=["load_upscaler", 0], image=["load_image", 0]),
+        "save": _node("SaveImage", images=["upscale", 0], filename_prefix=filename_prefix),
     }
     if size:
-        graph["resize"] = {"class_type": "ImageScale", "inputs": {"image": ["upscale", 0], "upscale_method": "lanczos",
-                                                                  "width": size[0], "height": size[1], "crop": "disabled"}}
+        graph["resize"] = _node("ImageScale", image=["upscale", 0], upscale_method="lanczos",
+                                width=size[0], height=size[1], crop="disabled")
         graph["save"]["inputs"]["images"] = ["resize", 0]
     return graph
