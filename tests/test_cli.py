@@ -212,3 +212,13 @@ def test_the_light_path_of_one_command_reads_as_the_whole_tree(command):
     whole = CliRunner().invoke(app, [*command.split(), "--help"], prog_name="imagegen", terminal_width=78)
     assert light.returncode == 0 and whole.exit_code == 0, whole.output
     assert light.stdout.decode() == whole.output
+
+
+def test_stop_takes_names_or_all():
+    both = run_cli("stop", "local-cpu", "--all", "--json")
+    assert both.returncode == 2 and json_error(both)["code"] == "usage_error"
+    unknown = run_cli("stop", "no-such-worker", "--json")
+    assert unknown.returncode == 2 and json_error(unknown)["code"] == "invalid_argument"
+    assert "no-such-worker" in json_error(unknown)["message"]
+    everything = run_cli("stop", "--all", "--json")
+    assert everything.returncode == 0 and json.loads(everything.stdout)["stopped"] == []

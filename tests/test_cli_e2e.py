@@ -1,11 +1,14 @@
 """The real CLI, real ComfyUI on CPU, a tiny real SD1.5-architecture checkpoint."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
 from jsonschema import Draft202012Validator
 
 from imagegen.comfy import png
@@ -150,8 +153,26 @@ def test_fast_mode_keeps_the_pixels_and_caches_compiled_kernels_in_the_model_cac
     assert cache.is_dir() and any(path.is_file() for path in cache.rglob("*")), "inductor's cache belongs in the model cache"
 
 
-def test_stop_stops_the_worker(env):
-    assert workers(env)
-    result = run_cli("stop", "--all", env=env)
-    assert result.returncode == 0 and "stopped 1" in result.stderr.decode()
+def test_png_bytes_to_a_closed_pipe_exit_141(env, tiny_sd15):
+    """`generate -o - | head -c 10`: the reader left; the CLI says so with exit 141, no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # gone before the CLI starts, so the first write fails whatever the timing
+    try:
+        result = subprocess.run([sys.executable, str(REPO / "generate_image.py"), "generate", "a cat", "--checkpoint",
+                                 str(tiny_sd15), "--size", "64x64", "--steps", "1", "-o", "-"], stdout=write_end,
+                                stderr=subprocess.PIPE, env={**os.environ, **env}, timeout=600)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141, result.stderr.decode()
+    assert "Traceback" not in result.stderr.decode() and "Exception ignored" not in result.stderr.decode()
+
+
+def test_stop_by_name_stops_that_worker(env):
+    running = workers(env)
+    assert running
+    refused = run_cli("stop", "no-such-worker", "--json", env=env)
+    assert refused.returncode == 2 and json.loads(refused.stderr.decode().splitlines()[-1])["code"] == "invalid_argument"
+    assert [w["pid"] for w in workers(env)] == [w["pid"] for w in running], "a refused stop stops nothing"
+    result = run_cli("stop", running[0]["name"], env=env)
+    assert result.returncode == 0 and f"stopped 1 worker(s): {running[0]['name']}" in result.stderr.decode()
     assert workers(env) == []

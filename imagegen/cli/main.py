@@ -173,7 +173,10 @@ def workers(runtime: RuntimeOpt = "auto", json_mode: JsonOpt = False, debug: Deb
 
 @app.command()
 def stop(
-    all_workers: Annotated[bool, typer.Option("--all", help="Stop every worker (the default: all of this runtime's).")] = False,
+    names: Annotated[Optional[list[str]], typer.Argument(
+        help="Workers to stop, by the name `imagegen workers` shows (all when omitted).")] = None,
+    all_workers: Annotated[bool, typer.Option(
+        "--all", help="Stop every worker of the runtime(s), as when no NAME is given.")] = False,
     runtime: RuntimeOpt = "auto",
     json_mode: JsonOpt = False,
     debug: DebugOpt = False,
@@ -183,7 +186,19 @@ def stop(
     def body() -> None:
         from imagegen.runtimes.choose import runtimes_here
 
-        stopped = [name for each in runtimes_here(runtime) for name in each.stop()]  # auto: every runtime here
+        if names and all_workers:
+            raise ImagegenError("usage_error", "give worker names or --all, not both",
+                                hint="imagegen stop --all, or: imagegen stop NAME (names from `imagegen workers`)")
+        here = runtimes_here(runtime)  # auto: every runtime here
+        if not names:
+            stopped = [name for each in here for name in each.stop()]
+        else:
+            found = {item["name"]: (each, item["slot"]) for each in here for item in each.workers()}
+            unknown = [name for name in names if name not in found]
+            if unknown:
+                raise ImagegenError("invalid_argument", f"no worker named {', '.join(map(repr, unknown))}",
+                                    hint="Known: " + (", ".join(sorted(found)) or "none (no workers running)"))
+            stopped = [name for wanted in dict.fromkeys(names) for name in found[wanted][0].stop(found[wanted][1])]
         if json_mode:
             print(json.dumps({"schema": "imagegen.stopped/1", "stopped": stopped}))
         else:
