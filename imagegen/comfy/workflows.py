@@ -53,6 +53,8 @@ def build(bundle: Bundle, params: Params) -> dict:
     if bundle.family in ("sd15", "sdxl"):
         return _checkpoint(bundle, params)
     if bundle.family == "upscale":
+        if not params.init_image:
+            raise ValueError("an upscale job needs the image to upscale (params.init_image)")
         size = (params.width, params.height) if params.width and params.height else None
         return upscale(bundle.files["upscale_model"].filename, params.init_image, params.filename_prefix, size)
     raise ValueError(f"no text-to-image graph for family {bundle.family!r}")
