@@ -73,7 +73,7 @@ def _advance_funnel(funnel, how: Advance) -> None:
         raise ImagegenError("invalid_argument", "--workers must be 1..64")
     timeouts, explicit = gen.timeouts_from_env(how.timeout)
     interactive = not how.json_mode and sys.stdin is not None and sys.stdin.isatty()
-    options = funnel_mod.Options(gpus=how.gpus, workers=how.workers_n, timeouts=timeouts, explicit=explicit,
+    options = funnel_mod.Options(gpus=how.gpus, workers=how.workers_n, timeouts=timeouts, explicit=frozenset(explicit),
                                  force=how.force, fast=how.fast, picks=tuple(how.picks or ()), auto=how.auto,
                                  interactive=interactive)
     reporter = BatchReporter(quiet=how.quiet, show_progress=how.progress)

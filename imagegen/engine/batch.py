@@ -18,8 +18,10 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from imagegen.comfy import png
+from imagegen.comfy.client import Timeouts
 from imagegen.engine import generate, output, render
 from imagegen.engine.manifest import MANIFEST, Manifest, lock_folder  # noqa: F401  (MANIFEST: re-exported)
 from imagegen.engine.scheduler import Job, Outcome
@@ -143,7 +145,8 @@ def plan(items: list[Item], out_dir: Path, defaults: dict, base_seed: int, pack:
             raise ImagegenError("invalid_argument", f"{where}: fast must be true or false, not {fields['fast']!r}")
         try:
             keys = ("prompt", "model", "negative", "seed", "steps", "cfg", "size", "sampler", "scheduler", "guidance")
-            request = generate.Request(**{k: fields.get(k) for k in keys},
+            given: dict[str, Any] = {k: fields.get(k) for k in keys}
+            request = generate.Request(**given,
                                        checkpoint=Path(checkpoint) if checkpoint else None, count=count,
                                        fast=fields.get("fast", False))
             bundle = generate.resolve_bundle(request, registry)
@@ -283,7 +286,7 @@ def _run_locked(jobs: list[Job], out_dir: Path, runtime, reporter, emit, slots, 
     generate.check_fast_toolchain(runtime, any(job.params.fast for job in todo))
     hashes = prepare_models(todo, fetch or make_fetcher(reporter), runtime)
 
-    def budgets(job: Job, state) -> object:
+    def budgets(job: Job, state) -> Timeouts:
         resident = state.last_model == job.bundle.name
         return render.job_budgets(job.bundle, job.params, state.handle.device, resident, timeouts, explicit)
 

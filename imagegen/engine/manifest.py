@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imagegen.util import files
 from imagegen.util.errors import ImagegenError
+
+if TYPE_CHECKING:
+    from filelock import BaseFileLock
 
 MANIFEST = "manifest.jsonl"
 
@@ -109,7 +113,7 @@ def write_error(path: Path, exc: OSError) -> ImagegenError:
     return ImagegenError("output_not_writable", f"cannot write {path}: {exc.strerror or exc}")
 
 
-def lock_folder(folder: Path, name: str, busy_hint: str) -> object:
+def lock_folder(folder: Path, name: str, busy_hint: str) -> BaseFileLock:
     """An exclusive lock on `folder` (a lock file in it) held until released; output_busy at once when
     another command holds it."""
     from filelock import FileLock, Timeout

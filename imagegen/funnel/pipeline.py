@@ -18,6 +18,7 @@ import shlex
 import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from imagegen.comfy import workflows
 from imagegen.engine import batch, generate, render
@@ -38,7 +39,8 @@ def status_record(funnel: Funnel) -> dict:
     """Where the funnel stands, and the command that continues it."""
     step, root = funnel.next_step(), funnel.root
     status = {"pick": "awaiting_pick", "render": "incomplete"}.get(step["action"], "done")
-    record = {"schema": STATUS_SCHEMA, "dir": str(root), "status": status, "next": step, "command": None}
+    record: dict[str, Any] = {"schema": STATUS_SCHEMA, "dir": str(root), "status": status, "next": step,
+                              "command": None}
     if step["action"] == "pick":
         stage = funnel.record(step["stage"])
         record.update(stage=step["stage"], sheet=str(root / stage["sheet"]) if stage["sheet"] else None,
@@ -156,6 +158,9 @@ def stage_jobs(funnel: Funnel, number: int, registry: Registry, fast: bool = Fal
             image.update(status="failed", error={"code": error.code, "message": error.message, "hint": error.hint})
             continue
         if bundle.family == "upscale":
+            if source is None:  # only a hand-edited funnel.json has an upscaler first
+                raise ImagegenError("invalid_funnel_state", f"{funnel.root / STATE_FILE}: stage {number} upscales, "
+                                                            "but there is no stage before it to take images from")
             factor = stage.scale or 0
             params = workflows.Params(prompt=prompt, width=source["width"] * factor, height=source["height"] * factor,
                                       steps=1, cfg=1.0, sampler="euler", scheduler="normal", seed=image["seed"],
@@ -192,7 +197,7 @@ def render_stage(funnel: Funnel, number: int, runtime, reporter, emit, options: 
         hashes = batch.prepare_models(jobs, fetch or make_fetcher(reporter), runtime)  # remote: nothing fetched here
 
         def budgets(job, state):
-            resident = state.last_bundle == job.bundle.name
+            resident = state.last_model == job.bundle.name
             return render.job_budgets(job.bundle, job.params, state.handle.device, resident, options.timeouts,
                                       options.explicit)
 

@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from imagegen.engine import generate
 from imagegen.models import cache, modelfile
@@ -90,7 +91,8 @@ def load_stage_file(path: Path) -> list[Stage]:
         for key in ("name", "model"):
             if key not in raw:
                 raise _bad(path, _line(raw), f"a stage needs `{key}:`")
-        stage = Stage(**{k: float(v) if STAGE_TYPES[k] is float else v for k, v in raw.items()})
+        values: dict[str, Any] = {k: float(v) if STAGE_TYPES[k] is float else v for k, v in raw.items()}
+        stage = Stage(**values)
         if is_path(stage.model):  # a relative path is relative to the stage file
             stage.model = str((path.parent / Path(stage.model).expanduser()).resolve())
         try:

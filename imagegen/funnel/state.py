@@ -8,6 +8,7 @@ import shlex
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
 from imagegen.engine import batch
 from imagegen.engine.manifest import write_error
@@ -126,7 +127,8 @@ class Funnel:
         if type(record.get("count")) is not int:
             raise self._bad(f"{where}.count", f"{record.get('count')!r} is not a whole number")
         try:
-            check_stage(Stage(**{key: record.get(key) for key in STAGE_TYPES}))  # counts and ranges, as a stage file
+            values: dict[str, Any] = {key: record.get(key) for key in STAGE_TYPES}
+            check_stage(Stage(**values))  # counts and ranges, as a stage file
         except ImagegenError as error:
             raise self._bad(where, error.message) from None
         self.inside(record.get("dir"), f"{where}.dir")
@@ -157,7 +159,7 @@ class Funnel:
             raise write_error(self.root / STATE_FILE, exc) from None
 
     def stage(self, number: int) -> Stage:
-        return Stage(**{f.name: self.data["stages"][number - 1][f.name] for f in fields(Stage)})
+        return Stage(**{f.name: self.data["stages"][number - 1].get(f.name) for f in fields(Stage)})
 
     def record(self, number: int) -> dict:
         return self.data["stages"][number - 1]
@@ -187,7 +189,7 @@ class Funnel:
         sources = [None] if number == 1 else self.record(number - 1)["picks"]
         previous = {image["index"]: image for image in self.record(number - 1)["images"]} if number > 1 else {}
         upscaling = is_upscaler(stage.model, Registry.load())
-        images = []
+        images: list[dict] = []
         for source in sources:
             for _ in range(1 if upscaling else stage.count):
                 index = len(images) + 1
