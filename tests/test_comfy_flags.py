@@ -84,10 +84,14 @@ def comfyui_command_line(comfyui: Path) -> list[str]:
 
 
 @pytest.mark.comfyui
-def test_a_worker_on_a_newer_comfyui_starts_and_renders_its_new_sampler(comfyui_dir, tiny_sd15, tmp_path):
+def test_a_worker_on_a_newer_comfyui_starts_and_renders_its_new_sampler(comfyui_dir, tiny_sd15, tmp_path,
+                                                                        monkeypatch):
+    from imagegen.runtimes.local import LocalRuntime
+
     newer = newer_comfyui(comfyui_dir, tmp_path / "newer")
-    env = {"IMAGEGEN_HOME": str(tmp_path / "home"), "IMAGEGEN_COMFYUI_DIR": str(newer), "IMAGEGEN_KEEP_WARM": "120",
-           "IMAGEGEN_RUNTIME": "local"}
+    monkeypatch.setenv("IMAGEGEN_COMFYUI_DIR", str(newer))
+    env = {"IMAGEGEN_HOME": os.environ["IMAGEGEN_HOME"], "IMAGEGEN_COMFYUI_DIR": str(newer),
+           "IMAGEGEN_KEEP_WARM": "120", "IMAGEGEN_RUNTIME": "local"}
     try:
         result = run_cli("generate", "a lighthouse", "--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "2",
                          "--sampler", NEW_SAMPLER, "--seed", "3", "--json", "-o", str(tmp_path / "new.png"), env=env)
@@ -97,6 +101,8 @@ def test_a_worker_on_a_newer_comfyui_starts_and_renders_its_new_sampler(comfyui_
         embedded = json.loads(png.read_text_chunks((tmp_path / "new.png").read_bytes())["imagegen"])
         assert embedded["comfyui_version"] == "0.33.0" and embedded["sampler"] == NEW_SAMPLER
 
+        info = LocalRuntime(keep_warm=120).ensure("cpu").client().worker_info()  # the worker found again
+        assert info["comfyui_version"] == "0.33.0"  # /imagegen/info says what ComfyUI said, not the pin
         argv = comfyui_command_line(newer)  # the flags this ComfyUI has, never the one it lacks
         assert {"--offline", "--disable-partner-nodes", "--disable-assets"} <= set(argv), argv
         assert "--disable-api-nodes" not in argv

@@ -84,6 +84,7 @@ class Worker:
         self.in_flight = 0
         self.open_sockets = 0
         self.ready = False
+        self.comfyui_version = COMFYUI_VERSION  # the pinned one until ComfyUI's /system_stats says
         self.started = time.time()
         self.last_model: str | None = None
         self.comfy_died = False
@@ -186,7 +187,7 @@ class Worker:
         self._last_step = (now, step)
 
     def info(self) -> dict:
-        return {"imagegen_version": __version__, "comfyui_version": COMFYUI_VERSION, "device": self.device,
+        return {"imagegen_version": __version__, "comfyui_version": self.comfyui_version, "device": self.device,
                 "gpu": self.gpu_info(), "it_per_s": round(self.it_per_s, 3) if self.it_per_s else None,
                 "pid": os.getpid(), "comfy_pid": self.comfy.pid if self.comfy else None, "ready": self.ready,
                 "idle_seconds": round(time.monotonic() - self.last_activity, 1) if not self.busy() else 0.0,
@@ -279,8 +280,12 @@ class Worker:
             try:
                 async with self.upstream_session().get(f"http://127.0.0.1:{self.comfy_port}/system_stats") as response:
                     if response.status == 200:
+                        stats = await response.json(content_type=None)
+                        system = stats.get("system") if isinstance(stats, dict) else None
+                        version = system.get("comfyui_version") if isinstance(system, dict) else None
+                        self.comfyui_version = str(version or COMFYUI_VERSION)
                         return
-            except OSError:
+            except (OSError, ValueError):
                 pass
             await asyncio.sleep(0.2)
         raise RuntimeError(f"ComfyUI did not answer /system_stats within {timeout:.0f}s")
@@ -368,7 +373,7 @@ class Worker:
         self.ready = True
         self.last_activity = time.monotonic()
         record = {"event": "ready", "port": port, "pid": os.getpid(), "device": self.device,
-                  "imagegen_version": __version__, "comfyui_version": COMFYUI_VERSION}
+                  "imagegen_version": __version__, "comfyui_version": self.comfyui_version}
         if self.options.state_file:
             # the start times and command lines let a later command prove a pid is still this worker
             # (pids are reused, after a reboot most of all) before it sends any signal
