@@ -153,3 +153,13 @@ def test_a_full_disk_while_saving_the_state_is_disk_full_and_keeps_the_old_file(
         picked.save()
     assert caught.value.code == "disk_full" and "funnel.json" in caught.value.message
     assert (picked.root / "funnel.json").read_bytes() == before
+
+
+def test_a_state_file_whose_first_stage_upscales_is_refused_not_a_crash(tmp_path, isolated_home, checkpoint):
+    upscaler = write_safetensors(tmp_path / "up.safetensors", {"conv_first.weight": ("F32", [8, 3, 3, 3]),
+                                                               "body.0.rdb1.conv1.weight": ("F32", [32, 8, 3, 3])})
+    state = funnel.Funnel.create(tmp_path / "f", "a fox", None, 1, [Stage("drafts", str(checkpoint), count=2)])
+    edit(state, lambda d: d["stages"][0].update(model=str(upscaler)))
+    with pytest.raises(ImagegenError) as caught:
+        funnel.render_stage(funnel.Funnel.load(state.root), 1, None, Reporter(), print, funnel.Options(), set())
+    assert caught.value.code == "invalid_funnel_state" and "no stage before it" in caught.value.message

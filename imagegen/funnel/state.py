@@ -189,6 +189,9 @@ class Funnel:
         sources = [None] if number == 1 else self.record(number - 1)["picks"]
         previous = {image["index"]: image for image in self.record(number - 1)["images"]} if number > 1 else {}
         upscaling = is_upscaler(stage.model, Registry.load())
+        if upscaling and number == 1:  # only a hand-edited funnel.json has an upscaler first
+            raise self._bad("stages[0].model",
+                            "the first stage upscales, but there is no stage before it to take images from")
         images: list[dict] = []
         for source in sources:
             for _ in range(1 if upscaling else stage.count):
