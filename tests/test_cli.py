@@ -222,3 +222,25 @@ def test_stop_takes_names_or_all():
     assert "no-such-worker" in json_error(unknown)["message"]
     everything = run_cli("stop", "--all", "--json")
     assert everything.returncode == 0 and json.loads(everything.stdout)["stopped"] == []
+
+
+def test_a_varied_image_is_judged_not_blank_without_importing_pillow(tmp_path):
+    """The blank-image warning must not cost every one-shot call Pillow's import."""
+    import io
+    import random
+
+    from PIL import Image
+
+    from imagegen.engine import render
+
+    noise = Image.frombytes("RGB", (64, 64), random.Random(1).randbytes(64 * 64 * 3))
+    buffer = io.BytesIO()
+    noise.save(buffer, "PNG")
+    (tmp_path / "noise.png").write_bytes(buffer.getvalue())
+    code = ("import sys; from pathlib import Path; from imagegen.engine.render import looks_blank; "
+            f"print(looks_blank(Path({str(tmp_path / 'noise.png')!r}).read_bytes()), 'PIL' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=REPO, timeout=120)
+    assert result.stdout.decode().split() == ["False", "False"], result.stderr.decode()
+    black = io.BytesIO()
+    Image.new("RGB", (64, 64), (0, 0, 0)).save(black, "PNG")
+    assert render.looks_blank(black.getvalue()), "a flat black image still warns"
