@@ -110,3 +110,11 @@ def test_a_worker_that_cannot_say_falls_back_to_comfyuis_own_validation():
         client = ComfyClient(sim.url + "/nothing-here")
         assert client.choices() is None and client.comfyui_version() is None
         client.check_choices(build(bundle(), params(NEW_SAMPLER)))  # no list: ComfyUI decides on submit
+
+
+def test_an_imagegen_workers_info_answers_the_version_without_another_request():
+    with SimWorker(step_seconds=0.002, comfyui_version="0.35.2") as sim:
+        client = ComfyClient(sim.url, sim.token)
+        assert client.worker_info()["comfyui_version"] == "0.35.2"
+        sim.server.config.comfyui_version = "changed"  # /system_stats would now say otherwise
+        assert ComfyClient(sim.url, sim.token).comfyui_version() == "0.35.2"

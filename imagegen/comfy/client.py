@@ -94,11 +94,14 @@ class ComfyClient:
         """The imagegen worker's own status: device, GPU, last model used, idle time, jobs done.
         Empty for a plain ComfyUI server, which has no such endpoint."""
         try:
-            return self._json("GET", "/imagegen/info")
+            info = self._json("GET", "/imagegen/info")
         except requests.HTTPError as error:
             if error.response is not None and error.response.status_code == 404:
                 return {}
             raise
+        if isinstance(info, dict) and info.get("comfyui_version"):  # the worker read it from ComfyUI's /system_stats
+            self._facts().setdefault("version", str(info["comfyui_version"]))
+        return info
 
     def system_stats(self) -> dict:
         return self._json("GET", "/system_stats")
