@@ -426,3 +426,33 @@ def test_models_pull_tiny_sd15_from_the_test_hub(hub, isolated_home, tiny_sd15):
     assert "verified" in result.stderr.decode()
     ledger = json.loads((isolated_home / "models" / LEDGER).read_text())
     assert ledger["checkpoints/tiny-sd15.safetensors"]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_a_cancelled_scope_stops_the_transfer_without_retrying(hub, models_dir, monkeypatch):
+    """An MCP cancellation (util/cancel) raised from the progress callback used to be caught by the
+    resume loop, which went on downloading the rest of the file."""
+    import threading
+
+    from imagegen.util import cancel
+
+    bundle, _data = make_bundle(hub)
+    monkeypatch.setattr(fetch, "PROGRESS_INTERVAL", 0)
+    hub.delay = 0.01
+    stop = threading.Event()
+    events: list[dict] = []
+
+    def on_event(event):
+        events.append(event)
+        if event["event"] == "progress" and event["bytes"] >= 3 * 65536:
+            stop.set()  # the client gave up: the next event is where the transfer stops
+
+    with cancel.scope(stop), pytest.raises(ImagegenError) as caught:
+        fetch.fetch_bundle(bundle, models_dir, on_event)
+    assert caught.value.code == "interrupted" and "download" in caught.value.message
+    assert len(hub.gets()) == 1  # not resumed behind the caller's back
+    assert events[-1]["event"] == "error" and events[-1]["code"] == "interrupted"
+    assert not (models_dir / "checkpoints" / "tiny.safetensors").exists()
+    [part] = leftovers(models_dir)
+    assert 3 * 65536 <= part.stat().st_size < SIZE
+    fetch_events(bundle, models_dir)  # outside the scope: nothing stops it, and it resumes
+    assert (models_dir / "checkpoints" / "tiny.safetensors").is_file()

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import sys
+from pathlib import Path
 
 import anyio
 import pytest
@@ -154,3 +155,88 @@ def test_schema_errors_and_unknown_arguments_are_the_error_json(env, tmp_path):
         assert error["exit_code"] == 2 and error["hint"] and error["message"].startswith(name)
         assert all(fragment in error["message"] for fragment in fragments), error["message"]
         assert result.structured_content == error
+
+
+def _cancel_when(env: dict, tmp_path, arguments: dict, ready, after, progress_seen: list | None = None):
+    """Call generate_image and cancel the call (the client sends notifications/cancelled) once `ready()`
+    is true; then, with the server still running, wait until `after()` holds and return list_models'
+    answer on the same session: the server must still serve."""
+    async def scenario(session):
+        async def on_progress(value, total, message):
+            if progress_seen is not None:
+                progress_seen.append(message or "")
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(lambda: session.call_tool("generate_image", arguments, progress_callback=on_progress))
+            with anyio.fail_after(120):
+                while not ready():
+                    await anyio.sleep(0.05)
+            group.cancel_scope.cancel()
+        with anyio.fail_after(120):
+            while not after():
+                await anyio.sleep(0.1)
+        return await session.call_tool("list_models", {})
+
+    return call_server(env, tmp_path, scenario)
+
+
+def test_cancelling_stops_a_download_in_progress(env, tmp_path):
+    """A cancelled call used to go on downloading (gigabytes) after the client gave up."""
+    import time
+
+    from hub_server import HubServer
+
+    home = tmp_path / "home"
+    home.mkdir()
+    size = 24 * 1024 * 1024
+    with HubServer() as hub:
+        hub.delay = 0.02  # 64 KiB per 20 ms: the whole file takes several seconds
+        sha = hub.add("org/slow", "slow.safetensors", os.urandom(size))
+        (home / "models.yaml").write_text(
+            "schema: 1\nmodels:\n  slow:\n    family: sd15\n    files:\n      checkpoint: {repo: org/slow, "
+            f"file: slow.safetensors, size: {size}, sha256: {sha}}}\n")
+        values = {**env, "IMAGEGEN_HOME": str(home), "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0",
+                  "HF_TOKEN_PATH": str(tmp_path / "no-token")}
+        final = home / "models" / "checkpoints" / "slow.safetensors"
+        parts = lambda: sorted((home / "models").rglob("*.part"))  # noqa: E731
+        sizes: list[tuple[float, int]] = []
+
+        def settled() -> bool:  # the partial file has not grown for a while: the transfer stopped
+            now = time.monotonic()
+            sizes.append((now, sum(p.stat().st_size for p in parts()) if not final.exists() else size))
+            earlier = [s for t, s in sizes if now - t >= 8]
+            return final.exists() or (bool(earlier) and earlier[-1] == sizes[-1][1])
+
+        answer = _cancel_when(values, tmp_path, {"prompt": "a fox", "model": "slow", "size": "64x64", "steps": 1},
+                              ready=lambda: bool(hub.gets()), after=settled)
+        assert not answer.is_error  # the server still answers after the cancellation
+        assert not final.exists() and sizes[-1][1] < size, "the download went on after the call was cancelled"
+        assert parts(), "the partial file stays, so the next call resumes"
+
+
+def test_cancelling_stops_a_worker_start_in_progress(env, tmp_path):
+    """A cancelled call used to leave the worker it was starting running."""
+    from safetensors_util import write_safetensors
+
+    home = tmp_path / "home"
+    pid_file = tmp_path / "worker.pid"
+    slow_python = tmp_path / "slow-python"
+    slow_python.write_text(f'#!/bin/sh\necho $$ > "{pid_file}"\nexec sleep 600\n')  # a worker that never gets ready
+    slow_python.chmod(0o755)
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    checkpoint = write_safetensors(tmp_path / "tiny.safetensors", {key: ("F16", [4, 768])})
+    values = {**env, "IMAGEGEN_HOME": str(home), "IMAGEGEN_WORKER_PYTHON": str(slow_python),
+              "IMAGEGEN_START_TIMEOUT": "600"}
+    seen: list[str] = []
+    def gone() -> bool:
+        pid = int(pid_file.read_text())
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith(("Z", "X"))
+        except (FileNotFoundError, IndexError):
+            return True
+
+    answer = _cancel_when(values, tmp_path, {"prompt": "a fox", "checkpoint": str(checkpoint), "size": "64x64"},
+                          ready=lambda: pid_file.exists() and any("starting a local worker" in m for m in seen),
+                          after=gone, progress_seen=seen)  # fails after 120 s when the worker is left running
+    assert not answer.is_error
+    assert not list((home / "state" / "workers").glob("*.json"))

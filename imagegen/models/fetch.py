@@ -198,6 +198,8 @@ def _download(remote: RemoteFile, models_dir: Path, token: str | None, emit: Eve
                 http_get(remote.url, _Progress(raw, emit, base), resume_size=done, headers=headers,
                          expected_size=expected_size, displayed_filename=file.filename, _tqdm_bar=tqdm(disable=True))
             break
+        except ImagegenError:  # raised by a progress callback (a cancelled call): stop, keep the part file
+            raise
         except Exception as exc:  # noqa: BLE001 - hub errors are OSErrors, transport errors are the HTTP client's
             got = part.stat().st_size if part.exists() else 0
             if expected_size and got > expected_size:
