@@ -221,7 +221,7 @@ def our_processes(home: Path) -> dict[int, str]:
             continue
         pid = int(entry.name)
         cmdline = _proc_text(pid, "cmdline")
-        if not cmdline or "state Z" in _proc_text(pid, "status").replace("\t", " "):
+        if not cmdline or _zombie(pid):
             continue
         mine = marker in cmdline or f"IMAGEGEN_HOME={marker} " in _proc_text(pid, "environ") + " "
         if not mine and "--extra-model-paths-config" in cmdline:
@@ -287,4 +287,10 @@ def alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return "state Z" not in _proc_text(pid, "status").replace("\t", " ")
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Dead but not yet reaped by its parent (a killed child of this test shows up so)."""
+    states = [line.split()[1:2] for line in _proc_text(pid, "status").splitlines() if line.startswith("State:")]
+    return ["Z"] in states

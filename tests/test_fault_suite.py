@@ -263,6 +263,29 @@ def test_sigkill_at_random_points_then_rerun_loses_nothing(suite, tiny_sd15, tmp
     assert_no_processes(home)
 
 
+def test_sigkill_of_a_worker_mid_batch_takes_its_comfyui_along(suite, tiny_sd15, tmp_path):
+    """Only the worker process dies (not its group): its ComfyUI child must not live on holding memory,
+    and the batch finishes on the other worker or a fresh one."""
+    cli, home = suite
+    # both workers warm and started by a command that has ended, as after any earlier batch
+    ok(cli.run(*batch_args(tiny_sd15, tmp_path / "warm"), input=prompts("warm", 2), timeout=CLI_TIMEOUT), "warm-up")
+    out = tmp_path / "out"
+    process = cli.start(*batch_args(tiny_sd15, out, steps=20), input=prompts("worker killed", 6))
+    try:
+        wait_for(lambda: manifest_count(out) >= 1 or process.poll() is not None, CLI_TIMEOUT, "the first image")
+        victim = records(home).get("local-cpu-2") or records(home).get("local-cpu")
+        assert victim and process.poll() is None, "the batch ended before a worker could be killed"
+        os.kill(victim["pid"], signal.SIGKILL)
+        result = finish(process, CLI_TIMEOUT, "the batch whose worker was killed")
+    finally:
+        if process.poll() is None:
+            kill_group(process, signal.SIGKILL)
+            process.communicate()
+    ok(result, "the batch after one of its workers was SIGKILLed")
+    assert_nothing_lost(out, 6)
+    assert_no_orphans(home)
+
+
 # --- 3. a reboot: a stale worker record whose PID now belongs to an unrelated process ------------
 def stale_record(home: Path, pid: int, variant: str) -> Path:
     """What a worker left before a reboot: its port is dead now and its PID is someone else's."""
