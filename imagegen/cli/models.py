@@ -38,7 +38,8 @@ def models_add(
     name: Annotated[str, typer.Argument(help="Name to register the model under.")],
     file: Annotated[Path, typer.Option("--file", help="The local .safetensors file.")],
     family: FamilyOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace your entry of that name, or shadow a built-in.")] = False,
+    force: Annotated[bool, typer.Option("--force",
+                                        help="Replace your entry of that name, or shadow a built-in.")] = False,
     json_mode: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -52,10 +53,12 @@ def models_add(
         detected = modelfile.detect(modelfile.read_header(file))
         chosen = family or detected.family
         if chosen not in FAMILIES:
-            raise ImagegenError("invalid_model_file", f"{file}: cannot tell its family (looks like {detected.kind}); pass --family",
+            raise ImagegenError("invalid_model_file",
+                                f"{file}: cannot tell its family (looks like {detected.kind}); pass --family",
                                 hint="--family sd15, sdxl or flux.")
         target = add_user_model(name, file, chosen, force=force)
-        record = {"schema": "imagegen.model_added/1", "name": name, "family": chosen, "file": str(file.resolve()), "models_yaml": str(target)}
+        record = {"schema": "imagegen.model_added/1", "name": name, "family": chosen, "file": str(file.resolve()),
+                  "models_yaml": str(target)}
         print(json.dumps(record) if json_mode else f"registered {name} ({chosen}) in {target}")
 
     run_guarded(json_mode, debug, body)
@@ -70,7 +73,9 @@ def models_rm(name: Annotated[str, typer.Argument(help="A model registered in yo
         from imagegen.models.registry import remove_user_model
 
         if not remove_user_model(name):
-            raise ImagegenError("unknown_model", f"{name!r} is not in your models.yaml", hint="Built-in models cannot be removed; `imagegen models list` shows the source of each.")
+            raise ImagegenError("unknown_model", f"{name!r} is not in your models.yaml",
+                                hint="Built-in models cannot be removed; "
+                                     "`imagegen models list` shows the source of each.")
         print(json.dumps({"schema": "imagegen.model_removed/1", "name": name}) if json_mode else f"removed {name}")
 
     run_guarded(json_mode, debug, body)
@@ -86,7 +91,8 @@ def models_inspect(file: Annotated[Path, typer.Argument(help="A .safetensors fil
 
         header = modelfile.read_header(file)
         found = modelfile.detect(header)
-        record = {"schema": "imagegen.inspect/1", "file": str(file), "family": found.family, "kind": found.kind, **found.details}
+        record = {"schema": "imagegen.inspect/1", "file": str(file), "family": found.family, "kind": found.kind,
+                  **found.details}
         if json_mode:
             print(json.dumps(record))
         else:
@@ -112,7 +118,10 @@ def models_pull(name: Annotated[str, typer.Argument(help="A registered model (se
         bundle = Registry.load().get(name)
         models_dir = paths.models_dir()
         renderer = None if json_mode else TqdmRenderer(quiet=quiet)
-        on_event = (lambda event: print(json.dumps({"schema": "imagegen.fetch_event/1", **event}), flush=True)) if json_mode else renderer
+        def print_event(event: dict) -> None:
+            print(json.dumps({"schema": "imagegen.fetch_event/1", **event}), flush=True)
+
+        on_event = print_event if json_mode else renderer
         try:
             fetch_bundle(bundle, models_dir, on_event)
         finally:
@@ -120,7 +129,8 @@ def models_pull(name: Annotated[str, typer.Argument(help="A registered model (se
                 renderer.close()
         files = cache.ensure_bundle(bundle, None, models_dir)
         if json_mode:
-            print(json.dumps({"schema": "imagegen.model_pulled/1", "name": name, "files": {k: str(v) for k, v in files.items()}}))
+            print(json.dumps({"schema": "imagegen.model_pulled/1", "name": name,
+                              "files": {k: str(v) for k, v in files.items()}}))
         else:
             for path in files.values():
                 print(path)

@@ -29,11 +29,12 @@ def default_name(prompt: str, seed: int, index: int = 0) -> str:
     return f"{stamp}-{slugify(prompt)}-{seed}" + (f"-{index}" if index else "") + ".png"
 
 
-def plan_outputs(output: str | None, count: int, names: list[str], overwrite: bool, default_dir: Path) -> list[Path | None]:
+def plan_outputs(output: str | None, count: int, names: list[str], overwrite: bool,
+                 default_dir: Path) -> list[Path | None]:
     """Decide every output path before any work starts; None means stdout."""
     if output == "-":
         if count != 1:
-            raise ImagegenError("invalid_argument", "-o - writes a single PNG to stdout, but --count is %d" % count,
+            raise ImagegenError("invalid_argument", f"-o - writes a single PNG to stdout, but --count is {count}",
                                 hint="Use --count 1 with -o -, or -o DIR for several images.")
         return [None]
     if output is None:
@@ -44,9 +45,11 @@ def plan_outputs(output: str | None, count: int, names: list[str], overwrite: bo
             targets = [path / name for name in names]
         else:
             if path.suffix.lower() != ".png":
-                raise ImagegenError("invalid_argument", f"-o {output}: output files are PNG; name it *.png or pass a directory",
+                raise ImagegenError("invalid_argument",
+                                    f"-o {output}: output files are PNG; name it *.png or pass a directory",
                                     hint="For example -o robot.png or -o out/.")
-            targets = [path] if count == 1 else [path.with_name(f"{path.stem}-{i + 1}{path.suffix}") for i in range(count)]
+            targets = [path] if count == 1 else [path.with_name(f"{path.stem}-{i + 1}{path.suffix}")
+                                                 for i in range(count)]
     probed: set[Path] = set()
     for target in targets:
         _check_writable(target.absolute(), overwrite, probed)

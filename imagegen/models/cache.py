@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from imagegen.models import modelfile
 from imagegen.models.ledger import Ledger, sha256_file
@@ -85,7 +85,8 @@ def ensure_bundle(bundle: Bundle, fetch: Fetcher | None = None, models_dir: Path
         if fetch is None:
             names = ", ".join(f"{f.folder}/{f.filename}" for f in missing)
             raise ImagegenError("model_missing", f"model {bundle.name!r} is missing {names} in {models_dir}",
-                                hint=f"Run `imagegen models pull {bundle.name}` (needs network), or use --checkpoint with a local file.")
+                                hint=f"Run `imagegen models pull {bundle.name}` (needs network), "
+                                     "or use --checkpoint with a local file.")
         fetch(bundle)
     resolved = {role: present_path(f, models_dir) for role, f in bundle.files.items()}
     modelfile.check_bundle_files(bundle, lambda f: present_path(f, models_dir))

@@ -44,7 +44,8 @@ class TqdmRenderer:
         elif kind in ("waiting", "recorded"):
             self._say(event.get("message", ""))
         elif kind == "plan" and event.get("bytes"):
-            self._say(f"{event.get('model')}: downloading {len(event.get('files', []))} file(s), {_size(event['bytes'])}")
+            files = len(event.get("files", []))
+            self._say(f"{event.get('model')}: downloading {files} file(s), {_size(event['bytes'])}")
         elif kind == "error":
             self.close()
 

@@ -177,7 +177,8 @@ def detect(header: Header) -> Detected:
     if header.has_prefix("encoder.down.") or header.has_prefix("decoder.up."):
         details["latent_channels"] = header.dim("decoder.conv_in.weight", 1, ndim=4)
         return Detected("vae", "vae", details)
-    if header.has_prefix("body.") or header.has_prefix("model.") and header.find("conv_first.weight") or header.has_prefix("conv_first."):
+    if (header.has_prefix("body.") or header.has_prefix("model.") and header.find("conv_first.weight")
+            or header.has_prefix("conv_first.")):
         return Detected("upscale", "upscale_model", details)
     return Detected(None, "unknown", details)
 
@@ -198,15 +199,20 @@ def check_bundle_files(bundle, resolve) -> None:
     vae = detect(read_header(present["vae"]))
     problems = []
     if model.family != "flux":
-        problems.append(f"diffusion_model {present['diffusion_model'].name} is not a Flux model (looks like {model.family or 'unknown'})")
+        problems.append(f"diffusion_model {present['diffusion_model'].name} is not a Flux model "
+                        f"(looks like {model.family or 'unknown'})")
     if t5.family != "t5":
         problems.append(f"t5 {present['t5'].name} is not a T5 text encoder (looks like {t5.family or t5.kind})")
-    elif model.details.get("context_dim") and t5.details.get("d_model") and model.details["context_dim"] != t5.details["d_model"]:
-        problems.append(f"the model expects {model.details['context_dim']}-wide text features but T5 {present['t5'].name} gives {t5.details['d_model']}")
+    elif model.details.get("context_dim") and t5.details.get("d_model") and \
+            model.details["context_dim"] != t5.details["d_model"]:
+        problems.append(f"the model expects {model.details['context_dim']}-wide text features but T5 "
+                        f"{present['t5'].name} gives {t5.details['d_model']}")
     if clip.family != "clip_l":
-        problems.append(f"clip_l {present['clip_l'].name} is not a CLIP-L text encoder (looks like {clip.family or clip.kind})")
+        problems.append(f"clip_l {present['clip_l'].name} is not a CLIP-L text encoder "
+                        f"(looks like {clip.family or clip.kind})")
     if vae.family != "vae" or vae.details.get("latent_channels") not in (None, 16):
         problems.append(f"vae {present['vae'].name} is not the 16-channel Flux VAE")
     if problems:
         raise ImagegenError("incompatible_bundle", f"model {bundle.name!r} cannot load: " + "; ".join(problems),
-                            hint="Fix the bundle's files in models.yaml; `imagegen models inspect FILE` shows what each file is.")
+                            hint="Fix the bundle's files in models.yaml; "
+                                 "`imagegen models inspect FILE` shows what each file is.")

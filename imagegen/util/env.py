@@ -14,7 +14,8 @@ from imagegen.util.errors import ImagegenError
 
 def _refuse(name: str, raw: str, why: str, default: float) -> ImagegenError:
     return ImagegenError("invalid_argument", f"{name}={raw!r} {why}",
-                         hint=f"Unset {name} (the default is {default:g}) or set it to a number, e.g. {name}={default:g}.")
+                         hint=f"Unset {name} (the default is {default:g}) or set it to a number, "
+                              f"e.g. {name}={default:g}.")
 
 
 def env_float(name: str, default: float, minimum: float | None = 0.0, maximum: float | None = None) -> float:
