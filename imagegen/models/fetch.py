@@ -19,9 +19,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from imagegen.models import cache
@@ -134,7 +135,8 @@ def head(file: ModelFile, token: str | None, redact: Callable[[object], str]) ->
                                                f"{exc.__class__.__name__}: {redact(exc)}",
                             hint="Check the network (or HF_ENDPOINT), then run the same command again.") from None
     etag = (meta.etag or "").lower()
-    return RemoteFile(file=file, url=meta.location or url, size=meta.size, sha256=etag if SHA256.fullmatch(etag) else None)
+    return RemoteFile(file=file, url=meta.location or url, size=meta.size,
+                      sha256=etag if SHA256.fullmatch(etag) else None)
 
 
 class _Progress:
@@ -168,7 +170,8 @@ def _part_path(models_dir: Path, remote: RemoteFile) -> Path:
 
 def _mismatch(file: ModelFile, what: str, expected: object, got: object, deleted: Path | None) -> ImagegenError:
     said = f"; deleted {deleted}" if deleted else ""
-    return ImagegenError("checksum_mismatch", f"{_label(file)} from {file.repo}: {what} expected {expected}, got {got}{said}",
+    return ImagegenError("checksum_mismatch",
+                         f"{_label(file)} from {file.repo}: {what} expected {expected}, got {got}{said}",
                          expected=expected, got=got, file=_label(file))
 
 
@@ -194,7 +197,8 @@ def _download(remote: RemoteFile, models_dir: Path, token: str | None, emit: Eve
     while True:
         try:
             with part.open("ab") as raw:
-                # a disabled bar of our own keeps huggingface_hub's bar off stderr (the parameter exists from 0.2x to 2.x)
+                # a disabled bar of our own keeps huggingface_hub's bar off stderr
+                # (the parameter exists from 0.2x to 2.x)
                 http_get(remote.url, _Progress(raw, emit, base), resume_size=done, headers=headers,
                          expected_size=expected_size, displayed_filename=file.filename, _tqdm_bar=tqdm(disable=True))
             break
@@ -208,8 +212,9 @@ def _download(remote: RemoteFile, models_dir: Path, token: str | None, emit: Eve
             if got > done and not isinstance(exc, HfHubHTTPError):  # a dropped connection after progress: go on
                 done = got
                 continue
+            of = f" of {gib(expected_size)}" if expected_size else ""
             raise ImagegenError("download_failed", f"{_label(file)}: download from {file.repo} stopped at {gib(got)}"
-                                                   f"{f' of {gib(expected_size)}' if expected_size else ''}: {redact(exc)}",
+                                                   f"{of}: {redact(exc)}",
                                 hint="Run the same command again: the download continues where it stopped.") from None
     size = part.stat().st_size
     if expected_size and size != expected_size:
@@ -288,7 +293,8 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(nearest_existing_parent(path)).free
 
 
-def fetch_bundle(bundle: Bundle, models_dir: Path | None = None, on_event: EventCallback | None = None) -> dict[str, Path]:
+def fetch_bundle(bundle: Bundle, models_dir: Path | None = None,
+                 on_event: EventCallback | None = None) -> dict[str, Path]:
     """Make every downloadable file of a bundle present and verified; returns role -> path.
 
     Failures raise ImagegenError (or KeyboardInterrupt) after an "error" event.
@@ -328,7 +334,8 @@ def _fetch_bundle(bundle: Bundle, models_dir: Path, emit: EventCallback) -> dict
     if not missing:
         return result
     if _offline():
-        raise ImagegenError("model_missing", f"model {bundle.name!r} is missing {', '.join(_label(f) for _, f in missing)} "
+        labels = ", ".join(_label(f) for _, f in missing)
+        raise ImagegenError("model_missing", f"model {bundle.name!r} is missing {labels} "
                                              f"in {models_dir}, and HF_HUB_OFFLINE is set",
                             hint=f"Unset HF_HUB_OFFLINE and run `imagegen models pull {bundle.name}`.")
     remotes: list[tuple[str, RemoteFile]] = []
@@ -344,13 +351,15 @@ def _fetch_bundle(bundle: Bundle, models_dir: Path, emit: EventCallback) -> dict
         part = _part_path(models_dir, remote)
         need += max((remote.file.size or remote.size or 0) - (part.stat().st_size if part.exists() else 0), 0)
     free = _free_bytes(models_dir)
-    emit({"event": "plan", "model": bundle.name, "files": [_label(r.file) for _, r in remotes], "bytes": need, "free": free})
+    emit({"event": "plan", "model": bundle.name, "files": [_label(r.file) for _, r in remotes], "bytes": need,
+          "free": free})
     if need > free:
         raise ImagegenError("disk_full", f"model {bundle.name!r} needs {gib(need)} free in {models_dir}, which has "
                                          f"{gib(free)}: short by {gib(need - free)}",
                             path=str(models_dir), needed=need, free=free, shortfall=need - free)
     for role, remote in remotes:
-        result[role] = _fetch_one(remote, models_dir, token, emit, {"model": bundle.name, "file": _label(remote.file)}, redact)
+        base = {"model": bundle.name, "file": _label(remote.file)}
+        result[role] = _fetch_one(remote, models_dir, token, emit, base, redact)
     return result
 
 

@@ -38,7 +38,8 @@ WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
 FAMILY_DEFAULTS = {
     "sd15": {"width": 512, "height": 512, "steps": 20, "cfg": 7.0, "sampler": "euler_ancestral", "scheduler": "normal"},
     "sdxl": {"width": 1024, "height": 1024, "steps": 25, "cfg": 7.0, "sampler": "euler", "scheduler": "normal"},
-    "flux": {"width": 1024, "height": 1024, "steps": 20, "cfg": 1.0, "guidance": 3.5, "sampler": "euler", "scheduler": "simple"},
+    "flux": {"width": 1024, "height": 1024, "steps": 20, "cfg": 1.0, "guidance": 3.5, "sampler": "euler",
+             "scheduler": "simple"},
     "upscale": {},
 }
 LOCAL_SUBFOLDER = "imagegen-local"  # where local files are linked into the cache
@@ -96,7 +97,8 @@ class _LineDict(dict):
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict:
     mapping = _LineDict(loader.construct_mapping(node, deep=True))
     mapping.line = node.start_mark.line + 1
-    mapping.key_lines = {key.value: key.start_mark.line + 1 for key, _value in node.value if isinstance(key, yaml.ScalarNode)}
+    mapping.key_lines = {key.value: key.start_mark.line + 1 for key, _value in node.value
+                         if isinstance(key, yaml.ScalarNode)}
     return mapping
 
 
@@ -132,7 +134,8 @@ def load_yaml(path: Path) -> dict:
         raise _bad(path, 1, "the top level must be a mapping with `files:` and/or `models:`")
     unknown = set(data) - {"schema", "files", "models"}
     if unknown:
-        raise _bad(path, getattr(data, "line", 1), f"unknown top-level key(s): {', '.join(sorted(unknown))} (expected schema, files, models)")
+        raise _bad(path, getattr(data, "line", 1),
+                   f"unknown top-level key(s): {', '.join(sorted(unknown))} (expected schema, files, models)")
     return data
 
 
@@ -143,7 +146,8 @@ def _parse_file(path: Path, key: str, raw: Any, folder_hint: str | None) -> Mode
     allowed = {"repo", "file", "revision", "folder", "size", "sha256", "local", "gated", "name"}
     unknown = set(raw) - allowed
     if unknown:
-        raise _bad(path, line, f"{key}: unknown field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
+        raise _bad(path, line,
+                   f"{key}: unknown field(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
     folder = raw.get("folder") or folder_hint
     if folder not in FOLDERS:
         raise _bad(path, line, f"{key}: folder {folder!r} is not one of {', '.join(FOLDERS)}")
@@ -151,7 +155,8 @@ def _parse_file(path: Path, key: str, raw: Any, folder_hint: str | None) -> Mode
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
         raise _bad(path, line, f"{key}: size must be a positive number of bytes, got {size!r}")
     sha = raw.get("sha256")
-    if sha is not None and (not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha.lower())):
+    if sha is not None and (not isinstance(sha, str) or len(sha) != 64
+                            or any(c not in "0123456789abcdef" for c in sha.lower())):
         raise _bad(path, line, f"{key}: sha256 must be 64 hex digits or null, got {sha!r}")
     local = raw.get("local")
     if local is not None:
@@ -165,7 +170,8 @@ def _parse_file(path: Path, key: str, raw: Any, folder_hint: str | None) -> Mode
                          local_path=str(local_path))
     repo, file = raw.get("repo"), raw.get("file")
     if not (isinstance(repo, str) and "/" in repo and isinstance(file, str) and file):
-        raise _bad(path, line, f"{key}: needs `repo: owner/name` and `file: path/in/repo`, or `local: /path/file.safetensors`")
+        raise _bad(path, line,
+                   f"{key}: needs `repo: owner/name` and `file: path/in/repo`, or `local: /path/file.safetensors`")
     if not file.endswith(".safetensors"):
         raise _bad(path, line, f"{key}: only .safetensors files are accepted, got {file}")
     return ModelFile(key=key, folder=folder, filename=raw.get("name") or Path(file).name, repo=repo,
@@ -191,14 +197,18 @@ def _parse_bundle(path: Path, name: str, raw: Any, shared: dict[str, ModelFile])
     files: dict[str, ModelFile] = {}
     for role, value in raw_files.items():
         if role not in required + optional:
-            raise _bad(path, _line(raw_files, role), f"models.{name}.files: role {role!r} is not used by family {family} (roles: {', '.join(required + optional)})")
+            raise _bad(path, _line(raw_files, role), f"models.{name}.files: role {role!r} is not used by family "
+                                                     f"{family} (roles: {', '.join(required + optional)})")
         if isinstance(value, str):
             if value not in shared:
-                raise _bad(path, _line(raw_files, role), f"models.{name}.files.{role}: no shared file {value!r} under `files:` (known: {', '.join(sorted(shared)) or 'none'})")
+                known = ", ".join(sorted(shared)) or "none"
+                raise _bad(path, _line(raw_files, role), f"models.{name}.files.{role}: no shared file {value!r} "
+                                                         f"under `files:` (known: {known})")
             files[role] = shared[value]
         else:
             parsed = _parse_file(path, f"models.{name}.files.{role}", value, ROLE_FOLDERS[role])
-            files[role] = replace(parsed, key=f"{name}.{role}", gated=parsed.gated or (gated and role in ("checkpoint", "diffusion_model")))
+            files[role] = replace(parsed, key=f"{name}.{role}",
+                                  gated=parsed.gated or (gated and role in ("checkpoint", "diffusion_model")))
     if family == "flux":
         for role, shared_key in FLUX_SHARED_ENCODERS.items():
             if role not in files and shared_key in shared:
@@ -212,14 +222,18 @@ def _parse_bundle(path: Path, name: str, raw: Any, shared: dict[str, ModelFile])
     for key, value in defaults.items():
         expected = DEFAULT_KEYS.get(key)
         if expected is None:
-            raise _bad(path, _line(defaults, key), f"models.{name}.defaults: unknown key {key!r} (known: {', '.join(DEFAULT_KEYS)})")
+            raise _bad(path, _line(defaults, key),
+                       f"models.{name}.defaults: unknown key {key!r} (known: {', '.join(DEFAULT_KEYS)})")
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, expected) or isinstance(value, bool):
-            raise _bad(path, _line(defaults, key), f"models.{name}.defaults.{key}: expected {expected.__name__}, got {value!r}")
+            raise _bad(path, _line(defaults, key),
+                       f"models.{name}.defaults.{key}: expected {expected.__name__}, got {value!r}")
         if key == "weight_dtype" and value not in WEIGHT_DTYPES:
-            raise _bad(path, _line(defaults, key), f"models.{name}.defaults.weight_dtype: {value!r} is not one of {', '.join(WEIGHT_DTYPES)}")
-    return Bundle(name=name, family=family, files=files, defaults={k: (float(v) if DEFAULT_KEYS[k] is float else v) for k, v in defaults.items()},
+            raise _bad(path, _line(defaults, key),
+                       f"models.{name}.defaults.weight_dtype: {value!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    typed = {k: (float(v) if DEFAULT_KEYS[k] is float else v) for k, v in defaults.items()}
+    return Bundle(name=name, family=family, files=files, defaults=typed,
                   description=str(raw.get("description") or ""), gated=gated or any(f.gated for f in files.values()),
                   source=str(path))
 
@@ -231,7 +245,7 @@ class Registry:
         self.sources = sources
 
     @classmethod
-    def load(cls, builtin: Path | None = None, user: Path | None = None) -> "Registry":
+    def load(cls, builtin: Path | None = None, user: Path | None = None) -> Registry:
         documents = [builtin or paths.builtin_models_yaml()]
         user = user or paths.user_models_yaml()
         if user.is_file():
@@ -298,7 +312,8 @@ def _user_lock(target: Path):
 
 
 def _write_user_yaml(target: Path, data: dict, models: dict) -> None:
-    document = {"schema": 1, **({"files": _plain(data["files"])} if data.get("files") else {}), "models": _plain(models)}
+    shared = {"files": _plain(data["files"])} if data.get("files") else {}
+    document = {"schema": 1, **shared, "models": _plain(models)}
     write_atomic(target, yaml.safe_dump(document, sort_keys=False))
 
 
