@@ -1,4 +1,4 @@
-"""What every imagegen command shares: its options, declared once (alone and as groups), and the error contract.
+"""What every imagegen command shares: its options, declared once (alone and in groups), and the error contract.
 
 stdout is data (paths or JSON); errors are a message and a hint on stderr (a JSON object with
 --json) and an exit code from the error table. Kept light: `imagegen --help` imports only this and typer.
@@ -40,34 +40,56 @@ def _finite(low: float, high: float | None, what: str, low_open: bool = False):
 
 
 # Shared options, declared once.
-JsonOpt = Annotated[bool, typer.Option("--json", help="Write one JSON object per result on stdout; errors as JSON on stderr.")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Write one JSON object per result on stdout; errors as JSON on stderr.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on stderr but errors.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for unexpected errors.", envvar="IMAGEGEN_DEBUG")]
-RuntimeOpt = Annotated[str, typer.Option("--runtime", help="Where workers run: auto, docker, local, or remote (IMAGEGEN_REMOTE_WORKERS=URL#TOKEN,...).", envvar="IMAGEGEN_RUNTIME")]
-KeepWarmOpt = Annotated[float, typer.Option("--keep-warm", help="Seconds an idle worker stays up for the next call (0 to a week).", envvar="IMAGEGEN_KEEP_WARM",
-                                            callback=_finite(0.0, MAX_KEEP_WARM, "a number of seconds"))]
-ProgressOpt = Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bars on stderr (default: only when stderr is a terminal).")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Run even when a job looks too large for every GPU's memory.")]
-FastOpt = Annotated[bool, typer.Option("--fast", envvar="IMAGEGEN_FAST", help="Fast mode: torch.compile the model (the first image compiles for a while; later ones and later workers reuse it) and fp8 matmuls for fp8 models on Ada/Hopper GPUs; GPU workers only. Images may differ slightly.")]
-FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Model family: sd15, sdxl or flux (detected when omitted).")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="A registered model (see `imagegen models list`); in a batch, the default for items that name none.")]
-CheckpointOpt = Annotated[Optional[Path], typer.Option("--checkpoint", help="A local SD1.5/SDXL .safetensors file to use instead of a registered model.")]
-SizeOpt = Annotated[Optional[str], typer.Option("--size", help="WIDTHxHEIGHT, multiples of 8 (model default when omitted).")]
+DebugOpt = Annotated[bool, typer.Option(
+    "--debug", help="Show tracebacks for unexpected errors.", envvar="IMAGEGEN_DEBUG")]
+RuntimeOpt = Annotated[str, typer.Option(
+    "--runtime", envvar="IMAGEGEN_RUNTIME",
+    help="Where workers run: auto, docker, local, or remote (IMAGEGEN_REMOTE_WORKERS=URL#TOKEN,...).")]
+KeepWarmOpt = Annotated[float, typer.Option(
+    "--keep-warm", help="Seconds an idle worker stays up for the next call (0 to a week).", envvar="IMAGEGEN_KEEP_WARM",
+    callback=_finite(0.0, MAX_KEEP_WARM, "a number of seconds"))]
+ProgressOpt = Annotated[Optional[bool], typer.Option(
+    "--progress/--no-progress", help="Progress bars on stderr (default: only when stderr is a terminal).")]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Run even when a job looks too large for every GPU's memory.")]
+FastOpt = Annotated[bool, typer.Option(
+    "--fast", envvar="IMAGEGEN_FAST",
+    help="Fast mode: torch.compile the model (the first image compiles for a while; later ones and later workers "
+         "reuse it) and fp8 matmuls for fp8 models on Ada/Hopper GPUs; GPU workers only. Images may differ slightly.")]
+FamilyOpt = Annotated[Optional[str], typer.Option(
+    "--family", help="Model family: sd15, sdxl or flux (detected when omitted).")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m",
+    help="A registered model (see `imagegen models list`); in a batch, the default for items that name none.")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option(
+    "--checkpoint", help="A local SD1.5/SDXL .safetensors file to use instead of a registered model.")]
+SizeOpt = Annotated[Optional[str], typer.Option(
+    "--size", help="WIDTHxHEIGHT, multiples of 8 (model default when omitted).")]
 StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (model default when omitted).")]
-CfgOpt = Annotated[Optional[float], typer.Option("--cfg", help="Classifier-free guidance scale.", callback=_finite(0.0, None, "a guidance scale"))]
+CfgOpt = Annotated[Optional[float], typer.Option(
+    "--cfg", help="Classifier-free guidance scale.", callback=_finite(0.0, None, "a guidance scale"))]
 NegativeOpt = Annotated[Optional[str], typer.Option("--negative", help="Negative prompt (SD1.5/SDXL).")]
 CountOpt = Annotated[int, typer.Option("--count", "-n", help="Images per prompt (seeds seed, seed+1, ...).")]
-GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", help="Flux guidance (default 3.5).", callback=_finite(0.0, None, "a guidance value"))]
+GuidanceOpt = Annotated[Optional[float], typer.Option(
+    "--guidance", help="Flux guidance (default 3.5).", callback=_finite(0.0, None, "a guidance value"))]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
-CallTimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help="Overall cap in seconds for the whole call.", callback=_finite(0.0, None, "a number of seconds", low_open=True))]
+CallTimeoutOpt = Annotated[Optional[float], typer.Option(
+    "--timeout", help="Overall cap in seconds for the whole call.",
+    callback=_finite(0.0, None, "a number of seconds", low_open=True))]
 
-PickOpt = Annotated[Optional[list[str]], typer.Option("--pick", metavar="3,7", help="1-based indices from the last contact sheet, e.g. 3,7; repeat for later stages.")]
-AutoOpt = Annotated[bool, typer.Option("--auto", help="Pick by the documented rule (a scorer in $IMAGEGEN_FUNNEL_SCORER, else the first N).")]
-GpusOpt = Annotated[Optional[str], typer.Option("--gpus", help="all, cpu, or GPU indices/UUIDs: 0 (the first GPU), 0,2 or GPU-3f2a...")]
+PickOpt = Annotated[Optional[list[str]], typer.Option(
+    "--pick", metavar="3,7", help="1-based indices from the last contact sheet, e.g. 3,7; repeat for later stages.")]
+AutoOpt = Annotated[bool, typer.Option(
+    "--auto", help="Pick by the documented rule (a scorer in $IMAGEGEN_FUNNEL_SCORER, else the first N).")]
+GpusOpt = Annotated[Optional[str], typer.Option(
+    "--gpus", help="all, cpu, or GPU indices/UUIDs: 0 (the first GPU), 0,2 or GPU-3f2a...")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="CPU workers when no GPU is used.")]
-TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help="Overall cap in seconds per job.",
-                                                     callback=_finite(0.0, None, "a number of seconds", low_open=True))]
-
+TimeoutOpt = Annotated[Optional[float], typer.Option(
+    "--timeout", help="Overall cap in seconds per job.",
+    callback=_finite(0.0, None, "a number of seconds", low_open=True))]
 
 @dataclasses.dataclass
 class Mode:

@@ -47,8 +47,10 @@ def generate(
         "--from", help="Reproduce a PNG from its metadata (imagegen, A1111 or ComfyUI); other flags override.")] = None,
     output_path: Annotated[Optional[str], typer.Option(
         "--output", "-o", help="A .png path, a directory, or - for PNG bytes on stdout.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the first image (random when omitted).")] = None,
-    sampler: Annotated[Optional[str], typer.Option("--sampler", help="ComfyUI sampler name, e.g. euler, dpmpp_2m.")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="Seed of the first image (random when omitted).")] = None,
+    sampler: Annotated[Optional[str], typer.Option(
+        "--sampler", help="ComfyUI sampler name, e.g. euler, dpmpp_2m.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(
         "--scheduler", help="ComfyUI scheduler name, e.g. normal, karras.")] = None,
     guidance: GuidanceOpt = None,
@@ -93,7 +95,8 @@ def batch(
         help="Prompts, one per line or JSONL objects; - or omitted: stdin.")] = None,
     *,
     out_dir: Annotated[Path, typer.Option(
-        "--output", "-o", help="Directory for the images and manifest.jsonl (rerun to resume).")] = Path("imagegen-batch"),
+        "--output", "-o", help="Directory for the images and manifest.jsonl (rerun to resume).",
+    )] = Path("imagegen-batch"),
     draw: Draw,
     seed: Annotated[int, typer.Option(
         "--seed", help="Base for the seeds of items that give none (seeds are stable across reruns).")] = 0,
@@ -127,21 +130,25 @@ def batch(
             except OSError as exc:
                 raise ImagegenError("invalid_argument", f"cannot read {prompts_file}: {exc.strerror}") from None
         timeouts, explicit = gen.timeouts_from_env(pool.timeout)
-        defaults = {k: v for k, v in {"model": draw.model, "size": draw.size, "steps": draw.steps, "cfg": draw.cfg, "negative": draw.negative,
-                                      "count": draw.count, "checkpoint": str(draw.checkpoint) if draw.checkpoint else None,
-                                      "fast": workers.fast or None}.items() if v is not None}
+        given = {"model": draw.model, "size": draw.size, "steps": draw.steps, "cfg": draw.cfg,
+                 "negative": draw.negative, "count": draw.count,
+                 "checkpoint": str(draw.checkpoint) if draw.checkpoint else None, "fast": workers.fast or None}
+        defaults = {k: v for k, v in given.items() if v is not None}
         reporter = BatchReporter(quiet=mode.quiet, show_progress=mode.progress)
         batch_mod.plan(items, out_dir, defaults, seed, 1)  # every item is valid before a worker starts
         emit = (lambda line: print(json.dumps(line, sort_keys=True), flush=True)) if mode.json_mode else \
             (lambda line: print(line["path"], flush=True) if line["status"] == "done" else None)
-        summary = batch_mod.run(items, out_dir.absolute(), make_runtime(workers.runtime, workers.keep_warm), reporter, emit,
-                                defaults=defaults, base_seed=seed, pack=pack, gpus=pool.gpus, workers=pool.workers_n, depth=depth,
+        summary = batch_mod.run(items, out_dir.absolute(), make_runtime(workers.runtime, workers.keep_warm), reporter,
+                                emit, defaults=defaults, base_seed=seed, pack=pack, gpus=pool.gpus,
+                                workers=pool.workers_n, depth=depth,
                                 overwrite=overwrite, force=workers.force, timeouts=timeouts, explicit=explicit)
-        reporter.status(f"batch: {summary.done} done, {summary.failed} failed, {summary.skipped} skipped (done earlier) "
+        reporter.status(f"batch: {summary.done} done, {summary.failed} failed, "
+                        f"{summary.skipped} skipped (done earlier) "
                         f"of {summary.total}; manifest: {out_dir.absolute() / batch_mod.MANIFEST}")
         if summary.failed:
             first = summary.failures[0]
-            raise ImagegenError("jobs_failed", f"{summary.failed} image(s) failed, e.g. line {first['line']}: {first['error']['message']}",
+            raise ImagegenError("jobs_failed", f"{summary.failed} image(s) failed, "
+                                f"e.g. line {first['line']}: {first['error']['message']}",
                                 failed=summary.failed, done=summary.done)
 
     run_guarded(mode.json_mode, mode.debug, body)
@@ -163,10 +170,13 @@ def workers(runtime: RuntimeOpt = "auto", json_mode: JsonOpt = False, debug: Deb
             print("no workers running", file=sys.stderr)
         for item in found:
             gpu = item.get("gpu") or {}
-            memory = f"{gpu['memory_free_mib'] / 1024:.1f}/{gpu['memory_total_mib'] / 1024:.1f} GiB free" if gpu.get("memory_total_mib") else "-"
+            memory = (f"{gpu['memory_free_mib'] / 1024:.1f}/{gpu['memory_total_mib'] / 1024:.1f} GiB free"
+                      if gpu.get("memory_total_mib") else "-")
             speed = f"{item['it_per_s']:.2f} it/s" if item.get("it_per_s") else "-"
-            print(f"{item['name']}\t{gpu.get('name') or item['device']}\t{memory}\t{'healthy' if item.get('healthy', True) else 'UNHEALTHY'}\t"
-                  f"{speed}\t{item['url']}\tmodel={item.get('last_model') or '-'}\tidle={item.get('idle_seconds')}s\tjobs={item.get('jobs_done')}")
+            health = "healthy" if item.get("healthy", True) else "UNHEALTHY"
+            print(f"{item['name']}\t{gpu.get('name') or item['device']}\t{memory}\t{health}\t{speed}\t{item['url']}\t"
+                  f"model={item.get('last_model') or '-'}\tidle={item.get('idle_seconds')}s\t"
+                  f"jobs={item.get('jobs_done')}")
 
     run_guarded(json_mode, debug, body)
 
@@ -221,7 +231,8 @@ def mcp(runtime: RuntimeOpt = "auto", keep_warm: KeepWarmOpt = 300.0, debug: Deb
 
 @app.command()
 def schema(
-    name: Annotated[Optional[str], typer.Argument(help="One schema, e.g. imagegen.result/1 or result (all when omitted).")] = None,
+    name: Annotated[Optional[str], typer.Argument(
+        help="One schema, e.g. imagegen.result/1 or result (all when omitted).")] = None,
     json_mode: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -252,7 +263,8 @@ def doctor(runtime: RuntimeOpt = "auto", json_mode: JsonOpt = False, debug: Debu
                 print(json.dumps({"schema": "imagegen.check/1", **check}))
             else:
                 mark = "ok  " if check["ok"] else ("warn" if check.get("optional") else "FAIL")
-                print(f"[{mark}] {check['check']}: {check['detail']}" + (f"\n       fix: {check['fix']}" if not check["ok"] and check.get("fix") else ""))
+                fix = f"\n       fix: {check['fix']}" if not check["ok"] and check.get("fix") else ""
+                print(f"[{mark}] {check['check']}: {check['detail']}{fix}")
         if any(not c["ok"] and not c.get("optional") for c in checks):
             raise typer.Exit(1)
 
