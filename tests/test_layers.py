@@ -34,7 +34,7 @@ def test_the_real_tree_keeps_every_contract():
     proc = _lint_imports(REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "0 broken" in proc.stdout
-    assert "3 kept" in proc.stdout
+    assert "4 kept" in proc.stdout
 
 
 def test_the_worker_importing_the_models_code_breaks_the_contract(tmp_path):
@@ -71,6 +71,15 @@ def test_funnel_and_mcp_are_independent(tmp_path):
     assert "imagegen.mcp.server -> imagegen.funnel.contact_sheet" in proc.stdout
 
 
+def test_an_import_cycle_inside_a_package_breaks_the_contract(tmp_path):
+    root = _copy_tree(tmp_path)  # scheduler imports routing; routing importing scheduler closes a loop
+    _append(root / "imagegen/engine/routing.py", "def _late():\n    from imagegen.engine import scheduler  # noqa")
+    proc = _lint_imports(root)
+    assert proc.returncode == 1, proc.stdout
+    assert "No import cycles between the modules of any package BROKEN" in proc.stdout
+    assert "imagegen.engine" in proc.stdout and ".scheduler -> .routing" in proc.stdout  # where to cut it
+
+
 def test_a_new_subpackage_must_be_given_a_layer(tmp_path):
     root = _copy_tree(tmp_path)
     (root / "imagegen/plugins").mkdir()
@@ -98,7 +107,7 @@ def test_scripts_lint_fails_loudly_on_a_ruff_problem(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert "too_long.py:3:121: E501" in proc.stderr
     assert "[lint] FAILED: ruff" in proc.stderr
-    assert "[lint] lint-imports: Contracts: 3 kept, 0 broken." in proc.stderr
+    assert "[lint] lint-imports: Contracts: 4 kept, 0 broken." in proc.stderr
 
 
 def test_scripts_lint_fails_on_a_broken_contract(tmp_path):
@@ -111,7 +120,8 @@ def test_scripts_lint_fails_on_a_broken_contract(tmp_path):
     proc = subprocess.run(["bash", str(root / "scripts/lint"), "imports"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr
-    assert "1 broken" in proc.stderr
+    assert "Layers: cli > funnel|mcp > engine > runtimes > comfy > models > util BROKEN" in proc.stderr
+    assert "0 broken" not in proc.stderr
     assert "[lint] FAILED: imports" in proc.stderr
 
 
