@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+from imagegen import COMFYUI_VERSION
 from imagegen.util.errors import ImagegenError
 
 SAMPLERS = (
@@ -33,7 +34,7 @@ def check_up_front(sampler: str, scheduler: str) -> None:
     for what, name, known in (("sampler", sampler, SAMPLERS), ("scheduler", scheduler, SCHEDULERS)):
         if name not in known and not _NAME.match(name or ""):
             raise ImagegenError("invalid_argument", f"--{what} {name!r} is not a ComfyUI {what}",
-                                hint=f"Known to ComfyUI 0.3.75: {', '.join(known)}")
+                                hint=f"Known to ComfyUI {COMFYUI_VERSION}: {', '.join(known)}")
 
 
 def from_object_info(info: dict) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
