@@ -4,11 +4,13 @@ answer is reported and never reaped, and ComfyUI never receives the caller's sec
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -54,13 +56,32 @@ def write_record(home: Path, pid: int, **fields) -> Path:
     return record
 
 
+@pytest.fixture
+def other_server():
+    """Someone else's HTTP server on the port a stale record names: it answers 400 to everything."""
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            self.send_response(400)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
 @pytest.mark.parametrize("runtime", ["local", "auto"])
-@pytest.mark.parametrize("kind", ["reused pid", "older record without a start time"])
-def test_a_stale_record_naming_a_reused_pid_signals_nothing(isolated_home, bystander, runtime, kind):
+@pytest.mark.parametrize("kind", ["reused pid", "older record without a start time", "older record, another server"])
+def test_a_stale_record_naming_a_reused_pid_signals_nothing(isolated_home, bystander, other_server, runtime, kind):
     # after a reboot the recorded pid belongs to someone else: a different start time, or (an older
-    # record) no proof at all, since nothing answers /imagegen/info on the recorded port
+    # record) no proof at all, since no imagegen worker answers /imagegen/info on the recorded port
     fields = {"pid_start": procs.start_time(bystander.pid) - 1, "cmdline": ["python", "-m", "imagegen.entry", "serve"]}
-    record = write_record(isolated_home, bystander.pid, **(fields if kind == "reused pid" else {}))
+    if kind != "reused pid":
+        fields = {"port": other_server} if "another server" in kind else {}
+    record = write_record(isolated_home, bystander.pid, **fields)
     env = {"IMAGEGEN_RUNTIME": runtime}
 
     listed = run_cli("workers", "--json", env=env, timeout=120)
@@ -69,7 +90,7 @@ def test_a_stale_record_naming_a_reused_pid_signals_nothing(isolated_home, bysta
     assert bystander.poll() is None and pid_alive(bystander.pid), "`imagegen workers` signalled an unrelated process"
     assert not record.exists(), "the stale record is deleted"
 
-    write_record(isolated_home, bystander.pid, **(fields if kind == "reused pid" else {}))
+    write_record(isolated_home, bystander.pid, **fields)
     stopped = run_cli("stop", "--all", "--json", env=env, timeout=120)
     assert stopped.returncode == 0, stopped.stderr.decode()
     assert json.loads(stopped.stdout)["stopped"] == []

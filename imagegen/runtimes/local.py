@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import requests
+
 from imagegen.comfy.client import ComfyClient
 from imagegen.runtimes.base import (
     WorkerHandle,
@@ -88,12 +90,8 @@ class LocalRuntime:
             return procs.same_process(pid, record.get("pid_start"), record.get("cmdline"))
         if not isinstance(pid, int) or not pid_alive(pid) or "port" not in record:
             return False
-        try:
-            client = ComfyClient(f"http://127.0.0.1:{record['port']}", record.get("token", ""), request_timeout=5)
-            info = client.worker_info()
-        except ImagegenError:
-            return False
-        return info.get("pid") == pid
+        info = _info(record, timeout=5)
+        return info is not None and info.get("pid") == pid
 
     def _drop_record(self, slot: str, record: dict) -> None:
         """Delete a stale record (nothing is signalled), unless a new worker has replaced it meanwhile."""
@@ -159,10 +157,8 @@ class LocalRuntime:
         while time.monotonic() < deadline:
             if not self._ours(record):
                 return None
-            try:
-                client = ComfyClient(f"http://127.0.0.1:{record['port']}", record["token"], request_timeout=30)
-                info = client.worker_info()
-            except ImagegenError:
+            info = _info(record, timeout=30)
+            if info is None:
                 cancel.check("the wait for a busy worker")
                 time.sleep(1.0)
                 continue
@@ -252,10 +248,7 @@ class LocalRuntime:
                     _kill_orphan_comfy(record)
                 continue
             handle = self._handle(slot, record, started_here=False)
-            try:
-                info = handle.client(request_timeout=5).worker_info()
-            except ImagegenError:
-                info = {}
+            info = _info(record, timeout=5) or {}
             keys = ("comfy_pid", "gpu", "it_per_s", "last_model", "idle_seconds", "jobs_done", "keep_warm",
                     "imagegen_version")
             found.append({"name": handle.name, "runtime": self.name, "slot": slot, "device": handle.device,
@@ -272,6 +265,16 @@ class LocalRuntime:
             if (slot is None or slot == this_slot) and self._forget(this_slot):
                 stopped.append(f"local-{this_slot}")
         return stopped
+
+
+def _info(record: dict, timeout: float) -> dict | None:
+    """The worker's authenticated /imagegen/info, or None when whatever listens there does not give it."""
+    try:
+        url = f"http://127.0.0.1:{record['port']}"
+        info = ComfyClient(url, str(record.get("token", "")), request_timeout=timeout).worker_info()
+    except (ImagegenError, requests.RequestException, ValueError, KeyError):
+        return None
+    return info if isinstance(info, dict) and info else None
 
 
 def _comfy_identity(record: dict) -> tuple:
