@@ -287,7 +287,7 @@ def _run_locked(jobs: list[Job], out_dir: Path, runtime, reporter, emit, slots, 
     hashes = prepare_models(todo, fetch or make_fetcher(reporter), runtime)
 
     def budgets(job: Job, state) -> Timeouts:
-        resident = state.last_model == job.bundle.name
+        resident = state.last_bundle == job.bundle.name
         return render.job_budgets(job.bundle, job.params, state.handle.device, resident, timeouts, explicit)
 
     def on_outcome(outcome: Outcome) -> None:

@@ -197,7 +197,7 @@ def render_stage(funnel: Funnel, number: int, runtime, reporter, emit, options: 
         hashes = batch.prepare_models(jobs, fetch or make_fetcher(reporter), runtime)  # remote: nothing fetched here
 
         def budgets(job, state):
-            resident = state.last_model == job.bundle.name
+            resident = state.last_bundle == job.bundle.name
             return render.job_budgets(job.bundle, job.params, state.handle.device, resident, options.timeouts,
                                       options.explicit)
 
