@@ -365,9 +365,7 @@ def main() -> int:
             processes = {"python -c pass": [sys.executable, "-c", "pass"],
                          "python -c 'import requests, websocket'  (the bare script's imports)": [sys.executable, "-c", "import requests, websocket"],
                          "python -c 'import imagegen.cli.main'  (typer)": [sys.executable, "-c", "import imagegen.cli.main"],
-                         "python -c 'import imagegen.cli.main, typer._adapters'  (+ pydantic, which typer 0.29 uses to parse)":
-                             [sys.executable, "-c", "import imagegen.cli.main, typer._adapters"],
-                         "python -c 'import <everything the generate path imports>'": [sys.executable, "-c", IMPORTS + ", typer._adapters"],
+                         "python -c 'import <everything the generate path imports>'": [sys.executable, "-c", IMPORTS],
                          "imagegen generate x --size 65x64 -m sd15  (exits 2 after parsing and validation)":
                              [sys.executable, CLI, "generate", "x", "--size", "65x64", "-m", "sd15"]}
             process_times: dict[str, list[tuple[float, float]]] = {name: [] for name in processes}
@@ -453,8 +451,8 @@ def main() -> int:
         "- The *bare client* keeps one HTTP session and one websocket open in this process: the strictest baseline.",
         "  The *bare script* is the same few lines as a new process per image (Python, requests, websocket-client), the",
         "  fair baseline for a CLI that also starts a process per image.",
-        "- The CLI's figure includes a new Python process per image (interpreter, imports — typer pulls in pydantic,",
-        "  requests pulls in urllib3 — and argument parsing); the in-process figure is what each further image costs",
+        "- The CLI's figure includes a new Python process per image (interpreter, imports — typer, requests and",
+        "  urllib3, yaml — and argument parsing); the in-process figure is what each further image costs",
         "  when one process renders many (`-n N`, `imagegen batch`, prompts on stdin, the MCP server).",
         "- `--runtime local` is passed because Docker also runs on this machine with the image built: the default",
         "  `auto` would pick a container worker. The container path (Docker API lookup per call) is not measured here.",
