@@ -269,11 +269,18 @@ def test_sigkill_of_a_worker_mid_batch_takes_its_comfyui_along(suite, tiny_sd15,
     cli, home = suite
     # both workers warm and started by a command that has ended, as after any earlier batch
     ok(cli.run(*batch_args(tiny_sd15, tmp_path / "warm"), input=prompts("warm", 2), timeout=CLI_TIMEOUT), "warm-up")
+    # an idle worker dies with no imagegen command running: its ComfyUI must go by itself
+    idle = records(home)["local-cpu-2"]["pid"]
+    children = [int(c) for c in Path(f"/proc/{idle}/task/{idle}/children").read_text().split()]
+    assert children, "the warm worker has no ComfyUI child"
+    os.kill(idle, signal.SIGKILL)
+    wait_for(lambda: not any(alive(c) for c in children), 60,
+             f"ComfyUI (pid {children}) to exit after its worker (pid {idle}) was SIGKILLed")
     out = tmp_path / "out"
     process = cli.start(*batch_args(tiny_sd15, out, steps=20), input=prompts("worker killed", 6))
     try:
         wait_for(lambda: manifest_count(out) >= 1 or process.poll() is not None, CLI_TIMEOUT, "the first image")
-        victim = records(home).get("local-cpu-2") or records(home).get("local-cpu")
+        victim = records(home).get("local-cpu")
         assert victim and process.poll() is None, "the batch ended before a worker could be killed"
         os.kill(victim["pid"], signal.SIGKILL)
         result = finish(process, CLI_TIMEOUT, "the batch whose worker was killed")
