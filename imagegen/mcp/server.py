@@ -17,7 +17,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import anyio
 import anyio.from_thread
@@ -38,16 +38,21 @@ logger = logging.getLogger("imagegen.mcp")
 
 # Tool arguments, declared once for generate_image and for the items of batch.
 Prompt = Annotated[str, Field(description="What to draw.")]
-ModelName = Annotated[Optional[str], Field(description="A registered model (see list_models); sd15 when omitted.")]
-Checkpoint = Annotated[Optional[str], Field(description="Absolute path of a local SD1.5/SDXL .safetensors file, used instead of a registered model.")]
-Size = Annotated[Optional[str], Field(description="WIDTHxHEIGHT in multiples of 8, e.g. 768x512; the model's default when omitted.")]
-Steps = Annotated[Optional[int], Field(description="Sampling steps; the model's default when omitted.")]
-Seed = Annotated[Optional[int], Field(description="Seed of the first image; random when omitted. Image i gets seed+i.")]
+ModelName = Annotated[str | None, Field(description="A registered model (see list_models); sd15 when omitted.")]
+Checkpoint = Annotated[str | None, Field(description="Absolute path of a local SD1.5/SDXL .safetensors file, "
+                                                     "used instead of a registered model.")]
+Size = Annotated[str | None, Field(description="WIDTHxHEIGHT in multiples of 8, e.g. 768x512; "
+                                               "the model's default when omitted.")]
+Steps = Annotated[int | None, Field(description="Sampling steps; the model's default when omitted.")]
+Seed = Annotated[int | None, Field(description="Seed of the first image; random when omitted. Image i gets seed+i.")]
 Count = Annotated[int, Field(description="Number of images.")]
-Cfg = Annotated[Optional[float], Field(description="Classifier-free guidance scale.")]
-Negative = Annotated[Optional[str], Field(description="Negative prompt (SD1.5/SDXL).")]
-Fast = Annotated[bool, Field(description="Fast mode: torch.compile the model (the first image compiles for minutes, later ones are faster) and fp8 matmuls for fp8 models on Ada/Hopper; GPU workers only. Worth it for many images.")]
-OutputDir = Annotated[Optional[str], Field(description="Directory to write the PNGs into; imagegen's output directory when omitted.")]
+Cfg = Annotated[float | None, Field(description="Classifier-free guidance scale.")]
+Negative = Annotated[str | None, Field(description="Negative prompt (SD1.5/SDXL).")]
+Fast = Annotated[bool, Field(description="Fast mode: torch.compile the model (the first image compiles for minutes, "
+                                         "later ones are faster) and fp8 matmuls for fp8 models on Ada/Hopper; "
+                                         "GPU workers only. Worth it for many images.")]
+OutputDir = Annotated[str | None, Field(description="Directory to write the PNGs into; imagegen's output directory "
+                                                    "when omitted.")]
 
 
 class ImageSpec(BaseModel):
@@ -73,9 +78,11 @@ class ImageSpec(BaseModel):
                                 hint="Pass a directory path, or leave output_dir out for the default.")
         timeouts, explicit = gen.timeouts_from_env()
         output = str(Path(self.output_dir).expanduser()) + os.sep if self.output_dir else None
-        return gen.Request(prompt=self.prompt, model=self.model, checkpoint=Path(self.checkpoint) if self.checkpoint else None,
+        checkpoint = Path(self.checkpoint) if self.checkpoint else None
+        return gen.Request(prompt=self.prompt, model=self.model, checkpoint=checkpoint,
                            size=self.size, steps=self.steps, seed=self.seed, count=self.count, cfg=self.cfg,
-                           negative=self.negative, fast=self.fast, output=output, timeouts=timeouts, explicit_timeouts=explicit)
+                           negative=self.negative, fast=self.fast, output=output, timeouts=timeouts,
+                           explicit_timeouts=explicit)
 
 
 # A runner takes the validated plans of one tool call, keyed by item index, and yields
@@ -84,7 +91,8 @@ class ImageSpec(BaseModel):
 Runner = Callable[[dict[int, gen.Plan], object, Reporter], Iterable[tuple[int, "dict | ImagegenError"]]]
 
 
-def run_in_sequence(plans: dict[int, gen.Plan], runtime, reporter: Reporter) -> Iterator[tuple[int, dict | ImagegenError]]:
+def run_in_sequence(plans: dict[int, gen.Plan], runtime,
+                    reporter: Reporter) -> Iterator[tuple[int, dict | ImagegenError]]:
     for index, planned in plans.items():
         try:
             for record in gen.execute(planned, runtime, reporter):
@@ -144,12 +152,14 @@ def thumbnail(path: str, size: int = THUMBNAIL_PX) -> bytes:
 
 def image_content(record: dict) -> list:
     return [TextContent(type="text", text=json.dumps(record)),
-            ImageContent(type="image", data=base64.b64encode(thumbnail(record["path"])).decode("ascii"), mime_type="image/png")]
+            ImageContent(type="image", data=base64.b64encode(thumbnail(record["path"])).decode("ascii"),
+                         mime_type="image/png")]
 
 
 def error_result(error: ImagegenError) -> CallToolResult:
     record = error.to_json()
-    return CallToolResult(content=[TextContent(type="text", text=json.dumps(record))], structured_content=record, is_error=True)
+    return CallToolResult(content=[TextContent(type="text", text=json.dumps(record))], structured_content=record,
+                          is_error=True)
 
 
 def argument_error(tool: str, exc: ValidationError) -> ImagegenError:
@@ -166,7 +176,8 @@ def argument_error(tool: str, exc: ValidationError) -> ImagegenError:
         else:
             problems.append(f"{where}: {problem['msg']} (got {json.dumps(problem.get('input'), default=str)[:60]})")
     return ImagegenError("invalid_argument", f"{tool}: " + "; ".join(problems),
-                         hint=f"Fix the argument(s) named; the {tool} tool's input schema lists each option and its type.",
+                         hint=f"Fix the argument(s) named; the {tool} tool's input schema lists each option "
+                              "and its type.",
                          arguments=names)
 
 
@@ -279,7 +290,8 @@ class ImagegenTools:
         from imagegen.models.registry import Registry
 
         records = [model_record(bundle) for _name, bundle in sorted(Registry.load().bundles.items())]
-        return CallToolResult(content=[TextContent(type="text", text=json.dumps(records))], structured_content={"models": records})
+        return CallToolResult(content=[TextContent(type="text", text=json.dumps(records))],
+                              structured_content={"models": records})
 
     async def models(self) -> CallToolResult:
         try:
@@ -305,10 +317,12 @@ def build_server(tools: ImagegenTools) -> MCPServer:
         return await tools.render([spec], ctx, batch=False)
 
     @server.tool()
-    async def batch(items: Annotated[list[ImageSpec], Field(description="The prompts, each with its own options.", min_length=1)],
+    async def batch(items: Annotated[list[ImageSpec], Field(description="The prompts, each with its own options.",
+                                                            min_length=1)],
                     ctx: Context) -> CallToolResult:
         """Generate images for several prompts in one call. Each image's record carries `item` (its index in
-        `items`); an item that fails is reported as an imagegen.error/1 record with its `item`, and the others still run."""
+        `items`); an item that fails is reported as an imagegen.error/1 record with its `item`, and the others
+        still run."""
         return await tools.render(items, ctx, batch=True)
 
     @server.tool()
