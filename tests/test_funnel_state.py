@@ -163,3 +163,36 @@ def test_a_state_file_whose_first_stage_upscales_is_refused_not_a_crash(tmp_path
     with pytest.raises(ImagegenError) as caught:
         funnel.render_stage(funnel.Funnel.load(state.root), 1, None, Reporter(), print, funnel.Options(), set())
     assert caught.value.code == "invalid_funnel_state" and "no stage before it" in caught.value.message
+
+
+def test_a_second_command_on_a_running_funnel_stops_at_once_with_output_busy(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, communicate
+
+    with SimWorker(gpu_name="NVIDIA L40S", memory_total_mib=46068, step_seconds=0.02) as sim:
+        env = {"IMAGEGEN_HOME": str(tmp_path / "home"), "IMAGEGEN_RUNTIME": "remote",
+               "IMAGEGEN_REMOTE_WORKERS": sim.entry}
+        out = tmp_path / "owl"
+        first = subprocess.Popen([sys.executable, str(REPO / "generate_image.py"), "funnel", "an owl", "-o", str(out),
+                                  "--draft-model", "sd15", "--refine-model", "none", "--polish-model", "none",
+                                  "--upscale-model", "none", "--drafts", "6", "--size", "64x64",
+                                  "--steps", "100", "--json"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env={**os.environ, **env})
+        try:
+            deadline = time.monotonic() + 120
+            while not sim.records() and first.poll() is None:
+                assert time.monotonic() < deadline, "the first funnel never rendered"
+                time.sleep(0.05)
+            second = run_cli("funnel", "resume", str(out), "--json", env=env, timeout=120)
+            running = first.poll() is None
+        finally:
+            _stdout, stderr = communicate(first, 300)
+    assert first.returncode == 0, stderr.decode()
+    assert running, "the second command must be refused while the first renders"
+    error = json.loads(second.stderr.decode().strip().splitlines()[-1])
+    assert second.returncode == 1 and error["code"] == "output_busy" and "funnel show" in error["hint"]
+    assert json.loads((out / "funnel.json").read_text())["next"] == {"action": "done"}
