@@ -61,16 +61,22 @@ def same_process(pid: int | None, start: int | None, command: list[str] | None) 
     return command is None or cmdline(pid) == list(command)
 
 
-def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
-    """In a child (a Popen preexec_fn): get `sig` when `parent` (the pid that forked it) dies, even by
-    SIGKILL (Linux). If the parent died before this ran (the child was re-parented already), exit at once."""
+def die_with_parent(parent: int, sig: int = signal.SIGKILL):
+    """A Popen preexec_fn: the child gets `sig` when `parent` (the pid that forks it) dies, even by
+    SIGKILL (Linux; elsewhere None: nothing to set). If the parent died before it ran (the child was
+    re-parented already), the child exits at once. libc is loaded here, in the parent: the child,
+    forked from a process with threads, only makes the one system call."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:
-        os._exit(1)
+        return None
+
+    def set_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return set_signal
 
 
 # What a worker and its ComfyUI need from the caller's environment; nothing else is passed on.

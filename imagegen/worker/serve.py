@@ -118,10 +118,9 @@ class Worker:
         env[comfy_launch.ENV] = self.upstream_secret
         cache = compile_cache_env(self.options.models_dir, fallback=self.work_dir / "compile-cache")
         env.update({name: value for name, value in cache.items() if name not in env})
-        me = os.getpid()
         # ComfyUI dies with this worker, even when the worker is SIGKILLed: it must never hold a GPU alone
         self.comfy = subprocess.Popen(self.comfy_command(), cwd=str(self.options.comfyui_dir), env=env,
-                                      stdin=subprocess.DEVNULL, preexec_fn=lambda: procs.die_with_parent(me))
+                                      stdin=subprocess.DEVNULL, preexec_fn=procs.die_with_parent(os.getpid()))
 
     def stop_comfy(self) -> None:
         if self.comfy and self.comfy.poll() is None:
