@@ -36,7 +36,8 @@ def hub(monkeypatch):
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.delenv("IMAGEGEN_SHARED_MODELS", raising=False)
-        monkeypatch.setenv("HF_TOKEN_PATH", str(Path(os.environ["IMAGEGEN_HOME"]) / "no-hf-token"))  # subprocesses: no stored login
+        # subprocesses: no stored login
+        monkeypatch.setenv("HF_TOKEN_PATH", str(Path(os.environ["IMAGEGEN_HOME"]) / "no-hf-token"))
         # small read chunks so a cut or an interruption lands mid-file; no 1 s pause before a retry
         monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)
         monkeypatch.setattr(huggingface_hub.file_download, "time", types.SimpleNamespace(sleep=lambda _: None))
@@ -48,8 +49,9 @@ def models_dir(tmp_path) -> Path:
     return tmp_path / "models"
 
 
-def make_bundle(hub: HubServer, name: str = "tiny", repo: str = "org/tiny", size: int = SIZE, *, registry_sha: bool = True,
-                registry_size: bool = True, gated: bool = False, data: bytes | None = None) -> tuple[Bundle, bytes]:
+def make_bundle(hub: HubServer, name: str = "tiny", repo: str = "org/tiny", size: int = SIZE, *,
+                registry_sha: bool = True, registry_size: bool = True, gated: bool = False,
+                data: bytes | None = None) -> tuple[Bundle, bytes]:
     data = data if data is not None else os.urandom(size)
     sha = hub.add(repo, f"{name}.safetensors", data)
     file = ModelFile(key=f"{name}.checkpoint", folder="checkpoints", filename=f"{name}.safetensors", repo=repo,
@@ -122,7 +124,8 @@ def test_connection_cut_for_good_fails_then_a_rerun_completes(hub, models_dir):
     hub.cut_times = 0
     hub.requests.clear()
     _, events = fetch_events(bundle, models_dir)
-    assert final.read_bytes() == data and hashlib.sha256(final.read_bytes()).hexdigest() == bundle.files["checkpoint"].sha256
+    assert final.read_bytes() == data
+    assert hashlib.sha256(final.read_bytes()).hexdigest() == bundle.files["checkpoint"].sha256
     start = next(e for e in events if e["event"] == "start")
     assert start["resumed"] and start["bytes"] == kept
     assert [g.range for g in hub.gets()] == [f"bytes={kept}-"]
@@ -151,10 +154,12 @@ def test_corrupted_byte_is_caught_by_the_hub_etag_without_a_registry_sha(hub, mo
 def test_registry_size_differing_from_the_hub_fails_before_any_transfer(hub, models_dir):
     bundle, data = make_bundle(hub)
     file = bundle.files["checkpoint"]
-    wrong = Bundle(name="tiny", family="sd15", files={"checkpoint": ModelFile(**{**file.__dict__, "size": len(data) + 1})})
+    wrong = Bundle(name="tiny", family="sd15",
+                   files={"checkpoint": ModelFile(**{**file.__dict__, "size": len(data) + 1})})
     with pytest.raises(ImagegenError) as failed:
         fetch_events(wrong, models_dir)
-    assert failed.value.code == "checksum_mismatch" and f"expected {len(data) + 1}, got {len(data)}" in failed.value.message
+    assert failed.value.code == "checksum_mismatch"
+    assert f"expected {len(data) + 1}, got {len(data)}" in failed.value.message
     assert not hub.gets()
 
 
@@ -306,7 +311,8 @@ def test_entrypoint_fetch_reports_an_error_as_the_last_json_line(hub, models_dir
     data = os.urandom(1000)
     hub.add("org/tiny", "tiny.safetensors", data)
     _user_models_yaml(isolated_home, hub, "tiny", "org/tiny", "tiny.safetensors", data + b"x")  # wrong sha/size
-    result = subprocess.run([sys.executable, str(REPO / "entrypoint.py"), "fetch", "tiny", "--models-dir", str(models_dir)],
+    result = subprocess.run([sys.executable, str(REPO / "entrypoint.py"), "fetch", "tiny",
+                             "--models-dir", str(models_dir)],
                             capture_output=True, env=os.environ, cwd=REPO, timeout=60)
     last = json.loads(result.stdout.decode().splitlines()[-1])
     assert result.returncode == 1 and last["event"] == "error" and last["code"] == "checksum_mismatch"
@@ -323,7 +329,8 @@ def test_offline_mode_refuses_to_download(hub, models_dir, monkeypatch):
 def test_missing_file_on_the_hub_is_a_download_failure(hub, models_dir):
     bundle, _ = make_bundle(hub)
     file = bundle.files["checkpoint"]
-    missing = Bundle(name="tiny", family="sd15", files={"checkpoint": ModelFile(**{**file.__dict__, "path_in_repo": "nope.safetensors"})})
+    missing = Bundle(name="tiny", family="sd15",
+                     files={"checkpoint": ModelFile(**{**file.__dict__, "path_in_repo": "nope.safetensors"})})
     with pytest.raises(ImagegenError, match="does not exist") as failed:
         fetch_events(missing, models_dir)
     assert failed.value.code == "download_failed"
@@ -405,7 +412,8 @@ def test_models_pull_gated_error_through_the_cli(hub, isolated_home):
     hub.gated["gated-org/model"] = (TOKEN, 403)
     _user_models_yaml(isolated_home, hub, "tiny", "gated-org/model", "tiny.safetensors", data)
     result = subprocess.run([sys.executable, str(REPO / "generate_image.py"), "models", "pull", "tiny"],
-                            capture_output=True, env={**os.environ, "HF_TOKEN": "hf_not_the_right_one"}, cwd=REPO, timeout=60)
+                            capture_output=True, env={**os.environ, "HF_TOKEN": "hf_not_the_right_one"}, cwd=REPO,
+                            timeout=60)
     stderr = result.stderr.decode()
     assert result.returncode == 1 and "https://huggingface.co/gated-org/model" in stderr and "HF_TOKEN" in stderr
     assert "hf_not_the_right_one" not in stderr + result.stdout.decode() and not result.stdout

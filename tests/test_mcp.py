@@ -67,7 +67,8 @@ def test_tools_and_list_models(env, tmp_path):
     tools, result = call_server(env, tmp_path, scenario)
     by_name = {tool.name: tool for tool in tools.tools}
     assert set(by_name) == {"generate_image", "batch", "list_models"}
-    assert {"prompt", "checkpoint", "size", "steps", "seed", "count", "fast", "output_dir"} <= set(by_name["generate_image"].input_schema["properties"])
+    options = set(by_name["generate_image"].input_schema["properties"])
+    assert {"prompt", "checkpoint", "size", "steps", "seed", "count", "fast", "output_dir"} <= options
     assert not result.is_error
     (models,) = texts(result)
     assert {m["schema"] for m in models} == {"imagegen.model/1"}

@@ -17,7 +17,8 @@ def flux_model(path, context=4096):
 
 
 def t5(path, width=4096):
-    return write_safetensors(path, {"shared.weight": ("F8_E4M3", [2, width]), "encoder.block.0.layer.0.SelfAttention.q.weight": ("F8_E4M3", [2, 2])})
+    return write_safetensors(path, {"shared.weight": ("F8_E4M3", [2, width]),
+                                    "encoder.block.0.layer.0.SelfAttention.q.weight": ("F8_E4M3", [2, 2])})
 
 
 def clip_l(path, width=768):
@@ -25,14 +26,16 @@ def clip_l(path, width=768):
 
 
 def flux_vae(path, channels=16):
-    return write_safetensors(path, {"decoder.conv_in.weight": ("F16", [2, channels, 1, 1]), "encoder.down.0.block.0.conv1.weight": ("F16", [1])})
+    return write_safetensors(path, {"decoder.conv_in.weight": ("F16", [2, channels, 1, 1]),
+                                    "encoder.down.0.block.0.conv1.weight": ("F16", [1])})
 
 
 def test_detects_families_from_names_and_shapes(tmp_path):
     assert modelfile.detect(modelfile.read_header(flux_model(tmp_path / "f.safetensors"))).family == "flux"
     assert modelfile.detect(modelfile.read_header(t5(tmp_path / "t.safetensors"))).details["d_model"] == 4096
     assert modelfile.detect(modelfile.read_header(clip_l(tmp_path / "c.safetensors"))).family == "clip_l"
-    assert modelfile.detect(modelfile.read_header(flux_vae(tmp_path / "v.safetensors"))).details["latent_channels"] == 16
+    vae = modelfile.detect(modelfile.read_header(flux_vae(tmp_path / "v.safetensors")))
+    assert vae.details["latent_channels"] == 16
     sdxl = write_safetensors(tmp_path / "x.safetensors", {
         "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": ("F16", [640, 2048]),
         "model.diffusion_model.label_emb.0.0.weight": ("F16", [2, 2])})
@@ -68,7 +71,8 @@ def test_refuses_pickle_formats_and_shape_byte_mismatch(tmp_path):
 
 def test_flux_bundle_with_the_wrong_text_encoder_is_refused_before_loading(tmp_path):
     bundle = Registry.load().get("flux-dev")
-    files = {"diffusion_model": flux_model(tmp_path / "m.safetensors"), "t5": t5(tmp_path / "t5-base.safetensors", width=768),
+    files = {"diffusion_model": flux_model(tmp_path / "m.safetensors"),
+             "t5": t5(tmp_path / "t5-base.safetensors", width=768),
              "clip_l": clip_l(tmp_path / "c.safetensors"), "vae": flux_vae(tmp_path / "v.safetensors")}
     resolve = {bundle.files[role].key: path for role, path in files.items()}
     with pytest.raises(ImagegenError) as caught:

@@ -24,8 +24,10 @@ def test_text_chunks_round_trip_and_leave_pixels_alone():
 
 def test_plan_outputs(tmp_path):
     names = ["a.png", "b.png"]
-    assert output.plan_outputs(str(tmp_path) + "/", 2, names, False, tmp_path) == [tmp_path / "a.png", tmp_path / "b.png"]
-    assert output.plan_outputs(str(tmp_path / "x.png"), 2, names, False, tmp_path) == [tmp_path / "x-1.png", tmp_path / "x-2.png"]
+    assert output.plan_outputs(str(tmp_path) + "/", 2, names, False, tmp_path) == \
+        [tmp_path / "a.png", tmp_path / "b.png"]
+    assert output.plan_outputs(str(tmp_path / "x.png"), 2, names, False, tmp_path) == \
+        [tmp_path / "x-1.png", tmp_path / "x-2.png"]
     assert output.plan_outputs("-", 1, names[:1], False, tmp_path) == [None]
     with pytest.raises(ImagegenError, match="single PNG"):
         output.plan_outputs("-", 2, names, False, tmp_path)
@@ -54,7 +56,8 @@ def test_write_atomic_never_clobbers_and_leaves_no_partial(tmp_path):
 
 def test_a1111_parameters_text():
     record = {"prompt": "a fox", "negative": "blurry", "steps": 20, "sampler": "euler", "scheduler": "normal",
-              "cfg": 7.0, "seed": 42, "width": 512, "height": 768, "model": "sd15", "family": "sd15", "imagegen_version": "0.1.0"}
+              "cfg": 7.0, "seed": 42, "width": 512, "height": 768, "model": "sd15", "family": "sd15",
+              "imagegen_version": "0.1.0"}
     text = png.a1111_parameters(record)
     assert text.startswith("a fox\nNegative prompt: blurry\nSteps: 20, Sampler: euler")
     assert "Seed: 42" in text and "Size: 512x768" in text

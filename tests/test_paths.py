@@ -13,7 +13,7 @@ from imagegen.util import paths
 def test_update_state_from_many_threads_loses_nothing():
     def learn(thread: int) -> None:
         for i in range(25):
-            paths.update_state("counts.json", lambda store, key=f"{thread}-{i}": store.update({key: i}))
+            paths.update_state("counts.json", lambda store, key=f"{thread}-{i}", value=i: store.update({key: value}))
 
     threads = [threading.Thread(target=learn, args=(n,)) for n in range(8)]
     for thread in threads:

@@ -5,7 +5,8 @@ from imagegen.comfy import png, provenance
 
 def test_a1111_parameters_are_parsed_back():
     text = ("a castle on a hill\nat dawn\nNegative prompt: blurry, low quality\n"
-            "Steps: 28, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 1234, Size: 768x512, Model hash: abc, Model: sd15")
+            "Steps: 28, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 1234, Size: 768x512, Model hash: abc, "
+            "Model: sd15")
     found = provenance.parse_a1111(text)
     assert found == {"prompt": "a castle on a hill\nat dawn", "negative": "blurry, low quality", "steps": 28,
                      "sampler": "dpmpp_2m", "scheduler": "karras", "cfg": 6.5, "seed": 1234, "width": 768,
@@ -14,10 +15,11 @@ def test_a1111_parameters_are_parsed_back():
 
 def test_our_own_parameters_text_round_trips():
     record = {"prompt": "a fox", "negative": "", "steps": 20, "sampler": "euler_ancestral", "scheduler": "normal",
-              "cfg": 7.0, "seed": 42, "width": 512, "height": 768, "model": "sd15", "family": "sd15", "imagegen_version": "0.1.0"}
+              "cfg": 7.0, "seed": 42, "width": 512, "height": 768, "model": "sd15", "family": "sd15",
+              "imagegen_version": "0.1.0"}
     found = provenance.parse_a1111(png.a1111_parameters(record))
-    assert {k: found[k] for k in ("prompt", "steps", "sampler", "scheduler", "cfg", "seed", "width", "height", "model")} == \
-        {k: record[k] for k in ("prompt", "steps", "sampler", "scheduler", "cfg", "seed", "width", "height", "model")}
+    keys = ("prompt", "steps", "sampler", "scheduler", "cfg", "seed", "width", "height", "model")
+    assert {k: found[k] for k in keys} == {k: record[k] for k in keys}
 
 
 def test_plain_comfyui_graph_is_read(tmp_path):
@@ -26,7 +28,8 @@ def test_plain_comfyui_graph_is_read(tmp_path):
              "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "ugly", "clip": ["4", 1]}},
              "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 640, "height": 448, "batch_size": 1}},
              "3": {"class_type": "KSampler", "inputs": {"seed": 9, "steps": 12, "cfg": 5.0, "sampler_name": "euler",
-                                                        "scheduler": "karras", "positive": ["6", 0], "negative": ["7", 0]}}}
+                                                        "scheduler": "karras", "positive": ["6", 0],
+                                                        "negative": ["7", 0]}}}
     image = tmp_path / "comfy.png"
     import json
 

@@ -46,11 +46,14 @@ def test_user_yaml_adds_a_weight_only_flux_finetune_that_reuses_shared_encoders(
 
 @pytest.mark.parametrize("text, line, fragment", [
     ("models:\n  x:\n    family: sd3\n    files: {}\n", 3, "family 'sd3'"),
-    ("models:\n  x:\n    family: sd15\n    files:\n      checkpoint: {repo: a/b, file: model.ckpt}\n", 5, "only .safetensors"),
+    ("models:\n  x:\n    family: sd15\n    files:\n      checkpoint: {repo: a/b, file: model.ckpt}\n", 5,
+     "only .safetensors"),
     ("models:\n  x:\n    family: flux\n    files:\n      t5: nope\n", 5, "no shared file 'nope'"),
     ("models:\n  x: [1, 2\n", 3, "not valid YAML"),
-    ("models:\n  x:\n    family: sd15\n    files:\n      checkpoint: {repo: a/b, file: m.safetensors, size: -3}\n", 5, "size must be"),
-    ("models:\n  x:\n    family: sd15\n    files:\n      checkpoint: {repo: a/b, file: m.safetensors}\n    defaults: {steps: many}\n", 6, "expected int"),
+    ("models:\n  x:\n    family: sd15\n    files:\n      checkpoint: {repo: a/b, file: m.safetensors, size: -3}\n", 5,
+     "size must be"),
+    ("models:\n  x:\n    family: sd15\n    files:\n      checkpoint: {repo: a/b, file: m.safetensors}\n"
+     "    defaults: {steps: many}\n", 6, "expected int"),
     ("modles:\n  x: {}\n", 1, "unknown top-level key"),
 ])
 def test_malformed_user_yaml_names_file_line_and_problem(isolated_home, text, line, fragment):
@@ -127,7 +130,8 @@ def test_models_add_does_not_replace_or_shadow_without_force(tmp_path):
 
     shadow = run_cli("models", "add", "sd15", "--file", str(first), timeout=120)
     assert shadow.returncode == 2 and b"built-in" in shadow.stderr and b"hint:" in shadow.stderr
-    assert Registry.load().get("sd15").source.endswith("models.yaml") and Registry.load().get("sd15").files["checkpoint"].repo
+    builtin = Registry.load().get("sd15")
+    assert builtin.source.endswith("models.yaml") and builtin.files["checkpoint"].repo
     assert run_cli("models", "add", "sd15", "--file", str(first), "--force", timeout=120).returncode == 0
     assert Registry.load().get("sd15").files["checkpoint"].local_path == str(first.resolve())
 
@@ -144,7 +148,8 @@ def test_concurrent_models_add_processes_lose_no_entry(tmp_path):
     for round_ in range(6):
         pair = [f"r{round_}-{side}" for side in "ab"]
         procs = [subprocess.Popen([sys.executable, str(REPO / "generate_image.py"), "models", "add", name,
-                                   "--file", str(file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in pair]
+                                   "--file", str(file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for name in pair]
         for proc in procs:
             _out, err = proc.communicate(timeout=120)
             assert proc.returncode == 0, err
