@@ -338,6 +338,10 @@ def ms(values, digits: int = 0) -> str:
 
 
 def main() -> int:
+    # A process per image must find .pyc files as an installed package has them: with
+    # PYTHONDONTWRITEBYTECODE set, every CLI run would compile imagegen's modules from source.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    sys.dont_write_bytecode = False
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=12, help="images per path, interleaved (default 12)")
     parser.add_argument("--steps", type=int, default=10, help="sampling steps (default 10)")

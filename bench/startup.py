@@ -53,6 +53,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as home:
         env = {**os.environ, "IMAGEGEN_HOME": home}
         env.pop("PYTHONPATH", None)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # as installed: the warm-up run writes the .pyc files
         commands = {name: (command, env) for name, command in YARDSTICKS.items()}
         for name, cli_args in CLI_COMMANDS.items():
             if args.before:
