@@ -94,7 +94,9 @@ def _checked(path: Path, found: dict) -> dict:
 def parse_a1111(text: str) -> dict:
     lines = text.strip().split("\n")
     settings_line = lines.pop() if lines and re.match(r"^Steps: \d+", lines[-1]) else ""
-    prompt_lines, negative_lines, target = [], [], None
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    target: list[str] | None = None
     for line in lines:
         if line.startswith("Negative prompt:"):
             target = negative_lines

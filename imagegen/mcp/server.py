@@ -237,7 +237,7 @@ class ImagegenTools:
         interrupts its ComfyUI jobs at the next progress event) and is not waited for."""
         cancelled = threading.Event()
         try:
-            return await anyio.to_thread.run_sync(work, *args, cancelled, abandon_on_cancel=True)
+            return await anyio.to_thread.run_sync(work, *args, cancelled, abandon_on_cancel=True)  # type: ignore[arg-type]
         except anyio.get_cancelled_exc_class():
             cancelled.set()
             raise
@@ -257,7 +257,9 @@ class ImagegenTools:
 
     def _render_items(self, specs: list[ImageSpec], ctx: Context, batch: bool,
                       cancelled: threading.Event) -> CallToolResult:
-        content, results, errors = [], [], []
+        content: list = []
+        results: list[dict] = []
+        errors: list[dict] = []
 
         def failed(index: int, error: ImagegenError) -> None:
             record = {"item": index, **error.to_json()} if batch else error.to_json()

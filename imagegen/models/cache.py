@@ -56,8 +56,8 @@ def missing_files(bundle: Bundle, models_dir: Path | None = None) -> list[ModelF
 
 def link_local(file: ModelFile, models_dir: Path | None = None) -> Path:
     """Make a local file visible to ComfyUI under its cache name (a symlink, never a copy)."""
-    source = Path(file.local_path)
-    if not source.is_file():
+    source = Path(file.local_path or "")
+    if not file.local_path or not source.is_file():
         raise ImagegenError("invalid_model_file", f"{source}: no such file", hint="Check the path given for the model.")
     modelfile.read_header(source)  # refuse a non-safetensors, truncated or malformed file up front
     link = file.cache_path(models_dir)
@@ -89,8 +89,13 @@ def ensure_bundle(bundle: Bundle, fetch: Fetcher | None = None, models_dir: Path
                                      "or use --checkpoint with a local file.")
         fetch(bundle)
     resolved = {role: present_path(f, models_dir) for role, f in bundle.files.items()}
+    still = [f"{f.folder}/{f.filename}" for role, f in bundle.files.items() if resolved[role] is None]
+    if still:
+        raise ImagegenError("model_missing",
+                            f"model {bundle.name!r} is still missing {', '.join(still)} in {models_dir}",
+                            hint=f"Run `imagegen models pull {bundle.name}` again.")
     modelfile.check_bundle_files(bundle, lambda f: present_path(f, models_dir))
-    return resolved
+    return {role: path for role, path in resolved.items() if path is not None}
 
 
 MODEL_SCHEMA = "imagegen.model/1"

@@ -110,7 +110,7 @@ def head(file: ModelFile, token: str | None, redact: Callable[[object], str]) ->
     if file.gated and not token:
         raise _gated(file, None, None)
     endpoint = _endpoint()
-    url = hf_hub_url(file.repo, file.path_in_repo, revision=file.revision, endpoint=endpoint)
+    url = hf_hub_url(str(file.repo), str(file.path_in_repo), revision=file.revision, endpoint=endpoint)
     where = f"{file.repo}/{file.path_in_repo}@{file.revision}"
     try:
         meta = get_hf_file_metadata(url, token=token or False, endpoint=endpoint)
@@ -199,7 +199,7 @@ def _download(remote: RemoteFile, models_dir: Path, token: str | None, emit: Eve
             with part.open("ab") as raw:
                 # a disabled bar of our own keeps huggingface_hub's bar off stderr
                 # (the parameter exists from 0.2x to 2.x)
-                http_get(remote.url, _Progress(raw, emit, base), resume_size=done, headers=headers,
+                http_get(remote.url, _Progress(raw, emit, base), resume_size=done, headers=headers,  # type: ignore[arg-type]
                          expected_size=expected_size, displayed_filename=file.filename, _tqdm_bar=tqdm(disable=True))
             break
         except ImagegenError:  # raised by a progress callback (a cancelled call): stop, keep the part file

@@ -163,7 +163,7 @@ def detect(header: Header) -> Detected:
         found = header.find("attn2.to_k.weight")
         context = header.dim(found[0], 1) if found else None
         details["context_dim"] = context
-        family = {768: "sd15", 2048: "sdxl", 1024: "sd2"}.get(context)
+        family = {768: "sd15", 2048: "sdxl", 1024: "sd2"}.get(context or 0)
         if header.has_prefix(unet + "label_emb.") and context == 2048:
             family = "sdxl"
         return Detected(family, "checkpoint", details)
@@ -173,7 +173,7 @@ def detect(header: Header) -> Detected:
     found = header.find("text_model.embeddings.token_embedding.weight")
     if found:
         width = details["width"] = header.dim(found[0], 1)
-        return Detected({768: "clip_l", 1280: "clip_g"}.get(width), "text_encoder", details)
+        return Detected({768: "clip_l", 1280: "clip_g"}.get(width or 0), "text_encoder", details)
     if header.has_prefix("encoder.down.") or header.has_prefix("decoder.up."):
         details["latent_channels"] = header.dim("decoder.conv_in.weight", 1, ndim=4)
         return Detected("vae", "vae", details)

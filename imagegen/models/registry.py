@@ -84,7 +84,7 @@ class Bundle:
         return sum(f.size or 0 for f in self.files.values())
 
 
-class _LineLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+class _LineLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """Keeps the line of every mapping so errors can name it (libyaml's parser when PyYAML has it:
     about ten times faster than the pure-Python one, and every `imagegen` call reads models.yaml)."""
 
@@ -105,7 +105,7 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict
 def _line(mapping, key: str | None = None) -> int:
     """The line of `key` in a parsed mapping (or of the mapping itself)."""
     lines = getattr(mapping, "key_lines", {})
-    return lines.get(key) or getattr(mapping, "line", 0)
+    return int(lines.get(key) or getattr(mapping, "line", 0) or 0)
 
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
