@@ -78,7 +78,8 @@ class ColdBench:
         self.model = args.model or MODEL
         self.checkpoint = Path(args.checkpoint).resolve() if args.checkpoint else c.tiny_checkpoint()
         if not args.model:
-            add_user_model(MODEL, self.checkpoint, modelfile.detect(modelfile.read_header(self.checkpoint)).family)
+            add_user_model(MODEL, self.checkpoint, modelfile.detect(modelfile.read_header(self.checkpoint)).family,
+                           force=True)
         self.runtime = LocalRuntime()
         self.seed = 5000
         self.slot = default_slot()

@@ -123,7 +123,8 @@ class Bench:
         self.model = args.model or MODEL
         self.checkpoint = Path(args.checkpoint).resolve() if args.checkpoint else c.tiny_checkpoint()
         if not args.model:
-            add_user_model(MODEL, self.checkpoint, modelfile.detect(modelfile.read_header(self.checkpoint)).family)
+            add_user_model(MODEL, self.checkpoint, modelfile.detect(modelfile.read_header(self.checkpoint)).family,
+                           force=True)
         self.runtime = LocalRuntime(keep_warm=900)
         self.seed = 1000
         self.http = requests.Session()

@@ -221,7 +221,7 @@ def main() -> int:
         if models_yaml:
             install_models_yaml(models_yaml, paths.user_models_yaml())
         tiny = c.tiny_checkpoint()
-        add_user_model("bench-tiny-sd15", tiny, modelfile.detect(modelfile.read_header(tiny)).family)
+        add_user_model("bench-tiny-sd15", tiny, modelfile.detect(modelfile.read_header(tiny)).family, force=True)
         cases = [Case.parse(text) for text in args.case or (FULL_CASES if args.full else ["bench-tiny-sd15:64x64:10"])]
         rows, other = [], c.OtherLoad()
         with other:
