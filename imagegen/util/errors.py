@@ -52,7 +52,8 @@ ERRORS: dict[str, ErrorKind] = {
     "invalid_funnel_state": ErrorKind(EXIT_USAGE,
         "A funnel's funnel.json is malformed, or names a path outside its folder.",
         "Restore funnel.json (imagegen writes only paths inside the funnel folder), or start a new funnel."),
-    "invalid_source_image": ErrorKind(EXIT_USAGE, "The image given to --from carries no imagegen parameters.",
+    "invalid_source_image": ErrorKind(EXIT_USAGE, "The image given to --from is not a readable PNG of at most "
+                                      "64 MiB, is malformed, or carries no parameters.",
                                       "Pass a PNG written by imagegen (or by ComfyUI with its prompt chunk)."),
     "runtime_unavailable": ErrorKind(EXIT_USAGE, "The chosen runtime cannot run here.",
                                      "Run `imagegen doctor`, or choose another --runtime."),
