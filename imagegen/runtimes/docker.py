@@ -22,7 +22,7 @@ from imagegen.runtimes.base import (
     is_cpu_slot,
     pid_alive,
 )
-from imagegen.util import gpus, paths
+from imagegen.util import cancel, gpus, paths
 from imagegen.util.errors import ImagegenError
 from imagegen.util.files import write_private
 
@@ -199,6 +199,7 @@ class DockerRuntime:
             handle = self._handle(container, slot, started_here=True)
             if handle and healthy(handle.url):
                 return handle
+            cancel.check("the worker start")  # an MCP client gave up: the container is removed
             time.sleep(0.25)
         raise ImagegenError("timeout", f"the Docker worker was not ready within {self.start_timeout:.0f}s. Last log lines:\n{self._logs(container)}",
                             hint="Set IMAGEGEN_START_TIMEOUT higher on a slow machine.", phase="server_start")
