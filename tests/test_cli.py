@@ -244,3 +244,24 @@ def test_a_varied_image_is_judged_not_blank_without_importing_pillow(tmp_path):
     black = io.BytesIO()
     Image.new("RGB", (64, 64), (0, 0, 0)).save(black, "PNG")
     assert render.looks_blank(black.getvalue()), "a flat black image still warns"
+
+
+def test_an_output_closed_error_from_the_engine_exits_141_too(monkeypatch):
+    """The engine turns a BrokenPipeError in a worker thread into output_closed: still exit 141."""
+    from imagegen.cli.common import run_guarded
+    from imagegen.engine.render import as_error
+    from imagegen.util.errors import ImagegenError
+
+    assert as_error(BrokenPipeError(32, "Broken pipe")).code == "output_closed"
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    stream = os.fdopen(write_end, "w")
+    monkeypatch.setattr(sys, "stdout", stream)
+
+    def body():
+        raise ImagegenError("output_closed", "stdout was closed before all output was written")
+
+    with pytest.raises(typer.Exit) as exit_:
+        run_guarded(False, False, body)
+    assert exit_.value.exit_code == 141
+    stream.close()

@@ -187,8 +187,12 @@ def stdout_closed() -> None:
     """The reader of stdout went away (`imagegen ... | head -c 10`): exit 141 as shell tools do, with
     no traceback and no "Exception ignored" at exit (stdout now points at /dev/null)."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # stdout is no file (a test runner's capture)
+        pass
+    finally:
+        os.close(devnull)
     if Context.json_mode:  # an agent reading stderr learns why the output stopped short
         report(ImagegenError("output_closed", "stdout was closed before all output was written"), True)
     raise typer.Exit(EXIT_BROKEN_PIPE)
@@ -203,6 +207,8 @@ def run_guarded(json_mode: bool, debug: bool, body) -> None:
     except BrokenPipeError:
         stdout_closed()
     except ImagegenError as error:
+        if error.code == "output_closed":  # the engine classified a BrokenPipeError of its own
+            stdout_closed()
         fail(error)
     except KeyboardInterrupt:
         fail(ImagegenError("interrupted", "interrupted; what this command started was stopped"))

@@ -149,6 +149,8 @@ def as_error(exc: BaseException, where: str = "") -> ImagegenError:
     worker's fault; an HTTP error answer fails the job; anything else is internal_error naming it."""
     if isinstance(exc, ImagegenError):
         return exc
+    if isinstance(exc, BrokenPipeError):  # the reader of stdout left (`-o - | head -c 10`): exit 141
+        return ImagegenError("output_closed", "stdout was closed before all output was written")
     if isinstance(exc, OSError) and exc.errno in DISK_FULL:
         place = where or exc.filename or "the output"
         return ImagegenError("disk_full", f"no space left on the disk to write {place} ({exc.strerror or exc})",
