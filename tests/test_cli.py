@@ -265,3 +265,13 @@ def test_an_output_closed_error_from_the_engine_exits_141_too(monkeypatch):
         run_guarded(False, False, body)
     assert exit_.value.exit_code == 141
     stream.close()
+
+
+def test_help_to_a_reader_that_left_exits_141_quietly():
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:  # `imagegen models 2>&1 | head -0`: the help goes to stderr, and its reader is gone
+        result = subprocess.run([*CLI, "models"], stdout=write_end, stderr=write_end, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141

@@ -13,7 +13,7 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,7 +26,7 @@ MAX_KEEP_WARM = 7 * 24 * 3600.0  # a week: longer is a typo, and a worker that n
 def _finite(low: float, high: float | None, what: str, low_open: bool = False):
     """A typer callback refusing nan, inf and values outside low..high (a usage error, exit 2)."""
 
-    def check(value: Optional[float]) -> Optional[float]:
+    def check(value: float | None) -> float | None:
         if value is None:
             return None
         bad_low = value <= low if low_open else value < low
@@ -51,7 +51,7 @@ RuntimeOpt = Annotated[str, typer.Option(
 KeepWarmOpt = Annotated[float, typer.Option(
     "--keep-warm", help="Seconds an idle worker stays up for the next call (0 to a week).", envvar="IMAGEGEN_KEEP_WARM",
     callback=_finite(0.0, MAX_KEEP_WARM, "a number of seconds"))]
-ProgressOpt = Annotated[Optional[bool], typer.Option(
+ProgressOpt = Annotated[bool | None, typer.Option(
     "--progress/--no-progress", help="Progress bars on stderr (default: only when stderr is a terminal).")]
 ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Run even when a job looks too large for every GPU's memory.")]
@@ -59,35 +59,35 @@ FastOpt = Annotated[bool, typer.Option(
     "--fast", envvar="IMAGEGEN_FAST",
     help="Fast mode: torch.compile the model (the first image compiles for a while; later ones and later workers "
          "reuse it) and fp8 matmuls for fp8 models on Ada/Hopper GPUs; GPU workers only. Images may differ slightly.")]
-FamilyOpt = Annotated[Optional[str], typer.Option(
+FamilyOpt = Annotated[str | None, typer.Option(
     "--family", help="Model family: sd15, sdxl or flux (detected when omitted).")]
-ModelOpt = Annotated[Optional[str], typer.Option(
+ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m",
     help="A registered model (see `imagegen models list`); in a batch, the default for items that name none.")]
-CheckpointOpt = Annotated[Optional[Path], typer.Option(
+CheckpointOpt = Annotated[Path | None, typer.Option(
     "--checkpoint", help="A local SD1.5/SDXL .safetensors file to use instead of a registered model.")]
-SizeOpt = Annotated[Optional[str], typer.Option(
+SizeOpt = Annotated[str | None, typer.Option(
     "--size", help="WIDTHxHEIGHT, multiples of 8 (model default when omitted).")]
-StepsOpt = Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (model default when omitted).")]
-CfgOpt = Annotated[Optional[float], typer.Option(
+StepsOpt = Annotated[int | None, typer.Option("--steps", help="Sampling steps (model default when omitted).")]
+CfgOpt = Annotated[float | None, typer.Option(
     "--cfg", help="Classifier-free guidance scale.", callback=_finite(0.0, None, "a guidance scale"))]
-NegativeOpt = Annotated[Optional[str], typer.Option("--negative", help="Negative prompt (SD1.5/SDXL).")]
+NegativeOpt = Annotated[str | None, typer.Option("--negative", help="Negative prompt (SD1.5/SDXL).")]
 CountOpt = Annotated[int, typer.Option("--count", "-n", help="Images per prompt (seeds seed, seed+1, ...).")]
-GuidanceOpt = Annotated[Optional[float], typer.Option(
+GuidanceOpt = Annotated[float | None, typer.Option(
     "--guidance", help="Flux guidance (default 3.5).", callback=_finite(0.0, None, "a guidance value"))]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
-CallTimeoutOpt = Annotated[Optional[float], typer.Option(
+CallTimeoutOpt = Annotated[float | None, typer.Option(
     "--timeout", help="Overall cap in seconds for the whole call.",
     callback=_finite(0.0, None, "a number of seconds", low_open=True))]
 
-PickOpt = Annotated[Optional[list[str]], typer.Option(
+PickOpt = Annotated[list[str] | None, typer.Option(
     "--pick", metavar="3,7", help="1-based indices from the last contact sheet, e.g. 3,7; repeat for later stages.")]
 AutoOpt = Annotated[bool, typer.Option(
     "--auto", help="Pick by the documented rule (a scorer in $IMAGEGEN_FUNNEL_SCORER, else the first N).")]
-GpusOpt = Annotated[Optional[str], typer.Option(
+GpusOpt = Annotated[str | None, typer.Option(
     "--gpus", help="all, cpu, or GPU indices/UUIDs: 0 (the first GPU), 0,2 or GPU-3f2a...")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="CPU workers when no GPU is used.")]
-TimeoutOpt = Annotated[Optional[float], typer.Option(
+TimeoutOpt = Annotated[float | None, typer.Option(
     "--timeout", help="Overall cap in seconds per job.",
     callback=_finite(0.0, None, "a number of seconds", low_open=True))]
 

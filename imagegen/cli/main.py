@@ -1,13 +1,15 @@
 """The `imagegen` command line. stdout is data (paths or JSON); everything else goes to stderr."""
 
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from imagegen.cli.common import (
+    EXIT_BROKEN_PIPE,
     CallTimeoutOpt,
     DebugOpt,
     Draw,
@@ -38,20 +40,20 @@ app.add_typer(funnel_app, name="funnel")
 @app.command()
 @grouped
 def generate(
-    prompt: Annotated[Optional[str], typer.Argument(
+    prompt: Annotated[str | None, typer.Argument(
         help="What to draw. Read from stdin when omitted and stdin is not a terminal.")] = None,
     *,
     draw: Draw,
     family: FamilyOpt = None,
-    from_image: Annotated[Optional[Path], typer.Option(
+    from_image: Annotated[Path | None, typer.Option(
         "--from", help="Reproduce a PNG from its metadata (imagegen, A1111 or ComfyUI); other flags override.")] = None,
-    output_path: Annotated[Optional[str], typer.Option(
+    output_path: Annotated[str | None, typer.Option(
         "--output", "-o", help="A .png path, a directory, or - for PNG bytes on stdout.")] = None,
-    seed: Annotated[Optional[int], typer.Option(
+    seed: Annotated[int | None, typer.Option(
         "--seed", help="Seed of the first image (random when omitted).")] = None,
-    sampler: Annotated[Optional[str], typer.Option(
+    sampler: Annotated[str | None, typer.Option(
         "--sampler", help="ComfyUI sampler name, e.g. euler, dpmpp_2m.")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(
+    scheduler: Annotated[str | None, typer.Option(
         "--scheduler", help="ComfyUI scheduler name, e.g. normal, karras.")] = None,
     guidance: GuidanceOpt = None,
     overwrite: OverwriteOpt = False,
@@ -91,7 +93,7 @@ def generate(
 @app.command()
 @grouped
 def batch(
-    prompts_file: Annotated[Optional[Path], typer.Argument(
+    prompts_file: Annotated[Path | None, typer.Argument(
         help="Prompts, one per line or JSONL objects; - or omitted: stdin.")] = None,
     *,
     out_dir: Annotated[Path, typer.Option(
@@ -183,7 +185,7 @@ def workers(runtime: RuntimeOpt = "auto", json_mode: JsonOpt = False, debug: Deb
 
 @app.command()
 def stop(
-    names: Annotated[Optional[list[str]], typer.Argument(
+    names: Annotated[list[str] | None, typer.Argument(
         help="Workers to stop, by the name `imagegen workers` shows (all when omitted).")] = None,
     all_workers: Annotated[bool, typer.Option(
         "--all", help="Stop every worker of the runtime(s), as when no NAME is given.")] = False,
@@ -231,7 +233,7 @@ def mcp(runtime: RuntimeOpt = "auto", keep_warm: KeepWarmOpt = 300.0, debug: Deb
 
 @app.command()
 def schema(
-    name: Annotated[Optional[str], typer.Argument(
+    name: Annotated[str | None, typer.Argument(
         help="One schema, e.g. imagegen.result/1 or result (all when omitted).")] = None,
     json_mode: JsonOpt = False,
     debug: DebugOpt = False,
@@ -308,6 +310,18 @@ def _just_the_command(args: list[str]) -> tuple[typer.Typer, str, list[str]]:
     return app, "imagegen", args
 
 
+def _quietly_closed() -> int:
+    """Exit 141 without "Exception ignored" at interpreter exit: the closed streams point at /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `imagegen` command. Usage errors (a bad value, an unknown option, a missing argument) keep
     the error contract too: `error:`/`hint:` lines, or with --json anywhere the JSON error object; exit 2."""
@@ -322,7 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     except typer.TyperException as exc:  # Click's usage errors (UsageError, BadParameter, ...)
         if getattr(exc, "exit_code", 1) != 2:
             raise
-        return usage_failure(exc, "--json" in args)
+        try:
+            return usage_failure(exc, "--json" in args)
+        except BrokenPipeError:  # `imagegen models 2>&1 | head -1`: the help's reader left
+            return _quietly_closed()
+    except BrokenPipeError:  # help or usage text to a reader that left
+        return _quietly_closed()
     except SystemExit as exit_:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
     return code if isinstance(code, int) else 0
