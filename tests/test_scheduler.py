@@ -30,8 +30,8 @@ DEADLINE = 120.0  # seconds: far beyond what these runs take on a loaded machine
 
 
 def bundle(name: str = "sim-model") -> Bundle:
-    return Bundle(name=name, family="sd15", files={"checkpoint": ModelFile(key=f"{name}.checkpoint", folder="checkpoints",
-                                                                           filename=f"{name}.safetensors")})
+    main = ModelFile(key=f"{name}.checkpoint", folder="checkpoints", filename=f"{name}.safetensors")
+    return Bundle(name=name, family="sd15", files={"checkpoint": main})
 
 
 def make_jobs(count: int, out_dir, steps: int = 4, size: int = 64, fast: bool = False) -> list[Job]:
@@ -245,7 +245,8 @@ def test_ctrl_c_cancels_only_our_prompts_and_leaves_a_worker_another_command_use
         scheduler, _ = scheduler_for(runtime, make_jobs(3, tmp_path, steps=200))
         other = ComfyClient(sim.url, sim.token)
         theirs = []
-        interrupt_when_running(sim, scheduler, before=lambda: theirs.append(other.submit(long_graph(1), "another-command")))
+        interrupt_when_running(sim, scheduler,
+                               before=lambda: theirs.append(other.submit(long_graph(1), "another-command")))
         with pytest.raises(KeyboardInterrupt):
             scheduler.run()
         assert runtime.stopped == [], "another command's prompt is queued there: the worker must keep running"
@@ -255,7 +256,7 @@ def test_ctrl_c_cancels_only_our_prompts_and_leaves_a_worker_another_command_use
         entry = other.history(theirs[0])
         assert entry and entry["status"]["completed"], "the other command's job still finishes"
         ours = [r for r in sim.records() if r["prompt_id"] in scheduler.prompt_ids]
-        assert len(ours) == 1 and ours[0]["status"] == "error", "ours: the running one interrupted, the queued ones dropped"
+        assert len(ours) == 1 and ours[0]["status"] == "error", "ours: the running one interrupted, the rest dropped"
 
 
 def test_ctrl_c_stops_a_worker_this_command_started_when_nobody_else_uses_it(tmp_path):
@@ -393,4 +394,17 @@ def test_a_timeout_far_below_the_learned_estimate_is_refused_before_anything_is_
             list(generate.execute(generate.plan(request), RemoteRuntime([sim.entry]), Reporter(quiet=True)))
         assert sim.records() == [] and not sim.server.pending, "nothing was queued"
     assert caught.value.code == "invalid_argument" and caught.value.exit_code == 2
-    assert "--timeout 5s" in caught.value.message and "606s" in caught.value.message and "--timeout 909" in caught.value.hint
+    assert "--timeout 5s" in caught.value.message and "606s" in caught.value.message
+    assert "--timeout 909" in caught.value.hint
+
+
+def test_a_closed_stdout_ends_generate_with_the_broken_pipe_itself(monkeypatch):
+    """`-o - | head -c 10`: the BrokenPipeError reaches the CLI (exit 141), not a failed job's internal_error."""
+    def closed(data):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(render.output, "write_stdout", closed)
+    with SimWorker(step_seconds=0.002) as sim:
+        request = generate.Request(prompt="a fox", model="sd15", size="64x64", steps=2, output="-")
+        with pytest.raises(BrokenPipeError):
+            list(generate.execute(generate.plan(request), RemoteRuntime([sim.entry]), Reporter(quiet=True)))

@@ -80,6 +80,7 @@ class Scheduler:
         self.prompt_ids: set[str] = set()                         # every prompt this command submitted
         self.last_fault: ImagegenError | None = None
         self.fatal: BaseException | None = None
+        self.threads: list[threading.Thread] = []
         self._warned: set[str] = set()
 
     # --- the run ------------------------------------------------------------------
@@ -89,6 +90,9 @@ class Scheduler:
             for outcome in outcomes:
                 try:
                     self.on_outcome(outcome)
+                except KeyboardInterrupt:  # Ctrl-C while writing an outcome down: the same as any other time
+                    self._interrupt(self.threads)
+                    raise
                 except OSError as exc:
                     if exc.errno in render.DISK_FULL:
                         raise render.as_error(exc) from exc
@@ -103,7 +107,7 @@ class Scheduler:
         if not self.force:
             work = [(job.bundle, job.params) for job in self.jobs]
             self.router.check_feasible(work, [state.memory_bytes for state in ready])
-        threads = self._spawn(self._serve, "worker")
+        threads = self.threads = self._spawn(self._serve, "worker")
         ended = False
         try:
             yield from self._outcomes(threads)
@@ -231,9 +235,12 @@ class Scheduler:
             error = render.as_error(exc)
             self.last_fault = error
             state.status = f"failed: {error.code}"
-            if isinstance(exc, FATAL):
+            if isinstance(exc, FATAL):  # the call ends with this exception (a closed stdout: exit 141)
                 self.fatal = exc
                 self.cancel.set()
+                for job in list(state.held):
+                    self._settle(job, state)
+                return
             self._settle_held(state, error, retry=error.code in WORKER_FAULTS)
 
     def _serve_worker(self, state: WorkerState) -> None:
