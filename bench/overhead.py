@@ -265,7 +265,8 @@ BEFORE, INSIDE, AFTER = ("from the call to execution_start", "ComfyUI execution 
 
 def breakdown(bench: Bench, runs: int) -> list[list[str]]:
     from imagegen.comfy import client as comfy
-    from imagegen.engine import generate, output, timings
+    from imagegen.comfy import png
+    from imagegen.engine import generate, output, render, timings
     from imagegen.models import cache, registry
 
     tracer = Tracer()
@@ -282,12 +283,14 @@ def breakdown(bench: Bench, runs: int) -> list[list[str]]:
         (comfy.ComfyClient, "history", "GET /history (polls while running + the final one)"),
         (comfy.ComfyClient, "fetch_file", "GET /view (fetch the PNG)"),
         (timings, "record", "timings.record (learned timings file)"),
-        (output, "add_text_chunks", "PNG text chunks (parameters, imagegen)"),
+        (png, "add_text_chunks", "PNG text chunks (parameters, imagegen)"),
+        (render, "looks_blank", "blank-image check (a broken fp16 VAE)"),
         (output, "write_atomic", "write (imagegen: temp file, fsync, link; bare: plain write)"),
         (comfy.JobSession, "__exit__", "close the websocket"),
     ]
     for owner, attribute, label in pieces:
-        tracer.wrap(owner, attribute, label)
+        if hasattr(owner, attribute):  # the code moves; a piece that is gone is left out, not a crash
+            tracer.wrap(owner, attribute, label)
     ours: dict[str, list[float]] = defaultdict(list)
     try:
         for _ in range(runs):
