@@ -201,10 +201,11 @@ def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
     count = len(planned.jobs)
     if each is not None:
         check_overall_cap(request, each * count, f"{count} image(s) with {bundle.name} on {worker.name}")
-        reporter.status(f"rendering {count} image(s) with {bundle.name} on {worker.name}: about {each * count:.0f}s (from earlier runs)")
+        reporter.status(f"rendering {count} image(s) with {bundle.name} on {worker.name}: about {each * count:.0f}s "
+                        "(from earlier runs)")
     reporter.job(f"{bundle.name} {first.width}x{first.height}")
-    jobs = [Job(key=str(index), bundle=bundle, params=params, targets=[target])
-            for index, (params, target) in enumerate(zip(planned.jobs, planned.targets))]
+    jobs = [Job(key=str(index), bundle=bundle, params=params, targets=[target])  # type: ignore[list-item]  # None: stdout
+            for index, (params, target) in enumerate(zip(planned.jobs, planned.targets, strict=True))]
     scheduler = Scheduler(runtime, [worker.slot], jobs, lambda outcome: None, lambda job, state: budgets,
                           {bundle.name: cache.file_hashes(bundle)}, local_dirs(bundle), overwrite=request.overwrite,
                           depth=count, max_attempts=1, max_restarts=0, reporter=reporter, force=True,

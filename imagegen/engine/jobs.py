@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from imagegen.comfy import workflows
 from imagegen.models.registry import Bundle
@@ -38,7 +39,7 @@ class Outcome:
 class WorkerState:
     slot: str
     name: str = ""
-    handle: object = None
+    handle: Any = None                             # a runtimes.base.WorkerHandle once started
     last_bundle: str | None = None                 # the bundle of the job it ran last (likely still loaded)
     done: int = 0
     busy_seconds: float = 0.0
@@ -114,5 +115,5 @@ def prefer_loaded_model(worker: WorkerState, waiting: list[Job]) -> Job | None:
     counts: dict[str, int] = {}
     for job in waiting:
         counts[job.bundle.name] = counts.get(job.bundle.name, 0) + 1
-    busiest = max(counts, key=counts.get)
+    busiest = max(counts, key=lambda name: counts[name])
     return next(job for job in waiting if job.bundle.name == busiest)

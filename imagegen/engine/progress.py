@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from imagegen.comfy.client import Progress
 
@@ -14,7 +15,7 @@ class Reporter:
         interactive = sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
         self.show_progress = (not quiet) and (interactive if show_progress is None else show_progress)
         self._said: set[str] = set()
-        self._bar = None
+        self._bar: Any = None
         self._label = ""
 
     def status(self, message: str) -> None:
@@ -64,8 +65,8 @@ class BatchReporter(Reporter):
 
     def __init__(self, quiet: bool = False, show_progress: bool | None = None):
         super().__init__(quiet, show_progress)
-        self.overall = None
-        self.worker_bars: dict[str, object] = {}
+        self.overall: Any = None
+        self.worker_bars: dict[str, Any] = {}
         self.workers: list = []
 
     def start(self, total: int, skipped: int) -> None:
@@ -74,7 +75,8 @@ class BatchReporter(Reporter):
         if self.show_progress:
             from tqdm import tqdm
 
-            self.overall = tqdm(total=total, initial=skipped, unit="img", desc="batch", file=sys.stderr, dynamic_ncols=True)
+            self.overall = tqdm(total=total, initial=skipped, unit="img", desc="batch", file=sys.stderr,
+                                dynamic_ncols=True)
 
     def attach(self, workers: list) -> None:
         self.workers = workers

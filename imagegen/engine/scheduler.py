@@ -17,7 +17,7 @@ import hashlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import closing
 from dataclasses import replace
 
@@ -70,7 +70,7 @@ class Scheduler:
         self.workers = [WorkerState(slot) for slot in slots]
         self.router = Router(self.workers, registry)
         if force:
-            self.router.fits = lambda job, worker: True
+            self.router.fits = lambda job, worker: True  # type: ignore[method-assign]
         self.queue = JobQueue(jobs, self.router.choose, self.router.someone_else_can_take)
         self.jobs = jobs
         self.cancel = threading.Event()
@@ -98,7 +98,7 @@ class Scheduler:
                         raise render.as_error(exc) from exc
                     raise
 
-    def stream(self) -> Iterator[Outcome]:
+    def stream(self) -> Generator[Outcome, None, None]:
         """Start every worker, check every job fits some GPU, then yield each job's Outcome as it ends."""
         self._in_threads(self._start, "start")
         ready = [state for state in self.workers if state.handle is not None]
