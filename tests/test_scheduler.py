@@ -408,3 +408,18 @@ def test_a_closed_stdout_ends_generate_with_the_broken_pipe_itself(monkeypatch):
         request = generate.Request(prompt="a fox", model="sd15", size="64x64", steps=2, output="-")
         with pytest.raises(BrokenPipeError):
             list(generate.execute(generate.plan(request), RemoteRuntime([sim.entry]), Reporter(quiet=True)))
+
+
+def test_a_slow_job_on_the_only_worker_of_a_generate_call_does_not_fail_the_rest(tmp_path):
+    """The 5x-slower verdict takes a worker out of a rotation; with one worker and no restarts (generate)
+    there is none, so the remaining jobs still run there."""
+    with SimWorker(step_seconds=0.01) as sim:
+        runtime = OwnedRuntime([sim.entry])
+        learning, _ = scheduler_for(runtime, make_jobs(4, tmp_path, steps=5), depth=1)
+        assert run_with_deadline(learning) is None
+        sim.set(step_seconds=0.3)
+        jobs = make_jobs(2, tmp_path / "slow", steps=5)
+        scheduler, outcomes = scheduler_for(runtime, jobs, depth=1, max_attempts=1, max_restarts=0)
+        assert run_with_deadline(scheduler) is None
+    assert [o.error for o in once_each(outcomes, jobs).values()] == [None, None]
+    assert runtime.stopped == []
