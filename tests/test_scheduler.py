@@ -423,3 +423,31 @@ def test_a_slow_job_on_the_only_worker_of_a_generate_call_does_not_fail_the_rest
         assert run_with_deadline(scheduler) is None
     assert [o.error for o in once_each(outcomes, jobs).values()] == [None, None]
     assert runtime.stopped == []
+
+
+def test_a_shared_worker_that_dies_for_good_ends_the_run_instead_of_waiting_for_ever(tmp_path):
+    """A worker this command did not start is not stopped, but starting it again is still bounded."""
+    class GoneAfterFirst(OwnedRuntime):
+        calls = 0
+
+        def ensure(self, slot=None, on_status=None, mounts=frozenset()):
+            self.calls += 1
+            if self.calls > 1:
+                raise ImagegenError("worker_start_failed", "the worker is gone")
+            return super().ensure(slot, on_status, mounts)
+
+    with SimWorker(step_seconds=0.02) as sim:
+        runtime = GoneAfterFirst([sim.entry], started_here=False, request_timeout=2, ready_timeout=0)
+        jobs = make_jobs(3, tmp_path, steps=50)
+        scheduler, outcomes = scheduler_for(runtime, jobs)
+
+        def kill_once_running():
+            deadline = time.monotonic() + DEADLINE
+            while sim.server.running is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            sim.die()
+
+        threading.Thread(target=kill_once_running, daemon=True).start()
+        assert run_with_deadline(scheduler) is None
+    ended = once_each(outcomes, jobs)
+    assert all(o.error is not None for o in ended.values()) and runtime.stopped == []

@@ -266,9 +266,10 @@ class Scheduler:
         self._settle_held(state, fault, retry=True)
 
     def _rejoin(self, state: WorkerState) -> bool:
-        """Bring a failed worker back: restart it (a bounded number of times) when it is ours to
-        restart, or else wait until it answers its health check again, while there is work left."""
-        restartable = bool(getattr(self.runtime, "can_restart", False) and state.handle and state.handle.started_here)
+        """Bring a failed worker back: start it again through the runtime (a bounded number of times;
+        a worker someone else started was left running and is found again), or, for a runtime that
+        cannot restart workers, wait until it answers its health check again, while there is work left."""
+        restartable = bool(getattr(self.runtime, "can_restart", False))
         while not self.cancel.is_set() and not self.queue.finished():
             if restartable and state.restarts >= self.max_restarts:
                 return False
