@@ -451,3 +451,21 @@ def test_a_shared_worker_that_dies_for_good_ends_the_run_instead_of_waiting_for_
         assert run_with_deadline(scheduler) is None
     ended = once_each(outcomes, jobs)
     assert all(o.error is not None for o in ended.values()) and runtime.stopped == []
+
+
+def test_a_timeout_far_below_the_estimate_is_refused_before_a_local_worker_starts(tmp_path):
+    from imagegen.runtimes.local import LocalRuntime
+
+    class NeverStarted(LocalRuntime):
+        def ensure(self, slot=None, on_status=None, mounts=frozenset()):
+            raise AssertionError("a worker was started for a call that was refused")
+
+    from imagegen.util.gpus import detect_device
+
+    timings.record("sd15", 64, 64, detect_device(), {"sampling": 600.0, "loading": 5.0, "finishing": 1.0}, steps=20)
+    timeouts, explicit = generate.timeouts_from_env(5)
+    request = generate.Request(prompt="a fox", model="sd15", size="64x64", steps=20, output=str(tmp_path / "fox.png"),
+                               timeouts=timeouts, explicit_timeouts=explicit)
+    with pytest.raises(ImagegenError) as caught:
+        list(generate.execute(generate.plan(request), NeverStarted(), Reporter(quiet=True), fetch=lambda *a: None))
+    assert caught.value.code == "invalid_argument" and "601s" in caught.value.message

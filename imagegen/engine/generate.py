@@ -187,6 +187,7 @@ def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
     if not request.force:
         check_gpu_memory(bundle, planned.jobs[0])
     check_fast_toolchain(runtime, request.fast)
+    check_cap_before_start(planned, runtime)
     make_loadable(bundle, runtime, fetch or make_fetcher(reporter))
     worker = runtime.ensure(on_status=reporter.status, mounts=local_dirs(bundle))
     if worker.device == "cpu":
@@ -228,6 +229,22 @@ def in_order(outcomes):
             while following in finished:
                 yield from finished.pop(following)
                 following += 1
+
+
+def check_cap_before_start(planned: Plan, runtime) -> None:
+    """The --timeout check before any worker starts, where the worker runs on this machine (its device
+    is this machine's): with the model taken as loaded, the least the call can take."""
+    from imagegen.util.gpus import detect_device
+
+    if "overall" not in planned.request.explicit_timeouts or not getattr(runtime, "uses_host_cache", False):
+        return
+    device = detect_device()
+    first = workflows.for_device(planned.jobs[0], device)
+    learned = timings.estimate(timing_name(planned.bundle, first), first.width, first.height, device)
+    least = timings.eta(learned, first.steps, resident=True)
+    if least is not None:
+        count = len(planned.jobs)
+        check_overall_cap(planned.request, least * count, f"{count} image(s) with {planned.bundle.name} on {device}")
 
 
 TIMEOUT_SLACK = 2.0   # refuse a --timeout when earlier runs say the call needs more than this many times it
