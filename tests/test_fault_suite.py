@@ -142,10 +142,15 @@ def test_two_clis_share_one_warm_worker(suite, tiny_sd15, tmp_path):
     assert_no_orphans(home)
 
 
-def ctrl_c_while_another_is_queued(cli: Cli, tiny: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict]:
+def ctrl_c_while_another_is_queued(cli: Cli, tiny: Path, tmp_path: Path,
+                                   a_kind: str = "generate") -> tuple[subprocess.CompletedProcess, dict]:
     """A renders a long job; B queues behind it on the same worker; Ctrl-C (SIGINT to A's group)."""
     home = Path(cli.env["IMAGEGEN_HOME"])
-    a = cli.start(*generate_args(tiny, tmp_path / "a.png", "interrupted in terminal A", steps=40))
+    if a_kind == "batch":   # depth 1: A keeps one job on the worker, so a second one there is B's
+        a = cli.start(*batch_args(tiny, tmp_path / "a-batch", "--depth", "1", workers=1, steps=40),
+                      input=prompts("interrupted batch", 3))
+    else:
+        a = cli.start(*generate_args(tiny, tmp_path / "a.png", "interrupted in terminal A", steps=40))
     b = None
     try:
         record = wait_for(lambda: records(home).get("local-cpu"), CLI_TIMEOUT, "A's worker record")
@@ -213,10 +218,12 @@ def test_a_too_short_timeout_in_one_cli_neither_stops_the_shared_worker_nor_fail
     assert_no_orphans(home)
 
 
-def test_ctrl_c_in_the_cli_that_started_the_worker_spares_the_one_queued_on_it(comfyui_dir, tiny_sd15, tmp_path):
+@pytest.mark.parametrize("a_kind", ["generate", "batch"])
+def test_ctrl_c_in_the_cli_that_started_the_worker_spares_the_one_queued_on_it(comfyui_dir, tiny_sd15, tmp_path,
+                                                                               a_kind):
     """A starts the worker cold; B queues on it; Ctrl-C in A must not take B's worker away."""
     with fresh_home(comfyui_dir, tmp_path / "home") as cli:
-        result_b, _record = ctrl_c_while_another_is_queued(cli, tiny_sd15, tmp_path)
+        result_b, _record = ctrl_c_while_another_is_queued(cli, tiny_sd15, tmp_path, a_kind)
         assert result_b.returncode == 0, ("B failed after A's Ctrl-C stopped the worker B was queued on: "
                                           f"{result_b.stderr.decode()[-2000:]}")
         assert complete_png(tmp_path / "b.png")
