@@ -51,7 +51,7 @@ def test_a_job_too_large_for_a_small_gpu_never_goes_there(tmp_path):
 
 
 def test_quality_stages_land_on_the_fast_worker(tmp_path):
-    with SimWorker(gpu_name="fast", step_seconds=0.005) as fast, SimWorker(gpu_name="slow", step_seconds=0.05) as slow:
+    with SimWorker(gpu_name="fast", step_seconds=0.02) as fast, SimWorker(gpu_name="slow", step_seconds=0.2) as slow:
         drafts = [job(f"d{i}", "sd15", 128, steps=6, out=tmp_path) for i in range(8)]
         run([fast, slow], drafts)  # the speeds are learned here, as in a funnel's draft stage
         finals = [job(f"q{i}", "sd15", 128, steps=20, quality=True, out=tmp_path) for i in range(4)]
