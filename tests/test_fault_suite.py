@@ -282,30 +282,38 @@ def test_a_disk_that_fills_mid_batch_ends_with_disk_full_and_a_rerun_completes(s
 def test_sigkill_at_random_points_then_rerun_loses_nothing(suite, tiny_sd15, tmp_path):
     cli, home = suite
     out = tmp_path / "out"
-    args, items = batch_args(tiny_sd15, out, steps=3), prompts("killed", 8)
+    args, items = batch_args(tiny_sd15, out, steps=6), prompts("killed", 12)
     rng = random.Random(1405)
+    killed = 0
     for round_ in range(3):
+        # a random point: after a random number of further images (0: during start-up), plus a random
+        # fraction of the next one; relative to the batch's own progress, so a fast machine kills too
+        further, extra = rng.randint(0, 2), rng.uniform(0.0, 2.0)
+        target = manifest_count(out) + further
         process = cli.start(*args, input=items)
         try:
-            delay = rng.uniform(1.0, 30.0)
-            deadline = time.monotonic() + delay
+            wait_for(lambda p=process, t=target: manifest_count(out) >= t or p.poll() is not None, CLI_TIMEOUT,
+                     f"{further} more image(s) before the kill")
+            deadline = time.monotonic() + extra
             while time.monotonic() < deadline and process.poll() is None:
-                time.sleep(0.05)
+                time.sleep(0.02)
+            killed += process.poll() is None
             kill_group(process, signal.SIGKILL)
-            stdout, stderr = process.communicate(timeout=60)
+            process.communicate(timeout=60)
         finally:
             if process.poll() is None:
                 kill_group(process, signal.SIGKILL)
                 process.communicate()
-        print(f"round {round_}: SIGKILL after {delay:.1f}s, {manifest_count(out)} manifest line(s), "
-              f"exit {process.returncode}")
+        print(f"round {round_}: SIGKILL after {further} more image(s) + {extra:.1f}s, "
+              f"{manifest_count(out)} manifest line(s), exit {process.returncode}")
         assert_manifest_sound(out)   # every line valid, every image whole, no temp file, even right after a kill
+    assert killed >= 2, f"only {killed} of 3 rounds were killed mid-batch: the batch finished first"
     for _attempt in range(3):
         result = cli.run(*args, input=items, timeout=CLI_TIMEOUT)
         if result.returncode == 0:
             break
     ok(result, "the rerun after three SIGKILLs")
-    assert_nothing_lost(out, 8)
+    assert_nothing_lost(out, 12)
     assert_no_orphans(home)
     ok(cli.run("stop", "--all", timeout=120), "stop --all")
     assert not records(home), f"worker records left after stop --all: {list(records(home))}"
