@@ -147,6 +147,13 @@ def batch(
         reporter.status(f"batch: {summary.done} done, {summary.failed} failed, "
                         f"{summary.skipped} skipped (done earlier) "
                         f"of {summary.total}; manifest: {out_dir.absolute() / batch_mod.MANIFEST}")
+        full = [f for f in summary.failures if f["error"].get("code") == "disk_full"]
+        if full:
+            raise ImagegenError("disk_full", f"{len(full)} image(s) could not be written: {out_dir.absolute()} "
+                                f"is full ({full[0]['error']['message']})",
+                                hint=f"Free space in {out_dir.absolute()} (or choose another -o), then run the same "
+                                     "command again: finished images are kept and the rest resume.",
+                                failed=summary.failed, done=summary.done)
         if summary.failed:
             first = summary.failures[0]
             raise ImagegenError("jobs_failed", f"{summary.failed} image(s) failed, "

@@ -130,7 +130,29 @@ class DockerRuntime:
         slot = slot or self.slots()[0]
         self.reap()
         with FileLock(str(self.dir / f"docker-{slot}.lock")):
-            return self.find(slot, mounts) or self._start(slot, set(mounts), on_status)
+            return self.find(slot, mounts) or self._adopt(slot, mounts) or self._start(slot, set(mounts), on_status)
+
+    def _adopt(self, slot: str, mounts: set[str]) -> WorkerHandle | None:
+        """A fitting container still starting whose owner died (a command killed mid-start): we hold
+        the slot lock, so nobody else is starting it. Wait for it instead of starting another beside it."""
+        from docker.errors import DockerException
+
+        for container in self._containers(slot):
+            try:
+                container.reload()  # a listed container's attrs lack its health
+                mounted = set(json.loads(container.labels.get("imagegen.mounts", "[]")))
+                owner = int(container.labels.get("imagegen.owner_pid", "0"))
+            except (ValueError, DockerException):
+                continue
+            health = container.attrs.get("State", {}).get("Health", {}).get("Status")
+            if (health == "starting" and not pid_alive(owner) and set(mounts) <= mounted
+                    and container.labels.get("imagegen.image") == self.image
+                    and container.labels.get("imagegen.memory", "") == memory_limit()):
+                try:
+                    return self._wait_ready(container, slot)
+                except ImagegenError:
+                    self._remove(container)  # it never came up: start a fresh one
+        return None
 
     def _start(self, slot: str, mounts: set[str], on_status) -> WorkerHandle:
         from docker.errors import APIError
