@@ -1,6 +1,6 @@
 # imagegen worker: ComfyUI 0.3.75 + entrypoint.py, one container per GPU.
 #
-#   online, CUDA (defaults):  ./build-image.sh (it passes VERSION and COMFYUI_COMMIT from imagegen/__init__.py)
+#   online, CUDA (defaults):  ./build-image.sh (it passes VERSION from ./VERSION and COMFYUI_COMMIT from imagegen/__init__.py)
 #   offline, CPU (this repo): ./build-image.sh --cpu-local
 #
 # Layers go from heaviest and most stable to lightest: torch (~5 GB) -> ComfyUI source ->
@@ -88,7 +88,7 @@ RUN env ${WHEELHOUSE:+PIP_NO_INDEX=1 PIP_FIND_LINKS=$WHEELHOUSE} ${TORCH_INDEX_U
 # This package, last: a code change only rebuilds from here.
 ARG VERSION=dev
 LABEL imagegen.version=$VERSION
-COPY pyproject.tom[l] entrypoint.p[y] models.yam[l] /app/
+COPY VERSION pyproject.tom[l] entrypoint.p[y] models.yam[l] /app/
 COPY imagegen/ /app/imagegen/
 RUN chmod -R a+rX /app && (python3 -m compileall -q /app/imagegen >/dev/null || true)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the worker image imagegen:<version in imagegen/__init__.py> with the classic builder (no buildx needed).
+# Build the worker image imagegen:$(cat VERSION) with the classic builder (no buildx needed).
 #
 #   ./build-image.sh                CUDA image: python base pulled from Docker Hub, ComfyUI
 #                                   from GitHub, wheels from PyPI (needs internet)
@@ -9,7 +9,7 @@
 # Options: --base IMAGE        base image with Python 3.11 (default: see Dockerfile)
 #          --wheelhouse DIR    install wheels from DIR only (served to the build on 127.0.0.1)
 #          --comfyui-src DIR   ComfyUI checkout to use instead of downloading the pinned commit
-#          --tag TAG           image tag (default imagegen:<version in imagegen/__init__.py>)
+#          --tag TAG           image tag (default imagegen:$(cat VERSION))
 #          -- ARGS...          passed on to docker build (e.g. -- --no-cache)
 # Prints the tag on stdout when done.
 set -euo pipefail
@@ -42,8 +42,8 @@ if ! err=$(docker info 2>&1 >/dev/null); then
   die "cannot reach the Docker engine: $(printf '%s' "$err" | tail -n1)
   Start it (as root: dockerd > /tmp/dockerd.log 2>&1 &) or check DOCKER_HOST and your access to the socket."
 fi
-version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$repo/imagegen/__init__.py")  # one source
-[ -n "$version" ] && [ -n "$comfy_commit" ] || die "cannot read __version__ and COMFYUI_COMMIT from imagegen/__init__.py"
+version=$(cat "$repo/VERSION" 2>/dev/null)  # one source: VERSION
+[ -n "$version" ] && [ -n "$comfy_commit" ] || die "cannot read VERSION and COMFYUI_COMMIT (imagegen/__init__.py)"
 tag=${tag:-imagegen:$version}
 
 if [ "$cpu_local" = 1 ]; then

@@ -1,5 +1,19 @@
 """imagegen: local image generation with ComfyUI workers."""
 
-__version__ = "0.3.0"
-COMFYUI_COMMIT = "f8b981ae9a5676311624bbafa636a1874db79459"
-COMFYUI_VERSION = "0.3.75"
+from pathlib import Path
+
+
+def _version() -> str:
+    """VERSION at the top of the checkout (or /app in the image) is the one source; an installed
+    wheel has it in its metadata instead."""
+    try:
+        return (Path(__file__).resolve().parent.parent / "VERSION").read_text().strip()
+    except OSError:
+        from importlib.metadata import version
+
+        return version("imagegen")
+
+
+__version__ = _version()
+COMFYUI_COMMIT = "f8b981ae9a5676311624bbafa636a1874db79459"  # the one source; the scripts read it here
+COMFYUI_VERSION = "0.3.75"  # the pinned ComfyUI's; a worker reports its own (/system_stats)
