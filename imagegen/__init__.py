@@ -15,5 +15,6 @@ def _version() -> str:
 
 
 __version__ = _version()
-COMFYUI_COMMIT = "f8b981ae9a5676311624bbafa636a1874db79459"  # the one source; the scripts read it here
+# The one source of the pinned ComfyUI commit: the scripts and build-image.sh read this line.
+COMFYUI_COMMIT = "f8b981ae9a5676311624bbafa636a1874db79459"
 COMFYUI_VERSION = "0.3.75"  # the pinned ComfyUI's; a worker reports its own (/system_stats)
