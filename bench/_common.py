@@ -24,7 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
 PYTHON = "~/.cache/imagegen-dev/venv/bin/python"
-UPSTREAM_HEADER = "X-Imagegen-Upstream"  # a worker's ComfyUI answers only requests carrying its secret (imagegen/comfy_launch.py)
+# a worker's ComfyUI answers only requests carrying its secret (imagegen/comfy_launch.py)
+UPSTREAM_HEADER = "X-Imagegen-Upstream"
 ENV_PREFIX = "IMAGEGEN_COMFYUI_DIR=~/.cache/imagegen-dev/comfyui-<commit>"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -85,7 +86,7 @@ class OtherLoad:
         return (time.process_time() + children.ru_utime + children.ru_stime + self.accounted()
                 + sum(_task_cpu(pid) for pid in self.live_pids()))
 
-    def __enter__(self) -> "OtherLoad":
+    def __enter__(self) -> OtherLoad:
         self.started, self.busy, self.own = time.monotonic(), _busy_seconds(), self._own()
         return self
 
@@ -183,7 +184,8 @@ def write_section(name: str, section: str) -> None:
         else:
             text = text.rstrip("\n") + "\n\n" + block + "\n"
     else:
-        text = ("# Benchmarks\n\nWhat imagegen's own benchmarks (in `bench/`) measured, with the command that reproduces each\n"
+        text = ("# Benchmarks\n\nWhat imagegen's own benchmarks (in `bench/`) measured, with the command that "
+                "reproduces each\n"
                 "section. Each section is rewritten by its script.\n\n" + block + "\n")
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text, encoding="utf-8")
@@ -198,7 +200,8 @@ def free_port() -> int:
     return pick()
 
 
-def bare_comfy_command(port: int, work: Path, models_dir: Path, device: str = "cpu", extra: tuple[str, ...] = ()) -> list[str]:
+def bare_comfy_command(port: int, work: Path, models_dir: Path, device: str = "cpu",
+                       extra: tuple[str, ...] = ()) -> list[str]:
     """`python main.py [--cpu] --listen 127.0.0.1 --port P` with the worker's own flags (model paths,
     folders, no custom nodes, no previews): the same server, started by hand, without imagegen."""
     from imagegen.worker.serve import write_model_paths
@@ -206,7 +209,8 @@ def bare_comfy_command(port: int, work: Path, models_dir: Path, device: str = "c
     for name in ("output", "input", "temp", "user"):
         (work / name).mkdir(parents=True, exist_ok=True)
     config = write_model_paths(models_dir, work / "extra_model_paths.yaml")
-    return [sys.executable, str(comfyui_dir() / "main.py"), *(["--cpu"] if device == "cpu" else []), "--listen", "127.0.0.1", "--port", str(port),
+    return [sys.executable, str(comfyui_dir() / "main.py"), *(["--cpu"] if device == "cpu" else []), "--listen",
+            "127.0.0.1", "--port", str(port),
             "--disable-auto-launch", "--disable-all-custom-nodes", "--disable-api-nodes",
             "--extra-model-paths-config", str(config), "--output-directory", str(work / "output"),
             "--input-directory", str(work / "input"), "--temp-directory", str(work / "temp"),
@@ -214,7 +218,8 @@ def bare_comfy_command(port: int, work: Path, models_dir: Path, device: str = "c
             *extra]
 
 
-def start_bare_comfy(port: int, work: Path, models_dir: Path, log_path: Path, device: str = "cpu", gpu: str = "0") -> subprocess.Popen:
+def start_bare_comfy(port: int, work: Path, models_dir: Path, log_path: Path, device: str = "cpu",
+                     gpu: str = "0") -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="" if device == "cpu" else gpu)
     if device == "cpu":
         env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))  # what LocalRuntime gives one CPU worker
@@ -223,7 +228,8 @@ def start_bare_comfy(port: int, work: Path, models_dir: Path, log_path: Path, de
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_http(url: str, timeout: float = 180.0, interval: float = 0.05, process: subprocess.Popen | None = None) -> float:
+def wait_http(url: str, timeout: float = 180.0, interval: float = 0.05,
+              process: subprocess.Popen | None = None) -> float:
     """Poll `url` until it answers 200; returns time.monotonic() at that moment."""
     import requests
 
@@ -278,7 +284,8 @@ class BareClient:
 
         if self.ws is not None:
             self.ws.close()
-        self.ws = websocket.create_connection("ws" + self.base[4:] + f"/ws?clientId={self.client_id}", header=self.header, timeout=600)
+        self.ws = websocket.create_connection("ws" + self.base[4:] + f"/ws?clientId={self.client_id}",
+                                              header=self.header, timeout=600)
 
     def prepare(self) -> None:
         """Between images (untimed): read what queued up while idle, answering the server's pings,
@@ -338,7 +345,8 @@ class BareClient:
         marks["history"] = time.monotonic()
         for node_output in entry.get("outputs", {}).values():
             for ref in node_output.get("images", []):
-                data = self.http.get(self.base + "/view", params={"filename": ref["filename"], "subfolder": ref.get("subfolder", ""),
+                data = self.http.get(self.base + "/view",
+                                     params={"filename": ref["filename"], "subfolder": ref.get("subfolder", ""),
                                                                   "type": ref.get("type", "output")}).content
                 marks["fetched"] = time.monotonic()
                 if out is not None:

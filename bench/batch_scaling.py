@@ -76,7 +76,7 @@ class Meter:
                 continue
         return total
 
-    def __enter__(self) -> "Meter":
+    def __enter__(self) -> Meter:
         self.wall, self.busy, self.own = time.perf_counter(), self.machine_busy(), self.ours()
         return self
 
@@ -109,7 +109,8 @@ def run_batch(runtime, items_text: str, out_dir: Path, checkpoint: Path, meter: 
     # a new seed each run: ComfyUI would otherwise answer a repeated graph from its cache
     with meter:
         summary = batch.run(items, out_dir, runtime, BatchReporter(show_progress=False), emit,  # status lines: stderr
-                            defaults={"checkpoint": str(checkpoint), "size": size, "steps": steps}, base_seed=seed, pack=pack,
+                            defaults={"checkpoint": str(checkpoint), "size": size, "steps": steps}, base_seed=seed,
+                            pack=pack,
                             gpus=None, workers=workers, depth=2, overwrite=False, timeouts=timeouts, explicit=explicit)
     if summary.done != summary.total or summary.failed:
         raise SystemExit(f"the benchmark batch did not finish: {summary}")
@@ -132,7 +133,8 @@ def alternating(label: str, runs: dict, repeats: int, deadline: float, max_forei
                 continue
             result = run(len(results[name]))
             results[name].append(result)
-            log(f"  {label}, {name}: {result['images']} images in {result['seconds']:.2f}s = {result['rate']:.2f} img/s "
+            log(f"  {label}, {name}: {result['images']} images in {result['seconds']:.2f}s = {result['rate']:.2f} "
+                "img/s "
                 f"{result['per_worker']}, other processes {result['foreign']:.0%} of the CPU"
                 + (f", {result['retries']} retries" if result["retries"] else ""))
         if all(len(clean(name)) >= repeats for name in runs) or time.monotonic() > deadline:
@@ -141,7 +143,8 @@ def alternating(label: str, runs: dict, repeats: int, deadline: float, max_forei
     for name in runs:
         used = clean(name) or [min(results[name], key=lambda r: r["foreign"])]
         if not clean(name):
-            log(f"  warning: {label}, {name}: no run without other load before the time limit; using the least disturbed")
+            log(f"  warning: {label}, {name}: no run without other load before the time limit; using the least "
+                "disturbed")
         rates[name] = statistics.median(r["rate"] for r in used)
         worst = max([worst] + [r["foreign"] + (1.0 if r["retries"] else 0.0) for r in used])
         rates[name + " split"] = sorted(used[-1]["per_worker"].values(), reverse=True)
@@ -191,7 +194,8 @@ def cpu_benchmarks(args, scratch: Path) -> tuple[list[list[str]], list[list[str]
     meter = Meter(scratch)
     runtimes = {}
     started = time.perf_counter()
-    log(f"starting 1 + {args.workers} local CPU workers (two sets, as `--workers 1` and `--workers {args.workers}` start them) "
+    log(f"starting 1 + {args.workers} local CPU workers (two sets, as `--workers 1` and `--workers {args.workers}` "
+        "start them) "
         "and rendering one warm-up image on each")
     try:
         for count in (1, args.workers):
@@ -205,31 +209,42 @@ def cpu_benchmarks(args, scratch: Path) -> tuple[list[list[str]], list[list[str]
         runs = iter(range(1, 1000))
 
         def throughput(count: int):
-            return lambda n: run_batch(runtimes[count], prompts, scratch / f"cpu-{count}-{n}", checkpoint, meter, workers=count,
+            return lambda n: run_batch(runtimes[count], prompts, scratch / f"cpu-{count}-{n}", checkpoint, meter,
+                                       workers=count,
                                        pack="1", size=args.size, steps=args.steps, seed=next(runs))
 
         def latent(pack: str):
-            return lambda n: run_batch(runtimes[1], '{"prompt": "a latent batch benchmark", "count": 8}', scratch / f"pack-{pack}-{n}",
-                                       checkpoint, meter, workers=1, pack=pack, size=args.size, steps=args.steps, seed=next(runs))
+            return lambda n: run_batch(runtimes[1], '{"prompt": "a latent batch benchmark", "count": 8}',
+                                       scratch / f"pack-{pack}-{n}",
+                                       checkpoint, meter, workers=1, pack=pack, size=args.size, steps=args.steps,
+                                       seed=next(runs))
 
         share = (deadline - time.monotonic()) * 0.6   # the scaling runs take longer than the latent-batch runs
         n = args.workers
-        rates, foreign = alternating("throughput", {"1 worker": throughput(1), f"{n} workers": throughput(n)}, args.repeats,
+        rates, foreign = alternating("throughput", {"1 worker": throughput(1), f"{n} workers": throughput(n)},
+                                     args.repeats,
                                      time.monotonic() + share, args.max_foreign)
         rate_1, rate_n = rates["1 worker"], rates[f"{n} workers"]
-        note = f"; other processes ≤ {min(foreign, 1):.0%} of the CPU" + ("" if foreign <= args.max_foreign else " (DISTURBED)")
+        note = f"; other processes ≤ {min(foreign, 1):.0%} of the CPU" + ("" if foreign <= args.max_foreign
+                                                                          else " (DISTURBED)")
         scaling = [
-            ["CPU workers, tiny SD1.5, 1 worker", f"{args.images} images {args.size}, {args.steps} steps{note}", f"{rate_1:.2f} img/s", "1.00", "—"],
-            [f"CPU workers, tiny SD1.5, {n} workers", f"same; images per worker {rates[f'{n} workers split']}", f"{rate_n:.2f} img/s",
+            ["CPU workers, tiny SD1.5, 1 worker", f"{args.images} images {args.size}, {args.steps} steps{note}",
+             f"{rate_1:.2f} img/s", "1.00", "—"],
+            [f"CPU workers, tiny SD1.5, {n} workers", f"same; images per worker {rates[f'{n} workers split']}",
+             f"{rate_n:.2f} img/s",
              f"{rate_n / rate_1:.2f}", f"scaling efficiency {(rate_n / rate_1) / n:.2f}"],
         ]
-        rates, foreign = alternating("latent batch", {"8 jobs": latent("1"), "2 batches of 4": latent("4")}, args.repeats,
+        rates, foreign = alternating("latent batch", {"8 jobs": latent("1"), "2 batches of 4": latent("4")},
+                                     args.repeats,
                                      deadline, args.max_foreign)
         single, packed = rates["8 jobs"], rates["2 batches of 4"]
-        note = f"; other processes ≤ {min(foreign, 1):.0%} of the CPU" + ("" if foreign <= args.max_foreign else " (DISTURBED)")
+        note = f"; other processes ≤ {min(foreign, 1):.0%} of the CPU" + ("" if foreign <= args.max_foreign
+                                                                          else " (DISTURBED)")
         latent_rows = [
-            ["latent batch, 1 CPU worker: 8 single jobs", f"one prompt × 8 images {args.size}, {args.steps} steps{note}", f"{single:.2f} img/s", "1.00", "—"],
-            ["latent batch, 1 CPU worker: 2 batches of 4 (`--pack 4`)", "same images", f"{packed:.2f} img/s", f"{packed / single:.2f}",
+            ["latent batch, 1 CPU worker: 8 single jobs",
+             f"one prompt × 8 images {args.size}, {args.steps} steps{note}", f"{single:.2f} img/s", "1.00", "—"],
+            ["latent batch, 1 CPU worker: 2 batches of 4 (`--pack 4`)", "same images", f"{packed:.2f} img/s",
+             f"{packed / single:.2f}",
              "latent-batch gain"],
         ]
         return scaling, latent_rows
@@ -289,17 +304,22 @@ def balancing(args, scratch: Path) -> list[list[str]]:
             records = [sim.records() for sim in sims]
             done = [len(r) for r in records]
             end = max(r["finished"] for rs in records for r in rs)
-            tail = [end - max(r["finished"] for r in rs) for rs in records]   # idle at the end, waiting for the last job
+            # idle at the end, waiting for the last job
+            tail = [end - max(r["finished"] for r in rs) for rs in records]
         finally:
             for sim in sims:
                 sim.close()
-        log(f"  balancing depth {depth}: {done} (ideal {[round(x, 1) for x in ideal_split]}) in {elapsed:.2f}s (ideal {ideal:.2f}s); "
+        log(f"  balancing depth {depth}: {done} (ideal {[round(x, 1) for x in ideal_split]}) in {elapsed:.2f}s (ideal "
+            f"{ideal:.2f}s); "
             f"idle at the end {[round(t, 2) for t in tail]}s")
-        worst = max(abs(d - i) for d, i in zip(done, ideal_split))
-        rows.append([f"balancing, {len(sims)} simulated workers at {'/'.join(f'{s:g}' for s in step_times)} s/step, depth {depth}",
-                     f"{count} jobs × {steps} steps; images per worker {done} vs ideal {[round(x, 1) for x in ideal_split]} "
+        worst = max(abs(d - i) for d, i in zip(done, ideal_split, strict=False))
+        rows.append([f"balancing, {len(sims)} simulated workers at {'/'.join(f'{s:g}' for s in step_times)} s/step, "
+                     f"depth {depth}",
+                     f"{count} jobs × {steps} steps; images per worker {done} vs ideal "
+                     f"{[round(x, 1) for x in ideal_split]} "
                      f"(max off by {worst:.1f}); idle at the end {'/'.join(f'{t:.2f}' for t in tail)} s",
-                     f"makespan {elapsed:.2f}s vs ideal {ideal:.2f}s", f"{ideal / elapsed:.2f}", "makespan efficiency (ideal / measured)"])
+                     f"makespan {elapsed:.2f}s vs ideal {ideal:.2f}s", f"{ideal / elapsed:.2f}",
+                     "makespan efficiency (ideal / measured)"])
     return rows
 
 
@@ -317,11 +337,15 @@ def idle_gap(args, scratch: Path) -> list[list[str]]:
         span = ordered[-1]["finished"] - ordered[0]["started"]   # first start to last finish: the worker's own view
         busy = sum(r["finished"] - r["started"] for r in records)
         rates[depth] = len(records) / span
-        log(f"  depth {depth}: median gap {statistics.median(gaps) * 1000:.1f} ms, busy {busy / span:.0%}, {rates[depth]:.2f} jobs/s")
+        log(f"  depth {depth}: median gap {statistics.median(gaps) * 1000:.1f} ms, busy {busy / span:.0%}, "
+            f"{rates[depth]:.2f} jobs/s")
         rows.append([f"idle gap between jobs, 1 simulated worker, depth {depth}",
-                     f"{len(records)} jobs × {args.gap_steps} steps at {args.gap_step:g} s/step ({args.gap_steps * args.gap_step * 1000:.0f} ms each)",
-                     f"gap median {statistics.median(gaps) * 1000:.1f} ms, p90 {gaps[int(0.9 * (len(gaps) - 1))] * 1000:.1f} ms; busy {busy / span:.0%}",
-                     f"{rates[depth] / rates[1]:.2f}", f"{rates[depth]:.2f} jobs/s" + (" (throughput ratio vs depth 1)" if depth == 2 else "")])
+                     f"{len(records)} jobs × {args.gap_steps} steps at {args.gap_step:g} s/step "
+                     f"({args.gap_steps * args.gap_step * 1000:.0f} ms each)",
+                     f"gap median {statistics.median(gaps) * 1000:.1f} ms, p90 "
+                     f"{gaps[int(0.9 * (len(gaps) - 1))] * 1000:.1f} ms; busy {busy / span:.0%}",
+                     f"{rates[depth] / rates[1]:.2f}",
+                     f"{rates[depth]:.2f} jobs/s" + (" (throughput ratio vs depth 1)" if depth == 2 else "")])
     return rows
 
 
@@ -345,7 +369,8 @@ def machine() -> str:
         torch = metadata.version("torch")
     except metadata.PackageNotFoundError:
         torch = "absent"
-    return (f"{os.cpu_count()} cores ({model}), {memory:.0f} GiB RAM, no GPU; {platform.system()} {platform.release()}, "
+    return (f"{os.cpu_count()} cores ({model}), {memory:.0f} GiB RAM, no GPU; {platform.system()} "
+            f"{platform.release()}, "
             f"Python {platform.python_version()}, torch {torch}")
 
 
@@ -361,18 +386,23 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=12, help="images per throughput run (default 12)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps of the real CPU runs (default 20)")
     parser.add_argument("--size", default="64x64", help="image size of the real CPU runs (default 64x64)")
-    parser.add_argument("--repeats", type=int, default=2, help="undisturbed runs of each real CPU configuration; the median counts (default 2)")
-    parser.add_argument("--cpu-minutes", type=float, default=3.5, help="time limit for the real CPU runs, retries included (default 3.5)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="undisturbed runs of each real CPU configuration; the median counts (default 2)")
+    parser.add_argument("--cpu-minutes", type=float, default=3.5,
+                        help="time limit for the real CPU runs, retries included (default 3.5)")
     parser.add_argument("--max-foreign", type=float, default=0.1,
-                        help="a run during which other processes took more than this share of the CPU is measured again (default 0.1)")
+                        help="a run during which other processes took more than this share of the CPU is measured "
+                        "again (default 0.1)")
     parser.add_argument("--sim-step-times", type=lambda s: [float(x) for x in s.split(",")], default=[0.01, 0.02, 0.04],
                         help="seconds per step of the simulated workers (default 0.01,0.02,0.04)")
     parser.add_argument("--sim-jobs", type=int, default=70, help="jobs of the balancing run (default 70)")
     parser.add_argument("--sim-steps", type=int, default=20, help="steps per balancing job (default 20)")
     parser.add_argument("--gap-jobs", type=int, default=40, help="jobs of each idle-gap run (default 40)")
     parser.add_argument("--gap-steps", type=int, default=10, help="steps per idle-gap job (default 10)")
-    parser.add_argument("--gap-step", type=float, default=0.01, help="seconds per step in the idle-gap runs (default 0.01)")
-    parser.add_argument("--skip-cpu", action="store_true", help="leave out the real CPU workers (a, d): simulated workers only")
+    parser.add_argument("--gap-step", type=float, default=0.01,
+                        help="seconds per step in the idle-gap runs (default 0.01)")
+    parser.add_argument("--skip-cpu", action="store_true",
+                        help="leave out the real CPU workers (a, d): simulated workers only")
     parser.add_argument("--no-write", action="store_true", help="print the table only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -405,22 +435,31 @@ def main() -> int:
         table(rows), "",
         "How to read it:", "",
         "- **CPU workers** are real ComfyUI processes running a tiny random-weight SD1.5 checkpoint, driven through",
-        "  `imagegen.engine.batch.run` (LocalRuntime) with warm workers: start-up and one warm-up image per worker are not counted.",
-        f"  Two sets side by side, each in its own IMAGEGEN_HOME and started as `--workers 1` and `--workers {args.workers}` start",
-        "  them: LocalRuntime gives each CPU worker cores / workers torch threads (OMP_NUM_THREADS). Ratio: images/s over",
-        "  one worker's; scaling efficiency = (rate_N / rate_1) / N. On a CPU, N workers share the same cores, so this shows",
+        "  `imagegen.engine.batch.run` (LocalRuntime) with warm workers: start-up and one warm-up image per worker are "
+        "not counted.",
+        "  Two sets side by side, each in its own IMAGEGEN_HOME and started as `--workers 1` and `--workers "
+        f"{args.workers}` start",
+        "  them: LocalRuntime gives each CPU worker cores / workers torch threads (OMP_NUM_THREADS). Ratio: images/s "
+        "over",
+        "  one worker's; scaling efficiency = (rate_N / rate_1) / N. On a CPU, N workers share the same cores, so this "
+        "shows",
         "  what extra CPU workers buy on this machine, not what extra GPUs buy.",
-        "- **Other load**: this machine is shared. Each real CPU run measures the share of all cores that processes outside",
-        f"  the benchmark used meanwhile (/proc). The configurations run in turn; a run where that exceeded {args.max_foreign:.0%}",
-        f"  (or that needed a retry) is run again, within {args.cpu_minutes:g} min, and the median of {args.repeats} clean runs",
+        "- **Other load**: this machine is shared. Each real CPU run measures the share of all cores that processes "
+        "outside",
+        "  the benchmark used meanwhile (/proc). The configurations run in turn; a run where that exceeded "
+        f"{args.max_foreign:.0%}",
+        f"  (or that needed a retry) is run again, within {args.cpu_minutes:g} min, and the median of {args.repeats} "
+        "clean runs",
         "  counts. A figure marked DISTURBED had no clean run in time: rerun it on a quiet machine.",
         "- **Simulated workers** (`tests/sim_comfy.py`, each its own process) stand for GPUs of set speeds: they sleep",
         "  `step × steps` per job and answer the ComfyUI + worker API. Balancing goes through RemoteRuntime and the",
         "  Scheduler; the ideal split is proportional to speed and the ideal makespan is total work / total speed.",
         "- **Idle gap** is measured inside the simulated worker: from finishing one prompt to starting the next. With",
         "  depth 1 the worker waits for the client to collect the image and submit the next job; with depth 2 the next",
-        "  job is already queued. The ratio is throughput (jobs / the worker's first-start-to-last-finish span) over depth 1's.",
-        "- **Latent batch**: one prompt, 8 images, as 8 jobs (`--pack 1`) or as 2 latent batches of 4 (`--pack 4`) on one",
+        "  job is already queued. The ratio is throughput (jobs / the worker's first-start-to-last-finish span) over "
+        "depth 1's.",
+        "- **Latent batch**: one prompt, 8 images, as 8 jobs (`--pack 1`) or as 2 latent batches of 4 (`--pack 4`) on "
+        "one",
         "  real CPU worker; ratio = images/s over the 8-job run.",
     ])
     print(section)

@@ -85,7 +85,8 @@ class ColdBench:
         self.slot = default_slot()
         self.device = "cpu" if self.slot == "cpu" else "cuda"
         self.record_path = self.runtime._files(self.slot)[0]
-        self.accounted = 0.0  # CPU of the workers the CLI started (not our children: the CLI's, re-parented when it exits)
+        # CPU of the workers the CLI started (not our children: the CLI's, re-parented when it exits)
+        self.accounted = 0.0
 
     def hash_seconds(self) -> float:
         """What the one-time sha256 of the checkpoint costs (timed on its own, file cache warm)."""
@@ -110,12 +111,15 @@ class ColdBench:
         self.drop_caches()
         offset = boot_offset()
         started = time.time()
-        done = subprocess.run([sys.executable, CLI, "generate", PROMPT, "-m", self.model, "--size", self.args.size, "--steps",
-                               str(self.args.steps), "--seed", str(self.seed), "--runtime", "local", "--keep-warm", "120",
+        done = subprocess.run([sys.executable, CLI, "generate", PROMPT, "-m", self.model, "--size", self.args.size,
+                               "--steps",
+                               str(self.args.steps), "--seed", str(self.seed), "--runtime", "local", "--keep-warm",
+                               "120",
                                "--json", "-o", str(out)], capture_output=True, stdin=subprocess.DEVNULL)
         ended = time.time()
         if done.returncode:
-            raise SystemExit(f"imagegen generate failed ({done.returncode}): {done.stderr.decode(errors='replace')[-2000:]}")
+            raise SystemExit(f"imagegen generate failed ({done.returncode}): "
+                             f"{done.stderr.decode(errors='replace')[-2000:]}")
         record = json.loads(done.stdout.decode().splitlines()[-1])
         worker = json.loads(self.record_path.read_text())
         ready = self.record_path.stat().st_mtime
@@ -123,7 +127,8 @@ class ColdBench:
         comfy_port, upstream = worker["comfy_port"], {c.UPSTREAM_HEADER: worker["upstream_secret"]}
         comfy_pid = int(Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split()[0])
         worker_started, comfy_started = process_start(worker_pid, offset), process_start(comfy_pid, offset)
-        history = requests.get(f"http://127.0.0.1:{comfy_port}/history", params={"max_items": 1}, headers=upstream, timeout=30).json()
+        history = requests.get(f"http://127.0.0.1:{comfy_port}/history", params={"max_items": 1}, headers=upstream,
+                               timeout=30).json()
         entry = next(iter(history.values()))
         begin, success = execution_span(entry)
         timings = record["timings"]
@@ -131,7 +136,8 @@ class ColdBench:
         sampled = first_step + timings["sampling"]
         self.accounted += c._task_cpu(worker_pid) + c._task_cpu(comfy_pid)
         self.runtime.stop()
-        return {"cli": worker_started - started, "worker": comfy_started - worker_started, "comfy": ready - comfy_started,
+        return {"cli": worker_started - started, "worker": comfy_started - worker_started,
+                "comfy": ready - comfy_started,
                 "ready_to_start": begin - ready, "load": first_step - begin, "sampling": sampled - first_step,
                 "decode": success - sampled, "back": ended - success, "total": ended - started,
                 "client": {k: timings.get(k) for k in ("queued", "loading", "sampling", "finishing", "fetch", "write")}}
@@ -146,7 +152,8 @@ class ColdBench:
         port = c.free_port()
         work = self.scratch / f"comfy-{self.seed}"
         work.mkdir()
-        planned = gen.plan(gen.Request(prompt=PROMPT, model=self.model, size=self.args.size, steps=self.args.steps, seed=self.seed,
+        planned = gen.plan(gen.Request(prompt=PROMPT, model=self.model, size=self.args.size, steps=self.args.steps,
+                                       seed=self.seed,
                                        output=str(self.scratch / "unused.png")))
         graph = workflows.build(planned.bundle, planned.jobs[0])
         from imagegen.util import paths
@@ -178,12 +185,15 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="cold starts of each kind, taking turns (default 3)")
     parser.add_argument("--steps", type=int, default=10, help="sampling steps (default 10)")
     parser.add_argument("--size", default="64x64", help="image size (default 64x64)")
-    parser.add_argument("--model", help="a built-in model (e.g. flux-dev) instead of a checkpoint file; set IMAGEGEN_MODELS_DIR "
-                                        "to the model cache that holds its files (the run itself uses a temporary IMAGEGEN_HOME)")
+    parser.add_argument("--model",
+                        help="a built-in model (e.g. flux-dev) instead of a checkpoint file; set IMAGEGEN_MODELS_DIR "
+                                        "to the model cache that holds its files (the run itself uses a temporary "
+                                        "IMAGEGEN_HOME)")
     parser.add_argument("--checkpoint", help="an SD1.5/SDXL .safetensors to use instead of the tiny test checkpoint")
     parser.add_argument("--drop-caches", action="store_true",
                         help="drop the OS file cache before every start (root; slows everything else on the machine)")
-    parser.add_argument("--max-load", type=float, default=1.5, help="wait (up to 2 min) for the load average to fall below this")
+    parser.add_argument("--max-load", type=float, default=1.5,
+                        help="wait (up to 2 min) for the load average to fall below this")
     parser.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
     args = parser.parse_args()
     load_before = c.wait_for_quiet(args.max_load)
@@ -208,7 +218,8 @@ def main() -> int:
                 for kind in order:
                     samples[kind].append(bench.imagegen() if kind == "imagegen" else bench.by_hand())
                     loads.append(c.load_average())
-                    c.log(f"  run {index + 1}/{args.runs} {kind}: {samples[kind][-1]['total']:.2f}s (load {loads[-1]:.2f})")
+                    c.log(f"  run {index + 1}/{args.runs} {kind}: {samples[kind][-1]['total']:.2f}s (load "
+                          f"{loads[-1]:.2f})")
             other.__exit__()
         finally:
             bench.runtime.stop()
@@ -220,7 +231,8 @@ def main() -> int:
     rows = []
     for key, label in PHASES + [("total", "**total: spawn → PNG on disk**")]:
         ours, theirs = med("imagegen", key), med("hand", key)
-        rows.append([label, f"{ours:.2f}", f"{theirs:.2f}" if key not in ("cli", "worker") else "—", f"{ours - theirs:+.2f}",
+        rows.append([label, f"{ours:.2f}", f"{theirs:.2f}" if key not in ("cli", "worker") else "—",
+                     f"{ours - theirs:+.2f}",
                      f"{ours / theirs:.2f}" if theirs > 0.05 and key not in ("cli", "worker") else "—"])
     client = {k: statistics.median(s["client"][k] for s in samples["imagegen"] if s["client"].get(k) is not None)
               for k in ("queued", "loading", "sampling", "finishing", "fetch", "write")}
@@ -238,12 +250,15 @@ def main() -> int:
                         f"{'`' + bench.checkpoint.name + '`' if args.checkpoint else 'tiny random-weight SD1.5 checkpoint'} "
                         f"({bench.checkpoint.stat().st_size / 1e6:.0f} MB) registered as a user model, ") +
         f"{args.size}, {args.steps} steps; {args.runs} cold starts of each kind taking turns, {cache_note}.", "",
-        c.md_table(["phase (seconds, medians)", "`imagegen generate`, no worker running", "ComfyUI started by hand + graph posted",
+        c.md_table(["phase (seconds, medians)", "`imagegen generate`, no worker running",
+                    "ComfyUI started by hand + graph posted",
                     "difference", "ratio"], rows, "---|---:|---:|---:|---:"), "",
         "The client's own phase times for the imagegen runs (`timings` in the --json record, medians, s): "
         + ", ".join(f"{k} {v:.3f}" for k, v in client.items()) + ".  ",
-        (f"The first imagegen run in a fresh home (untimed above) took {first['total']:.2f} s; it also hashed the local checkpoint "
-         f"once for provenance ({first['hash']:.2f} s for sha256 of {bench.checkpoint.stat().st_size / 1e9:.2f} GB, then remembered "
+        (f"The first imagegen run in a fresh home (untimed above) took {first['total']:.2f} s; it also hashed the "
+         "local checkpoint "
+         f"once for provenance ({first['hash']:.2f} s for sha256 of {bench.checkpoint.stat().st_size / 1e9:.2f} GB, "
+         "then remembered "
          "in the download ledger)." if first["hash"] is not None else
          f"The first imagegen run in a fresh home (untimed above) took {first['total']:.2f} s."), "",
         "How to read it:", "",

@@ -173,16 +173,19 @@ def _ops():
     return comfy.ops.disable_weight_init  # no init work: shapes only
 
 
-SD15_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+SD15_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+             "legacy": False,
              "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
              "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
              "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
              "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
              "use_temporal_attention": False, "use_temporal_resblock": False}
-SDXL_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+SDXL_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+             "legacy": False,
              "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
              "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-             "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+             "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048,
+             "num_head_channels": 64,
              "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
              "use_temporal_attention": False, "use_temporal_resblock": False}
 # small: what ComfyUI's detection still takes as the same family. SD15's detection pins only
@@ -191,7 +194,8 @@ SDXL_UNET = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_
 # the input transformer depths [0,0,2,2,10,10] (and 320 / 2048 / adm 2816), not the channel
 # multipliers nor the middle and output depths.
 SMALL_UNET = {
-    "sd15": {**SD15_UNET, "num_res_blocks": [1, 1, 1, 1], "channel_mult": [1, 1, 2, 2], "transformer_depth": [1, 1, 1, 0],
+    "sd15": {**SD15_UNET, "num_res_blocks": [1, 1, 1, 1], "channel_mult": [1, 1, 2, 2],
+             "transformer_depth": [1, 1, 1, 0],
              "transformer_depth_output": [1, 1, 1, 1, 1, 1, 0, 0]},
     "sdxl": {**SDXL_UNET, "channel_mult": [1, 1, 1], "transformer_depth_middle": 1,
              "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1]},
@@ -232,8 +236,10 @@ def flux_vae_specs(dtype: str = "F32") -> list[TensorSpec]:
     ddconfig = {**SD_VAE, "z_channels": 16}
     with _meta():
         vae = AutoencodingEngine(regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
-                                 encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
-                                 decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+                                 encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder",
+                                                 "params": ddconfig},
+                                 decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder",
+                                                 "params": ddconfig})
     return _module_specs(vae, dtype)
 
 
@@ -271,7 +277,8 @@ def clip_g_open_clip_specs(prefix: str = "conditioner.embedders.1.model.") -> li
         specs.append(TensorSpec(prefix + short, tuple(tensor.shape), "F16", kind))
     layers = model.num_layers
     assert len(specs) == len(init) - 4 * layers, "q/k/v weights and biases should merge into in_proj_*"
-    specs.append(TensorSpec(prefix + "logit_scale", (), "F16", "ones"))  # open_clip's; ComfyUI loads it into clip_g.logit_scale
+    # open_clip's; ComfyUI loads it into clip_g.logit_scale
+    specs.append(TensorSpec(prefix + "logit_scale", (), "F16", "ones"))
     return specs
 
 
@@ -337,7 +344,8 @@ def model_files(model: str, scale: str = "full", flux_dtype: str = "bf16") -> li
     t5 = t5xxl_specs()
     clip = clip_l_specs()
     vae = flux_vae_specs()
-    return [FileSpec("diffusion_model", "diffusion_models", f"{name}.safetensors", _ordered(transformer), {"transformer": _count(transformer)}),
+    return [FileSpec("diffusion_model", "diffusion_models", f"{name}.safetensors", _ordered(transformer),
+                     {"transformer": _count(transformer)}),
             FileSpec("t5", "text_encoders", "t5xxl_fp8_e4m3fn.safetensors", _ordered(t5), {"t5": _count(t5)}),
             FileSpec("clip_l", "text_encoders", "clip_l.safetensors", _ordered(clip), {"clip_l": _count(clip)}),
             FileSpec("vae", "vae", "ae.safetensors", _ordered(vae), {"vae": _count(vae)})]
@@ -395,7 +403,8 @@ class ExactSource:
             tensor = (torch.zeros if spec.init == "zeros" else torch.ones)(spec.shape, dtype=dtype)
         else:
             generator = torch.Generator(device=self.device).manual_seed(_tensor_seed(self.seed, spec.name))
-            value = torch.empty(spec.shape, dtype=torch.bfloat16, device=self.device).normal_(0.0, STD, generator=generator)
+            value = torch.empty(spec.shape, dtype=torch.bfloat16, device=self.device).normal_(0.0, STD,
+                                                                                              generator=generator)
             tensor = value.to(dtype).cpu()
         yield tensor.reshape(-1).view(torch.uint8).numpy().data
 
@@ -493,8 +502,10 @@ def registry_document(built: dict[str, tuple[str, list[tuple[FileSpec, Path]]]],
     models = {}
     for name, (model, files) in built.items():
         entry: dict = {"family": FAMILY[model],
-                       "description": f"random-weight {model} ({scale} size) for the GPU benchmark; built by bench/full_models.py",
-                       "files": {spec.role: {"local": str(path.resolve()), "folder": spec.folder, "size": path.stat().st_size}
+                       "description": f"random-weight {model} ({scale} size) for the GPU benchmark; built by "
+                       "bench/full_models.py",
+                       "files": {spec.role: {"local": str(path.resolve()), "folder": spec.folder,
+                                             "size": path.stat().st_size}
                                  for spec, path in files}}
         if scale == "full":
             entry["defaults"] = dict(RENDER_DEFAULTS[model])
@@ -583,7 +594,8 @@ def verify_layout(model: str, scale: str = "full", flux_dtype: str = "bf16") -> 
         sd = meta_sd(spec)
         if spec.role in ("checkpoint", "diffusion_model"):
             prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
-            if spec.role == "diffusion_model":  # load_diffusion_model_state_dict: prefixed keys if any, else as they are
+            # load_diffusion_model_state_dict: prefixed keys if any, else as they are
+            if spec.role == "diffusion_model":
                 sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)} or sd
                 prefix = ""
             config = comfy.model_detection.model_config_from_unet(sd, prefix)
@@ -605,14 +617,16 @@ def verify_layout(model: str, scale: str = "full", flux_dtype: str = "bf16") -> 
                 to_load = config.process_unet_state_dict(to_load)
                 entry["unet"] = compare(keys_of(net), to_load)
                 if spec.role == "checkpoint":
-                    vae_sd = comfy.utils.state_dict_prefix_replace(work, {k: "" for k in config.vae_key_prefix}, filter_keys=True)
+                    vae_sd = comfy.utils.state_dict_prefix_replace(work, {k: "" for k in config.vae_key_prefix},
+                                                                   filter_keys=True)
                     entry["vae"] = _vae_compare(config.process_vae_state_dict(vae_sd), compare)
                     clip_target = config.clip_target(state_dict=work)
                     clip_sd = config.process_clip_state_dict(work)
                     with _meta():
                         clip = clip_target.clip(device="meta", dtype=torch.float16)
                     # ComfyUI itself only logs these two at debug level: real checkpoints lack them too
-                    entry["clip"] = compare(keys_of(clip), clip_sd, ignore_missing=(".logit_scale", ".transformer.text_projection.weight"))
+                    entry["clip"] = compare(keys_of(clip), clip_sd,
+                                            ignore_missing=(".logit_scale", ".transformer.text_projection.weight"))
                 entry["left_over"] = sorted(work)
         elif spec.role in ("t5", "clip_l"):
             te = comfy.sd.detect_te_model(sd)
@@ -645,8 +659,10 @@ def _vae_compare(sd: dict, compare) -> dict:
             vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=sd["post_quant_conv.weight"].shape[1])
         else:
             vae = AutoencodingEngine(regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
-                                     encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
-                                     decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+                                     encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder",
+                                                     "params": ddconfig},
+                                     decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder",
+                                                     "params": ddconfig})
     expected = {k: tuple(v.shape) for k, v in vae.state_dict(keep_vars=True).items()}
     return {**compare(expected, sd), "latent_channels": ddconfig["z_channels"]}
 
@@ -664,8 +680,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", choices=SCALES, default="full")
     parser.add_argument("--flux-dtype", choices=("bf16", "fp8"), default="bf16")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where random weights are generated")
-    parser.add_argument("--describe", action="store_true", help="print the files, sizes, parameter counts and ComfyUI's "
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where random weights are generated")
+    parser.add_argument("--describe", action="store_true",
+                        help="print the files, sizes, parameter counts and ComfyUI's "
                         "verdict on each layout (meta tensors: nothing allocated or written) as JSON")
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -58,15 +58,18 @@ def build_full_sd15(target: Path, seed: int = 0) -> Path:
                      transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
                      transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], context_dim=768,
                      use_linear_in_transformer=False, operations=ops, dtype=torch.float16)
-    state.update({f"model.diffusion_model.{k}": v for k, v in _randomize(unet.state_dict(), seed, torch.float16).items()})
+    state.update({f"model.diffusion_model.{k}": v for k,
+                  v in _randomize(unet.state_dict(), seed, torch.float16).items()})
     del unet
     ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
     vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
-    state.update({f"first_stage_model.{k}": v for k, v in _randomize(vae.state_dict(), seed + 1, torch.float16).items()})
+    state.update({f"first_stage_model.{k}": v for k,
+                  v in _randomize(vae.state_dict(), seed + 1, torch.float16).items()})
     config = json.loads((comfy_dir / "comfy" / "sd1_clip_config.json").read_text())
     clip = CLIPTextModel(config, dtype=torch.float16, device="cpu", operations=ops)
-    state.update({f"cond_stage_model.transformer.{k}": v for k, v in _randomize(clip.state_dict(), seed + 2, torch.float16).items()})
+    state.update({f"cond_stage_model.transformer.{k}": v for k,
+                  v in _randomize(clip.state_dict(), seed + 2, torch.float16).items()})
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".partial")
     save_file(state, str(tmp))
@@ -126,7 +129,8 @@ class Loader:
 
     def load(self, path: Path) -> tuple[float, float]:
         """(loader node seconds, execution_start → execution_success seconds)."""
-        self.http.post(self.worker.url + "/free", json={"unload_models": True, "free_memory": True}, timeout=30).raise_for_status()
+        self.http.post(self.worker.url + "/free", json={"unload_models": True, "free_memory": True},
+                       timeout=30).raise_for_status()
         time.sleep(0.5)  # the prompt worker acts on the flags when it wakes: let it, before the clock starts
         self.count += 1
         link = self.links / f"{path.stem}-{self.count}.safetensors"
@@ -151,9 +155,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="repetitions of each measurement (default 3)")
     parser.add_argument("--no-full", action="store_true", help="only the tiny checkpoint (no 2.1 GB file)")
     parser.add_argument("--no-drop", action="store_true", help="never drop the OS file cache (warm reads only)")
-    parser.add_argument("--max-load", type=float, default=1.5, help="wait (up to 2 min) for the load average to fall below this")
+    parser.add_argument("--max-load", type=float, default=1.5,
+                        help="wait (up to 2 min) for the load average to fall below this")
     parser.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
-    parser.add_argument("--build", metavar="PATH", help="only build the full-size random-weight SD1.5 checkpoint at PATH, then exit")
+    parser.add_argument("--build", metavar="PATH",
+                        help="only build the full-size random-weight SD1.5 checkpoint at PATH, then exit")
     args = parser.parse_args()
     if args.build:
         build_full_sd15(Path(args.build))
@@ -193,7 +199,8 @@ def main() -> int:
                                 results.setdefault((label, cache, "span"), []).append(span)
                     loads.append(c.load_average())
                     c.log(f"  run {index + 1}/{args.runs} {label}: " + ", ".join(
-                        f"{cache} {reader} {results[(label, cache, reader)][-1]:.2f}s" for cache in (["cold", "warm"] if dropping else ["warm"])
+                        f"{cache} {reader} {results[(label, cache, reader)][-1]:.2f}s"
+                        for cache in (["cold", "warm"] if dropping else ["warm"])
                         for reader in ("cat", "comfy")) + f" (load {loads[-1]:.2f})")
             other.__exit__()
         finally:
@@ -211,25 +218,31 @@ def main() -> int:
     date = c.now_stamp()
     command = "IMAGEGEN_COMFYUI_DIR=... ~/.cache/imagegen-dev/venv/bin/python bench/model_load.py" + (
         " " + " ".join(a for a in sys.argv[1:]) if sys.argv[1:] else "")
-    cache_line = ("The OS file cache was dropped before each *cold* read (`sync; echo 3 > /proc/sys/vm/drop_caches`, as root)."
-                  if dropping else "The OS file cache could not be dropped here (or `--no-drop`): warm reads only, for both readers.")
+    cache_line = ("The OS file cache was dropped before each *cold* read (`sync; echo 3 > /proc/sys/vm/drop_caches`, "
+                  "as root)."
+                  if dropping
+                  else "The OS file cache could not be dropped here (or `--no-drop`): warm reads only, for both "
+                  "readers.")
     section = "\n".join([
         "## Model-load throughput" + ("" if device == "cpu" else f" ({device})"), "",
         f"`{command}` — {date}, {total:.0f} s in all.  ",
         f"Machine: {c.machine()}; {c.comfyui_version()}. Load average {load_before:.2f} at the start, "
         f"{min(loads):.2f}–{max(loads):.2f} during the runs; {other.describe()}.  ",
         f"{args.runs} repetitions of each, `cat` and ComfyUI taking turns; medians. {cache_line}", "",
-        c.md_table(["file", "OS file cache", "`cat FILE > /dev/null`", "ComfyUI CheckpointLoaderSimple (in a warm worker)",
+        c.md_table(["file", "OS file cache", "`cat FILE > /dev/null`",
+                    "ComfyUI CheckpointLoaderSimple (in a warm worker)",
                     "whole job, s", "ComfyUI / cat"], rows, "---|---|---:|---:|---:|---:"), "",
         "How to read it:", "",
-        "- The ComfyUI figure is the loader node alone (websocket `executing` events around it) in a CPU worker: read the",
+        "- The ComfyUI figure is the loader node alone (websocket `executing` events around it) in a CPU worker: read "
+        "the",
         "  safetensors file, build the UNet, CLIP and VAE, and copy the fp16 weights into fp32 modules (CPU runs fp32).",
         "  *Whole job* adds ComfyUI's graph handling and the trivial output node.",
         "- *Dropped first* drops this VM's page cache; the host behind its virtual disk may still cache the file, so",
         "  the cold `cat` figure is the disk as this machine sees it, not necessarily a physical disk's speed.",
         "- On a GPU, ComfyUI keeps the fp16 weights and moves them to the device when the model is first used, so",
         "  the published 1–4 GB/s (../shared/REFERENCE.md) is a different path; this is the CPU figure only.",
-        "- imagegen adds nothing to a load: the job goes to ComfyUI unchanged. What it can do is keep the model resident",
+        "- imagegen adds nothing to a load: the job goes to ComfyUI unchanged. What it can do is keep the model "
+        "resident",
         "  between jobs (a warm worker) so the load is paid once.",
     ])
     print(section)

@@ -130,7 +130,8 @@ class Bench:
         self.http = requests.Session()
 
     def request(self, seed: int, out: Path):
-        return self.gen.Request(prompt=PROMPT, model=self.model, size=self.args.size, steps=self.args.steps, seed=seed, output=str(out))
+        return self.gen.Request(prompt=PROMPT, model=self.model, size=self.args.size, steps=self.args.steps, seed=seed,
+                                output=str(out))
 
     def start(self) -> None:
         from imagegen.engine.progress import Reporter
@@ -185,10 +186,12 @@ class Bench:
 
     def run_cli(self, seed: int, out: Path) -> None:
         done = subprocess.run([sys.executable, CLI, "generate", PROMPT, "-m", self.model, "--size", self.args.size,
-                               "--steps", str(self.args.steps), "--seed", str(seed), "--runtime", "local", "--json", "-o", str(out)],
-                              stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+                               "--steps", str(self.args.steps), "--seed", str(seed), "--runtime", "local", "--json",
+                               "-o", str(out)],
+                              capture_output=True, stdin=subprocess.DEVNULL, check=False)
         if done.returncode:
-            raise SystemExit(f"imagegen generate failed ({done.returncode}): {done.stderr.decode(errors='replace')[-2000:]}")
+            raise SystemExit(f"imagegen generate failed ({done.returncode}): "
+                             f"{done.stderr.decode(errors='replace')[-2000:]}")
         return json.loads(done.stdout.decode().splitlines()[-1])["timings"].get("sampling")
 
     def timed(self, name: str) -> Sample:
@@ -207,9 +210,11 @@ class Bench:
         if not out.is_file():
             raise SystemExit(f"{name}: no image at {out}")
         history = self.last_history()
-        seeds = [node["inputs"].get("seed") for node in history["prompt"][2].values() if node.get("class_type") == "KSampler"]
+        seeds = [node["inputs"].get("seed") for node in history["prompt"][2].values()
+                 if node.get("class_type") == "KSampler"]
         if seeds != [self.seed]:
-            raise SystemExit(f"{name}: the last /history entry is not this image's (seeds {seeds}, expected {self.seed})")
+            raise SystemExit(f"{name}: the last /history entry is not this image's (seeds {seeds}, expected "
+                             f"{self.seed})")
         begin, end = execution_span(history)
         return Sample(wall, end - begin, own + children, proxy, sampling)
 
@@ -322,18 +327,22 @@ def breakdown(bench: Bench, runs: int) -> list[list[str]]:
         theirs["POST /prompt"].append(marks["posted"] - marks["submit"])
         theirs["GET /history (polls while running + the final one)"].append(marks["history"] - marks["done"])
         theirs["GET /view (fetch the PNG)"].append(marks["fetched"] - marks["history"])
-        theirs["write (imagegen: temp file, fsync, link; bare: plain write)"].append(marks["written"] - marks["fetched"])
+        theirs["write (imagegen: temp file, fsync, link; bare: plain write)"].append(marks["written"]
+                                                                                     - marks["fetched"])
         theirs[BEFORE].append(begin - started)
         theirs[INSIDE].append(end - begin)
         theirs[AFTER].append(ended - end)
         theirs["wall"].append(ended - started)
         theirs["(bare) `executing` node=None seen after execution_success"].append(marks["done"] + offset - end)
     rows = []
-    for label in [label for _, _, label in pieces] + [BEFORE, INSIDE, AFTER, "(bare) `executing` node=None seen after execution_success", "wall"]:
+    for label in [label for _, _, label in pieces] + [BEFORE, INSIDE, AFTER,
+                                                      "(bare) `executing` node=None seen after execution_success",
+                                                      "wall"]:
         mine, other = ours.get(label), theirs.get(label)
         calls = tracer.counts.get(label)
         rows.append([label, f"{statistics.median(mine) * 1000:.1f}" if mine else "—",
-                     f"{calls / runs:.1f}" if calls else "—", f"{statistics.median(other) * 1000:.1f}" if other else "—"])
+                     f"{calls / runs:.1f}" if calls else "—",
+                     f"{statistics.median(other) * 1000:.1f}" if other else "—"])
     return rows
 
 
@@ -350,11 +359,14 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=12, help="images per path, interleaved (default 12)")
     parser.add_argument("--steps", type=int, default=10, help="sampling steps (default 10)")
     parser.add_argument("--size", default="64x64", help="image size (default 64x64)")
-    parser.add_argument("--model", help="a built-in model (e.g. flux-dev) instead of a checkpoint file; set IMAGEGEN_MODELS_DIR "
-                                        "to the model cache that holds its files (the run itself uses a temporary IMAGEGEN_HOME)")
+    parser.add_argument("--model",
+                        help="a built-in model (e.g. flux-dev) instead of a checkpoint file; set IMAGEGEN_MODELS_DIR "
+                                        "to the model cache that holds its files (the run itself uses a temporary "
+                                        "IMAGEGEN_HOME)")
     parser.add_argument("--checkpoint", help="an SD1.5/SDXL .safetensors to use instead of the tiny test checkpoint "
                                              "(e.g. a full-size random-weight one on a GPU machine)")
-    parser.add_argument("--max-load", type=float, default=1.5, help="wait (up to 2 min) for the load average to fall below this")
+    parser.add_argument("--max-load", type=float, default=1.5,
+                        help="wait (up to 2 min) for the load average to fall below this")
     parser.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
     args = parser.parse_args()
     load_before = c.wait_for_quiet(args.max_load)
@@ -371,8 +383,11 @@ def main() -> int:
                 bench.timed(name)
             results: dict[str, list[Sample]] = {name: [] for name in PATHS}
             processes = {"python -c pass": [sys.executable, "-c", "pass"],
-                         "python -c 'import requests, websocket'  (the bare script's imports)": [sys.executable, "-c", "import requests, websocket"],
-                         "python -c 'import imagegen.cli.main'  (typer)": [sys.executable, "-c", "import imagegen.cli.main"],
+                         "python -c 'import requests, websocket'  (the bare script's imports)": [sys.executable, "-c",
+                                                                                                 "import requests, "
+                                                                                                 "websocket"],
+                         "python -c 'import imagegen.cli.main'  (typer)": [sys.executable, "-c",
+                                                                           "import imagegen.cli.main"],
                          "python -c 'import <everything the generate path imports>'": [sys.executable, "-c", IMPORTS],
                          "imagegen generate x --size 65x64 -m sd15  (exits 2 after parsing and validation)":
                              [sys.executable, CLI, "generate", "x", "--size", "65x64", "-m", "sd15"]}
@@ -408,7 +423,7 @@ def main() -> int:
         outside = statistics.median(s.outside for s in samples)
         extra = outside - bare_outside
         versus_script = outside - script_outside if name == "cli" else None
-        paired = [s.wall - b.wall for s, b in zip(samples, bare)]
+        paired = [s.wall - b.wall for s, b in zip(samples, bare, strict=False)]
         figures[name] = extra
         met = "—" if name == "bare" else ("yes" if extra <= goal else "**no**")
         if versus_script is not None:
@@ -436,14 +451,18 @@ def main() -> int:
         f"{min(loads):.2f}–{max(loads):.2f} during the timed rounds, {load_after:.2f} at the end; {other.describe()} "
         "(the machine is shared).  ",
         f"Workload: {workload}, registered as a user model, {args.size}, {args.steps} steps, euler/normal, "
-        f"one warm local worker ({device}); {args.runs} images per path, the paths taking turns (order rotating), every image its own seed.", "",
-        c.md_table(["path", "wall per image, ms: median [p25–p75]", "inside ComfyUI, ms", "it/s", "outside ComfyUI, ms: median [p25–p75]",
+        f"one warm local worker ({device}); {args.runs} images per path, the paths taking turns (order rotating), "
+        "every image its own seed.", "",
+        c.md_table(["path", "wall per image, ms: median [p25–p75]", "inside ComfyUI, ms", "it/s",
+                    "outside ComfyUI, ms: median [p25–p75]",
                     "overhead vs bare client, ms (outside medians)", "paired wall difference vs bare client, ms",
                     "wall ratio vs bare client", "client CPU, ms", "proxy CPU, ms", f"goal ≤ {goal * 1000:.0f} ms met"],
                    rows, "---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---"), "",
-        "Process start-up inside the CLI and script figures (same rounds; the `imagegen` import rows each include the one above):", "",
+        "Process start-up inside the CLI and script figures (same rounds; the `imagegen` import rows each include the "
+        "one above):", "",
         c.md_table(["command", "wall, ms: median [p25–p75]", "CPU, ms"], process_rows), "",
-        f"Where an image's time goes, in-process path against the bare client (instrumented pass, {traced} images each, "
+        f"Where an image's time goes, in-process path against the bare client (instrumented pass, {traced} images "
+        "each, "
         "medians in ms, calls per image; the pieces overlap where one calls another):", "",
         c.md_table(["piece", "`generate()`", "calls", "bare client"], split_rows, "---|---:|---:|---:"), "",
         "How to read it:", "",

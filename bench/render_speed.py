@@ -46,7 +46,7 @@ class Case:
     fast_model: str
 
     @classmethod
-    def parse(cls, text: str) -> "Case":
+    def parse(cls, text: str) -> Case:
         parts = text.split(":")
         if len(parts) not in (3, 4):
             raise SystemExit(f"--case {text!r}: want MODEL:WxH:STEPS[:FAST_MODEL]")
@@ -80,7 +80,8 @@ class Series:
 def request(model: str, case: Case, seed: int, out: Path, fast: bool = False):
     from imagegen.engine import generate as gen
 
-    return gen.Request(prompt=PROMPT, model=model, size=case.size, steps=case.steps, seed=seed, output=str(out), fast=fast,
+    return gen.Request(prompt=PROMPT, model=model, size=case.size, steps=case.steps, seed=seed, output=str(out),
+                       fast=fast,
                        overwrite=True)
 
 
@@ -164,17 +165,20 @@ def rows_for(case: Case, bare: Series, found: dict) -> list[list[str]]:
         [f"{case.label}: imagegen", f"{plain.wall:.3f}", fmt_rate(plain.rate), f"{plain.wall / bare.wall:.3f}", "—"],
         [f"{case.label}: imagegen --fast ({case.fast_model})", f"{fast.wall:.3f}", fmt_rate(fast.rate),
          f"{fast.wall / bare.wall:.3f}", f"{plain.wall / fast.wall:.2f}× images/s, {gain}"],
-        [f"{case.label}: first image on a warm worker, model not loaded — plain", f"{found['first_plain']:.1f}", "—", "—", "—"],
+        [f"{case.label}: first image on a warm worker, model not loaded — plain", f"{found['first_plain']:.1f}", "—",
+         "—", "—"],
         [f"{case.label}: first --fast image, compile cache empty", f"{found['first_fast_cold']:.1f}", "—", "—",
          f"compiling costs {found['first_fast_cold'] - fast.wall:.1f}s once"],
-        [f"{case.label}: first --fast image on a fresh worker, compile cache on disk", f"{found['first_fast_cached']:.1f}", "—", "—",
+        [f"{case.label}: first --fast image on a fresh worker, compile cache on disk",
+         f"{found['first_fast_cached']:.1f}", "—", "—",
          f"{found['first_fast_cold'] / found['first_fast_cached']:.2f}× faster than an empty cache"],
     ]
 
 
 def build_full(target: Path, models: str) -> Path:
     c.log(f"building full-size random-weight models in {target} (bench/full_models.py)")
-    subprocess.run([sys.executable, str(c.REPO / "bench" / "full_models.py"), str(target), "--models", models, "--scale", "full"],
+    subprocess.run([sys.executable, str(c.REPO / "bench" / "full_models.py"), str(target), "--models", models,
+                    "--scale", "full"],
                    check=True)
     return target / "models.yaml"
 
@@ -199,14 +203,17 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=6, help="timed images per path (default 6)")
     parser.add_argument("--case", action="append", default=[], help="MODEL:WxH:STEPS[:FAST_MODEL], repeatable")
     parser.add_argument("--models-yaml", type=Path, help="a user models.yaml registering the cases' models")
-    parser.add_argument("--full", type=Path, metavar="DIR", help="build full-size random-weight models in DIR and run the GPU cases")
-    parser.add_argument("--max-load", type=float, default=1.5, help="wait (up to 2 min) for the load average to fall below this")
+    parser.add_argument("--full", type=Path, metavar="DIR",
+                        help="build full-size random-weight models in DIR and run the GPU cases")
+    parser.add_argument("--max-load", type=float, default=1.5,
+                        help="wait (up to 2 min) for the load average to fall below this")
     parser.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
     args = parser.parse_args()
     from imagegen.util.gpus import detect_device
 
     device = detect_device()
-    os.environ.setdefault("IMAGEGEN_FAST_ON_CPU", "1")  # measure compiling on a CPU too (imagegen skips it there by default)
+    # measure compiling on a CPU too (imagegen skips it there by default)
+    os.environ.setdefault("IMAGEGEN_FAST_ON_CPU", "1")
     load_before = c.wait_for_quiet(args.max_load)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="imagegen-bench-speed-") as tmp:
@@ -232,12 +239,16 @@ def main() -> int:
     took = time.monotonic() - started
     table = c.md_table(["path", "s per image (median)", "it/s (median)", "vs bare", "fast-mode gain"], rows)
     command = " ".join(["python bench/render_speed.py", *sys.argv[1:]])
+    # The two trailing spaces end a Markdown line without starting a paragraph.
+    header = (f"`{c.ENV_PREFIX} {c.PYTHON} {command.removeprefix('python ')}` — {c.now_stamp()}, "
+              f"{took:.0f} s in all.  \n"
+              f"Machine: {c.machine()}; {c.comfyui_version()}. Load average {load_before:.2f} at the start; "
+              f"{other.describe()} (the machine is shared).  \n"
+              f"{args.runs} timed images per path after one untimed image; every image its own seed; "
+              "the phases run one after another.\n")
     section = f"""## Render speed: imagegen vs bare ComfyUI, plain and fast mode
 
-`{c.ENV_PREFIX} {c.PYTHON} {command.removeprefix('python ')}` — {c.now_stamp()}, {took:.0f} s in all.  
-Machine: {c.machine()}; {c.comfyui_version()}. Load average {load_before:.2f} at the start; {other.describe()} (the machine is shared).  
-{args.runs} timed images per path after one untimed image; every image its own seed; the phases run one after another.
-
+{header}
 {table}
 
 How to read it:

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         from imagegen.worker.serve import ServeOptions, serve
 
         if not args.comfyui_dir or not (Path(args.comfyui_dir) / "main.py").is_file():
-            print(json.dumps({"event": "failed", "error": f"no ComfyUI at {args.comfyui_dir!r} (set IMAGEGEN_COMFYUI_DIR)"}), flush=True)
+            print(json.dumps({"event": "failed",
+                              "error": f"no ComfyUI at {args.comfyui_dir!r} (set IMAGEGEN_COMFYUI_DIR)"}), flush=True)
             return 2
         from imagegen.util import paths
 

@@ -77,7 +77,7 @@ class HubServer:
         """Requests that carried file bytes."""
         return [r for r in self.requests if r.method == "GET" and r.status in (200, 206)]
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         for server in self._servers:
             threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         return self

@@ -33,8 +33,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 CONFIG_FIELDS = ("name", "token", "step_seconds", "load_seconds", "finish_seconds", "device", "gpu_name", "gpu_uuid",
                  "memory_total_mib", "memory_free_mib", "model_mib", "plain")
@@ -171,7 +171,8 @@ class SimServer:
 
         if not self.config.token:
             return True
-        return hmac.compare_digest(request.headers.get("Authorization", "").encode(), f"Bearer {self.config.token}".encode())
+        return hmac.compare_digest(request.headers.get("Authorization", "").encode(),
+                                   f"Bearer {self.config.token}".encode())
 
     async def handle(self, request):
         from aiohttp import web
@@ -215,7 +216,8 @@ class SimServer:
                 return web.json_response({wanted: self.history[wanted]} if wanted in self.history else {})
             return web.json_response(self.history)
         if path == "/view":
-            key = (request.query.get("type", "output"), request.query.get("subfolder", ""), request.query.get("filename", ""))
+            key = (request.query.get("type", "output"), request.query.get("subfolder", ""),
+                   request.query.get("filename", ""))
             if key not in self.files:
                 return web.Response(status=404)
             return web.Response(body=self.files[key], content_type="image/png")
@@ -270,13 +272,15 @@ class SimServer:
                       "torch_vram_total": 0, "torch_vram_free": 0}
         return {"system": {"os": "posix", "ram_total": 64 * 2 ** 30, "ram_free": 32 * 2 ** 30,
                            "comfyui_version": c.comfyui_version,
-                           "python_version": sys.version, "pytorch_version": "sim", "embedded_python": False, "argv": ["main.py"]},
+                           "python_version": sys.version, "pytorch_version": "sim", "embedded_python": False,
+                           "argv": ["main.py"]},
                 "devices": [device]}
 
     def queue_state(self) -> dict:
         def row(item):
             return [item["number"], item["id"], item["graph"], {"client_id": item["client_id"]}, item["outputs"]]
-        return {"queue_running": [row(self.running)] if self.running else [], "queue_pending": [row(i) for i in self.pending]}
+        return {"queue_running": [row(self.running)] if self.running else [],
+                "queue_pending": [row(i) for i in self.pending]}
 
     async def post_prompt(self, request):
         from aiohttp import web
@@ -284,15 +288,19 @@ class SimServer:
         try:
             body = await request.json()
         except ValueError:
-            return web.json_response({"error": {"type": "invalid_prompt", "message": "Invalid JSON", "details": "", "extra_info": {}},
+            return web.json_response({"error": {"type": "invalid_prompt", "message": "Invalid JSON", "details": "",
+                                                "extra_info": {}},
                                       "node_errors": {}}, status=400)
         graph = body.get("prompt")
         if not isinstance(graph, dict) or not all(isinstance(n, dict) and "class_type" in n for n in graph.values()):
-            return web.json_response({"error": {"type": "invalid_prompt", "message": "Cannot execute because a node is missing the class_type property.",
+            return web.json_response({"error": {"type": "invalid_prompt",
+                                                "message": "Cannot execute because a node is missing the class_type "
+                                                "property.",
                                                 "details": "", "extra_info": {}}, "node_errors": {}}, status=400)
         described = describe_graph(graph)
         if described["save"] is None:
-            return web.json_response({"error": {"type": "prompt_no_outputs", "message": "Prompt has no outputs", "details": "",
+            return web.json_response({"error": {"type": "prompt_no_outputs", "message": "Prompt has no outputs",
+                                                "details": "",
                                                 "extra_info": {}}, "node_errors": {}}, status=400)
         prompt_id = body.get("prompt_id") or str(uuid.uuid4())
         self.number += 1
@@ -380,7 +388,8 @@ class SimServer:
     async def execute(self, item: dict) -> None:
         prompt_id, client_id, graph, d = item["id"], item["client_id"], item["graph"], item["described"]
         record = {"prompt_id": prompt_id, "worker": self.config.name, "model": d["model"], "width": d["width"],
-                  "height": d["height"], "batch_size": d["batch_size"], "steps": d["steps"], "submitted": item["submitted"],
+                  "height": d["height"], "batch_size": d["batch_size"], "steps": d["steps"],
+                  "submitted": item["submitted"],
                   "started": time.monotonic(), "loaded": False}
         messages: list = []
 
@@ -401,7 +410,8 @@ class SimServer:
             await emit("executing", {"node": node(d["loader"]), "display_node": node(d["loader"])})
             needed = int(self.config.model_mib.get(d["model"], 0))
             if needed > int(self.config.memory_total_mib):
-                raise _Failure(f"CUDA out of memory. Tried to allocate {needed} MiB; the GPU has {self.config.memory_total_mib} MiB",
+                raise _Failure(f"CUDA out of memory. Tried to allocate {needed} MiB; the GPU has "
+                               f"{self.config.memory_total_mib} MiB",
                                "torch.OutOfMemoryError", node(d["loader"]), (d["loader"] or (None, None))[1])
             if d["model"] != self.loaded_model:
                 record["loaded"] = True
@@ -409,7 +419,8 @@ class SimServer:
                 await asyncio.sleep(self.config.load_seconds)
                 self.loaded_model = d["model"]
             if self.failures:
-                raise _Failure(self.failures.pop(0), "RuntimeError", node(d["sampler"]), (d["sampler"] or (None, None))[1])
+                raise _Failure(self.failures.pop(0), "RuntimeError", node(d["sampler"]),
+                               (d["sampler"] or (None, None))[1])
             await emit("executing", {"node": node(d["sampler"]), "display_node": node(d["sampler"])})
             per_step = self.step_time(d)
             started = time.monotonic()
@@ -428,7 +439,8 @@ class SimServer:
             await emit("execution_success", {"timestamp": int(time.time() * 1000)}, keep=True)
         except _Interrupted:
             status = "error"
-            await emit("execution_interrupted", {"node_id": node(d["sampler"]), "node_type": (d["sampler"] or (None, None))[1],
+            await emit("execution_interrupted",
+                       {"node_id": node(d["sampler"]), "node_type": (d["sampler"] or (None, None))[1],
                                                  "executed": [], "timestamp": int(time.time() * 1000)}, keep=True)
         except _Failure as failure:
             status = "error"
@@ -452,7 +464,8 @@ class SimServer:
             counter = self.counters.get((subfolder, stem), 0) + 1
             self.counters[(subfolder, stem)] = counter
             filename = f"{stem}_{counter:05}_.png"
-            self.files[("output", subfolder, filename)] = png_bytes(d["width"], d["height"], f"{prompt_id}|{seed}|{index}")
+            self.files[("output", subfolder, filename)] = png_bytes(d["width"], d["height"],
+                                                                    f"{prompt_id}|{seed}|{index}")
             images.append({"filename": filename, "subfolder": subfolder, "type": "output"})
         return images
 
@@ -460,7 +473,7 @@ class SimServer:
 def idle_gaps(records: list[dict]) -> list[float]:
     """Seconds the worker sat idle between finishing one prompt and starting the next."""
     ordered = sorted(records, key=lambda r: r["started"])
-    return [max(0.0, b["started"] - a["finished"]) for a, b in zip(ordered, ordered[1:])]
+    return [max(0.0, b["started"] - a["finished"]) for a, b in zip(ordered, ordered[1:], strict=False)]
 
 
 def run_graph(client, graph: dict, timeouts=None, on_progress=None) -> dict:
@@ -501,7 +514,7 @@ class SimWorker:
         """This worker as an IMAGEGEN_REMOTE_WORKERS entry: URL#TOKEN."""
         return f"{self.url}#{self.token}" if self.token else self.url
 
-    def __enter__(self) -> "SimWorker":
+    def __enter__(self) -> SimWorker:
         self.start()
         return self
 
@@ -510,7 +523,8 @@ class SimWorker:
 
     def start(self) -> None:
         if self.mode == "process":
-            self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(asdict(self.config))],
+            self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__),
+                                             json.dumps(asdict(self.config))],
                                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True)
             line = self.process.stdout.readline()
             if not line:

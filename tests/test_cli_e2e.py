@@ -70,7 +70,8 @@ def test_json_and_count(env, tiny_sd15, tmp_path):
 
 
 def test_png_bytes_on_stdout(env, tiny_sd15):
-    result = run_cli("generate", "a cat", "--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "1", "-o", "-", env=env)
+    result = run_cli("generate", "a cat", "--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "1", "-o", "-",
+                     env=env)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.startswith(png.PNG_SIGNATURE)
     assert png.png_size(result.stdout) == (64, 64)
@@ -80,9 +81,11 @@ def test_png_bytes_on_stdout(env, tiny_sd15):
 def test_registered_local_model_by_name(env, tiny_sd15, tmp_path):
     added = run_cli("models", "add", "tiny", "--file", str(tiny_sd15), env=env)
     assert added.returncode == 0, added.stderr.decode()
-    listed = {json.loads(line)["name"]: json.loads(line) for line in run_cli("models", "list", "--json", env=env).stdout.decode().splitlines()}
+    listed = {json.loads(line)["name"]: json.loads(line)
+              for line in run_cli("models", "list", "--json", env=env).stdout.decode().splitlines()}
     assert listed["tiny"]["installed"] and listed["tiny"]["family"] == "sd15"
-    result = run_cli("generate", "a tiny model", "-m", "tiny", "--size", "64x64", "--steps", "1", "-o", str(tmp_path / "t.png"), env=env)
+    result = run_cli("generate", "a tiny model", "-m", "tiny", "--size", "64x64", "--steps", "1", "-o",
+                     str(tmp_path / "t.png"), env=env)
     assert result.returncode == 0, result.stderr.decode()
     assert png.png_size((tmp_path / "t.png").read_bytes()) == (64, 64)
 
@@ -95,7 +98,8 @@ def test_bad_input_exits_2_before_any_worker_starts(env, tiny_sd15, tmp_path):
         result = run_cli("generate", "x", *extra, *args, "--json", env=home)
         assert result.returncode == 2, result.stderr.decode()
         assert json.loads(result.stderr.decode().splitlines()[-1])["code"] == code
-    assert not (tmp_path / "fresh" / "state" / "workers").exists() or not list((tmp_path / "fresh" / "state" / "workers").glob("*.json"))
+    assert not (tmp_path / "fresh" / "state"
+                / "workers").exists() or not list((tmp_path / "fresh" / "state" / "workers").glob("*.json"))
 
 
 def idat(path) -> bytes:
@@ -104,17 +108,23 @@ def idat(path) -> bytes:
 
 def test_same_parameters_same_pixels_and_from_reproduces(env, tiny_sd15, tmp_path):
     common = ["--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "3", "--cfg", "5.5", "--sampler", "euler"]
-    first = run_cli("generate", "a reproducible fox", *common, "--seed", "4242", "--negative", "blur", "-o", str(tmp_path / "a.png"), env=env)
-    second = run_cli("generate", "a reproducible fox", *common, "--seed", "4242", "--negative", "blur", "-o", str(tmp_path / "b.png"), env=env)
-    other = run_cli("generate", "a reproducible fox", *common, "--seed", "4243", "--negative", "blur", "-o", str(tmp_path / "c.png"), env=env)
+    first = run_cli("generate", "a reproducible fox", *common, "--seed", "4242", "--negative", "blur", "-o",
+                    str(tmp_path / "a.png"), env=env)
+    second = run_cli("generate", "a reproducible fox", *common, "--seed", "4242", "--negative", "blur", "-o",
+                     str(tmp_path / "b.png"), env=env)
+    other = run_cli("generate", "a reproducible fox", *common, "--seed", "4243", "--negative", "blur", "-o",
+                    str(tmp_path / "c.png"), env=env)
     assert first.returncode == second.returncode == other.returncode == 0, first.stderr.decode() + second.stderr.decode()
-    assert idat(tmp_path / "a.png") == idat(tmp_path / "b.png"), "same parameters on the same worker must give the same pixels"
+    assert idat(tmp_path / "a.png") == idat(tmp_path
+                                            / "b.png"), "same parameters on the same worker must give the same pixels"
     assert idat(tmp_path / "a.png") != idat(tmp_path / "c.png"), "a different seed must change the pixels"
-    again = run_cli("generate", "--from", str(tmp_path / "a.png"), "--checkpoint", str(tiny_sd15), "-o", str(tmp_path / "d.png"),
+    again = run_cli("generate", "--from", str(tmp_path / "a.png"), "--checkpoint", str(tiny_sd15), "-o",
+                    str(tmp_path / "d.png"),
                     "--json", env=env)
     assert again.returncode == 0, again.stderr.decode()
     record = json.loads(again.stdout)
-    assert (record["prompt"], record["negative"], record["seed"], record["steps"], record["cfg"]) == ("a reproducible fox", "blur", 4242, 3, 5.5)
+    assert (record["prompt"], record["negative"], record["seed"], record["steps"],
+            record["cfg"]) == ("a reproducible fox", "blur", 4242, 3, 5.5)
     assert idat(tmp_path / "d.png") == idat(tmp_path / "a.png"), "--from must reproduce the image"
     assert record["files"]["checkpoint"]["sha256"] and record["model_hash"] == record["files"]["checkpoint"]["sha256"]
     varied = run_cli("generate", "--from", str(tmp_path / "a.png"), "--checkpoint", str(tiny_sd15), "--seed", "4243",
@@ -123,18 +133,22 @@ def test_same_parameters_same_pixels_and_from_reproduces(env, tiny_sd15, tmp_pat
 
 
 def test_fast_mode_is_plain_on_a_cpu_worker_unless_asked(env, tiny_sd15, tmp_path):
-    result = run_cli("generate", "a fox", "--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "2", "--fast", "--json",
+    result = run_cli("generate", "a fox", "--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "2", "--fast",
+                     "--json",
                      "-o", str(tmp_path / "fox.png"), env=env)
     assert result.returncode == 0, result.stderr.decode()
     assert "fast" not in json.loads(result.stdout) and "IMAGEGEN_FAST_ON_CPU=1" in result.stderr.decode()
 
 
 def test_fast_mode_without_a_compiler_fails_before_any_worker_starts(tiny_sd15, tmp_path):
-    env = {"IMAGEGEN_HOME": str(tmp_path / "home"), "IMAGEGEN_RUNTIME": "local", "IMAGEGEN_FAST_ON_CPU": "1", "PATH": "/nonexistent"}
-    result = run_cli("generate", "a fox", "--checkpoint", str(tiny_sd15), "--fast", "--json", "-o", str(tmp_path / "fox.png"), env=env)
+    env = {"IMAGEGEN_HOME": str(tmp_path / "home"), "IMAGEGEN_RUNTIME": "local", "IMAGEGEN_FAST_ON_CPU": "1",
+           "PATH": "/nonexistent"}
+    result = run_cli("generate", "a fox", "--checkpoint", str(tiny_sd15), "--fast", "--json", "-o",
+                     str(tmp_path / "fox.png"), env=env)
     error = json.loads(result.stderr.decode().splitlines()[-1])
     assert result.returncode == 2 and error["code"] == "fast_unavailable", result.stderr.decode()
-    assert not (tmp_path / "home" / "state" / "workers").exists() or not any((tmp_path / "home" / "state" / "workers").glob("*.json"))
+    assert not (tmp_path / "home" / "state"
+                / "workers").exists() or not any((tmp_path / "home" / "state" / "workers").glob("*.json"))
 
 
 def test_fast_mode_keeps_the_pixels_and_caches_compiled_kernels_in_the_model_cache(env, tiny_sd15, tmp_path):
@@ -143,14 +157,16 @@ def test_fast_mode_keeps_the_pixels_and_caches_compiled_kernels_in_the_model_cac
 
     common = ["a fast fox", "--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "3", "--seed", "77", "--json"]
     plain = run_cli("generate", *common, "-o", str(tmp_path / "plain.png"), env=env)
-    fast = run_cli("generate", *common, "-o", str(tmp_path / "fast.png"), env={**env, "IMAGEGEN_FAST": "1", "IMAGEGEN_FAST_ON_CPU": "1"})
+    fast = run_cli("generate", *common, "-o", str(tmp_path / "fast.png"),
+                   env={**env, "IMAGEGEN_FAST": "1", "IMAGEGEN_FAST_ON_CPU": "1"})
     assert plain.returncode == fast.returncode == 0, plain.stderr.decode() + fast.stderr.decode()
     assert "fast" not in json.loads(plain.stdout) and json.loads(fast.stdout)["fast"] is True
     Draft202012Validator(RESULT).validate(json.loads(fast.stdout))
     pixels = [numpy.asarray(Image.open(tmp_path / name), dtype=float) for name in ("plain.png", "fast.png")]
     assert numpy.abs(pixels[0] - pixels[1]).mean() < 1.0, "compiling must not change what the model draws"
     cache = Path(env["IMAGEGEN_HOME"]) / "models" / ".compile-cache" / "inductor"
-    assert cache.is_dir() and any(path.is_file() for path in cache.rglob("*")), "inductor's cache belongs in the model cache"
+    assert cache.is_dir() and any(path.is_file()
+                                  for path in cache.rglob("*")), "inductor's cache belongs in the model cache"
 
 
 def test_png_bytes_to_a_closed_pipe_exit_141(env, tiny_sd15):

@@ -88,7 +88,8 @@ class Box:
                         "--size", "64x64", "--steps", "2", *args, env=env, **kwargs)
 
     def containers(self):
-        return self.client.containers.list(all=True, filters={"label": ["imagegen.worker=1", f"imagegen.owner_uid={self.uid}"]})
+        return self.client.containers.list(all=True,
+                                           filters={"label": ["imagegen.worker=1", f"imagegen.owner_uid={self.uid}"]})
 
     def token(self) -> str:
         return (self.home / "state" / "workers" / "docker-cpu.token").read_text().strip()
@@ -133,13 +134,15 @@ def _test_user_python() -> str:
         require(made.returncode == 0, f"cannot create the test user's venv: {made.stderr.strip()[-500:]}")
         installed = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *deps],
                                    capture_output=True, text=True, timeout=600)
-        require(installed.returncode == 0, f"cannot install imagegen's dependencies for the test user: {installed.stderr.strip()[-800:]}")
+        require(installed.returncode == 0,
+                f"cannot install imagegen's dependencies for the test user: {installed.stderr.strip()[-800:]}")
         (venv / ".complete").touch()
     return str(python)
 
 
 def _remove_containers(client, uid: int) -> None:
-    for container in client.containers.list(all=True, filters={"label": ["imagegen.worker=1", f"imagegen.owner_uid={uid}"]}):
+    for container in client.containers.list(all=True,
+                                            filters={"label": ["imagegen.worker=1", f"imagegen.owner_uid={uid}"]}):
         try:
             container.remove(force=True)
         except Exception:  # noqa: BLE001 - already gone
@@ -217,7 +220,8 @@ def test_generate_renders_a_png_owned_by_the_invoking_user(box):
     uid_column = top["Titles"].index("UID")
     assert {int(p[uid_column]) for p in top["Processes"]} == {box.uid}, top
     # ... so what it writes into the shared model cache belongs to that user too.
-    written = container.exec_run(["/opt/venv/bin/python3", "-c", "open('/models/written-by-the-worker', 'w').write('x')"])
+    written = container.exec_run(["/opt/venv/bin/python3", "-c",
+                                  "open('/models/written-by-the-worker', 'w').write('x')"])
     assert written.exit_code == 0, written.output
     cached = box.home / "models" / "written-by-the-worker"
     assert cached.stat().st_uid == box.uid and cached.stat().st_gid == box.gid
@@ -238,7 +242,8 @@ def test_fast_mode_compiles_in_the_container_and_keeps_the_kernels_in_the_model_
     """The image carries the compiler and headers torch.compile needs; the compiled kernels land in
     the mounted model cache (owned by the user), so they outlive the container."""
     target = box.base / "out" / "fast.png"
-    result = box.generate("--seed", "8", "--fast", "--json", "-o", str(target), env={"IMAGEGEN_FAST_ON_CPU": "1"}, timeout=600)
+    result = box.generate("--seed", "8", "--fast", "--json", "-o", str(target), env={"IMAGEGEN_FAST_ON_CPU": "1"},
+                          timeout=600)
     assert result.returncode == 0, result.stderr.decode()
     assert json.loads(result.stdout.decode())["fast"] is True and target.stat().st_uid == box.uid
     cache = box.home / "models" / ".compile-cache" / "inductor"
@@ -313,7 +318,8 @@ def test_requests_without_the_secret_are_refused(box):
         assert requests.post(f"{url}/prompt", json=graph, headers=headers, timeout=10).status_code == 401, headers
         assert requests.get(f"{url}/queue", headers=headers, timeout=10).status_code == 401, headers
     assert requests.options(f"{url}/prompt", headers={"Origin": "http://evil.example",
-                                                      "Access-Control-Request-Method": "POST"}, timeout=10).status_code in (401, 403)
+                                                      "Access-Control-Request-Method": "POST"},
+                                                      timeout=10).status_code in (401, 403)
     ws_url = "ws" + url[len("http"):] + "/ws?clientId=probe"
     for header in ([], ["Authorization: Bearer wrong-secret"]):
         with pytest.raises(websocket.WebSocketBadStatusException) as refused:
@@ -330,7 +336,8 @@ def test_the_secret_is_not_in_docker_inspect(box):
     container = box.client.containers.get(box.state["container"])
     assert token not in json.dumps(container.attrs)
     config = container.attrs["Config"]
-    for part in (config.get("Env") or [], config.get("Labels") or {}, config.get("Cmd") or [], container.attrs.get("Args") or []):
+    for part in (config.get("Env") or [], config.get("Labels") or {}, config.get("Cmd") or [],
+                 container.attrs.get("Args") or []):
         assert token not in json.dumps(part)
     inspected = subprocess.run(["docker", "inspect", container.id], capture_output=True, text=True)
     if inspected.returncode == 0:
@@ -357,7 +364,8 @@ def test_a_second_checkpoint_folder_starts_a_worker_beside_the_first_and_never_r
     shutil.copyfile(box.checkpoint, other)
     other.chmod(0o644)
     first = box.state["container"]
-    result = box.cli("generate", "a friendly robot", "--runtime", "docker", "--checkpoint", str(other), "--size", "64x64",
+    result = box.cli("generate", "a friendly robot", "--runtime", "docker", "--checkpoint", str(other), "--size",
+                     "64x64",
                      "--steps", "2", "-o", str(box.base / "out" / "other.png"))
     assert result.returncode == 0, result.stderr.decode()
     running = {c.id: c for c in box.containers() if c.status == "running"}
@@ -396,7 +404,8 @@ def test_reap_never_removes_a_container_another_process_is_starting(box):
     from filelock import FileLock
 
     labels = {"imagegen.worker": "1", "imagegen.owner_uid": str(box.uid), "imagegen.slot": "cpu",
-              "imagegen.owner_pid": str(os.getpid()), "imagegen.image": IMAGE, "imagegen.started": str(int(time.time()))}
+              "imagegen.owner_pid": str(os.getpid()), "imagegen.image": IMAGE,
+              "imagegen.started": str(int(time.time()))}
     # created, not yet started, by a live owner (this test process) within its start timeout
     created = box.client.containers.create(IMAGE, entrypoint=["/bin/true"], command=[], labels=labels,
                                            user=f"{box.uid}:{box.gid}", name=f"imagegen-starting-test-{os.getpid()}")
@@ -486,7 +495,8 @@ def test_ctrl_c_during_a_long_job_stops_the_worker_the_command_started(box):
 
     def running():
         try:
-            queue = requests.get(f"http://127.0.0.1:{port}/queue", headers={"Authorization": f"Bearer {box.token()}"}, timeout=5).json()
+            queue = requests.get(f"http://127.0.0.1:{port}/queue", headers={"Authorization": f"Bearer {box.token()}"},
+                                 timeout=5).json()
         except (OSError, ValueError, requests.RequestException):
             return False
         return bool(queue.get("queue_running"))
@@ -504,7 +514,8 @@ def test_ctrl_c_during_a_long_job_stops_the_worker_the_command_started(box):
 
 # --- clear errors ------------------------------------------------------------------------
 def test_an_unreachable_daemon_is_a_clear_error(box):
-    result = box.generate("--json", "-o", str(box.base / "out" / "x.png"), env={"DOCKER_HOST": "unix:///nonexistent.sock"})
+    result = box.generate("--json", "-o", str(box.base / "out" / "x.png"),
+                          env={"DOCKER_HOST": "unix:///nonexistent.sock"})
     assert result.returncode != 0, result.stderr.decode()
     error = error_of(result)
     assert error["code"] in ("docker_unavailable", "runtime_unavailable"), error
@@ -523,7 +534,8 @@ def test_permission_denied_on_the_socket_is_a_clear_error(box):
         listener.bind(str(path))
         path.chmod(0)
         try:
-            result = box.generate("--json", "-o", str(box.base / "out" / "x.png"), env={"DOCKER_HOST": f"unix://{path}"})
+            result = box.generate("--json", "-o", str(box.base / "out" / "x.png"),
+                                  env={"DOCKER_HOST": f"unix://{path}"})
         finally:
             listener.close()
     assert result.returncode != 0, result.stderr.decode()
@@ -533,7 +545,8 @@ def test_permission_denied_on_the_socket_is_a_clear_error(box):
 
 
 def test_a_missing_image_says_how_to_build_it(box):
-    result = box.generate("--json", "-o", str(box.base / "out" / "x.png"), env={"IMAGEGEN_IMAGE": "imagegen:does-not-exist"})
+    result = box.generate("--json", "-o", str(box.base / "out" / "x.png"),
+                          env={"IMAGEGEN_IMAGE": "imagegen:does-not-exist"})
     assert result.returncode == 1, result.stderr.decode()
     error = error_of(result)
     assert error["code"] == "image_missing", error
@@ -543,7 +556,8 @@ def test_a_missing_image_says_how_to_build_it(box):
 
 def test_a_worker_that_dies_during_start_up_shows_its_log(box):
     dockerfile = f"FROM {IMAGE}\nUSER root\nRUN rm /opt/comfyui/main.py\nUSER 1000:1000\n"
-    built = subprocess.run(["docker", "build", "-q", "-t", BROKEN_IMAGE, "-"], input=dockerfile.encode(), capture_output=True,
+    built = subprocess.run(["docker", "build", "-q", "-t", BROKEN_IMAGE, "-"], input=dockerfile.encode(),
+                           capture_output=True,
                            env={**os.environ, "DOCKER_BUILDKIT": "0"}, timeout=300)
     assert built.returncode == 0, built.stderr.decode()
     result = box.generate("--json", "-o", str(box.base / "out" / "x.png"), env={"IMAGEGEN_IMAGE": BROKEN_IMAGE})

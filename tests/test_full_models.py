@@ -99,13 +99,15 @@ def test_full_size_parameter_counts_sizes_and_layouts(comfyui_dir):
     names = _module_names(comfyui_dir)
     assert "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight" in names
     assert {"conditioner.embedders.1.model.text_projection", "conditioner.embedders.1.model.positional_embedding",
-            "conditioner.embedders.1.model.token_embedding.weight", "conditioner.embedders.1.model.ln_final.weight"} <= names
+            "conditioner.embedders.1.model.token_embedding.weight",
+            "conditioner.embedders.1.model.ln_final.weight"} <= names
 
 
 def _module_names(comfyui_dir: Path) -> set[str]:
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import full_models as f; "
             "print(json.dumps([t.name for t in f.model_files('sdxl', 'full')[0].tensors]))")
-    result = subprocess.run([sys.executable, "-c", code, str(BUILDER.parent)], capture_output=True, env=_env(comfyui_dir), timeout=120)
+    result = subprocess.run([sys.executable, "-c", code, str(BUILDER.parent)], capture_output=True,
+                            env=_env(comfyui_dir), timeout=120)
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     return set(json.loads(result.stdout))
 

@@ -8,7 +8,8 @@ from imagegen.util.errors import ImagegenError
 
 
 @pytest.mark.parametrize("size, fragment", [("512", "not WIDTHxHEIGHT"), ("513x512", "multiple of 8"),
-                                            ("8x512", "outside"), ("99999x512", "outside"), ("axb", "not WIDTHxHEIGHT")])
+                                            ("8x512", "outside"), ("99999x512", "outside"),
+                                            ("axb", "not WIDTHxHEIGHT")])
 def test_bad_sizes(size, fragment):
     with pytest.raises(ImagegenError) as caught:
         generate.parse_size(size)
@@ -19,7 +20,8 @@ def test_sizes_accept_x_and_spaces():
     assert generate.parse_size("768x512") == (768, 512) and generate.parse_size(" 64 X 96 ") == (64, 96)
 
 
-@pytest.mark.parametrize("prompt, fragment", [("", "empty"), ("   ", "empty"), ("a\x00b", "control"), ("x" * 10001, "limit")])
+@pytest.mark.parametrize("prompt, fragment",
+                         [("", "empty"), ("   ", "empty"), ("a\x00b", "control"), ("x" * 10001, "limit")])
 def test_bad_prompts(prompt, fragment):
     with pytest.raises(ImagegenError) as caught:
         generate.check_prompt(prompt)

@@ -55,6 +55,7 @@ def test_batch_reports_bad_items_and_runs_the_rest(tmp_path):
     result = render(ImagegenTools(runner=fake_runner(png, fail_item=2)), specs, batch=True)
     assert not result.is_error
     assert [(r["item"], r["seed"]) for r in result.structured_content["results"]] == [(0, 1)]
-    assert [(e["item"], e["code"]) for e in result.structured_content["errors"]] == [(1, "invalid_size"), (2, "worker_died")]
+    assert [(e["item"], e["code"]) for e in result.structured_content["errors"]] == [(1, "invalid_size"),
+                                                                                     (2, "worker_died")]
     nothing = render(ImagegenTools(runner=fake_runner(png)), specs[1:2], batch=True)
     assert nothing.is_error

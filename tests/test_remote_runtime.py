@@ -18,7 +18,7 @@ from sim_comfy import SimWorker, run_graph
 
 from imagegen.comfy.client import ComfyClient, Timeouts, output_images
 from imagegen.comfy.workflows import Params, build
-from imagegen.engine import generate, render
+from imagegen.engine import render
 from imagegen.engine.scheduler import Job, Scheduler
 from imagegen.models.registry import Bundle, ModelFile
 from imagegen.runtimes.remote import ENV, TOKEN_FILE_ENV, RemoteRuntime, parse_entries
@@ -26,7 +26,8 @@ from imagegen.util.errors import ImagegenError
 
 
 def bundle(name: str = "sim-model") -> Bundle:
-    return Bundle(name=name, family="sd15", files={"checkpoint": ModelFile(key=f"{name}.checkpoint", folder="checkpoints",
+    return Bundle(name=name, family="sd15",
+                  files={"checkpoint": ModelFile(key=f"{name}.checkpoint", folder="checkpoints",
                                                                            filename=f"{name}.safetensors")})
 
 
@@ -48,7 +49,8 @@ def run_scheduler(runtime, jobs, depth: int = 2, timeouts: Timeouts | None = Non
         if on_outcome:
             on_outcome(outcomes)
 
-    scheduler = Scheduler(runtime, runtime.slots(), jobs, collect, lambda job, state: timeouts or Timeouts(), {}, set(), depth=depth)
+    scheduler = Scheduler(runtime, runtime.slots(), jobs, collect, lambda job, state: timeouts or Timeouts(), {}, set(),
+                          depth=depth)
     scheduler.run()
     return outcomes, scheduler
 
@@ -59,7 +61,8 @@ def test_entries_take_tokens_inline_from_files_or_a_default_file(tmp_path, monke
     monkeypatch.setenv("IMAGEGEN_REMOTE_INSECURE", "1")  # these hosts are not loopback and plain http
     token_file = tmp_path / "token"
     token_file.write_text("from-file\n")
-    remotes = parse_entries(f" http://gpu-a:8188/#inline , https://gpu-b.example/comfy#@{token_file},http://10.0.0.3:9000")
+    remotes = parse_entries(" http://gpu-a:8188/#inline , "
+                            f"https://gpu-b.example/comfy#@{token_file},http://10.0.0.3:9000")
     assert [(r.slot, r.url, r.token) for r in remotes] == [
         ("remote-1", "http://gpu-a:8188", "inline"), ("remote-2", "https://gpu-b.example/comfy", "from-file"),
         ("remote-3", "http://10.0.0.3:9000", "")]
@@ -69,7 +72,8 @@ def test_entries_take_tokens_inline_from_files_or_a_default_file(tmp_path, monke
     assert [r.token for r in parse_entries()] == ["from-file", "own"]
 
 
-@pytest.mark.parametrize("entry", ["http://gpu-box:8188#s3cret", "http://10.0.0.3:9000#s3cret", "http://[fe80::1]:8188#s3cret"])
+@pytest.mark.parametrize("entry",
+                         ["http://gpu-box:8188#s3cret", "http://10.0.0.3:9000#s3cret", "http://[fe80::1]:8188#s3cret"])
 def test_a_token_over_plain_http_to_another_host_is_refused_unless_opted_in(entry, monkeypatch):
     monkeypatch.delenv("IMAGEGEN_REMOTE_INSECURE", raising=False)
     with pytest.raises(ImagegenError) as caught:
@@ -87,8 +91,10 @@ def test_loopback_https_and_tokenless_entries_need_no_opt_in(monkeypatch):
 
 
 @pytest.mark.parametrize("entry, fragment", [
-    ("gpu-box:8188", "not an http(s)"), ("ftp://gpu-box", "not an http(s)"), ("http://user:pw@gpu-box", "not an http(s)"),
-    ("http://gpu-box:99999", "bad port"), ("http://a:1,http://a:1/", "listed twice"), ("http://a:1#@/no/such/file", "cannot read the token file"),
+    ("gpu-box:8188", "not an http(s)"), ("ftp://gpu-box", "not an http(s)"),
+    ("http://user:pw@gpu-box", "not an http(s)"),
+    ("http://gpu-box:99999", "bad port"), ("http://a:1,http://a:1/", "listed twice"),
+    ("http://a:1#@/no/such/file", "cannot read the token file"),
 ])
 def test_bad_entries_are_usage_errors(entry, fragment):
     with pytest.raises(ImagegenError) as caught:
@@ -110,7 +116,9 @@ def test_an_imagegen_worker_is_found_and_renders_through_the_client():
         runtime = RemoteRuntime([sim.entry])
         assert runtime.slots() == ["remote-1"]
         handle = runtime.ensure("remote-1", mounts={"/somewhere"})
-        assert (handle.runtime, handle.device, handle.started_here, handle.url, handle.token) == ("remote", "cuda", False, sim.url, sim.token)
+        assert (handle.runtime, handle.device, handle.started_here, handle.url, handle.token) == ("remote", "cuda",
+                                                                                                  False, sim.url,
+                                                                                                  sim.token)
         assert handle.info["kind"] == "imagegen" and handle.info["gpu"]["name"] == "NVIDIA GeForce RTX 4090"
         assert handle.info["gpu"]["memory_total_mib"] == 24564 and handle.info["gpu"]["uuid"].startswith("GPU-")
         client = handle.client()
@@ -138,12 +146,14 @@ def test_the_token_is_required_everywhere_but_health():
 
 
 def test_a_plain_comfyui_is_detected_through_system_stats():
-    with SimWorker(plain=True, token=None, gpu_name="NVIDIA H100 80GB HBM3", memory_total_mib=81559, memory_free_mib=80000) as sim, \
+    with SimWorker(plain=True, token=None, gpu_name="NVIDIA H100 80GB HBM3", memory_total_mib=81559,
+                   memory_free_mib=80000) as sim, \
             SimWorker(plain=True, token=None, device="cpu") as cpu:
         runtime = RemoteRuntime([sim.url, cpu.url])
         handle = runtime.ensure("remote-1")
         assert (handle.device, handle.info["kind"], handle.token) == ("cuda", "comfyui", "")
-        assert handle.info["gpu"] == {"name": "NVIDIA H100 80GB HBM3", "uuid": None, "memory_total_mib": 81559, "memory_free_mib": 80000}
+        assert handle.info["gpu"] == {"name": "NVIDIA H100 80GB HBM3", "uuid": None, "memory_total_mib": 81559,
+                                      "memory_free_mib": 80000}
         entry = run_graph(handle.client(), build(bundle(), params(steps=2)))
         assert len(output_images(entry)) == 1
         on_cpu = runtime.ensure("remote-2")
@@ -254,7 +264,10 @@ def test_sim_renders_with_progress_load_time_and_latent_batches():
         run_graph(client, build(bundle("a"), params(2, steps=8)))
         run_graph(client, build(bundle("b"), params(3, steps=8)))
         records = sim.records()
-        assert [r["loaded"] for r in records] == [True, False, True] and [r["model"] for r in records] == ["a.safetensors", "a.safetensors", "b.safetensors"]
+        assert [r["loaded"] for r in records] == [True, False,
+                                                  True] and [r["model"] for r in records] == ["a.safetensors",
+                                                                                              "a.safetensors",
+                                                                                              "b.safetensors"]
         assert first >= 0.3 + 8 * 0.01 and records[1]["finished"] - records[1]["started"] < 0.3
         info = client.worker_info()
         assert info["last_model"] == "b.safetensors" and info["jobs_done"] == 3
@@ -343,7 +356,8 @@ def test_a_hung_remote_worker_is_routed_around(tmp_path, monkeypatch):
         hanger.start()
         started = time.monotonic()
         try:
-            outcomes, scheduler = run_scheduler(runtime, make_jobs(12, tmp_path, steps=10), timeouts=Timeouts(stall=1.0),
+            outcomes, scheduler = run_scheduler(runtime, make_jobs(12, tmp_path, steps=10),
+                                                timeouts=Timeouts(stall=1.0),
                                                 on_outcome=resume_b_when_all_done)
         finally:
             b.resume()
@@ -366,7 +380,8 @@ def test_depth_two_closes_the_idle_gap_between_jobs(tmp_path):
     gaps = {}
     for depth in (1, 2):
         with SimWorker(step_seconds=0.005) as sim:
-            outcomes, _ = run_scheduler(RemoteRuntime([sim.entry]), make_jobs(10, tmp_path / str(depth), steps=6), depth=depth)
+            outcomes, _ = run_scheduler(RemoteRuntime([sim.entry]), make_jobs(10, tmp_path / str(depth), steps=6),
+                                        depth=depth)
             assert all(o.error is None for o in outcomes)
             gaps[depth] = statistics.median(sim.idle_gaps())
     assert gaps[2] < gaps[1] and gaps[2] < 0.01, gaps

@@ -27,7 +27,8 @@ def job(key, model, size, steps=4, quality=False, out=None):
 def run(sims, jobs, timeouts=None):
     outcomes = []
     runtime = RemoteRuntime([sim.entry for sim in sims])
-    scheduler = Scheduler(runtime, runtime.slots(), jobs, outcomes.append, lambda j, w: timeouts or Timeouts(), {}, set(),
+    scheduler = Scheduler(runtime, runtime.slots(), jobs, outcomes.append, lambda j, w: timeouts or Timeouts(), {},
+                          set(),
                           registry=REGISTRY)
     scheduler.run()
     assert all(o.error is None for o in outcomes), [o.error for o in outcomes if o.error]
@@ -61,7 +62,8 @@ def test_quality_stages_land_on_the_fast_worker(tmp_path):
 
 
 def test_a_hung_worker_is_routed_around_and_rejoins_when_healthy(tmp_path):
-    with SimWorker(gpu_name="steady", step_seconds=0.01) as steady, SimWorker(gpu_name="flaky", step_seconds=0.01) as flaky:
+    with SimWorker(gpu_name="steady", step_seconds=0.01) as steady, SimWorker(gpu_name="flaky",
+                                                                              step_seconds=0.01) as flaky:
         jobs = [job(f"j{i}", "sd15", 128, steps=10, out=tmp_path) for i in range(80)]
         resumed_at = []
 
@@ -99,7 +101,8 @@ def test_generate_and_workers_through_the_cli_with_a_remote_worker(tmp_path):
         result = run_cli("generate", "a remote fox", "-m", "sd15", "--size", "96x64", "--steps", "3",
                          "-o", str(tmp_path / "fox.png"), "--json", env=env)
         assert result.returncode == 0, result.stderr.decode()
-        assert not (tmp_path / "imagegen-home" / "models" / "checkpoints").exists(), "nothing is downloaded for a remote worker"
+        assert not (tmp_path / "imagegen-home" / "models"
+                    / "checkpoints").exists(), "nothing is downloaded for a remote worker"
         assert png.png_size((tmp_path / "fox.png").read_bytes()) == (96, 64)
         assert json.loads(result.stdout)["worker"].startswith("remote-1")
         listed = [json.loads(line) for line in run_cli("workers", "--json", env=env).stdout.decode().splitlines()]

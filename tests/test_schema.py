@@ -67,7 +67,8 @@ def test_generate_result_and_worker_records(comfy_worker, session_home, tiny_sd1
     assert result.returncode == 0, result.stderr.decode()
     (record,) = lines(result.stdout)
     check(RESULT, record)
-    added = run_cli("models", "add", "schema-tiny", "--file", str(tiny_sd15), env={"IMAGEGEN_HOME": str(tmp_path / "home")})
+    added = run_cli("models", "add", "schema-tiny", "--file", str(tiny_sd15),
+                    env={"IMAGEGEN_HOME": str(tmp_path / "home")})
     assert added.returncode == 0, added.stderr.decode()
     local = [r for r in lines(run_cli("models", "list", "--json", env={"IMAGEGEN_HOME": str(tmp_path / "home")}).stdout)
              if r["name"] == "schema-tiny"]

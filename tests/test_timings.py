@@ -13,9 +13,11 @@ def test_load_budget_grows_with_bytes_and_shrinks_when_resident():
 
 def test_compiling_jobs_get_minutes_for_the_first_step_and_for_recompiles():
     plain = timings.budgets(Timeouts(), timings.Estimate(load=2, step=0.1, finish=1), 2e9, True, 20, set())
-    fast = timings.budgets(Timeouts(), timings.Estimate(load=2, step=0.1, finish=1), 2e9, True, 20, set(), compiles=True)
+    fast = timings.budgets(Timeouts(), timings.Estimate(load=2, step=0.1, finish=1), 2e9, True, 20, set(),
+                           compiles=True)
     assert fast.load >= plain.load + timings.COMPILE_BUDGET and fast.stall >= timings.COMPILE_BUDGET > plain.stall
-    pinned = timings.budgets(Timeouts(stall=3, load=7), timings.Estimate(), 0, True, 20, {"stall", "load"}, compiles=True)
+    pinned = timings.budgets(Timeouts(stall=3, load=7), timings.Estimate(), 0, True, 20, {"stall", "load"},
+                             compiles=True)
     assert (pinned.stall, pinned.load) == (3, 7)
 
 

@@ -16,9 +16,12 @@ pytestmark = pytest.mark.comfyui
 def test_only_the_worker_can_talk_to_its_comfyui(comfy_worker):
     info = comfy_worker.info
     comfy = f"http://127.0.0.1:{info['comfy_port']}"
-    assert requests.get(comfy + "/system_stats", timeout=10).status_code == 403, "ComfyUI's own port must refuse strangers"
-    assert requests.get(comfy + "/system_stats", headers={comfy_launch.HEADER: "a guess"}, timeout=10).status_code == 403
-    assert requests.get(comfy + "/system_stats", headers={comfy_launch.HEADER: info["upstream_secret"]}, timeout=10).status_code == 200
+    assert requests.get(comfy + "/system_stats",
+                        timeout=10).status_code == 403, "ComfyUI's own port must refuse strangers"
+    assert requests.get(comfy + "/system_stats", headers={comfy_launch.HEADER: "a guess"},
+                        timeout=10).status_code == 403
+    assert requests.get(comfy + "/system_stats", headers={comfy_launch.HEADER: info["upstream_secret"]},
+                        timeout=10).status_code == 200
     with pytest.raises(websocket.WebSocketBadStatusException):
         websocket.create_connection("ws" + comfy[4:] + "/ws?clientId=stranger", timeout=10)
 

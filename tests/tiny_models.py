@@ -37,8 +37,10 @@ def _randomize(state: dict, seed: int, dtype) -> dict:
         if not tensor.is_floating_point():
             out[name] = tensor.clone().contiguous()
             continue
-        if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight", "norm_out.weight", "ln_1.weight", "ln_2.weight",
-                          "layer_norm1.weight", "layer_norm2.weight", "final_layer_norm.weight")) or ".norm" in name and name.endswith(".weight"):
+        if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight", "norm_out.weight",
+                          "ln_1.weight", "ln_2.weight",
+                          "layer_norm1.weight", "layer_norm2.weight",
+                          "final_layer_norm.weight")) or ".norm" in name and name.endswith(".weight"):
             value = torch.ones_like(tensor)
         elif name.endswith(".bias"):
             value = torch.zeros_like(tensor)
@@ -68,8 +70,10 @@ def build_sd15(target: Path, seed: int = 0) -> Path:
     config = json.loads((comfy_dir / "comfy" / "sd1_clip_config.json").read_text())
     clip = CLIPTextModel(config, dtype=torch.float32, device="cpu", operations=ops)
     state = {}
-    state.update({f"model.diffusion_model.{k}": v for k, v in _randomize(unet.state_dict(), seed, torch.float16).items()})
-    state.update({f"first_stage_model.{k}": v for k, v in _randomize(vae.state_dict(), seed + 1, torch.float16).items()})
+    state.update({f"model.diffusion_model.{k}": v for k,
+                  v in _randomize(unet.state_dict(), seed, torch.float16).items()})
+    state.update({f"first_stage_model.{k}": v for k,
+                  v in _randomize(vae.state_dict(), seed + 1, torch.float16).items()})
     clip_state = _randomize(clip.state_dict(), seed + 2, torch.float16)
     state.update({f"cond_stage_model.transformer.{k}": v for k, v in clip_state.items()})
     target.parent.mkdir(parents=True, exist_ok=True)

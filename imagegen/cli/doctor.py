@@ -17,7 +17,8 @@ def _check(name: str, ok: bool, detail: str, fix: str = "", optional: bool = Fal
 def run_checks() -> list[dict]:
     checks = []
     found = gpus.list_gpus()
-    checks.append(_check("gpus", bool(found), "; ".join(f"{g.index}: {g.name} {g.uuid} {g.memory_total_mib} MiB" for g in found)
+    checks.append(_check("gpus", bool(found),
+                         "; ".join(f"{g.index}: {g.name} {g.uuid} {g.memory_total_mib} MiB" for g in found)
                          or "no NVIDIA GPU found (nvidia-smi absent or failing): workers run on CPU",
                          "Install the NVIDIA driver so nvidia-smi works.", optional=True))
     try:
@@ -35,7 +36,8 @@ def run_checks() -> list[dict]:
             checks.append(_check("image", label == __version__, f"{IMAGE} (imagegen {label})",
                                  "Rebuild it: ./build-image.sh"))
         except Exception:  # noqa: BLE001 - docker.errors.ImageNotFound and API errors alike
-            checks.append(_check("image", False, f"{IMAGE} is not built", "./build-image.sh (offline: ./build-image.sh --cpu-local)"))
+            checks.append(_check("image", False, f"{IMAGE} is not built",
+                                 "./build-image.sh (offline: ./build-image.sh --cpu-local)"))
     except ImagegenError as error:
         checks.append(_check("docker", False, error.message, error.hint, optional=True))
     from imagegen.runtimes.local import find_comfyui_dir

@@ -4,7 +4,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from typer.core import TyperGroup
@@ -95,31 +95,31 @@ def funnel_run(
     out_dir: Annotated[Path, typer.Option(
         "--output", "-o", help="The funnel directory: stage folders, contact sheets, funnel.json.")
     ] = Path("imagegen-funnel"),
-    stages_file: Annotated[Optional[Path], typer.Option(
+    stages_file: Annotated[Path | None, typer.Option(
         "--stages", help="A YAML stage file (docs/funnel.md); flags below override it.")] = None,
-    drafts: Annotated[Optional[int], typer.Option("--drafts", help="Images in the first stage (default 20).")] = None,
-    keep: Annotated[Optional[str], typer.Option(
+    drafts: Annotated[int | None, typer.Option("--drafts", help="Images in the first stage (default 20).")] = None,
+    keep: Annotated[str | None, typer.Option(
         "--keep", help="Images kept after each stage but the last, e.g. 8,3,1.")] = None,
-    draft_model: Annotated[Optional[str], typer.Option(
+    draft_model: Annotated[str | None, typer.Option(
         "--draft-model", help="Model (name or .safetensors path) of the drafts stage.")] = None,
-    refine_model: Annotated[Optional[str], typer.Option(
+    refine_model: Annotated[str | None, typer.Option(
         "--refine-model", help="Model of the refine stage, or none to skip it.")] = None,
-    polish_model: Annotated[Optional[str], typer.Option(
+    polish_model: Annotated[str | None, typer.Option(
         "--polish-model", help="Model of the polish stage, or none to skip it.")] = None,
-    upscale_model: Annotated[Optional[str], typer.Option(
+    upscale_model: Annotated[str | None, typer.Option(
         "--upscale-model", help="Upscale model (name or path), or none to skip upscaling.")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(
+    checkpoint: Annotated[Path | None, typer.Option(
         "--checkpoint", help="A local SD1.5/SDXL .safetensors file for every drawing stage.")] = None,
-    size: Annotated[Optional[str], typer.Option(
+    size: Annotated[str | None, typer.Option(
         "--size", help="WIDTHxHEIGHT for every drawing stage, or one per stage: 512x512,1024x1024,1024x1024.")] = None,
-    steps: Annotated[Optional[str], typer.Option(
+    steps: Annotated[str | None, typer.Option(
         "--steps", help="Steps for every drawing stage, or one per stage: 20,25,40.")] = None,
-    denoise: Annotated[Optional[str], typer.Option(
+    denoise: Annotated[str | None, typer.Option(
         "--denoise", help="img2img strength for every later drawing stage, or one each: 0.55,0.3.")] = None,
-    scale: Annotated[Optional[int], typer.Option(
+    scale: Annotated[int | None, typer.Option(
         "--scale", help="Upscale factor (default 2; the model's own factor is 4).")] = None,
-    negative: Annotated[Optional[str], typer.Option("--negative", help="Negative prompt (SD1.5/SDXL).")] = None,
-    seed: Annotated[Optional[int], typer.Option(
+    negative: Annotated[str | None, typer.Option("--negative", help="Negative prompt (SD1.5/SDXL).")] = None,
+    seed: Annotated[int | None, typer.Option(
         "--seed", help="Base seed (random when omitted; stage N's images use seed + (N-1)*1000 + i).")] = None,
     pick: PickOpt = None,
     auto: AutoOpt = False,

@@ -51,7 +51,8 @@ RESULT = {
         "sampler": {"type": "string"},
         "scheduler": {"type": "string"},
         "denoise": {"type": "number", "minimum": 0, "maximum": 1},
-        "fast": {"const": True, "description": "Present when rendered in fast mode (--fast: torch.compile, fp8 matmul)."},
+        "fast": {"const": True,
+                 "description": "Present when rendered in fast mode (--fast: torch.compile, fp8 matmul)."},
         "model_hash": {"type": "string", "description": "sha256 of the checkpoint or diffusion model, when known."},
         "imagegen_version": {"type": "string"},
         "comfyui_version": {"type": "string"},
@@ -68,7 +69,8 @@ RESULT = {
         "device": {"type": "string", "description": "\"cpu\" or the GPU the worker runs on."},
         "timings": {
             "type": "object",
-            "description": "Seconds: ComfyUI phases (queued, loading, sampling, finishing) and our fetch, write, since_submit.",
+            "description": "Seconds: ComfyUI phases (queued, loading, sampling, finishing) and our fetch, write, "
+            "since_submit.",
             "required": ["fetch", "write", "since_submit"],
             "additionalProperties": _seconds,
         },
@@ -85,7 +87,8 @@ ERROR = {
     "properties": {
         "schema": _tag(ERROR_SCHEMA),
         "code": {"description": "A stable snake_case code; each is listed with its meaning and exit code.",
-                 "oneOf": [{"const": code, "description": f"{kind.meaning} (exit {kind.exit_code})"} for code, kind in ERRORS.items()]},
+                 "oneOf": [{"const": code, "description": f"{kind.meaning} (exit {kind.exit_code})"} for code,
+                           kind in ERRORS.items()]},
         "message": {"type": "string"},
         "hint": {"type": "string", "description": "What to do next, often a command to run."},
         "exit_code": {"enum": sorted({kind.exit_code for kind in ERRORS.values()})},
@@ -115,7 +118,8 @@ MODEL = {
             "type": "object",
             "required": ["width", "height", "steps", "cfg", "sampler", "scheduler"],
             "properties": {"width": _int_or_null, "height": _int_or_null, "steps": _int_or_null,
-                           "cfg": {"type": ["number", "null"]}, "sampler": _string_or_null, "scheduler": _string_or_null},
+                           "cfg": {"type": ["number", "null"]}, "sampler": _string_or_null,
+                           "scheduler": _string_or_null},
         },
         "files": {
             "type": "object",
@@ -134,7 +138,8 @@ WORKER = {
     "$schema": DIALECT,
     "$id": WORKER_SCHEMA,
     "title": "A running worker",
-    "description": "One line per worker from `imagegen workers --json`. The worker-reported fields are null when it did not answer.",
+    "description": "One line per worker from `imagegen workers --json`. The worker-reported fields are null when it "
+    "did not answer.",
     "type": "object",
     "required": ["schema", "name", "runtime", "slot", "device", "url", "last_model", "idle_seconds", "jobs_done",
                  "keep_warm", "imagegen_version"],

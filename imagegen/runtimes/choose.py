@@ -38,7 +38,8 @@ def make_runtime(name: str = "auto", keep_warm: float | None = None):
     except ImagegenError as error:
         why = f"{error.message}; Docker: {docker_problem}" if docker_problem else error.message
         raise ImagegenError("runtime_unavailable", f"no runtime can start a worker: {why}",
-                            hint="Build the Docker image (./build-image.sh) or install the local runtime (scripts/setup-dev.sh).") from None
+                            hint="Build the Docker image (./build-image.sh) or install the local runtime "
+                            "(scripts/setup-dev.sh).") from None
     return LocalRuntime(keep_warm=keep_warm, shared_models=shared)
 
 

@@ -80,10 +80,12 @@ def parse_entries(entries: list[str] | str | None = None) -> list[Remote]:
         url, _, token = raw.partition("#")
         url = url.strip().rstrip("/")
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.username or parts.password:
-            raise ImagegenError("invalid_argument", f"{where}: {url!r} is not an http(s)://HOST[:PORT][/PATH] URL", hint=ENTRY_HINT)
+        if parts.scheme not in ("http",
+                                "https") or not parts.hostname or parts.query or parts.username or parts.password:
+            raise ImagegenError("invalid_argument", f"{where}: {url!r} is not an http(s)://HOST[:PORT][/PATH] URL",
+                                hint=ENTRY_HINT)
         try:
-            parts.port
+            _ = parts.port  # urlsplit checks the port only when asked for it
         except ValueError:
             raise ImagegenError("invalid_argument", f"{where}: {url!r} has a bad port", hint=ENTRY_HINT) from None
         token = token.strip()
@@ -94,7 +96,8 @@ def parse_entries(entries: list[str] | str | None = None) -> list[Remote]:
         if re.search(r"\s", token):
             raise ImagegenError("invalid_argument", f"{where}: the token contains whitespace", hint=ENTRY_HINT)
         if token and parts.scheme == "http" and not _loopback(parts.hostname) and os.environ.get(INSECURE_ENV) != "1":
-            raise ImagegenError("invalid_argument", f"{where}: {url} would send its token unencrypted (plain http:// to "
+            raise ImagegenError("invalid_argument",
+                                f"{where}: {url} would send its token unencrypted (plain http:// to "
                                 f"{parts.hostname}, not this machine)",
                                 hint=f"Use https://, reach the worker through an SSH tunnel (http://127.0.0.1:PORT), "
                                      f"or set {INSECURE_ENV}=1 on a network you trust.")
@@ -127,8 +130,10 @@ class RemoteRuntime:
                  request_timeout: float | None = None):
         self.remotes = parse_entries(entries)
         if not self.remotes:
-            raise ImagegenError("runtime_unavailable", f"no remote workers are configured ({ENV} is empty)", hint=ENTRY_HINT)
-        self.ready_timeout = env_float("IMAGEGEN_REMOTE_READY_TIMEOUT", 30.0) if ready_timeout is None else ready_timeout
+            raise ImagegenError("runtime_unavailable", f"no remote workers are configured ({ENV} is empty)",
+                                hint=ENTRY_HINT)
+        self.ready_timeout = env_float("IMAGEGEN_REMOTE_READY_TIMEOUT",
+                                       30.0) if ready_timeout is None else ready_timeout
         self.request_timeout = env_float("IMAGEGEN_REMOTE_TIMEOUT", 5.0, minimum=0.1) if request_timeout is None \
             else request_timeout
         self.kinds: dict[str, str] = {}   # slot -> "imagegen" or "comfyui", as last seen
@@ -139,23 +144,33 @@ class RemoteRuntime:
         try:
             return requests.get(remote.url + path, headers=headers, timeout=self.request_timeout)
         except requests.ConnectionError:
-            raise ImagegenError("worker_unreachable", f"cannot reach the remote worker {remote.name} ({remote.url}): connection refused or no route",
-                                hint=f"imagegen does not start remote workers: check that the server runs and its URL in {ENV}.") from None
+            raise ImagegenError("worker_unreachable",
+                                f"cannot reach the remote worker {remote.name} ({remote.url}): connection refused or "
+                                "no route",
+                                hint="imagegen does not start remote workers: check that the server runs and its URL "
+                                f"in {ENV}.") from None
         except requests.Timeout:
-            raise ImagegenError("worker_unreachable", f"the remote worker {remote.name} ({remote.url}) did not answer {path} within {self.request_timeout:.0f}s: it may hang",
+            raise ImagegenError("worker_unreachable",
+                                f"the remote worker {remote.name} ({remote.url}) did not answer {path} within "
+                                f"{self.request_timeout:.0f}s: it may hang",
                                 hint="Check the server (its log, its GPU); imagegen does not restart remote workers.") from None
 
     def _json(self, remote: Remote, path: str) -> dict:
         response = self._get(remote, path)
         if response.status_code in (401, 403):
-            raise ImagegenError("worker_unreachable", f"the remote worker {remote.name} refused our credentials ({response.status_code} on {path})",
+            raise ImagegenError("worker_unreachable",
+                                f"the remote worker {remote.name} refused our credentials ({response.status_code} on "
+                                f"{path})",
                                 hint=f"Give its token in {ENV} as URL#TOKEN or URL#@TOKEN_FILE.")
         if response.status_code != 200:
-            raise ImagegenError("worker_unreachable", f"the remote worker {remote.name} answered {response.status_code} on {path}")
+            raise ImagegenError("worker_unreachable",
+                                f"the remote worker {remote.name} answered {response.status_code} on {path}")
         try:
             return response.json()
         except ValueError:
-            raise ImagegenError("worker_unreachable", f"the remote worker {remote.name} answered {path} with something other than JSON: is it ComfyUI?") from None
+            raise ImagegenError("worker_unreachable",
+                                f"the remote worker {remote.name} answered {path} with something other than JSON: is "
+                                "it ComfyUI?") from None
 
     # --- the runtime API ------------------------------------------------------------
     def _remote(self, slot: str | None) -> Remote:
@@ -164,7 +179,8 @@ class RemoteRuntime:
         for remote in self.remotes:
             if slot in (remote.slot, remote.url):
                 return remote
-        raise ImagegenError("invalid_argument", f"no remote worker {slot!r} (known: {', '.join(r.slot for r in self.remotes)})")
+        raise ImagegenError("invalid_argument",
+                            f"no remote worker {slot!r} (known: {', '.join(r.slot for r in self.remotes)})")
 
     def slots(self, choice: str | None = None, cpu_workers: int = 1) -> list[str]:
         """One slot per URL. `choice` (--gpus): all, N (the first N), or slots, URLs and GPU UUIDs, comma-separated."""
@@ -173,7 +189,8 @@ class RemoteRuntime:
             return [r.slot for r in self.remotes]
         if choice.isdigit():
             if not 1 <= int(choice) <= len(self.remotes):
-                raise ImagegenError("invalid_argument", f"--gpus {choice}: {len(self.remotes)} remote worker(s) are configured")
+                raise ImagegenError("invalid_argument",
+                                    f"--gpus {choice}: {len(self.remotes)} remote worker(s) are configured")
             return [r.slot for r in self.remotes[: int(choice)]]
         chosen: list[str] = []
         uuids: dict[str, str] | None = None
@@ -185,7 +202,8 @@ class RemoteRuntime:
                 match = [slot for slot, found in uuids.items() if found and found.startswith(part)]
             if not match:
                 known = ", ".join(f"{r.slot} ({r.url})" for r in self.remotes)
-                raise ImagegenError("invalid_argument", f"--gpus {choice}: no remote worker {part!r} (workers: {known})")
+                raise ImagegenError("invalid_argument",
+                                    f"--gpus {choice}: no remote worker {part!r} (workers: {known})")
             chosen += [slot for slot in match if slot not in chosen]
         return chosen
 
@@ -201,14 +219,19 @@ class RemoteRuntime:
             if health.status_code != 503:  # no imagegen proxy there: a plain ComfyUI, or nothing we know
                 stats = self._json(remote, "/system_stats")
                 if not isinstance(stats.get("devices"), list) or not isinstance(stats.get("system"), dict):
-                    raise ImagegenError("worker_unreachable", f"{remote.url} is neither an imagegen worker nor a ComfyUI server (no /system_stats)")
+                    raise ImagegenError("worker_unreachable",
+                                        f"{remote.url} is neither an imagegen worker nor a ComfyUI server (no "
+                                        "/system_stats)")
                 first = (stats["devices"] or [{}])[0]
                 kind, device, gpu = "comfyui", str(first.get("type") or "unknown"), _gpu_from_stats(first)
-                info = {"comfyui_version": stats["system"].get("comfyui_version"), "last_model": None, "jobs_done": None,
+                info = {"comfyui_version": stats["system"].get("comfyui_version"), "last_model": None,
+                        "jobs_done": None,
                         "idle_seconds": None, "keep_warm": None, "imagegen_version": None}
                 break
             if time.monotonic() >= deadline:
-                raise ImagegenError("worker_unreachable", f"the remote worker {remote.name} is not ready: its ComfyUI does not answer (503 on /imagegen/health)",
+                raise ImagegenError("worker_unreachable",
+                                    f"the remote worker {remote.name} is not ready: its ComfyUI does not answer (503 "
+                                    "on /imagegen/health)",
                                     hint="Check the server's log; imagegen does not restart remote workers.")
             if on_status and not said:
                 on_status(f"waiting for the remote worker {remote.name} to become ready")
@@ -233,13 +256,16 @@ class RemoteRuntime:
     def diagnose(self, worker: WorkerHandle) -> ImagegenError | None:
         """Why a worker failed a job: it does not answer (None: it still answers)."""
         remote = self._remote(worker.slot)
-        path = "/imagegen/health" if self.kinds.get(remote.slot, worker.info.get("kind")) == "imagegen" else "/system_stats"
+        path = "/imagegen/health" if self.kinds.get(remote.slot,
+                                                    worker.info.get("kind")) == "imagegen" else "/system_stats"
         try:
             response = self._get(remote, path, auth=path != "/imagegen/health")
         except ImagegenError as error:
             return error
         if response.status_code != 200:
-            return ImagegenError("worker_unreachable", f"the remote worker {remote.name} answers {response.status_code} on {path}: its ComfyUI is not answering")
+            return ImagegenError("worker_unreachable",
+                                 f"the remote worker {remote.name} answers {response.status_code} on {path}: its "
+                                 "ComfyUI is not answering")
         return None
 
     def workers(self) -> list[dict]:
@@ -249,11 +275,16 @@ class RemoteRuntime:
             try:
                 handle = self._probe(remote, 0.0)
             except ImagegenError as error:
-                return {**base, "device": "unknown", "healthy": False, "error": error.message, "kind": None, "gpu": None,
-                        **{k: None for k in ("last_model", "idle_seconds", "jobs_done", "keep_warm", "imagegen_version", "comfyui_version")}}
+                return {**base, "device": "unknown", "healthy": False, "error": error.message, "kind": None,
+                        "gpu": None,
+                        **{k: None
+                           for k in ("last_model", "idle_seconds", "jobs_done", "keep_warm", "imagegen_version",
+                                     "comfyui_version")}}
             info = handle.info
             return {**base, "device": handle.device, "healthy": True, "kind": info["kind"], "gpu": info.get("gpu"),
-                    **{k: info.get(k) for k in ("last_model", "idle_seconds", "jobs_done", "keep_warm", "imagegen_version", "comfyui_version")}}
+                    **{k: info.get(k)
+                       for k in ("last_model", "idle_seconds", "jobs_done", "keep_warm", "imagegen_version",
+                                 "comfyui_version")}}
 
         with ThreadPoolExecutor(max_workers=min(16, len(self.remotes))) as pool:
             return list(pool.map(describe, self.remotes))

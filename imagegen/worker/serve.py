@@ -99,11 +99,14 @@ class Worker:
     def comfy_command(self) -> list[str]:
         for name in ("output", "input", "temp", "user"):
             (self.work_dir / name).mkdir(parents=True, exist_ok=True)
-        config = write_model_paths(self.options.models_dir, self.work_dir / "extra_model_paths.yaml", self.options.extra_model_paths)
-        command = [sys.executable, comfy_launch.__file__, str(self.options.comfyui_dir / "main.py"), "--listen", "127.0.0.1",
+        config = write_model_paths(self.options.models_dir, self.work_dir / "extra_model_paths.yaml",
+                                   self.options.extra_model_paths)
+        command = [sys.executable, comfy_launch.__file__, str(self.options.comfyui_dir / "main.py"), "--listen",
+                   "127.0.0.1",
                    "--port", str(self.comfy_port), "--disable-auto-launch", "--disable-all-custom-nodes",
                    "--extra-model-paths-config", str(config),
-                   "--output-directory", str(self.work_dir / "output"), "--input-directory", str(self.work_dir / "input"),
+                   "--output-directory", str(self.work_dir / "output"), "--input-directory",
+                   str(self.work_dir / "input"),
                    "--temp-directory", str(self.work_dir / "temp"), "--user-directory", str(self.work_dir / "user"),
                    "--preview-method", "none", *comfy_flags.optional_flags(self.options.comfyui_dir)]
         if self.device == "cpu":
@@ -202,7 +205,8 @@ class Worker:
         from aiohttp import ClientSession, DummyCookieJar
 
         if self.upstream is None or self.upstream.closed:
-            self.upstream = ClientSession(auto_decompress=False, cookie_jar=DummyCookieJar(), headers=self.upstream_headers)
+            self.upstream = ClientSession(auto_decompress=False, cookie_jar=DummyCookieJar(),
+                                          headers=self.upstream_headers)
         return self.upstream
 
     async def proxy_http(self, request):
@@ -214,8 +218,10 @@ class Worker:
             self._note_model(body)
         self.in_flight += 1
         try:
-            async with self.upstream_session().request(request.method, f"http://127.0.0.1:{self.comfy_port}{request.path_qs}",
-                                                       headers=headers, data=body or None, allow_redirects=False) as upstream:
+            async with self.upstream_session().request(request.method,
+                                                       f"http://127.0.0.1:{self.comfy_port}{request.path_qs}",
+                                                       headers=headers, data=body or None,
+                                                       allow_redirects=False) as upstream:
                 payload = await upstream.read()
                 out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS}
                 return web.Response(status=upstream.status, body=payload, headers=out_headers)
@@ -256,7 +262,8 @@ class Worker:
                                 await sink.send_bytes(message.data)
                             else:
                                 break
-                    tasks = [asyncio.ensure_future(pump(upstream, client)), asyncio.ensure_future(pump(client, upstream))]
+                    tasks = [asyncio.ensure_future(pump(upstream, client)),
+                             asyncio.ensure_future(pump(client, upstream))]
                     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     for task in tasks:
                         task.cancel()
