@@ -75,7 +75,7 @@ class Scheduler:
         self.jobs = jobs
         self.cancel = threading.Event()
         self.lock = threading.Lock()
-        self.outbox: queue.Queue[Outcome] = queue.Queue()
+        self.outbox: queue.Queue[Outcome | None] = queue.Queue()
         self.started_here: list[str] = []
         self.prompt_ids: set[str] = set()                         # every prompt this command submitted
         self.last_fault: ImagegenError | None = None
@@ -107,7 +107,7 @@ class Scheduler:
         if not self.force:
             work = [(job.bundle, job.params) for job in self.jobs]
             self.router.check_feasible(work, [state.memory_bytes for state in ready])
-        threads = self.threads = self._spawn(self._serve, "worker")
+        threads = self.threads = self._spawn(self._serve_then_say_so, "worker")
         ended = False
         try:
             yield from self._outcomes(threads)
@@ -127,13 +127,29 @@ class Scheduler:
                 for thread in threads:
                     thread.join(10)
 
+    def _serve_then_say_so(self, state: WorkerState) -> None:
+        try:
+            self._serve(state)
+        finally:
+            self.outbox.put(None)  # this thread is done: the last outcome needs no poll to be noticed
+
     def _outcomes(self, threads: list[threading.Thread]) -> Iterator[Outcome]:
-        while self.fatal is None:
+        running = len(threads)
+        while self.fatal is None and running:
             try:
-                yield self.outbox.get(timeout=0.2)
+                outcome = self.outbox.get(timeout=0.2)
             except queue.Empty:
                 if not any(thread.is_alive() for thread in threads) and self.outbox.empty():
                     return
+                continue
+            if outcome is None:
+                running -= 1
+            else:
+                yield outcome
+        while not self.outbox.empty():  # outcomes a thread put before its end marker
+            outcome = self.outbox.get_nowait()
+            if outcome is not None:
+                yield outcome
 
     def _spawn(self, target, label: str) -> list[threading.Thread]:
         threads = [threading.Thread(target=target, args=(state,), name=f"{label}-{state.slot}", daemon=True)
