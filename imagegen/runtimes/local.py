@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import requests
@@ -67,7 +69,8 @@ class LocalRuntime:
 
     def _files(self, slot: str) -> tuple[Path, Path, Path, Path]:
         base = self.dir / f"local-{slot}"
-        return tuple(base.with_suffix(suffix) for suffix in (".json", ".token", ".log", ".lock"))
+        return (base.with_suffix(".json"), base.with_suffix(".token"), base.with_suffix(".log"),
+                base.with_suffix(".lock"))
 
     def _handle(self, slot: str, record: dict, started_here: bool) -> WorkerHandle:
         return WorkerHandle(name=f"local-{slot}", url=f"http://127.0.0.1:{record['port']}", token=record["token"],
@@ -120,7 +123,7 @@ class LocalRuntime:
         if state == "gone" and record is not None:
             self._drop_record(slot, record)
             _kill_orphan_comfy(record)
-        return self._handle(slot, record, started_here=False) if state == "healthy" else None
+        return self._handle(slot, record, started_here=False) if state == "healthy" and record is not None else None
 
     def slots(self, choice: str | None = None, cpu_workers: int = 1) -> list[str]:
         from imagegen.util import gpus
@@ -130,7 +133,7 @@ class LocalRuntime:
             self.cpu_workers = cpu_workers
         return found or cpu_slots(cpu_workers)
 
-    def ensure(self, slot: str | None = None, on_status=None, mounts: set[str] = frozenset()) -> WorkerHandle:
+    def ensure(self, slot: str | None = None, on_status=None, mounts: AbstractSet[str] = frozenset()) -> WorkerHandle:
         """Find or start the worker for a slot; `mounts` matter only to containers."""
         from filelock import FileLock
 
@@ -138,9 +141,9 @@ class LocalRuntime:
         record_path, token_path, log_path, lock_path = self._files(slot)
         with FileLock(str(lock_path)):
             record, state = self._state(slot)
-            if state == "healthy":
+            if state == "healthy" and record is not None:
                 return self._handle(slot, record, started_here=False)
-            if state == "busy":
+            if state == "busy" and record is not None:
                 busy = self._busy_handle(slot, record)
                 if busy:
                     return busy  # its own proxy answers: a loaded or busy worker, not a dead one
@@ -247,6 +250,7 @@ class LocalRuntime:
                     self._drop_record(slot, record)
                     _kill_orphan_comfy(record)
                 continue
+            assert record is not None  # "healthy" and "busy" always carry the record
             handle = self._handle(slot, record, started_here=False)
             info = _info(record, timeout=5) or {}
             keys = ("comfy_pid", "gpu", "it_per_s", "last_model", "idle_seconds", "jobs_done", "keep_warm",
@@ -296,7 +300,7 @@ def _kill_orphan_comfy(record: dict) -> bool:
     return True
 
 
-def _terminate(pid: int, grace: float = 10.0, members: list[tuple] = (), group: bool = True) -> None:
+def _terminate(pid: int, grace: float = 10.0, members: Sequence[tuple] = (), group: bool = True) -> None:
     """Stop a worker and its ComfyUI child (they share a process group led by the worker). Call it
     only for a pid proven ours. `members` ((pid, start, cmdline) of children) are killed one by one
     when they outlive the leader, and only while they are still the processes recorded."""

@@ -15,6 +15,7 @@ import ipaddress
 import os
 import re
 import time
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +154,8 @@ class RemoteRuntime:
             raise ImagegenError("worker_unreachable",
                                 f"the remote worker {remote.name} ({remote.url}) did not answer {path} within "
                                 f"{self.request_timeout:.0f}s: it may hang",
-                                hint="Check the server (its log, its GPU); imagegen does not restart remote workers.") from None
+                                hint="Check the server (its log, its GPU); imagegen does not restart remote "
+                                "workers.") from None
 
     def _json(self, remote: Remote, path: str) -> dict:
         response = self._get(remote, path)
@@ -242,12 +244,12 @@ class RemoteRuntime:
         return WorkerHandle(name=remote.name, url=remote.url, token=remote.token, device=device, runtime=self.name,
                             slot=remote.slot, started_here=False, info=info)
 
-    def ensure(self, slot: str | None = None, on_status=None, mounts: set[str] = frozenset()) -> WorkerHandle:
+    def ensure(self, slot: str | None = None, on_status=None, mounts: AbstractSet[str] = frozenset()) -> WorkerHandle:
         """The worker for a slot, when it answers; never starts one. `mounts` cannot apply to a remote
         worker: it must hold the model files itself."""
         return self._probe(self._remote(slot), self.ready_timeout, on_status)
 
-    def find(self, slot: str, mounts: set[str] = frozenset()) -> WorkerHandle | None:
+    def find(self, slot: str, mounts: AbstractSet[str] = frozenset()) -> WorkerHandle | None:
         try:
             return self._probe(self._remote(slot), 0.0)
         except ImagegenError:

@@ -11,6 +11,7 @@ import ctypes
 import os
 import re
 import signal
+from collections.abc import Mapping
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
@@ -89,7 +90,7 @@ _SECRET = re.compile(r"(TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORE
 _DENIED = {"IMAGEGEN_REMOTE_WORKERS", "IMAGEGEN_REMOTE_TOKEN_FILE", "IMAGEGEN_WORKER_TOKEN", "IMAGEGEN_UPSTREAM_SECRET"}
 
 
-def child_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The caller's environment less everything a worker does not need: tokens, keys and secrets
     (HF_TOKEN, remote worker tokens, *_TOKEN/*_KEY/*_SECRET) never reach ComfyUI."""
     environ = dict(os.environ if environ is None else environ)

@@ -37,7 +37,8 @@ def require_secret(secret: str) -> None:
     def init(self, *args, middlewares=(), **kwargs):
         original(self, *args, middlewares=[check, *middlewares], **kwargs)
 
-    web.Application.__init__ = init
+    # patching the class is the point: ComfyUI builds its own Application, we cannot pass it middlewares
+    web.Application.__init__ = init  # type: ignore[method-assign]
 
 
 def main() -> None:

@@ -125,6 +125,13 @@ class Worker:
         self.comfy = subprocess.Popen(self.comfy_command(), cwd=str(self.options.comfyui_dir), env=env,
                                       stdin=subprocess.DEVNULL, preexec_fn=procs.die_with_parent(os.getpid()))
 
+    @property
+    def process(self) -> subprocess.Popen:
+        """ComfyUI's process, once start_comfy ran."""
+        if self.comfy is None:
+            raise RuntimeError("ComfyUI is not started")
+        return self.comfy
+
     def stop_comfy(self) -> None:
         if self.comfy and self.comfy.poll() is None:
             self.comfy.terminate()
@@ -281,8 +288,8 @@ class Worker:
         while time.monotonic() < deadline:
             if stop is not None and stop.is_set():
                 raise RuntimeError("stopped (SIGTERM or SIGINT) during start-up")
-            if self.comfy.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with code {self.comfy.returncode} during start-up")
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with code {self.process.returncode} during start-up")
             try:
                 async with self.upstream_session().get(f"http://127.0.0.1:{self.comfy_port}/system_stats") as response:
                     if response.status == 200:
@@ -320,8 +327,8 @@ class Worker:
     async def watchdog(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             await asyncio.sleep(1.0)
-            if self.comfy.poll() is not None:
-                print(json.dumps({"event": "comfyui_exited", "code": self.comfy.returncode}), flush=True)
+            if self.process.poll() is not None:
+                print(json.dumps({"event": "comfyui_exited", "code": self.process.returncode}), flush=True)
                 self.comfy_died = True
                 stop.set()
                 return
@@ -367,7 +374,7 @@ class Worker:
         await runner.setup()
         site = web.TCPSite(runner, self.options.host, self.options.port)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # the port the OS picked for port 0
+        port = runner.addresses[0][1]  # the port the OS picked for port 0
         self.start_comfy()
         try:
             await self.wait_ready(stop=stop)
@@ -383,11 +390,11 @@ class Worker:
         if self.options.state_file:
             # the start times and command lines let a later command prove a pid is still this worker
             # (pids are reused, after a reboot most of all) before it sends any signal
-            me, comfy = procs.identity(os.getpid()), procs.identity(self.comfy.pid)
+            me, comfy = procs.identity(os.getpid()), procs.identity(self.process.pid)
             write_private_json(self.options.state_file, {
                 **record, "token": self.options.token, "comfy_port": self.comfy_port,
                 "upstream_secret": self.upstream_secret,
-                "pid_start": me["pid_start"], "cmdline": me["cmdline"], "comfy_pid": self.comfy.pid,
+                "pid_start": me["pid_start"], "cmdline": me["cmdline"], "comfy_pid": self.process.pid,
                 "comfy_start": comfy["pid_start"], "comfy_cmdline": comfy["cmdline"]})
         print(json.dumps(record), flush=True)
         await self.watchdog(stop)
@@ -398,7 +405,7 @@ class Worker:
         await runner.cleanup()
         if self.options.work_dir is None:
             shutil.rmtree(self.work_dir, ignore_errors=True)
-        code = self.comfy.returncode
+        code = self.process.returncode
         if self.comfy_died:
             return 128 - code if code is not None and code < 0 else (code or 1)  # e.g. 137 when killed for memory
         return 0
