@@ -4,7 +4,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -70,8 +70,9 @@ def generate(
         from imagegen.runtimes.choose import make_runtime
 
         timeouts, explicit = gen.timeouts_from_env(timeout)
-        given = {"prompt": prompt, "model": draw.model, "negative": draw.negative, "seed": seed, "steps": draw.steps,
-                 "cfg": draw.cfg, "size": draw.size, "sampler": sampler, "scheduler": scheduler, "guidance": guidance}
+        given: dict[str, Any] = {"prompt": prompt, "model": draw.model, "negative": draw.negative, "seed": seed,
+                                 "steps": draw.steps, "cfg": draw.cfg, "size": draw.size, "sampler": sampler,
+                                 "scheduler": scheduler, "guidance": guidance}
         if from_image is not None:
             given = gen.merge_source(from_image, given, draw.checkpoint is not None)
         if given["prompt"] is None:
@@ -302,17 +303,18 @@ def _just_the_command(args: list[str]) -> tuple[typer.Typer, str, list[str]]:
     """The light path of a one-shot call: `imagegen generate ...` builds the click command of
     `generate` alone (building all of them parses every command's signature), with the same
     options, help and errors. Anything else goes through the whole tree."""
-    settings = {"add_completion": False, "pretty_exceptions_enable": False, "rich_markup_mode": None}
+    settings: dict[str, Any] = {"add_completion": False, "pretty_exceptions_enable": False, "rich_markup_mode": None}
     name = args[0] if args else ""
     for info in app.registered_commands:
-        if (info.name or info.callback.__name__.lower().replace("_", "-")) == name:
+        callback_name = info.callback.__name__ if info.callback else ""
+        if (info.name or callback_name.lower().replace("_", "-")) == name:
             single = typer.Typer(**settings)
             single.registered_commands.append(info)
             return single, f"imagegen {name}", args[1:]
-    for info in app.registered_groups:
-        if info.name == name:
+    for group in app.registered_groups:
+        if group.name == name:
             holder = typer.Typer(**settings)
-            holder.registered_groups.append(info)
+            holder.registered_groups.append(group)
             return holder, "imagegen", args
     return app, "imagegen", args
 

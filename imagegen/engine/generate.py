@@ -43,10 +43,10 @@ class Request:
     count: int = 1
     output: str | None = None
     overwrite: bool = False
-    force: bool = False                                         # skip the GPU-memory check
-    fast: bool = False                                          # torch.compile + fp8 matmul (workflows.compiled)
+    force: bool = False  # skip the GPU-memory check
+    fast: bool = False  # torch.compile + fp8 matmul (workflows.compiled)
     timeouts: Timeouts = field(default_factory=Timeouts)
-    explicit_timeouts: set[str] = field(default_factory=set)   # budgets the user set: never resized
+    explicit_timeouts: set[str] = field(default_factory=set)  # budgets the user set: never resized
 
 
 def timeouts_from_env(overall: float | None = None) -> tuple[Timeouts, set[str]]:
@@ -79,21 +79,33 @@ def merge_source(image: Path, given: dict, has_checkpoint: bool) -> dict:
     if merged.get("model") is None and not has_checkpoint and found.get("model"):
         registry = Registry.load()
         if found["model"] not in registry.bundles:
-            raise ImagegenError("unknown_model", f"{image} was made with model {found['model']!r}, which is not registered here",
-                                hint="Pass the same model file with --checkpoint PATH, or register it with `imagegen models add`.")
+            raise ImagegenError(
+                "unknown_model",
+                f"{image} was made with model {found['model']!r}, which is not registered here",
+                hint="Pass the same model file with --checkpoint PATH, or register it with `imagegen models add`.",
+            )
         merged["model"] = found["model"]
     return merged
 
 
 def check_prompt(prompt: str, what: str = "prompt") -> str:
     if not prompt or not prompt.strip():
-        raise ImagegenError("invalid_prompt", f"the {what} is empty", hint='Pass the prompt as an argument: imagegen generate "a red fox".')
+        raise ImagegenError(
+            "invalid_prompt",
+            f"the {what} is empty",
+            hint='Pass the prompt as an argument: imagegen generate "a red fox".',
+        )
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise ImagegenError("invalid_prompt", f"the {what} has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+        raise ImagegenError(
+            "invalid_prompt", f"the {what} has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}"
+        )
     bad = [c for c in prompt if unicodedata.category(c) == "Cc" and c not in "\n\t"]
     if bad:
-        raise ImagegenError("invalid_prompt", f"the {what} contains control character(s) {', '.join(repr(c) for c in sorted(set(bad)))}",
-                            hint="Remove NUL and other control characters from the prompt.")
+        raise ImagegenError(
+            "invalid_prompt",
+            f"the {what} contains control character(s) {', '.join(repr(c) for c in sorted(set(bad)))}",
+            hint="Remove NUL and other control characters from the prompt.",
+        )
     return prompt.strip()
 
 
@@ -107,8 +119,11 @@ def parse_size(size: str, multiple: int = workflows.SIZE_MULTIPLE) -> tuple[int,
             raise ImagegenError("invalid_size", f"{name} {value} is outside 16..{workflows.MAX_RESOLUTION}")
         if value % multiple:
             lower = value // multiple * multiple
-            raise ImagegenError("invalid_size", f"{name} {value} is not a multiple of {multiple}",
-                                hint=f"Use {max(lower, multiple)} or {lower + multiple}.")
+            raise ImagegenError(
+                "invalid_size",
+                f"{name} {value} is not a multiple of {multiple}",
+                hint=f"Use {max(lower, multiple)} or {lower + multiple}.",
+            )
     return width, height
 
 
@@ -128,16 +143,24 @@ def resolve_bundle(request: Request, registry: Registry | None) -> Bundle:
         detected = modelfile.detect(modelfile.read_header(path))
         family = request.family or detected.family
         if family not in ("sd15", "sdxl"):
-            raise ImagegenError("invalid_model_file", f"{path.name}: cannot use it as a checkpoint (looks like {detected.family or 'an unknown model'} {detected.kind})",
-                                hint="--checkpoint takes an SD1.5 or SDXL all-in-one .safetensors; pass --family to override detection.")
+            raise ImagegenError(
+                "invalid_model_file",
+                f"{path.name}: cannot use it as a checkpoint "
+                f"(looks like {detected.family or 'an unknown model'} {detected.kind})",
+                hint="--checkpoint takes an SD1.5 or SDXL all-in-one .safetensors; "
+                "pass --family to override detection.",
+            )
         return local_bundle(path, family)
     return (registry or Registry.load()).get(request.model or DEFAULT_MODEL)
 
 
 def plan_jobs(request: Request, bundle: Bundle) -> list[workflows.Params]:
     if bundle.family == "upscale":
-        raise ImagegenError("invalid_argument", f"{bundle.name!r} is an upscale model: it enlarges images, it does not draw them",
-                            hint="Use it as a funnel's upscale stage (imagegen funnel --upscale-model NAME), or pick a drawing model.")
+        raise ImagegenError(
+            "invalid_argument",
+            f"{bundle.name!r} is an upscale model: it enlarges images, it does not draw them",
+            hint="Use it as a funnel's upscale stage (imagegen funnel --upscale-model NAME), or pick a drawing model.",
+        )
     prompt = check_prompt(request.prompt)
     negative = check_prompt(request.negative, "negative prompt") if request.negative else bundle.default("negative", "")
     if request.size:
@@ -153,11 +176,23 @@ def plan_jobs(request: Request, bundle: Bundle) -> list[workflows.Params]:
     scheduler = request.scheduler or bundle.default("scheduler", "normal")
     workflows.choices.check_up_front(sampler, scheduler)  # the worker's own lists: at submission (comfy/choices.py)
     base_seed = secrets.randbelow(2**32) if seed is None else seed
-    return [workflows.Params(prompt=prompt, negative=negative, width=width, height=height, steps=steps,
-                             cfg=cfg if cfg is not None else bundle.default("cfg", 7.0), sampler=sampler, scheduler=scheduler,
-                             seed=base_seed + i, guidance=guidance if guidance is not None else bundle.default("guidance", 3.5),
-                             filename_prefix=f"imagegen/{secrets.token_hex(4)}", fast=request.fast)
-            for i in range(count)]
+    return [
+        workflows.Params(
+            prompt=prompt,
+            negative=negative,
+            width=width,
+            height=height,
+            steps=steps,
+            cfg=cfg if cfg is not None else bundle.default("cfg", 7.0),
+            sampler=sampler,
+            scheduler=scheduler,
+            seed=base_seed + i,
+            guidance=guidance if guidance is not None else bundle.default("guidance", 3.5),
+            filename_prefix=f"imagegen/{secrets.token_hex(4)}",
+            fast=request.fast,
+        )
+        for i in range(count)
+    ]
 
 
 @dataclass
@@ -202,15 +237,32 @@ def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
     count = len(planned.jobs)
     if each is not None:
         check_overall_cap(request, each * count, f"{count} image(s) with {bundle.name} on {worker.name}")
-        reporter.status(f"rendering {count} image(s) with {bundle.name} on {worker.name}: about {each * count:.0f}s "
-                        "(from earlier runs)")
+        reporter.status(
+            f"rendering {count} image(s) with {bundle.name} on {worker.name}: about {each * count:.0f}s "
+            "(from earlier runs)"
+        )
     reporter.job(f"{bundle.name} {first.width}x{first.height}")
-    jobs = [Job(key=str(index), bundle=bundle, params=params, targets=[target])  # type: ignore[list-item]  # None: stdout
-            for index, (params, target) in enumerate(zip(planned.jobs, planned.targets, strict=True))]
-    scheduler = Scheduler(runtime, [worker.slot], jobs, lambda outcome: None, lambda job, state: budgets,
-                          {bundle.name: cache.file_hashes(bundle)}, local_dirs(bundle), overwrite=request.overwrite,
-                          depth=count, max_attempts=1, max_restarts=0, reporter=reporter, force=True,
-                          session_timeouts=budgets, handles={worker.slot: worker})
+    jobs = [
+        Job(key=str(index), bundle=bundle, params=params, targets=[target])  # type: ignore[list-item]  # None: stdout
+        for index, (params, target) in enumerate(zip(planned.jobs, planned.targets, strict=True))
+    ]
+    scheduler = Scheduler(
+        runtime,
+        [worker.slot],
+        jobs,
+        lambda outcome: None,
+        lambda job, state: budgets,
+        {bundle.name: cache.file_hashes(bundle)},
+        local_dirs(bundle),
+        overwrite=request.overwrite,
+        depth=count,
+        max_attempts=1,
+        max_restarts=0,
+        reporter=reporter,
+        force=True,
+        session_timeouts=budgets,
+        handles={worker.slot: worker},
+    )
     yield from in_order(scheduler.stream())
 
 
@@ -247,7 +299,7 @@ def check_cap_before_start(planned: Plan, runtime) -> None:
         check_overall_cap(planned.request, least * count, f"{count} image(s) with {planned.bundle.name} on {device}")
 
 
-TIMEOUT_SLACK = 2.0   # refuse a --timeout when earlier runs say the call needs more than this many times it
+TIMEOUT_SLACK = 2.0  # refuse a --timeout when earlier runs say the call needs more than this many times it
 
 
 def check_overall_cap(request: Request, estimate: float, what: str) -> None:
@@ -256,10 +308,13 @@ def check_overall_cap(request: Request, estimate: float, what: str) -> None:
     if "overall" not in request.explicit_timeouts or estimate <= TIMEOUT_SLACK * request.timeouts.overall:
         return
     cap = request.timeouts.overall
-    raise ImagegenError("invalid_argument", f"--timeout {cap:g}s is far below the {estimate:.0f}s that {what} took in earlier "
-                        "runs (the learned estimate)",
-                        hint=f"Pass --timeout {math.ceil(estimate * 1.5)} or more, or use fewer --steps, a smaller --size or "
-                             "--count.", estimate_seconds=round(estimate, 1), timeout_seconds=cap)
+    raise ImagegenError(
+        "invalid_argument",
+        f"--timeout {cap:g}s is far below the {estimate:.0f}s that {what} took in earlier runs (the learned estimate)",
+        hint=f"Pass --timeout {math.ceil(estimate * 1.5)} or more, or use fewer --steps, a smaller --size or --count.",
+        estimate_seconds=round(estimate, 1),
+        timeout_seconds=cap,
+    )
 
 
 def generate(request: Request, runtime, reporter: Reporter, registry: Registry | None = None, fetch=None):
@@ -272,8 +327,11 @@ def make_loadable(bundle: Bundle, runtime, fetch) -> None:
     their own models folders: nothing is sent to them, so a local file cannot be used there."""
     local = [f.local_path for f in bundle.files.values() if f.local_path]
     if local and not getattr(runtime, "reads_local_files", True):
-        raise ImagegenError("invalid_argument", f"remote workers cannot read the local file {local[0]}",
-                            hint="Use a registered model the remote workers hold (under the same file name), or another --runtime.")
+        raise ImagegenError(
+            "invalid_argument",
+            f"remote workers cannot read the local file {local[0]}",
+            hint="Use a registered model the remote workers hold (under the same file name), or another --runtime.",
+        )
     if getattr(runtime, "uses_host_cache", True):
         cache.ensure_bundle(bundle, fetch=fetch)
 
@@ -299,7 +357,9 @@ def check_fast_toolchain(runtime, fast: bool) -> None:
     if not headers.is_file():
         missing.append(f"Python's headers ({headers})")
     if missing:
-        raise ImagegenError("fast_unavailable", f"--fast compiles the model on this machine, which lacks {' and '.join(missing)}")
+        raise ImagegenError(
+            "fast_unavailable", f"--fast compiles the model on this machine, which lacks {' and '.join(missing)}"
+        )
 
 
 def check_gpu_memory(bundle: Bundle, params: workflows.Params) -> None:
@@ -309,7 +369,9 @@ def check_gpu_memory(bundle: Bundle, params: workflows.Params) -> None:
 
     found = gpus.list_gpus()
     if found:
-        Router([], Registry.load()).check_feasible([(bundle, params)], [g.memory_total_mib * 1024 * 1024 for g in found])
+        Router([], Registry.load()).check_feasible(
+            [(bundle, params)], [g.memory_total_mib * 1024 * 1024 for g in found]
+        )
 
 
 def local_dirs(bundle: Bundle) -> set[str]:

@@ -8,8 +8,9 @@ import io
 import json
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import requests
 
@@ -30,16 +31,31 @@ def request_timeout() -> float:
     return REQUEST_TIMEOUT if REQUEST_TIMEOUT is not None else env_float("IMAGEGEN_TIMEOUT_REQUEST", 30.0, minimum=0.1)
 
 
-def image_parameters(bundle: Bundle, params: workflows.Params, hashes: dict | None = None,
-                     comfyui_version: str | None = None) -> dict:
+def image_parameters(
+    bundle: Bundle, params: workflows.Params, hashes: dict | None = None, comfyui_version: str | None = None
+) -> dict:
     """The parameters record an image carries: enough to reproduce it with --from. `comfyui_version`:
     the worker's (ComfyClient.comfyui_version), the pinned one when the worker does not say."""
     hashes = hashes or {}
-    record = {"prompt": params.prompt, "negative": params.negative, "model": bundle.name, "family": bundle.family,
-              "seed": params.seed, "width": params.width, "height": params.height, "steps": params.steps,
-              "cfg": params.cfg, "sampler": params.sampler, "scheduler": params.scheduler,
-              "denoise": params.denoise, "imagegen_version": __version__, "comfyui_version": comfyui_version or COMFYUI_VERSION,
-              "files": {role: {"name": f.filename, "sha256": hashes.get(role) or f.sha256} for role, f in bundle.files.items()}}
+    record: dict[str, Any] = {
+        "prompt": params.prompt,
+        "negative": params.negative,
+        "model": bundle.name,
+        "family": bundle.family,
+        "seed": params.seed,
+        "width": params.width,
+        "height": params.height,
+        "steps": params.steps,
+        "cfg": params.cfg,
+        "sampler": params.sampler,
+        "scheduler": params.scheduler,
+        "denoise": params.denoise,
+        "imagegen_version": __version__,
+        "comfyui_version": comfyui_version or COMFYUI_VERSION,
+        "files": {
+            role: {"name": f.filename, "sha256": hashes.get(role) or f.sha256} for role, f in bundle.files.items()
+        },
+    }
     if bundle.family == "flux":
         record["guidance"] = params.guidance
     if params.fast:
@@ -53,11 +69,12 @@ def image_parameters(bundle: Bundle, params: workflows.Params, hashes: dict | No
 def is_resident(bundle: Bundle, worker_info: dict) -> bool:
     """Whether the worker's last job used this bundle's model, so it is likely still loaded."""
     main = bundle.files.get("checkpoint") or bundle.files.get("diffusion_model")
-    return bool(main) and worker_info.get("last_model") == main.filename
+    return main is not None and worker_info.get("last_model") == main.filename
 
 
-def job_budgets(bundle: Bundle, params: workflows.Params, device: str, resident: bool, base: Timeouts,
-                explicit: set[str]) -> Timeouts:
+def job_budgets(
+    bundle: Bundle, params: workflows.Params, device: str, resident: bool, base: Timeouts, explicit: set[str]
+) -> Timeouts:
     """Budgets sized from the bytes to load (more when the model is not resident) and learned step times."""
     size = 0
     for file in bundle.files.values():
@@ -72,32 +89,49 @@ def timing_name(bundle: Bundle, params: workflows.Params) -> str:
     return f"{bundle.name}+fast" if params.fast else bundle.name
 
 
-def save_outputs(client, entry: dict, bundle: Bundle, params: workflows.Params, targets: list[Path | None], worker,
-                 overwrite: bool, hashes: dict, submitted: float, learn: bool = True,
-                 warn: Callable[[str], None] | None = None) -> list[dict]:
+def save_outputs(
+    client,
+    entry: dict,
+    bundle: Bundle,
+    params: workflows.Params,
+    targets: list[Path | None],
+    worker,
+    overwrite: bool,
+    hashes: dict,
+    submitted: float,
+    learn: bool = True,
+    warn: Callable[[str], None] | None = None,
+) -> list[dict]:
     """Fetch a finished job's images, tag them with their parameters, write them atomically, and
     learn from its timings (learn=False: a fast-mode job that compiled, whose times say nothing).
     A latent batch gives one image per target, in batch order. `warn` hears of a flat black image."""
     refs = output_images(entry)
     if len(refs) < len(targets):
-        raise ImagegenError("execution_failed", f"ComfyUI finished the job but saved {len(refs)} of {len(targets)} image(s)")
+        raise ImagegenError(
+            "execution_failed", f"ComfyUI finished the job but saved {len(refs)} of {len(targets)} image(s)"
+        )
     phase_times = entry.get("imagegen_phase_times", {})
     if learn:
-        timings.record(timing_name(bundle, params), params.width, params.height, worker.device, phase_times, params.steps)
+        timings.record(
+            timing_name(bundle, params), params.width, params.height, worker.device, phase_times, params.steps
+        )
     records = []
-    for index, (ref, target) in enumerate(zip(refs, targets)):
+    for index, (ref, target) in enumerate(zip(refs, targets, strict=False)):
         fetch_started = time.monotonic()
         data = client.fetch_file(ref)
         fetched = time.monotonic()
         if warn is not None and looks_blank(data):
-            warn(f"{target or 'the image'} is one flat, nearly black colour: the VAE likely decoded NaNs (a broken fp16 "
-                 "VAE does this). Try without --fast, a bundle with an fp32 VAE, or another model.")
+            warn(
+                f"{target or 'the image'} is one flat, nearly black colour: the VAE likely decoded NaNs (a broken fp16 "
+                "VAE does this). Try without --fast, a bundle with an fp32 VAE, or another model."
+            )
         record = image_parameters(bundle, params, hashes, client.comfyui_version())
         record["width"], record["height"] = png.png_size(data)  # an upscale's size is its input's times the scale
         if params.batch_size > 1:
             record.update(batch_size=params.batch_size, batch_index=index)
-        data = png.add_text_chunks(data, {"parameters": png.a1111_parameters(record),
-                                             "imagegen": json.dumps(record, sort_keys=True)})
+        data = png.add_text_chunks(
+            data, {"parameters": png.a1111_parameters(record), "imagegen": json.dumps(record, sort_keys=True)}
+        )
         try:
             if target is None:
                 output.write_stdout(data)
@@ -107,10 +141,21 @@ def save_outputs(client, entry: dict, bundle: Bundle, params: workflows.Params, 
             raise  # the reader of stdout went away: the whole call ends, not only this job
         except OSError as exc:
             raise as_error(exc, str(target or "stdout")) from exc
-        records.append({"schema": output.RESULT_SCHEMA, "path": str(target) if target else "-", **record,
-                        "worker": worker.name, "device": worker.device,
-                        "timings": {**{k: round(v, 3) for k, v in phase_times.items()}, "fetch": round(fetched - fetch_started, 3),
-                                    "write": round(time.monotonic() - fetched, 3), "since_submit": round(time.monotonic() - submitted, 3)}})
+        records.append(
+            {
+                "schema": output.RESULT_SCHEMA,
+                "path": str(target) if target else "-",
+                **record,
+                "worker": worker.name,
+                "device": worker.device,
+                "timings": {
+                    **{k: round(v, 3) for k, v in phase_times.items()},
+                    "fetch": round(fetched - fetch_started, 3),
+                    "write": round(time.monotonic() - fetched, 3),
+                    "since_submit": round(time.monotonic() - submitted, 3),
+                },
+            }
+        )
     return records
 
 
@@ -140,7 +185,7 @@ def _clearly_varied(data: bytes) -> bool:
     return len(set(head)) > 32
 
 
-BLANK_LEVEL = 8                                   # out of 255: "very dark"
+BLANK_LEVEL = 8  # out of 255: "very dark"
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
@@ -153,10 +198,15 @@ def as_error(exc: BaseException, where: str = "") -> ImagegenError:
         return ImagegenError("output_closed", "stdout was closed before all output was written")
     if isinstance(exc, OSError) and exc.errno in DISK_FULL:
         place = where or exc.filename or "the output"
-        return ImagegenError("disk_full", f"no space left on the disk to write {place} ({exc.strerror or exc})",
-                             hint="Free disk space (or choose another -o folder), then run the same command again.")
+        return ImagegenError(
+            "disk_full",
+            f"no space left on the disk to write {place} ({exc.strerror or exc})",
+            hint="Free disk space (or choose another -o folder), then run the same command again.",
+        )
     if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
-        return ImagegenError("worker_unreachable", f"lost the connection to the worker: {exc.__class__.__name__}: {exc}")
+        return ImagegenError(
+            "worker_unreachable", f"lost the connection to the worker: {exc.__class__.__name__}: {exc}"
+        )
     if isinstance(exc, requests.HTTPError):
         status = exc.response.status_code if exc.response is not None else "an error"
         url = exc.response.url if exc.response is not None else "a request"

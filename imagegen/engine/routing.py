@@ -24,11 +24,11 @@ MIB = 1024 * 1024
 # ~2 GB). Estimates, not measurements: --force runs a job anyway.
 ACTIVATION_BYTES_PER_PIXEL = {"sd15": 4000, "sdxl": 2500, "flux": 2000, "upscale": 50}  # upscales run in 512px tiles
 TEXT_ENCODER_ROLES = ("t5", "clip_l")
-RUNTIME_OVERHEAD = 600 * MIB        # CUDA context, ComfyUI, allocator slack
-QUALITY_PIXELS = 1024 * 1024        # at or above this size a job is quality work
-SLOW_FACTOR = 5.0                   # this many times slower than its own history: unhealthy
-OVERFLOW_MARGIN = 1.10              # a slower worker takes quality work if it finishes within 10%
-SPEEDS = "speeds.json"              # learned speed per GPU (or worker), in the state dir
+RUNTIME_OVERHEAD = 600 * MIB  # CUDA context, ComfyUI, allocator slack
+QUALITY_PIXELS = 1024 * 1024  # at or above this size a job is quality work
+SLOW_FACTOR = 5.0  # this many times slower than its own history: unhealthy
+OVERFLOW_MARGIN = 1.10  # a slower worker takes quality work if it finishes within 10%
+SPEEDS = "speeds.json"  # learned speed per GPU (or worker), in the state dir
 
 
 def _role_bytes(bundle) -> dict[str, int]:
@@ -69,8 +69,10 @@ def host_memory_bytes() -> int:
 
 def fp8_hint(bundle, registry) -> str:
     """Name a smaller variant of the same family, when the registry has one."""
-    smaller = sorted((b for b in registry.bundles.values() if b.family == bundle.family and model_bytes(b) < model_bytes(bundle)),
-                     key=model_bytes)
+    smaller = sorted(
+        (b for b in registry.bundles.values() if b.family == bundle.family and model_bytes(b) < model_bytes(bundle)),
+        key=model_bytes,
+    )
     fp8 = [b for b in smaller if "fp8" in b.name or any("fp8" in f.filename for f in b.files.values())]
     pick = (fp8 or smaller)[:1]
     return f" Try the smaller variant {pick[0].name!r} ({model_bytes(pick[0]) / 1e9:.1f} GB)." if pick else ""
@@ -105,8 +107,11 @@ class Router:
                     "insufficient_gpu_memory",
                     f"{bundle.name} at {params.width}x{params.height} (batch {params.batch_size}) needs about "
                     f"{need / 1e9:.1f} GB but the largest GPU here has {largest / 1e9:.1f} GB.{hint}",
-                    hint="Use a smaller --size or model, or pass --force to try anyway (ComfyUI may offload weights, slowly).",
-                    needed_bytes=need, largest_bytes=largest)
+                    hint="Use a smaller --size or model, or pass --force to try anyway "
+                    "(ComfyUI may offload weights, slowly).",
+                    needed_bytes=need,
+                    largest_bytes=largest,
+                )
 
     # --- speed --------------------------------------------------------------------
     @staticmethod
@@ -140,9 +145,13 @@ class Router:
             return prefer_loaded_model(worker, drafts)  # learn this worker's speed on small work first
         for job in (j for j in eligible if is_quality(j)):
             mine = self.finish_time(job, worker)
-            rivals = [self.finish_time(job, w) for w in self.workers if w is not worker and self.active(w) and self.fits(job, w)]
-            rivals = [t for t in rivals if t is not None]
-            if mine is None or not rivals or mine <= min(rivals) * OVERFLOW_MARGIN:
+            rivals = [
+                self.finish_time(job, w)
+                for w in self.workers
+                if w is not worker and self.active(w) and self.fits(job, w)
+            ]
+            known = [t for t in rivals if t is not None]
+            if mine is None or not known or mine <= min(known) * OVERFLOW_MARGIN:
                 return job
         return prefer_loaded_model(worker, drafts) if drafts else None
 

@@ -87,8 +87,8 @@ ERROR = {
     "properties": {
         "schema": _tag(ERROR_SCHEMA),
         "code": {"description": "A stable snake_case code; each is listed with its meaning and exit code.",
-                 "oneOf": [{"const": code, "description": f"{kind.meaning} (exit {kind.exit_code})"} for code,
-                           kind in ERRORS.items()]},
+                 "oneOf": [{"const": code, "description": f"{kind.meaning} (exit {kind.exit_code})"}
+                           for code, kind in ERRORS.items()]},
         "message": {"type": "string"},
         "hint": {"type": "string", "description": "What to do next, often a command to run."},
         "exit_code": {"enum": sorted({kind.exit_code for kind in ERRORS.values()})},
@@ -160,4 +160,4 @@ WORKER = {
     },
 }
 
-SCHEMAS = {schema["$id"]: schema for schema in (RESULT, ERROR, MODEL, WORKER)}
+SCHEMAS: dict[str, dict] = {str(schema["$id"]): schema for schema in (RESULT, ERROR, MODEL, WORKER)}

@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 from imagegen import __version__
@@ -48,19 +49,29 @@ def connect():
     except DockerException as exc:
         text = str(exc)
         if "Permission denied" in text or "PermissionError" in text:
-            raise ImagegenError("docker_permission", f"permission denied on the Docker socket ({os.environ.get('DOCKER_HOST', '/var/run/docker.sock')})") from exc
-        raise ImagegenError("docker_unavailable", f"the Docker daemon is not reachable: {text.splitlines()[0][:200]}") from exc
+            raise ImagegenError(
+                "docker_permission",
+                f"permission denied on the Docker socket ({os.environ.get('DOCKER_HOST', '/var/run/docker.sock')})",
+            ) from exc
+        raise ImagegenError(
+            "docker_unavailable", f"the Docker daemon is not reachable: {text.splitlines()[0][:200]}"
+        ) from exc
 
 
 class DockerRuntime:
     name = "docker"
     uses_host_cache = True
     can_restart = True
-    compiles_on_host = False   # the image brings its own compiler
-    reads_local_files = True   # mounted into the container at the same path
+    compiles_on_host = False  # the image brings its own compiler
+    reads_local_files = True  # mounted into the container at the same path
 
-    def __init__(self, keep_warm: float | None = None, start_timeout: float | None = None,
-                 image: str | None = None, shared_models: list[Path] | None = None):
+    def __init__(
+        self,
+        keep_warm: float | None = None,
+        start_timeout: float | None = None,
+        image: str | None = None,
+        shared_models: list[Path] | None = None,
+    ):
         self.keep_warm = default_keep_warm() if keep_warm is None else keep_warm
         self.start_timeout = default_start_timeout() if start_timeout is None else start_timeout
         self.image = image or IMAGE
@@ -98,11 +109,18 @@ class DockerRuntime:
             token = self._token_path(slot).read_text().strip()
         except OSError:
             return None
-        return WorkerHandle(name=container.name, url=url, token=token, device=container.labels.get("imagegen.device", "cpu"),
-                            runtime=self.name, slot=slot, started_here=started_here,
-                            info={"container": container.id[:12], "image": self.image})
+        return WorkerHandle(
+            name=container.name,
+            url=url,
+            token=token,
+            device=container.labels.get("imagegen.device", "cpu"),
+            runtime=self.name,
+            slot=slot,
+            started_here=started_here,
+            info={"container": container.id[:12], "image": self.image},
+        )
 
-    def find(self, slot: str, mounts: set[str] = frozenset()) -> WorkerHandle | None:
+    def find(self, slot: str, mounts: AbstractSet[str] = frozenset()) -> WorkerHandle | None:
         """A running worker of this slot that fits: this image and memory cap, and it sees every file
         in `mounts`. One that does not fit is left alone: someone may be using it (it idles out by
         itself), and the caller starts a separate container beside it."""
@@ -111,8 +129,11 @@ class DockerRuntime:
                 mounted = set(json.loads(container.labels.get("imagegen.mounts", "[]")))
             except ValueError:
                 continue
-            if (container.labels.get("imagegen.image") != self.image or not set(mounts) <= mounted
-                    or container.labels.get("imagegen.memory", "") != memory_limit()):
+            if (
+                container.labels.get("imagegen.image") != self.image
+                or not set(mounts) <= mounted
+                or container.labels.get("imagegen.memory", "") != memory_limit()
+            ):
                 continue
             handle = self._handle(container, slot, started_here=False)
             if handle and healthy(handle.url):
@@ -124,7 +145,7 @@ class DockerRuntime:
         return [g.uuid for g in found] or cpu_slots(cpu_workers)
 
     # --- lifecycle ------------------------------------------------------------------
-    def ensure(self, slot: str | None = None, on_status=None, mounts: set[str] = frozenset()) -> WorkerHandle:
+    def ensure(self, slot: str | None = None, on_status=None, mounts: AbstractSet[str] = frozenset()) -> WorkerHandle:
         from filelock import FileLock
 
         slot = slot or self.slots()[0]
@@ -132,7 +153,7 @@ class DockerRuntime:
         with FileLock(str(self.dir / f"docker-{slot}.lock")):
             return self.find(slot, mounts) or self._adopt(slot, mounts) or self._start(slot, set(mounts), on_status)
 
-    def _adopt(self, slot: str, mounts: set[str]) -> WorkerHandle | None:
+    def _adopt(self, slot: str, mounts: AbstractSet[str]) -> WorkerHandle | None:
         """A fitting container still starting whose owner died (a command killed mid-start): we hold
         the slot lock, so nobody else is starting it. Wait for it instead of starting another beside it."""
         from docker.errors import DockerException
@@ -145,9 +166,13 @@ class DockerRuntime:
             except (ValueError, DockerException):
                 continue
             health = container.attrs.get("State", {}).get("Health", {}).get("Status")
-            if (health == "starting" and not pid_alive(owner) and set(mounts) <= mounted
-                    and container.labels.get("imagegen.image") == self.image
-                    and container.labels.get("imagegen.memory", "") == memory_limit()):
+            if (
+                health == "starting"
+                and not pid_alive(owner)
+                and set(mounts) <= mounted
+                and container.labels.get("imagegen.image") == self.image
+                and container.labels.get("imagegen.memory", "") == memory_limit()
+            ):
                 try:
                     return self._wait_ready(container, slot)
                 except ImagegenError:
@@ -159,8 +184,11 @@ class DockerRuntime:
         from docker.types import DeviceRequest
 
         if not self.image_present():
-            raise ImagegenError("image_missing", f"the Docker image {self.image} is not built",
-                                hint="Build it with ./build-image.sh (./build-image.sh --cpu-local offline), or use --runtime local.")
+            raise ImagegenError(
+                "image_missing",
+                f"the Docker image {self.image} is not built",
+                hint="Build it with ./build-image.sh (./build-image.sh --cpu-local offline), or use --runtime local.",
+            )
         gpu = not is_cpu_slot(slot)
         if gpu and "nvidia" not in (self.client.info().get("Runtimes") or {}):
             raise ImagegenError("nvidia_runtime_missing", f"GPU {slot} was requested but Docker has no NVIDIA runtime")
@@ -176,32 +204,66 @@ class DockerRuntime:
             write_private(token_path, secrets.token_urlsafe(32))
         models_dir = paths.models_dir()
         models_dir.mkdir(parents=True, exist_ok=True)
-        volumes = {str(models_dir): {"bind": "/models", "mode": "rw"},
-                   str(token_path): {"bind": "/run/imagegen/token", "mode": "ro"}}
-        command = ["serve", "--host", "0.0.0.0", "--port", "8188", "--token-file", "/run/imagegen/token",
-                   "--keep-warm", str(self.keep_warm), "--device", "cuda" if gpu else "cpu", "--models-dir", "/models"]
+        volumes = {
+            str(models_dir): {"bind": "/models", "mode": "rw"},
+            str(token_path): {"bind": "/run/imagegen/token", "mode": "ro"},
+        }
+        command = [
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "8188",
+            "--token-file",
+            "/run/imagegen/token",
+            "--keep-warm",
+            str(self.keep_warm),
+            "--device",
+            "cuda" if gpu else "cpu",
+            "--models-dir",
+            "/models",
+        ]
         for index, tree in enumerate(self.shared_models):
             volumes[str(tree)] = {"bind": f"/shared/{index}", "mode": "ro"}
             command += ["--shared-models", f"/shared/{index}"]
         for path in sorted(mounts):  # local model files (the files, never their folders), at the same path
             volumes[path] = {"bind": path, "mode": "ro"}
-        labels = {LABEL: "1", "imagegen.slot": slot, "imagegen.device": "cuda" if gpu else "cpu",
-                  "imagegen.version": __version__, "imagegen.image": self.image, "imagegen.owner_uid": str(self.uid),
-                  "imagegen.owner_pid": str(os.getpid()), "imagegen.mounts": json.dumps(sorted(mounts)),
-                  "imagegen.started": str(int(time.time())), "imagegen.memory": memory_limit()}
+        labels = {
+            LABEL: "1",
+            "imagegen.slot": slot,
+            "imagegen.device": "cuda" if gpu else "cpu",
+            "imagegen.version": __version__,
+            "imagegen.image": self.image,
+            "imagegen.owner_uid": str(self.uid),
+            "imagegen.owner_pid": str(os.getpid()),
+            "imagegen.mounts": json.dumps(sorted(mounts)),
+            "imagegen.started": str(int(time.time())),
+            "imagegen.memory": memory_limit(),
+        }
         if on_status:
             on_status(f"starting a Docker worker ({'GPU ' + slot if gpu else 'CPU'}, image {self.image})")
         name = f"imagegen-{self.uid}-{slot[:16].lower().replace(':', '-')}-{secrets.token_hex(3)}"
         try:
             container = self.client.containers.run(
-                self.image, command, detach=True, init=True, user=f"{self.uid}:{self.gid}", name=name,
-                ports={CONTAINER_PORT: ("127.0.0.1", None)}, volumes=volumes, labels=labels,
+                self.image,
+                command,
+                detach=True,
+                init=True,
+                user=f"{self.uid}:{self.gid}",
+                name=name,
+                ports={CONTAINER_PORT: ("127.0.0.1", None)},
+                volumes=volumes,
+                labels=labels,
                 environment={"IMAGEGEN_MODELS_DIR": "/models", "HOME": "/tmp"},
-                mem_limit=memory_limit() or None, memswap_limit=memory_limit() or None,
-                device_requests=[DeviceRequest(device_ids=[slot], capabilities=[["gpu"]])] if gpu else None)
+                mem_limit=memory_limit() or None,
+                memswap_limit=memory_limit() or None,
+                device_requests=[DeviceRequest(device_ids=[slot], capabilities=[["gpu"]])] if gpu else None,
+            )
         except APIError as exc:
             self._remove_named(name)  # created but not started
-            raise ImagegenError("worker_start_failed", f"Docker refused to start the worker: {exc.explanation or exc}") from exc
+            raise ImagegenError(
+                "worker_start_failed", f"Docker refused to start the worker: {exc.explanation or exc}"
+            ) from exc
         except BaseException:
             self._remove_named(name)  # Ctrl-C between create and start must not leave it behind
             raise
@@ -223,8 +285,13 @@ class DockerRuntime:
                 return handle
             cancel.check("the worker start")  # an MCP client gave up: the container is removed
             time.sleep(0.25)
-        raise ImagegenError("timeout", f"the Docker worker was not ready within {self.start_timeout:.0f}s. Last log lines:\n{self._logs(container)}",
-                            hint="Set IMAGEGEN_START_TIMEOUT higher on a slow machine.", phase="server_start")
+        raise ImagegenError(
+            "timeout",
+            f"the Docker worker was not ready within {self.start_timeout:.0f}s. "
+            f"Last log lines:\n{self._logs(container)}",
+            hint="Set IMAGEGEN_START_TIMEOUT higher on a slow machine.",
+            phase="server_start",
+        )
 
     def diagnose(self, worker: WorkerHandle, grace: float = 10.0) -> ImagegenError | None:
         """Why a worker failed a job: its container exited (killed for memory?), or it hangs.
@@ -252,14 +319,29 @@ class DockerRuntime:
     def _death(self, container, when: str) -> ImagegenError:
         state = container.attrs["State"]
         if state.get("OOMKilled") or state.get("ExitCode") == 137:
-            how = "by the kernel's OOM killer" if state.get("OOMKilled") else "(exit 137: SIGKILL, usually the OOM killer)"
+            how = (
+                "by the kernel's OOM killer"
+                if state.get("OOMKilled")
+                else "(exit 137: SIGKILL, usually the OOM killer)"
+            )
             limit = memory_limit()
-            return ImagegenError("out_of_memory", f"the worker container was killed for memory {when} {how}"
-                                 + (f"; its memory limit is IMAGEGEN_DOCKER_MEMORY={limit}" if limit else ""),
-                                 hint=(f"Raise IMAGEGEN_DOCKER_MEMORY (now {limit}) or unset it, or use a smaller --size, --count or model."
-                                       if limit else None))
+            return ImagegenError(
+                "out_of_memory",
+                f"the worker container was killed for memory {when} {how}"
+                + (f"; its memory limit is IMAGEGEN_DOCKER_MEMORY={limit}" if limit else ""),
+                hint=(
+                    f"Raise IMAGEGEN_DOCKER_MEMORY (now {limit}) or unset it, "
+                    "or use a smaller --size, --count or model."
+                    if limit
+                    else None
+                ),
+            )
         code = "worker_start_failed" if "start-up" in when else "worker_died"
-        return ImagegenError(code, f"the worker container exited with code {state.get('ExitCode')} {when}. Last log lines:\n{self._logs(container)}")
+        return ImagegenError(
+            code,
+            f"the worker container exited with code {state.get('ExitCode')} {when}. "
+            f"Last log lines:\n{self._logs(container)}",
+        )
 
     @staticmethod
     def _logs(container, lines: int = 25) -> str:
@@ -314,8 +396,9 @@ class DockerRuntime:
         except ValueError:
             owner, started = 0, 0
         abandoned = not pid_alive(owner) and time.time() - started > self.start_timeout
-        starting = status == "created" or (status == "running" and
-                                           container.attrs.get("State", {}).get("Health", {}).get("Status") == "starting")
+        starting = status == "created" or (
+            status == "running" and container.attrs.get("State", {}).get("Health", {}).get("Status") == "starting"
+        )
         if starting and abandoned:
             self._remove(container)
             return True
@@ -333,10 +416,29 @@ class DockerRuntime:
                     info = handle.client(request_timeout=5).worker_info()
                 except ImagegenError:
                     pass
-            found.append({"name": container.name, "runtime": self.name, "slot": slot, "device": container.labels.get("imagegen.device"),
-                          "url": handle.url if handle else None, "container": container.id[:12],
-                          "healthy": bool(handle and healthy(handle.url)),
-                          **{k: info.get(k) for k in ("gpu", "it_per_s", "last_model", "idle_seconds", "jobs_done", "keep_warm", "imagegen_version")}})
+            found.append(
+                {
+                    "name": container.name,
+                    "runtime": self.name,
+                    "slot": slot,
+                    "device": container.labels.get("imagegen.device"),
+                    "url": handle.url if handle else None,
+                    "container": container.id[:12],
+                    "healthy": bool(handle and healthy(handle.url)),
+                    **{
+                        k: info.get(k)
+                        for k in (
+                            "gpu",
+                            "it_per_s",
+                            "last_model",
+                            "idle_seconds",
+                            "jobs_done",
+                            "keep_warm",
+                            "imagegen_version",
+                        )
+                    },
+                }
+            )
         return found
 
     def stop(self, slot: str | None = None) -> list[str]:
