@@ -247,8 +247,8 @@ def main() -> int:
         f"Machine: {c.machine()}; {c.comfyui_version()}. Load average {load_before:.2f} at the start, "
         f"{min(loads):.2f}–{max(loads):.2f} during the runs; {other.describe()} (the machine is shared).  ",
         "Workload: " + (f"model `{args.model}`, " if args.model else
-                        f"{'`' + bench.checkpoint.name + '`' if args.checkpoint else 'tiny random-weight SD1.5 checkpoint'} "
-                        f"({bench.checkpoint.stat().st_size / 1e6:.0f} MB) registered as a user model, ") +
+                        (f"`{bench.checkpoint.name}`" if args.checkpoint else "tiny random-weight SD1.5 checkpoint")
+                        + f" ({bench.checkpoint.stat().st_size / 1e6:.0f} MB) registered as a user model, ") +
         f"{args.size}, {args.steps} steps; {args.runs} cold starts of each kind taking turns, {cache_note}.", "",
         c.md_table(["phase (seconds, medians)", "`imagegen generate`, no worker running",
                     "ComfyUI started by hand + graph posted",

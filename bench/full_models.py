@@ -64,6 +64,7 @@ from pathlib import Path
 MODELS = ("sd15", "sdxl", "flux-dev")
 SCALES = ("full", "small")
 STD = 0.02
+VAE_REGULARIZER = "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"  # the SD3/Flux VAE's latent sampling
 # safetensors dtype codes and sizes
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "I64": 8}
 # Published sizes of the real files (the built-in models.yaml), which the full builds match to within their headers
@@ -235,7 +236,7 @@ def flux_vae_specs(dtype: str = "F32") -> list[TensorSpec]:
 
     ddconfig = {**SD_VAE, "z_channels": 16}
     with _meta():
-        vae = AutoencodingEngine(regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+        vae = AutoencodingEngine(regularizer_config={"target": VAE_REGULARIZER},
                                  encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder",
                                                  "params": ddconfig},
                                  decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder",
@@ -273,7 +274,8 @@ def clip_g_open_clip_specs(prefix: str = "conditioner.embedders.1.model.") -> li
     specs = []
     for name, tensor in converted.items():
         short = name[len("clip_g."):]
-        kind = "zeros" if short.endswith("bias") else "ones" if "ln_" in short and short.endswith("weight") else "normal"
+        kind = ("zeros" if short.endswith("bias") else "ones" if "ln_" in short and short.endswith("weight")
+                else "normal")
         specs.append(TensorSpec(prefix + short, tuple(tensor.shape), "F16", kind))
     layers = model.num_layers
     assert len(specs) == len(init) - 4 * layers, "q/k/v weights and biases should merge into in_proj_*"
@@ -636,7 +638,8 @@ def verify_layout(model: str, scale: str = "full", flux_dtype: str = "bf16") -> 
             target = comfy.text_encoders.flux.flux_clip(**comfy.sd.t5xxl_detect([sd]))
             with _meta():
                 clip = target(device="meta", dtype=torch.float16)
-            sub = clip.clip_l.transformer if "text_model.encoder.layers.1.mlp.fc1.weight" in sd else clip.t5xxl.transformer
+            sub = (clip.clip_l.transformer if "text_model.encoder.layers.1.mlp.fc1.weight" in sd
+                   else clip.t5xxl.transformer)
             entry["routed_to"] = "clip_l" if sub is clip.clip_l.transformer else "t5xxl"
             entry["keys"] = compare(keys_of(sub), sd)
             if spec.role == "t5":
@@ -658,7 +661,7 @@ def _vae_compare(sd: dict, compare) -> dict:
         if "post_quant_conv.weight" in sd:
             vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=sd["post_quant_conv.weight"].shape[1])
         else:
-            vae = AutoencodingEngine(regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            vae = AutoencodingEngine(regularizer_config={"target": VAE_REGULARIZER},
                                      encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder",
                                                      "params": ddconfig},
                                      decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder",

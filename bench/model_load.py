@@ -233,9 +233,10 @@ def main() -> int:
                     "ComfyUI CheckpointLoaderSimple (in a warm worker)",
                     "whole job, s", "ComfyUI / cat"], rows, "---|---|---:|---:|---:|---:"), "",
         "How to read it:", "",
-        "- The ComfyUI figure is the loader node alone (websocket `executing` events around it) in a CPU worker: read "
-        "the",
-        "  safetensors file, build the UNet, CLIP and VAE, and copy the fp16 weights into fp32 modules (CPU runs fp32).",
+        "- The ComfyUI figure is the loader node alone (websocket `executing` events around it) in a CPU worker: "
+        "read the",
+        "  safetensors file, build the UNet, CLIP and VAE, and copy the fp16 weights into fp32 modules "
+        "(CPU runs fp32).",
         "  *Whole job* adds ComfyUI's graph handling and the trivial output node.",
         "- *Dropped first* drops this VM's page cache; the host behind its virtual disk may still cache the file, so",
         "  the cold `cat` figure is the disk as this machine sees it, not necessarily a physical disk's speed.",

@@ -68,10 +68,12 @@ while True:
             break
 entry = requests.get(base + "/history/" + pid, headers=h).json()[pid]
 ref = [i for o in entry["outputs"].values() for i in o.get("images", [])][0]
-data = requests.get(base + "/view", params={"filename": ref["filename"], "subfolder": ref["subfolder"], "type": ref["type"]}, headers=h).content
+data = requests.get(base + "/view", params={"filename": ref["filename"], "subfolder": ref["subfolder"],
+                                           "type": ref["type"]}, headers=h).content
 open(out, "wb").write(data)
 """
-IMPORTS = "import imagegen.cli.main, imagegen.engine.generate, imagegen.runtimes.base, imagegen.comfy.client, imagegen.models.fetch, websocket, filelock"
+IMPORTS = ("import imagegen.cli.main, imagegen.engine.generate, imagegen.runtimes.base, imagegen.comfy.client, "
+           "imagegen.models.fetch, websocket, filelock")
 
 
 @dataclass
@@ -327,8 +329,8 @@ def breakdown(bench: Bench, runs: int) -> list[list[str]]:
         theirs["POST /prompt"].append(marks["posted"] - marks["submit"])
         theirs["GET /history (polls while running + the final one)"].append(marks["history"] - marks["done"])
         theirs["GET /view (fetch the PNG)"].append(marks["fetched"] - marks["history"])
-        theirs["write (imagegen: temp file, fsync, link; bare: plain write)"].append(marks["written"]
-                                                                                     - marks["fetched"])
+        theirs["write (imagegen: temp file, fsync, link; bare: plain write)"].append(
+            marks["written"] - marks["fetched"])
         theirs[BEFORE].append(begin - started)
         theirs[INSIDE].append(end - begin)
         theirs[AFTER].append(ended - end)
@@ -427,7 +429,8 @@ def main() -> int:
         figures[name] = extra
         met = "—" if name == "bare" else ("yes" if extra <= goal else "**no**")
         if versus_script is not None:
-            met += f"; vs the bare script: {'yes' if versus_script <= goal else '**no**'} ({versus_script * 1000:+.0f} ms)"
+            met += (f"; vs the bare script: {'yes' if versus_script <= goal else '**no**'} "
+                    f"({versus_script * 1000:+.0f} ms)")
         rates = [(args.steps - 1) / s.sampling for s in samples if s.sampling]
         rows.append([LABELS[name], c.spread([s.wall for s in samples]), ms([s.span for s in samples]),
                      f"{statistics.median(rates):.2f}" if rates and args.steps > 1 else "—",
@@ -462,21 +465,24 @@ def main() -> int:
         "one above):", "",
         c.md_table(["command", "wall, ms: median [p25–p75]", "CPU, ms"], process_rows), "",
         f"Where an image's time goes, in-process path against the bare client (instrumented pass, {traced} images "
-        "each, "
-        "medians in ms, calls per image; the pieces overlap where one calls another):", "",
+        "each, medians in ms, calls per image; the pieces overlap where one calls another):", "",
         c.md_table(["piece", "`generate()`", "calls", "bare client"], split_rows, "---|---:|---:|---:"), "",
         "How to read it:", "",
         "- *Inside ComfyUI* is the job's execution span from ComfyUI's own history timestamps (execution_start →",
         "  execution_success); *outside* is the wall time minus that span: submitting, queue pickup, noticing the end,",
-        "  fetching and writing. A path's overhead is its outside median minus the bare client's, so the sampling noise",
+        "  fetching and writing. A path's overhead is its outside median minus the bare client's, so the sampling "
+        "noise",
         "  of a busy machine cancels; the paired wall differences (same round) say the same, more noisily.",
         "- *it/s*: (steps − 1) over the span from the first progress event to the node after the sampler, the same",
         "  span the client's `sampling` phase covers (the CLI's from its --json record).",
-        "- *Client CPU* is the CPU time of the client (this process for the in-process paths, the child process for the",
-        "  script and the CLI); *proxy CPU* that of the worker process, which relays every request and websocket frame.",
+        "- *Client CPU* is the CPU time of the client (this process for the in-process paths, the child process for "
+        "the",
+        "  script and the CLI); *proxy CPU* that of the worker process, which relays every request and websocket "
+        "frame.",
         f"- The goal (issue 9) is at most 3 % or 50 ms per image, whichever is larger: here {goal * 1000:.0f} ms.",
         "- The *bare client* keeps one HTTP session and one websocket open in this process: the strictest baseline.",
-        "  The *bare script* is the same few lines as a new process per image (Python, requests, websocket-client), the",
+        "  The *bare script* is the same few lines as a new process per image (Python, requests, websocket-client), "
+        "the",
         "  fair baseline for a CLI that also starts a process per image.",
         "- The CLI's figure includes a new Python process per image (interpreter, imports — typer, requests and",
         "  urllib3, yaml — and argument parsing); the in-process figure is what each further image costs",

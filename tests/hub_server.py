@@ -3,9 +3,9 @@
 `HEAD /{repo}/resolve/{revision}/{path}` answers like the real hub does for an LFS file: a 302 to a
 content URL with `X-Repo-Commit`, `X-Linked-Etag` (the sha256, quoted) and `X-Linked-Size`; the
 content URL (`/cdn/<sha256>`, on a second port: another origin, like the hub's CDN, so clients
-neither follow the HEAD redirect nor send the token there) serves the bytes with `Range` support (206). With `redirect=False`
-the resolve URL serves the bytes itself (`ETag`, `Content-Length`). Point huggingface_hub at it with
-`HF_ENDPOINT=hub.url`.
+neither follow the HEAD redirect nor send the token there) serves the bytes with `Range` support
+(206). With `redirect=False` the resolve URL serves the bytes itself (`ETag`, `Content-Length`).
+Point huggingface_hub at it with `HF_ENDPOINT=hub.url`.
 
 Faults, set as attributes between requests:
   cut_at, cut_times  close the connection once the body reaches byte `cut_at`, for the next N GETs

@@ -98,8 +98,8 @@ def test_bad_input_exits_2_before_any_worker_starts(env, tiny_sd15, tmp_path):
         result = run_cli("generate", "x", *extra, *args, "--json", env=home)
         assert result.returncode == 2, result.stderr.decode()
         assert json.loads(result.stderr.decode().splitlines()[-1])["code"] == code
-    assert not (tmp_path / "fresh" / "state"
-                / "workers").exists() or not list((tmp_path / "fresh" / "state" / "workers").glob("*.json"))
+    workers_dir = tmp_path / "fresh" / "state" / "workers"
+    assert not workers_dir.exists() or not list(workers_dir.glob("*.json"))
 
 
 def idat(path) -> bytes:
@@ -114,9 +114,10 @@ def test_same_parameters_same_pixels_and_from_reproduces(env, tiny_sd15, tmp_pat
                      str(tmp_path / "b.png"), env=env)
     other = run_cli("generate", "a reproducible fox", *common, "--seed", "4243", "--negative", "blur", "-o",
                     str(tmp_path / "c.png"), env=env)
-    assert first.returncode == second.returncode == other.returncode == 0, first.stderr.decode() + second.stderr.decode()
-    assert idat(tmp_path / "a.png") == idat(tmp_path
-                                            / "b.png"), "same parameters on the same worker must give the same pixels"
+    assert first.returncode == second.returncode == other.returncode == 0, \
+        first.stderr.decode() + second.stderr.decode()
+    assert idat(tmp_path / "a.png") == idat(tmp_path / "b.png"), \
+        "same parameters on the same worker must give the same pixels"
     assert idat(tmp_path / "a.png") != idat(tmp_path / "c.png"), "a different seed must change the pixels"
     again = run_cli("generate", "--from", str(tmp_path / "a.png"), "--checkpoint", str(tiny_sd15), "-o",
                     str(tmp_path / "d.png"),
@@ -147,8 +148,8 @@ def test_fast_mode_without_a_compiler_fails_before_any_worker_starts(tiny_sd15, 
                      str(tmp_path / "fox.png"), env=env)
     error = json.loads(result.stderr.decode().splitlines()[-1])
     assert result.returncode == 2 and error["code"] == "fast_unavailable", result.stderr.decode()
-    assert not (tmp_path / "home" / "state"
-                / "workers").exists() or not any((tmp_path / "home" / "state" / "workers").glob("*.json"))
+    workers_dir = tmp_path / "home" / "state" / "workers"
+    assert not workers_dir.exists() or not any(workers_dir.glob("*.json"))
 
 
 def test_fast_mode_keeps_the_pixels_and_caches_compiled_kernels_in_the_model_cache(env, tiny_sd15, tmp_path):
@@ -165,8 +166,8 @@ def test_fast_mode_keeps_the_pixels_and_caches_compiled_kernels_in_the_model_cac
     pixels = [numpy.asarray(Image.open(tmp_path / name), dtype=float) for name in ("plain.png", "fast.png")]
     assert numpy.abs(pixels[0] - pixels[1]).mean() < 1.0, "compiling must not change what the model draws"
     cache = Path(env["IMAGEGEN_HOME"]) / "models" / ".compile-cache" / "inductor"
-    assert cache.is_dir() and any(path.is_file()
-                                  for path in cache.rglob("*")), "inductor's cache belongs in the model cache"
+    assert cache.is_dir() and any(path.is_file() for path in cache.rglob("*")), \
+        "inductor's cache belongs in the model cache"
 
 
 def test_png_bytes_to_a_closed_pipe_exit_141(env, tiny_sd15):
@@ -187,7 +188,8 @@ def test_stop_by_name_stops_that_worker(env):
     running = workers(env)
     assert running
     refused = run_cli("stop", "no-such-worker", "--json", env=env)
-    assert refused.returncode == 2 and json.loads(refused.stderr.decode().splitlines()[-1])["code"] == "invalid_argument"
+    assert refused.returncode == 2
+    assert json.loads(refused.stderr.decode().splitlines()[-1])["code"] == "invalid_argument"
     assert [w["pid"] for w in workers(env)] == [w["pid"] for w in running], "a refused stop stops nothing"
     result = run_cli("stop", running[0]["name"], env=env)
     assert result.returncode == 0 and f"stopped 1 worker(s): {running[0]['name']}" in result.stderr.decode()

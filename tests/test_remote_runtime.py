@@ -98,7 +98,8 @@ def test_loopback_https_and_tokenless_entries_need_no_opt_in(monkeypatch):
 def test_bad_entries_are_usage_errors(entry, fragment):
     with pytest.raises(ImagegenError) as caught:
         parse_entries(entry)
-    assert caught.value.code == "invalid_argument" and fragment in caught.value.message and "IMAGEGEN_REMOTE_WORKERS" in caught.value.hint
+    assert caught.value.code == "invalid_argument" and fragment in caught.value.message
+    assert "IMAGEGEN_REMOTE_WORKERS" in caught.value.hint
 
 
 def test_no_entries_means_the_runtime_is_unavailable(monkeypatch):
@@ -168,7 +169,8 @@ def test_workers_lists_every_entry_and_never_shows_a_token():
         runtime = RemoteRuntime([sim.entry, dead.entry], request_timeout=2)
         listed = runtime.workers()
         assert [(w["slot"], w["healthy"]) for w in listed] == [("remote-1", True), ("remote-2", False)]
-        assert listed[0]["gpu"]["name"] == "RTX A4000" and listed[0]["device"] == "cuda" and listed[0]["runtime"] == "remote"
+        assert listed[0]["gpu"]["name"] == "RTX A4000" and listed[0]["device"] == "cuda"
+        assert listed[0]["runtime"] == "remote"
         assert "connection refused" in listed[1]["error"] and listed[1]["device"] == "unknown"
         assert sim.token not in json.dumps(listed) and dead.token not in json.dumps(listed)
         started = time.monotonic()
@@ -186,7 +188,8 @@ def test_slots_choose_by_count_name_url_or_gpu_uuid():
         assert runtime.slots() == runtime.slots("all") == ["remote-1", "remote-2", "remote-3"]
         assert runtime.slots("2") == ["remote-1", "remote-2"]
         assert runtime.slots(f"remote-3,{a.url}/") == ["remote-3", "remote-1"]
-        assert runtime.slots("GPU-bbbb") == ["remote-2"] and runtime.slots("device=GPU-aaaa-1111,remote-1") == ["remote-1"]
+        assert runtime.slots("GPU-bbbb") == ["remote-2"]
+        assert runtime.slots("device=GPU-aaaa-1111,remote-1") == ["remote-1"]
         for bad in ("4", "remote-9", "GPU-cccc"):
             with pytest.raises(ImagegenError, match="--gpus"):
                 runtime.slots(bad)
@@ -387,7 +390,7 @@ def test_depth_two_closes_the_idle_gap_between_jobs(tmp_path):
                                         depth=depth)
             assert all(o.error is None for o in outcomes)
             ordered = sorted(sim.records(), key=lambda r: r["started"])
-            queued_ahead[depth] = sum(b["submitted"] < a["finished"] for a, b in zip(ordered, ordered[1:]))
+            queued_ahead[depth] = sum(b["submitted"] < a["finished"] for a, b in itertools.pairwise(ordered))
     assert queued_ahead[1] == 0 and queued_ahead[2] >= 8, queued_ahead
 
 

@@ -101,8 +101,8 @@ def test_generate_and_workers_through_the_cli_with_a_remote_worker(tmp_path):
         result = run_cli("generate", "a remote fox", "-m", "sd15", "--size", "96x64", "--steps", "3",
                          "-o", str(tmp_path / "fox.png"), "--json", env=env)
         assert result.returncode == 0, result.stderr.decode()
-        assert not (tmp_path / "imagegen-home" / "models"
-                    / "checkpoints").exists(), "nothing is downloaded for a remote worker"
+        checkpoints = tmp_path / "imagegen-home" / "models" / "checkpoints"
+        assert not checkpoints.exists(), "nothing is downloaded for a remote worker"
         assert png.png_size((tmp_path / "fox.png").read_bytes()) == (96, 64)
         assert json.loads(result.stdout)["worker"].startswith("remote-1")
         listed = [json.loads(line) for line in run_cli("workers", "--json", env=env).stdout.decode().splitlines()]

@@ -33,4 +33,5 @@ def test_only_the_worker_can_talk_to_its_comfyui(comfy_worker):
 
     worker_pid = info["pid"]
     for child in Path(f"/proc/{worker_pid}/task/{worker_pid}/children").read_text().split():
-        assert info["upstream_secret"].encode() not in Path(f"/proc/{child}/cmdline").read_bytes(), "ps must not show the secret"
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        assert info["upstream_secret"].encode() not in cmdline, "ps must not show the secret"

@@ -81,8 +81,8 @@ def parse_entries(entries: list[str] | str | None = None) -> list[Remote]:
         url, _, token = raw.partition("#")
         url = url.strip().rstrip("/")
         parts = urlsplit(url)
-        if parts.scheme not in ("http",
-                                "https") or not parts.hostname or parts.query or parts.username or parts.password:
+        if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.username
+                or parts.password):
             raise ImagegenError("invalid_argument", f"{where}: {url!r} is not an http(s)://HOST[:PORT][/PATH] URL",
                                 hint=ENTRY_HINT)
         try:
@@ -133,8 +133,8 @@ class RemoteRuntime:
         if not self.remotes:
             raise ImagegenError("runtime_unavailable", f"no remote workers are configured ({ENV} is empty)",
                                 hint=ENTRY_HINT)
-        self.ready_timeout = env_float("IMAGEGEN_REMOTE_READY_TIMEOUT",
-                                       30.0) if ready_timeout is None else ready_timeout
+        self.ready_timeout = (env_float("IMAGEGEN_REMOTE_READY_TIMEOUT", 30.0) if ready_timeout is None
+                              else ready_timeout)
         self.request_timeout = env_float("IMAGEGEN_REMOTE_TIMEOUT", 5.0, minimum=0.1) if request_timeout is None \
             else request_timeout
         self.kinds: dict[str, str] = {}   # slot -> "imagegen" or "comfyui", as last seen
@@ -227,8 +227,7 @@ class RemoteRuntime:
                 first = (stats["devices"] or [{}])[0]
                 kind, device, gpu = "comfyui", str(first.get("type") or "unknown"), _gpu_from_stats(first)
                 info = {"comfyui_version": stats["system"].get("comfyui_version"), "last_model": None,
-                        "jobs_done": None,
-                        "idle_seconds": None, "keep_warm": None, "imagegen_version": None}
+                        "jobs_done": None, "idle_seconds": None, "keep_warm": None, "imagegen_version": None}
                 break
             if time.monotonic() >= deadline:
                 raise ImagegenError("worker_unreachable",
@@ -258,8 +257,8 @@ class RemoteRuntime:
     def diagnose(self, worker: WorkerHandle) -> ImagegenError | None:
         """Why a worker failed a job: it does not answer (None: it still answers)."""
         remote = self._remote(worker.slot)
-        path = "/imagegen/health" if self.kinds.get(remote.slot,
-                                                    worker.info.get("kind")) == "imagegen" else "/system_stats"
+        kind = self.kinds.get(remote.slot, worker.info.get("kind"))
+        path = "/imagegen/health" if kind == "imagegen" else "/system_stats"
         try:
             response = self._get(remote, path, auth=path != "/imagegen/health")
         except ImagegenError as error:
