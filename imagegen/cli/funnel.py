@@ -9,22 +9,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from imagegen.cli.common import (
-    AutoOpt,
-    DebugOpt,
-    FastOpt,
-    ForceOpt,
-    GpusOpt,
-    JsonOpt,
-    KeepWarmOpt,
-    PickOpt,
-    ProgressOpt,
-    QuietOpt,
-    RuntimeOpt,
-    TimeoutOpt,
-    WorkersOpt,
-    run_guarded,
-)
+from imagegen.cli.common import AutoOpt, DebugOpt, JsonOpt, Mode, PickOpt, Pool, Workers, grouped, run_guarded
 from imagegen.util.errors import ImagegenError
 
 
@@ -47,18 +32,11 @@ funnel_app = typer.Typer(cls=_FunnelGroup, no_args_is_help=True,
 class Advance:
     """How `funnel run` and `funnel resume` go on: the picks, the workers, and what they print."""
 
-    picks: list[str] | None = None
-    auto: bool = False
-    gpus: str | None = None
-    workers_n: int = 1
-    timeout: float | None = None
-    force: bool = False
-    fast: bool = False
-    runtime: str = "auto"
-    keep_warm: float = 300.0
-    json_mode: bool = False
-    quiet: bool = False
-    progress: bool | None = None
+    picks: list[str] | None
+    auto: bool
+    pool: Pool
+    workers: Workers
+    mode: Mode
 
 
 def _advance_funnel(funnel, how: Advance) -> None:
@@ -69,17 +47,17 @@ def _advance_funnel(funnel, how: Advance) -> None:
     from imagegen.funnel import pipeline as funnel_mod
     from imagegen.runtimes.choose import make_runtime
 
-    if not 1 <= how.workers_n <= 64:
+    if not 1 <= how.pool.workers_n <= 64:
         raise ImagegenError("invalid_argument", "--workers must be 1..64")
-    timeouts, explicit = gen.timeouts_from_env(how.timeout)
-    interactive = not how.json_mode and sys.stdin is not None and sys.stdin.isatty()
-    options = funnel_mod.Options(gpus=how.gpus, workers=how.workers_n, timeouts=timeouts, explicit=frozenset(explicit),
-                                 force=how.force, fast=how.fast, picks=tuple(how.picks or ()), auto=how.auto,
-                                 interactive=interactive)
-    reporter = BatchReporter(quiet=how.quiet, show_progress=how.progress)
-    status = funnel_mod.advance(funnel, make_runtime(how.runtime, how.keep_warm), reporter,
-                                lambda record: emit_result(record, how.json_mode), options)
-    if how.json_mode:
+    timeouts, explicit = gen.timeouts_from_env(how.pool.timeout)
+    interactive = not how.mode.json_mode and sys.stdin is not None and sys.stdin.isatty()
+    options = funnel_mod.Options(gpus=how.pool.gpus, workers=how.pool.workers_n, timeouts=timeouts,
+                                 explicit=frozenset(explicit), force=how.workers.force, fast=how.workers.fast,
+                                 picks=tuple(how.picks or ()), auto=how.auto, interactive=interactive)
+    reporter = BatchReporter(quiet=how.mode.quiet, show_progress=how.mode.progress)
+    status = funnel_mod.advance(funnel, make_runtime(how.workers.runtime, how.workers.keep_warm), reporter,
+                                lambda record: emit_result(record, how.mode.json_mode), options)
+    if how.mode.json_mode:
         print(json.dumps(status), flush=True)
     if status["status"] == "awaiting_pick":
         reporter.status(f"stage {status['stage']} is done; contact sheet: {status['sheet']}")
@@ -90,8 +68,10 @@ def _advance_funnel(funnel, how: Advance) -> None:
 
 
 @funnel_app.command("run")
+@grouped
 def funnel_run(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
+    *,
     out_dir: Annotated[Path, typer.Option(
         "--output", "-o", help="The funnel directory: stage folders, contact sheets, funnel.json.")
     ] = Path("imagegen-funnel"),
@@ -121,19 +101,11 @@ def funnel_run(
     negative: Annotated[str | None, typer.Option("--negative", help="Negative prompt (SD1.5/SDXL).")] = None,
     seed: Annotated[int | None, typer.Option(
         "--seed", help="Base seed (random when omitted; stage N's images use seed + (N-1)*1000 + i).")] = None,
+    pool: Pool,
+    workers: Workers,
+    mode: Mode,
     pick: PickOpt = None,
     auto: AutoOpt = False,
-    gpus: GpusOpt = None,
-    workers_n: WorkersOpt = 1,
-    timeout: TimeoutOpt = None,
-    force: ForceOpt = False,
-    fast: FastOpt = False,
-    runtime: RuntimeOpt = "auto",
-    keep_warm: KeepWarmOpt = 300.0,
-    json_mode: JsonOpt = False,
-    quiet: QuietOpt = False,
-    progress: ProgressOpt = None,
-    debug: DebugOpt = False,
 ) -> None:
     """Start a funnel: drafts, then picks (--pick, --auto, or asked on a terminal), refine, polish, upscale."""
 
@@ -155,41 +127,30 @@ def funnel_run(
                                          keep=keep, size=size, steps=steps, denoise=denoise, scale=scale)
         base_seed = secrets.randbelow(2**32) if seed is None else seed
         funnel = funnel_mod.Funnel.create(out_dir, text, negative, base_seed, stages)
-        _advance_funnel(funnel, Advance(picks=pick, auto=auto, gpus=gpus, workers_n=workers_n, timeout=timeout,
-                                        force=force, fast=fast, runtime=runtime, keep_warm=keep_warm,
-                                        json_mode=json_mode, quiet=quiet, progress=progress))
+        _advance_funnel(funnel, Advance(pick, auto, pool, workers, mode))
 
-    run_guarded(json_mode, debug, body)
+    run_guarded(mode.json_mode, mode.debug, body)
 
 
 @funnel_app.command("resume")
+@grouped
 def funnel_resume(
     funnel_dir: Annotated[Path, typer.Argument(help="A funnel directory (holds funnel.json).")],
+    *,
+    pool: Pool,
+    workers: Workers,
+    mode: Mode,
     pick: PickOpt = None,
     auto: AutoOpt = False,
-    gpus: GpusOpt = None,
-    workers_n: WorkersOpt = 1,
-    timeout: TimeoutOpt = None,
-    force: ForceOpt = False,
-    fast: FastOpt = False,
-    runtime: RuntimeOpt = "auto",
-    keep_warm: KeepWarmOpt = 300.0,
-    json_mode: JsonOpt = False,
-    quiet: QuietOpt = False,
-    progress: ProgressOpt = None,
-    debug: DebugOpt = False,
 ) -> None:
     """Continue a funnel: finish an interrupted stage (finished images are kept), then apply --pick/--auto."""
 
     def body() -> None:
         from imagegen.funnel import pipeline as funnel_mod
 
-        _advance_funnel(funnel_mod.Funnel.load(funnel_dir),
-                        Advance(picks=pick, auto=auto, gpus=gpus, workers_n=workers_n, timeout=timeout, force=force,
-                                fast=fast, runtime=runtime, keep_warm=keep_warm, json_mode=json_mode, quiet=quiet,
-                                progress=progress))
+        _advance_funnel(funnel_mod.Funnel.load(funnel_dir), Advance(pick, auto, pool, workers, mode))
 
-    run_guarded(json_mode, debug, body)
+    run_guarded(mode.json_mode, mode.debug, body)
 
 
 @funnel_app.command("show")
