@@ -215,6 +215,16 @@ def test_the_cli_refuses_an_output_name_that_leaves_the_folder_before_anything_s
     assert not out.exists(), "nothing started, nothing written"
 
 
+def test_an_output_folder_that_cannot_take_files_is_refused_before_anything_starts(isolated_home):
+    from conftest import run_cli
+
+    # /proc passes os.access for root but takes no files: only creating one proves a folder writable
+    result = run_cli("batch", "-o", "/proc/imagegen-out", "-m", "sd15", "--json", input=b"a fox\n", timeout=120)
+    assert result.returncode == 2, result.stderr.decode()
+    error = json.loads(result.stderr.decode().strip().splitlines()[-1])
+    assert error["code"] == "output_not_writable" and "/proc" in error["message"] and error["hint"]
+
+
 def test_a_full_disk_mid_append_is_disk_full_and_leaves_no_half_line(tmp_path, monkeypatch):
     import errno
 

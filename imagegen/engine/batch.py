@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -198,9 +197,10 @@ def manifest_lines(outcome: Outcome) -> list[dict]:
 def check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ImagegenError("output_not_writable", f"{out_dir} is a file; batch needs a directory")
-    probe = files.nearest_existing_parent(out_dir)
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ImagegenError("output_not_writable", f"no permission to write in {probe}")
+    problem = files.probe_writable(out_dir)  # os.access is not proof: /proc, read-only mounts, ACLs
+    if problem is not None:
+        raise ImagegenError("output_not_writable", f"cannot create files in {files.nearest_existing_parent(out_dir)}: "
+                            f"{problem.strerror or problem}", hint="Choose an -o folder that is writable.")
 
 
 def local_dirs(jobs: list[Job]) -> set[str]:
