@@ -107,7 +107,7 @@ class Scheduler:
         if not self.force:
             work = [(job.bundle, job.params) for job in self.jobs]
             self.router.check_feasible(work, [state.memory_bytes for state in ready])
-        threads = self.threads = self._spawn(self._serve_then_say_so, "worker")
+        threads = self.threads = self._spawn(self._serve, "worker")
         ended = False
         try:
             yield from self._outcomes(threads)
@@ -126,12 +126,6 @@ class Scheduler:
                 self.cancel.set()
                 for thread in threads:
                     thread.join(10)
-
-    def _serve_then_say_so(self, state: WorkerState) -> None:
-        try:
-            self._serve(state)
-        finally:
-            self.outbox.put(None)  # this thread is done: the last outcome needs no poll to be noticed
 
     def _outcomes(self, threads: list[threading.Thread]) -> Iterator[Outcome]:
         running = len(threads)
@@ -242,11 +236,11 @@ class Scheduler:
         return True
 
     def _serve(self, state: WorkerState) -> None:
-        """A worker's thread. Whatever goes wrong, its jobs are settled before the thread ends."""
-        if state.handle is None:
-            return
+        """A worker's thread. Whatever goes wrong, its jobs are settled before the thread ends, and its
+        end is said on the outbox, so the last outcome needs no poll to be noticed."""
         try:
-            self._serve_worker(state)
+            if state.handle is not None:
+                self._serve_worker(state)
         except BaseException as exc:  # noqa: BLE001 - a bug or an unforeseen error: settle, never hang the run
             error = render.as_error(exc)
             self.last_fault = error
@@ -258,6 +252,8 @@ class Scheduler:
                     self._settle(job, state)
                 return
             self._settle_held(state, error, retry=error.code in WORKER_FAULTS)
+        finally:
+            self.outbox.put(None)
 
     def _serve_worker(self, state: WorkerState) -> None:
         while not self.cancel.is_set():
