@@ -125,20 +125,21 @@ class DockerRuntime:
         in `mounts`. One that does not fit is left alone: someone may be using it (it idles out by
         itself), and the caller starts a separate container beside it."""
         for container in self._containers(slot):
-            try:
-                mounted = set(json.loads(container.labels.get("imagegen.mounts", "[]")))
-            except ValueError:
-                continue
-            if (
-                container.labels.get("imagegen.image") != self.image
-                or not set(mounts) <= mounted
-                or container.labels.get("imagegen.memory", "") != memory_limit()
-            ):
+            if not self._fits(container, mounts):
                 continue
             handle = self._handle(container, slot, started_here=False)
             if handle and healthy(handle.url):
                 return handle
         return None
+
+    def _fits(self, container, mounts: AbstractSet[str]) -> bool:
+        """Whether a worker container can serve a job: this image and memory cap, and every file in `mounts`."""
+        try:
+            mounted = set(json.loads(container.labels.get("imagegen.mounts", "[]")))
+        except ValueError:
+            return False
+        return (container.labels.get("imagegen.image") == self.image and set(mounts) <= mounted
+                and container.labels.get("imagegen.memory", "") == memory_limit())
 
     def slots(self, choice: str | None = None, cpu_workers: int = 1) -> list[str]:
         found = gpus.select(gpus.list_gpus(), choice)
@@ -159,20 +160,15 @@ class DockerRuntime:
         from docker.errors import DockerException
 
         for container in self._containers(slot):
+            if not self._fits(container, mounts):
+                continue
             try:
                 container.reload()  # a listed container's attrs lack its health
-                mounted = set(json.loads(container.labels.get("imagegen.mounts", "[]")))
                 owner = int(container.labels.get("imagegen.owner_pid", "0"))
             except (ValueError, DockerException):
                 continue
             health = container.attrs.get("State", {}).get("Health", {}).get("Status")
-            if (
-                health == "starting"
-                and not pid_alive(owner)
-                and set(mounts) <= mounted
-                and container.labels.get("imagegen.image") == self.image
-                and container.labels.get("imagegen.memory", "") == memory_limit()
-            ):
+            if health == "starting" and not pid_alive(owner):
                 try:
                     return self._wait_ready(container, slot)
                 except ImagegenError:
