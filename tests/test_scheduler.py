@@ -162,7 +162,7 @@ def test_an_http_error_answer_fails_the_job_and_a_vanished_source_file_fails_its
     failing_on_call(monkeypatch, ComfyClient, "fetch_file", requests.HTTPError("404", response=response), 1)
     with SimWorker(step_seconds=0.002) as sim:
         jobs = make_jobs(3, tmp_path)
-        jobs[2].source = tmp_path / "gone.png"  # an input image deleted while the run went on
+        jobs[2].inputs = {"init_image": tmp_path / "gone.png"}  # an input image deleted while the run went on
         scheduler, outcomes = scheduler_for(RemoteRuntime([sim.entry]), jobs)
         assert run_with_deadline(scheduler) is None
     ended = once_each(outcomes, jobs)

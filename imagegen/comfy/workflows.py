@@ -8,7 +8,7 @@ names are a worker's own (comfy/choices.py), with the pinned lists as the fallba
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from imagegen.comfy import choices
 from imagegen.models.registry import Bundle
@@ -22,6 +22,27 @@ MAX_BATCH = 4096
 MAX_GUIDANCE = 100.0
 # The pinned ComfyUI's names, the fallback before a worker is known; a worker's own come from its /object_info.
 SAMPLERS, SCHEDULERS = choices.SAMPLERS, choices.SCHEDULERS
+
+
+@dataclass
+class LoraUse:
+    """One LoRA of a stack: its file in the worker's loras folder and its strength."""
+    filename: str
+    strength: float = 1.0
+    name: str = ""                    # the registry name, or the local file's name
+
+
+@dataclass
+class ControlUse:
+    """One ControlNet: its model file, the control image (an input-folder name once uploaded) and
+    how strongly and over which part of the sampling it steers."""
+    filename: str
+    image: str | None = None
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocess: str | None = None     # "canny": ComfyUI's core Canny node on the image first
+    name: str = ""
 
 
 @dataclass
@@ -39,11 +60,34 @@ class Params:
     batch_size: int = 1
     denoise: float = 1.0
     init_image: str | None = None     # an image already in the worker's input folder (img2img)
+    mask: str | None = None           # an input-folder mask (inpainting): white repaints, black keeps
+    mask_grow: int = 0
+    loras: list[LoraUse] = field(default_factory=list)
+    controls: list[ControlUse] = field(default_factory=list)
     filename_prefix: str = "imagegen/image"
     fast: bool = False                # torch.compile the diffusion model; fp8 matmul for fp8 weights
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+INPUT_KEYS = ("init_image", "mask", "control:N")  # what a Job's inputs may name (engine/jobs.py)
+
+
+def with_inputs(params: Params, uploaded: dict[str, str]) -> Params:
+    """The job with its local input files replaced by the names the worker's input folder gives them:
+    keys "init_image" and "mask" set those fields, "control:N" the image of the Nth ControlNet."""
+    controls = list(params.controls)
+    fields: dict = {}
+    for key, name in uploaded.items():
+        if key.startswith("control:"):
+            index = int(key.split(":", 1)[1])
+            controls[index] = replace(controls[index], image=name)
+        elif key in ("init_image", "mask"):
+            fields[key] = name
+        else:
+            raise ValueError(f"unknown input key {key!r} (expected one of {INPUT_KEYS})")
+    return replace(params, controls=controls, **fields)
 
 
 def build(bundle: Bundle, params: Params) -> dict:

@@ -22,7 +22,9 @@ class Job:
     params: workflows.Params
     targets: list[Path]            # one per image (several for a latent batch)
     meta: dict = field(default_factory=dict)
-    source: Path | None = None     # an input image (img2img, upscale), uploaded to whichever worker runs the job
+    # local files the graph reads (workflows.INPUT_KEYS: "init_image", "mask", "control:N"), uploaded by
+    # content hash to whichever worker runs the job
+    inputs: dict[str, Path] = field(default_factory=dict)
     attempts: int = 0
     quality: bool = False          # prefers the fastest worker (see routing)
 

@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import closing
-from dataclasses import replace
 
 from imagegen.comfy import workflows
 from imagegen.comfy.client import Timeouts
@@ -327,19 +326,23 @@ class Scheduler:
 
     def _submit(self, job: Job, state: WorkerState, client, session) -> str:
         params = self._as_run(job, state)
-        if job.source is not None:
-            try:
-                data = job.source.read_bytes()
-            except OSError as exc:
-                raise ImagegenError("invalid_source_image", f"cannot read the input image {job.source}: "
-                                    f"{exc.strerror or exc}",
-                                    hint="The file moved or was deleted during the run; restore it and rerun.") from exc
-            # named by content: funnels sharing a worker never collide
-            name = f"{hashlib.sha256(data).hexdigest()[:16]}-{job.source.name}"
-            params = replace(params, init_image=client.upload_image(data, name))
+        uploaded = {key: self._upload(client, path) for key, path in job.inputs.items()}
+        if uploaded:
+            params = workflows.with_inputs(params, uploaded)
         prompt_id = session.submit(workflows.build(job.bundle, params), self.budgets(job, state))
         self.prompt_ids.add(prompt_id)
         return prompt_id
+
+    @staticmethod
+    def _upload(client, path) -> str:
+        """One input file into the worker's input folder, named by its content (so jobs and funnels
+        sharing a worker never collide, and a file already there is simply replaced by itself)."""
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ImagegenError("invalid_source_image", f"cannot read the input image {path}: {exc.strerror or exc}",
+                                hint="The file moved or was deleted during the run; restore it and rerun.") from exc
+        return client.upload_image(data, f"{hashlib.sha256(data).hexdigest()[:16]}-{path.name}")
 
     def _collect(self, state: WorkerState, client, session) -> ImagegenError | None:
         """Wait for the next of the worker's jobs to finish, and save it. Returns a worker fault, if any."""

@@ -173,7 +173,7 @@ def stage_jobs(funnel: Funnel, number: int, registry: Registry, fast: bool = Fal
         # quality: refine and polish go to the soonest finisher
         jobs.append(Job(key=f"{number}:{image['index']}", bundle=bundle, params=params, targets=[funnel.path(image)],
                         meta={"stage": number, "index": image["index"]},
-                        source=funnel.path(source) if source else None,
+                        inputs={"init_image": funnel.path(source)} if source else {},
                         quality=source is not None and bundle.family != "upscale"))
     return jobs
 
