@@ -91,6 +91,26 @@ TimeoutOpt = Annotated[float | None, typer.Option(
     "--timeout", help="Overall cap in seconds per job.",
     callback=_finite(0.0, None, "a number of seconds", low_open=True))]
 
+ImageOpt = Annotated[Path | None, typer.Option(
+    "--image", help="Start from this image (PNG, JPEG or WebP): img2img, or inpainting with --mask.")]
+DenoiseOpt = Annotated[float | None, typer.Option(
+    "--denoise", help="How much of --image is redrawn, 0 (kept) to 1 (all new); default 0.6 (1.0 when inpainting).",
+    callback=_finite(0.0, 1.0, "a denoise strength"))]
+MaskOpt = Annotated[Path | None, typer.Option(
+    "--mask", help="Inpaint: a mask the size of --image; white repaints, black keeps (luminance of any image).")]
+MaskGrowOpt = Annotated[int, typer.Option("--mask-grow", help="Grow the --mask by this many pixels (0..256).")]
+
+
+@dataclasses.dataclass
+class Controls:
+    """Creative controls on generate: the user's own image (--image, --denoise, --mask, --mask-grow)."""
+
+    image: ImageOpt = None
+    denoise: DenoiseOpt = None
+    mask: MaskOpt = None
+    mask_grow: MaskGrowOpt = 0
+
+
 @dataclasses.dataclass
 class Mode:
     """How a command talks: --json, --quiet, --progress, --debug."""

@@ -11,6 +11,7 @@ import typer
 from imagegen.cli.common import (
     EXIT_BROKEN_PIPE,
     CallTimeoutOpt,
+    Controls,
     DebugOpt,
     Draw,
     FamilyOpt,
@@ -44,6 +45,7 @@ def generate(
         help="What to draw. Read from stdin when omitted and stdin is not a terminal.")] = None,
     *,
     draw: Draw,
+    controls: Controls,
     family: FamilyOpt = None,
     from_image: Annotated[Path | None, typer.Option(
         "--from", help="Reproduce a PNG from its metadata (imagegen, A1111 or ComfyUI); other flags override.")] = None,
@@ -79,7 +81,8 @@ def generate(
             given["prompt"] = read_stdin_prompt(gen.MAX_PROMPT_CHARS)
         request = gen.Request(**given, checkpoint=draw.checkpoint, family=family, count=draw.count, output=output_path,
                               overwrite=overwrite, force=workers.force, fast=workers.fast, timeouts=timeouts,
-                              explicit_timeouts=explicit)
+                              explicit_timeouts=explicit, image=controls.image, mask=controls.mask,
+                              mask_grow=controls.mask_grow, denoise=controls.denoise)
         reporter = Reporter(quiet=mode.quiet, show_progress=mode.progress)
         planned = gen.plan(request)
         for record in gen.execute(planned, make_runtime(workers.runtime, workers.keep_warm), reporter):

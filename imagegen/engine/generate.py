@@ -47,6 +47,10 @@ class Request:
     fast: bool = False  # torch.compile + fp8 matmul (workflows.compiled)
     timeouts: Timeouts = field(default_factory=Timeouts)
     explicit_timeouts: set[str] = field(default_factory=set)  # budgets the user set: never resized
+    image: Path | None = None  # img2img / inpainting source (engine/inputs.py)
+    mask: Path | None = None  # inpainting: white repaints, black keeps
+    mask_grow: int = 0
+    denoise: float | None = None  # default: inputs.DEFAULT_DENOISE with an image
 
 
 def timeouts_from_env(overall: float | None = None) -> tuple[Timeouts, set[str]]:
