@@ -21,16 +21,22 @@ from imagegen.util import paths
 from imagegen.util.errors import ImagegenError
 from imagegen.util.files import write_atomic
 
-FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "upscale_models", "loras", "clip_vision")
+FOLDERS = ("checkpoints", "diffusion_models", "text_encoders", "vae", "upscale_models", "loras", "clip_vision",
+           "controlnet")
 FAMILIES = {
     # family: (required roles, optional roles)
     "sd15": (("checkpoint",), ("vae",)),
     "sdxl": (("checkpoint",), ("vae",)),
     "flux": (("diffusion_model", "t5", "clip_l", "vae"), ()),
     "upscale": (("upscale_model",), ()),
+    "lora": (("lora",), ()),              # an add-on, not a drawing model: `base` names its family
+    "controlnet": (("controlnet",), ()),
 }
+ADDON_FAMILIES = ("lora", "controlnet")
+ADDON_BASES = ("sd15", "sdxl", "flux")
 ROLE_FOLDERS = {"checkpoint": "checkpoints", "diffusion_model": "diffusion_models", "t5": "text_encoders",
-                "clip_l": "text_encoders", "vae": "vae", "upscale_model": "upscale_models"}
+                "clip_l": "text_encoders", "vae": "vae", "upscale_model": "upscale_models",
+                "lora": "loras", "controlnet": "controlnet"}
 FLUX_SHARED_ENCODERS = {"t5": "t5xxl-fp8", "clip_l": "clip-l", "vae": "flux-ae"}
 DEFAULT_KEYS = {"width": int, "height": int, "steps": int, "cfg": float, "guidance": float,
                 "sampler": str, "scheduler": str, "negative": str, "denoise": float, "weight_dtype": str}
@@ -41,6 +47,8 @@ FAMILY_DEFAULTS = {
     "flux": {"width": 1024, "height": 1024, "steps": 20, "cfg": 1.0, "guidance": 3.5, "sampler": "euler",
              "scheduler": "simple"},
     "upscale": {},
+    "lora": {},
+    "controlnet": {},
 }
 LOCAL_SUBFOLDER = "imagegen-local"  # where local files are linked into the cache
 
@@ -75,6 +83,7 @@ class Bundle:
     description: str = ""
     gated: bool = False
     source: str = "builtin"
+    base: str | None = None       # a LoRA's or ControlNet's base family (sd15, sdxl, flux)
 
     def default(self, key: str, fallback: Any = None) -> Any:
         return self.defaults.get(key, FAMILY_DEFAULTS.get(self.family, {}).get(key, fallback))
@@ -183,7 +192,7 @@ def _parse_bundle(path: Path, name: str, raw: Any, shared: dict[str, ModelFile])
     line = getattr(raw, "line", 0)
     if not isinstance(raw, dict):
         raise _bad(path, line, f"models.{name}: must be a mapping")
-    unknown = set(raw) - {"family", "description", "files", "defaults", "gated"}
+    unknown = set(raw) - {"family", "description", "files", "defaults", "gated", "base"}
     if unknown:
         raise _bad(path, line, f"models.{name}: unknown field(s) {', '.join(sorted(unknown))}")
     family = raw.get("family")
@@ -233,9 +242,16 @@ def _parse_bundle(path: Path, name: str, raw: Any, shared: dict[str, ModelFile])
             raise _bad(path, _line(defaults, key),
                        f"models.{name}.defaults.weight_dtype: {value!r} is not one of {', '.join(WEIGHT_DTYPES)}")
     typed = {k: (float(v) if DEFAULT_KEYS[k] is float else v) for k, v in defaults.items()}
+    base = raw.get("base")
+    if family in ADDON_FAMILIES and base not in ADDON_BASES:
+        raise _bad(path, _line(raw, "base") or line,
+                   f"models.{name}: a {family} needs `base:` naming its model family ({', '.join(ADDON_BASES)}), "
+                   f"got {base!r}")
+    if family not in ADDON_FAMILIES and base is not None:
+        raise _bad(path, _line(raw, "base"), f"models.{name}: `base:` is for lora and controlnet entries only")
     return Bundle(name=name, family=family, files=files, defaults=typed,
                   description=str(raw.get("description") or ""), gated=gated or any(f.gated for f in files.values()),
-                  source=str(path))
+                  source=str(path), base=base)
 
 
 class Registry:

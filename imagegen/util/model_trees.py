@@ -6,9 +6,11 @@ from pathlib import Path
 
 COMFY_LAYOUT = {"checkpoints": ["checkpoints"], "diffusion_models": ["diffusion_models", "unet"],
                 "text_encoders": ["text_encoders", "clip"], "vae": ["vae"], "upscale_models": ["upscale_models"],
-                "loras": ["loras"], "clip_vision": ["clip_vision"]}
+                "loras": ["loras"], "clip_vision": ["clip_vision"],
+                "controlnet": ["controlnet"]}
 A1111_LAYOUT = {"checkpoints": ["Stable-diffusion"], "vae": ["VAE"], "loras": ["Lora"],
-                "upscale_models": ["ESRGAN", "RealESRGAN"], "text_encoders": ["text_encoder"]}
+                "upscale_models": ["ESRGAN", "RealESRGAN"], "text_encoders": ["text_encoder"],
+                "controlnet": ["ControlNet"]}
 
 
 def tree_layout(root: Path) -> dict[str, list[str]]:
