@@ -61,6 +61,16 @@ def tiny_sd15(comfyui_dir) -> Path:
     return target
 
 
+@pytest.fixture(scope="session")
+def tiny_esrgan(comfyui_dir) -> Path:
+    """A random-weight x4 ESRGAN (RRDBNet, 8 features, 1 block) that ComfyUI's UpscaleModelLoader takes."""
+    target = FIXTURES / "tiny-esrgan-x4.safetensors"
+    if not target.is_file():
+        subprocess.run([sys.executable, str(REPO / "tests" / "tiny_models.py"), "esrgan", str(target), "4"], check=True,
+                       capture_output=True)
+    return target
+
+
 def run_cli(*args: str, env: dict | None = None, input: bytes | None = None, timeout: float = 600,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The real CLI as a user runs it: a subprocess, stdout and stderr kept apart."""

@@ -30,6 +30,7 @@ from imagegen.cli.common import (
 )
 from imagegen.cli.funnel import funnel_app
 from imagegen.cli.models import models_app
+from imagegen.cli.upscale import upscale as upscale_command
 from imagegen.util.errors import ImagegenError
 
 app = typer.Typer(name="imagegen", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -165,6 +166,9 @@ def batch(
                                 failed=summary.failed, done=summary.done)
 
     run_guarded(mode.json_mode, mode.debug, body)
+
+
+app.command("upscale")(upscale_command)
 
 
 @app.command()

@@ -101,6 +101,7 @@ def save_outputs(
     submitted: float,
     learn: bool = True,
     warn: Callable[[str], None] | None = None,
+    extra: dict | None = None,
 ) -> list[dict]:
     """Fetch a finished job's images, tag them with their parameters, write them atomically, and
     learn from its timings (learn=False: a fast-mode job that compiled, whose times say nothing).
@@ -126,6 +127,7 @@ def save_outputs(
                 "VAE does this). Try without --fast, a bundle with an fp32 VAE, or another model."
             )
         record = image_parameters(bundle, params, hashes, client.comfyui_version())
+        record.update(extra or {})  # what the job adds (an upscale's source and scale: Job.meta["record"])
         record["width"], record["height"] = png.png_size(data)  # an upscale's size is its input's times the scale
         if params.batch_size > 1:
             record.update(batch_size=params.batch_size, batch_index=index)

@@ -362,7 +362,8 @@ class Scheduler:
             compiling = self._compiling(state, params)
             records = render.save_outputs(client, entry, job.bundle, params, job.targets, state.handle, self.overwrite,
                                           self.hashes.get(job.bundle.name, {}), submitted, learn=not compiling,
-                                          warn=lambda message: self._once("blank", message, warning=True))
+                                          warn=lambda message: self._once("blank", message, warning=True),
+                                          extra=job.meta.get("record"))
         except Exception as exc:  # noqa: BLE001 - classified: a full disk, a lost worker, a bug
             return self._classify(job, state, exc)
         phases = entry.get("imagegen_phase_times", {})

@@ -1,0 +1,230 @@
+"""`imagegen upscale`: enlarge existing images with an upscale model on the usual workers.
+
+Every input is checked and decoded on this machine and every output path decided before a worker
+starts. One job per image runs through the Scheduler (`workflows.upscale`: the model's own factor,
+then a lanczos resize to exactly `scale` times the input, so a x4 model serves --scale 2). Each
+PNG names its source image's sha256, the upscale model and the scale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imagegen.comfy import workflows
+from imagegen.comfy.client import Timeouts
+from imagegen.engine import generate, output, render
+from imagegen.engine.progress import Reporter
+from imagegen.models import modelfile
+from imagegen.models.registry import LOCAL_SUBFOLDER, Bundle, ModelFile, Registry
+from imagegen.util import paths
+from imagegen.util.errors import ImagegenError
+
+DEFAULT_MODEL = os.environ.get("IMAGEGEN_UPSCALE_MODEL", "realesrgan-x4")
+MAX_SCALE = 8.0
+MAX_IMAGES = 1000
+
+
+@dataclass
+class UpscaleRequest:
+    images: list[Path]
+    scale: float = 2.0
+    model: str | None = None          # a registered upscale model or a .safetensors path; DEFAULT_MODEL when omitted
+    output: str | None = None         # a directory (or one .png for one image, or - for stdout)
+    overwrite: bool = False
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    explicit_timeouts: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Source:
+    path: Path
+    sha256: str
+    width: int                        # after EXIF orientation, as the worker's LoadImage sees it
+    height: int
+    parameters: dict                  # the source's own imagegen/A1111 record, when it has one
+
+
+@dataclass
+class UpscalePlan:
+    bundle: Bundle
+    sources: list[Source]
+    jobs: list[workflows.Params]
+    targets: list[Path | None]
+    request: UpscaleRequest
+
+
+def resolve_model(name: str | None, registry: Registry | None = None) -> Bundle:
+    """A registered model of family upscale, or a local .safetensors file detected as one."""
+    name = name or DEFAULT_MODEL
+    if name.endswith(".safetensors") or os.sep in name or "/" in name:
+        path = Path(name).expanduser().resolve()
+        detected = modelfile.detect(modelfile.read_header(path))
+        if detected.family != "upscale":
+            raise ImagegenError("invalid_model_file",
+                                f"{path.name} is not an upscale model (looks like {detected.family or 'unknown'} "
+                                f"{detected.kind})",
+                                hint="Pass an ESRGAN-style .safetensors upscaler, or a registered one with -m.")
+        file = ModelFile(key=f"{path.stem}.upscale_model", folder="upscale_models",
+                         filename=f"{LOCAL_SUBFOLDER}/{path.name}", local_path=str(path), size=path.stat().st_size)
+        return Bundle(name=path.stem, family="upscale", files={"upscale_model": file}, source=str(path))
+    bundle = (registry or Registry.load()).get(name)
+    if bundle.family != "upscale":
+        upscalers = sorted(n for n, b in (registry or Registry.load()).bundles.items() if b.family == "upscale")
+        raise ImagegenError("invalid_argument", f"{name!r} is a {bundle.family} model, not an upscale model",
+                            hint="Upscale models: " + (", ".join(upscalers) or "none registered"))
+    return bundle
+
+
+def read_source(path: Path) -> Source:
+    """Decode the image here (so a corrupt or huge file is refused before any worker starts) and hash it."""
+    data = _read_input(Path(path))
+    width, height = _decoded_size(Path(path), data)
+    return Source(Path(path).absolute(), hashlib.sha256(data).hexdigest(), width, height, _own_parameters(data))
+
+
+MAX_INPUT_BYTES = 64 * 1024 * 1024
+MAX_INPUT_PIXELS = 64 * 1024 * 1024
+
+
+def _read_input(path: Path) -> bytes:
+    try:
+        if path.stat().st_size > MAX_INPUT_BYTES:
+            raise ImagegenError("invalid_argument", f"{path} is larger than {MAX_INPUT_BYTES // 2**20} MiB")
+        return path.read_bytes()
+    except OSError as exc:
+        raise ImagegenError("invalid_argument", f"cannot read {path}: {exc.strerror or exc}",
+                            hint="Pass an existing PNG, JPEG or WebP file.") from None
+
+
+def _decoded_size(path: Path, data: bytes) -> tuple[int, int]:
+    """Width and height once EXIF orientation is applied; the whole image is decoded to prove it is whole."""
+    import io
+    import warnings
+
+    from PIL import Image, ImageOps
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format not in ("PNG", "JPEG", "WEBP"):
+                    raise ImagegenError("invalid_argument", f"{path} is {image.format}, not PNG, JPEG or WebP")
+                if image.width * image.height > MAX_INPUT_PIXELS:
+                    raise ImagegenError("invalid_argument", f"{path} has {image.width}x{image.height} pixels, "
+                                                            "more than an input may have")
+                image.load()
+                width, height = ImageOps.exif_transpose(image).size
+    except ImagegenError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever Pillow says, the file is not a usable image
+        raise ImagegenError("invalid_argument", f"{path} is not a readable image: {exc}",
+                            hint="Pass a PNG, JPEG or WebP file.") from None
+    return width, height
+
+
+def _own_parameters(data: bytes) -> dict:
+    """The prompt and seed of an image imagegen made, carried over into its upscale's record."""
+    import json
+
+    from imagegen.comfy import png
+
+    try:
+        chunk = png.read_text_chunks(data).get("imagegen") if data.startswith(png.PNG_SIGNATURE) else None
+        record = json.loads(chunk) if chunk else {}
+    except (png.BadPNG, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def scale_label(scale: float) -> str:
+    return f"x{scale:g}"
+
+
+def check_scale(scale: float) -> float:
+    if not isinstance(scale, (int, float)) or not 1.0 <= scale <= MAX_SCALE or scale != scale:
+        raise ImagegenError("invalid_argument", f"--scale {scale} is outside 1..{MAX_SCALE:g}",
+                            hint="Pass --scale 2 (or 1.5, 3, 4); the model's own factor does not limit it.")
+    return float(scale)
+
+
+def plan(request: UpscaleRequest, registry: Registry | None = None) -> UpscalePlan:
+    """Validate the model, the scale, every input and every output path; nothing is started."""
+    if not request.images:
+        raise ImagegenError("invalid_argument", "no images to upscale", hint="imagegen upscale IMAGE.png --scale 2")
+    if len(request.images) > MAX_IMAGES:
+        raise ImagegenError("invalid_argument", f"{len(request.images)} images; one call takes at most {MAX_IMAGES}")
+    scale = check_scale(request.scale)
+    bundle = resolve_model(request.model, registry)
+    sources = [read_source(Path(image).expanduser()) for image in request.images]
+    jobs = []
+    for source in sources:
+        width, height = round(source.width * scale), round(source.height * scale)
+        if max(width, height) > workflows.MAX_RESOLUTION:
+            raise ImagegenError("invalid_argument",
+                                f"{source.path}: {source.width}x{source.height} times {scale:g} is {width}x{height}, "
+                                f"over the {workflows.MAX_RESOLUTION} pixel limit of a side",
+                                hint="Pass a smaller --scale.")
+        own = source.parameters
+        jobs.append(workflows.Params(prompt=own.get("prompt") if isinstance(own.get("prompt"), str) else "",
+                                     negative=own.get("negative") if isinstance(own.get("negative"), str) else "",
+                                     width=width, height=height, steps=1, cfg=1.0, sampler="euler",
+                                     scheduler="normal", seed=own.get("seed") if _is_seed(own.get("seed")) else 0,
+                                     filename_prefix=f"imagegen/upscale-{secrets.token_hex(4)}"))
+    names = [f"{source.path.stem}-{scale_label(scale)}.png" for source in sources]
+    where = request.output
+    if where is not None and where != "-" and not where.lower().endswith(".png"):
+        where = where.rstrip("/" + os.sep) + os.sep  # -o DIR: a folder, made when missing
+    targets = output.plan_outputs(where, len(sources), names, request.overwrite, paths.default_output_dir())
+    seen: dict[Path, Path] = {}
+    for source, target in zip(sources, targets, strict=True):
+        if target is not None and target in seen:
+            raise ImagegenError("invalid_argument", f"{seen[target]} and {source.path} would both be written to "
+                                                    f"{target}",
+                                hint="Upscale images of the same name in separate calls with different -o folders.")
+        if target is not None:
+            seen[target] = source.path
+        if target is not None and target.resolve() == source.path.resolve():
+            raise ImagegenError("output_exists", f"{target} is the input image itself",
+                                hint="Choose another -o path; an upscale never replaces its source.")
+    return UpscalePlan(bundle, sources, jobs, targets, request)
+
+
+def _is_seed(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= workflows.MAX_SEED
+
+
+def provenance(source: Source, bundle: Bundle, scale: float) -> dict:
+    """What an upscaled image's record adds: its source, the model and the scale."""
+    return {"upscale": {"source": {"path": str(source.path), "sha256": source.sha256,
+                                   "width": source.width, "height": source.height},
+                        "model": bundle.name, "scale": scale}}
+
+
+def execute(planned: UpscalePlan, runtime, reporter: Reporter, fetch=None):
+    """Make the model loadable, find a worker, and yield one result record per image, in order."""
+    from imagegen.engine.scheduler import Job, Scheduler
+    from imagegen.models import cache
+    from imagegen.models.fetch import make_fetcher
+
+    bundle, request = planned.bundle, planned.request
+    generate.make_loadable(bundle, runtime, fetch or make_fetcher(reporter))
+    worker = runtime.ensure(on_status=reporter.status, mounts=generate.local_dirs(bundle))
+    resident = render.is_resident(bundle, worker.client().worker_info())
+    first = planned.jobs[0]
+    budgets = render.job_budgets(bundle, first, worker.device, resident, request.timeouts, request.explicit_timeouts)
+    count = len(planned.jobs)
+    reporter.job(f"upscale {count} image(s) {scale_label(request.scale)} with {bundle.name}")
+    jobs = [Job(key=str(index), bundle=bundle, params=params, targets=[target],  # type: ignore[list-item]  # None: stdout
+                inputs={"init_image": source.path},
+                meta={"record": provenance(source, bundle, request.scale)})
+            for index, (params, source, target) in enumerate(zip(planned.jobs, planned.sources, planned.targets,
+                                                                 strict=True))]
+    scheduler = Scheduler(runtime, [worker.slot], jobs, lambda outcome: None, lambda job, state: budgets,
+                          {bundle.name: cache.file_hashes(bundle)}, generate.local_dirs(bundle),
+                          overwrite=request.overwrite, depth=min(count, 4), max_attempts=1, max_restarts=0,
+                          reporter=reporter, force=True, session_timeouts=budgets, handles={worker.slot: worker})
+    yield from generate.in_order(scheduler.stream())
