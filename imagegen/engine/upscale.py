@@ -169,10 +169,11 @@ def plan(request: UpscaleRequest, registry: Registry | None = None) -> UpscalePl
                                 f"over the {workflows.MAX_RESOLUTION} pixel limit of a side",
                                 hint="Pass a smaller --scale.")
         own = source.parameters
-        jobs.append(workflows.Params(prompt=own.get("prompt") if isinstance(own.get("prompt"), str) else "",
-                                     negative=own.get("negative") if isinstance(own.get("negative"), str) else "",
+        prompt, negative, seed = own.get("prompt"), own.get("negative"), own.get("seed")
+        jobs.append(workflows.Params(prompt=prompt if isinstance(prompt, str) else "",
+                                     negative=negative if isinstance(negative, str) else "",
                                      width=width, height=height, steps=1, cfg=1.0, sampler="euler",
-                                     scheduler="normal", seed=own.get("seed") if _is_seed(own.get("seed")) else 0,
+                                     scheduler="normal", seed=seed if isinstance(seed, int) and _is_seed(seed) else 0,
                                      filename_prefix=f"imagegen/upscale-{secrets.token_hex(4)}"))
     names = [f"{source.path.stem}-{scale_label(scale)}.png" for source in sources]
     where = request.output
