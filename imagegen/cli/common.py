@@ -51,6 +51,9 @@ RuntimeOpt = Annotated[str, typer.Option(
 KeepWarmOpt = Annotated[float, typer.Option(
     "--keep-warm", help="Seconds an idle worker stays up for the next call (0 to a week).", envvar="IMAGEGEN_KEEP_WARM",
     callback=_finite(0.0, MAX_KEEP_WARM, "a number of seconds"))]
+HostsOpt = Annotated[str | None, typer.Option(
+    "--hosts", envvar="IMAGEGEN_DOCKER_HOSTS", metavar="local,box2,me@box3:2222",
+    help="Run Docker workers on these hosts over SSH (Docker context names too; `local` is this machine).")]
 ProgressOpt = Annotated[bool | None, typer.Option(
     "--progress/--no-progress", help="Progress bars on stderr (default: only when stderr is a terminal).")]
 ForceOpt = Annotated[bool, typer.Option(
@@ -98,7 +101,7 @@ DenoiseOpt = Annotated[float | None, typer.Option(
     callback=_finite(0.0, 1.0, "a denoise strength"))]
 MaskOpt = Annotated[Path | None, typer.Option(
     "--mask", help="Inpaint: a mask the size of --image; white repaints, black keeps (luminance of any image).")]
-MaskGrowOpt = Annotated[int, typer.Option("--mask-grow", help="Grow the --mask by this many pixels (0..256).")]
+MaskGrowOpt = Annotated[int | None, typer.Option("--mask-grow", help="Grow the --mask by this many pixels (0..256).")]
 
 
 @dataclasses.dataclass
@@ -108,7 +111,49 @@ class Controls:
     image: ImageOpt = None
     denoise: DenoiseOpt = None
     mask: MaskOpt = None
-    mask_grow: MaskGrowOpt = 0
+    mask_grow: MaskGrowOpt = None
+
+
+HiresOpt = Annotated[bool, typer.Option(
+    "--hires", help="Hires fix: draw at --size, enlarge, then redraw the detail at --hires-denoise (one job).")]
+HiresScaleOpt = Annotated[float, typer.Option(
+    "--hires-scale", help="With --hires: the final size as a multiple of --size (above 1, up to 4).",
+    callback=_finite(1.0, 4.0, "a hires scale", low_open=True))]
+HiresDenoiseOpt = Annotated[float, typer.Option(
+    "--hires-denoise", help="With --hires: how much the second pass redraws, 0..1.",
+    callback=_finite(0.0, 1.0, "a denoise strength"))]
+HiresStepsOpt = Annotated[int | None, typer.Option(
+    "--hires-steps", help="With --hires: steps of the second pass (default: --steps).")]
+HiresModelOpt = Annotated[str | None, typer.Option(
+    "--hires-model", help="With --hires: enlarge with this upscale model (name or .safetensors), or lanczos "
+                          "(the default) or latent.")]
+
+
+@dataclasses.dataclass
+class HiresFix:
+    """generate's hires fix: --hires, --hires-scale, --hires-denoise, --hires-steps, --hires-model."""
+
+    hires: HiresOpt = False
+    hires_scale: HiresScaleOpt = 2.0
+    hires_denoise: HiresDenoiseOpt = 0.35
+    hires_steps: HiresStepsOpt = None
+    hires_model: HiresModelOpt = None
+
+    def fix(self):
+        """The comfy.hires.HiresFix asked for, or None without --hires (the other flags then are an error)."""
+        if not self.hires:
+            given = [flag for flag, value, default in (("--hires-scale", self.hires_scale, 2.0),
+                                                       ("--hires-denoise", self.hires_denoise, 0.35),
+                                                       ("--hires-steps", self.hires_steps, None),
+                                                       ("--hires-model", self.hires_model, None)) if value != default]
+            if given:
+                raise ImagegenError("invalid_argument", f"{given[0]} needs --hires",
+                                    hint="Add --hires to draw the image in two passes.")
+            return None
+        from imagegen.comfy.hires import LANCZOS, HiresFix as Fix
+
+        return Fix(scale=self.hires_scale, denoise=self.hires_denoise, steps=self.hires_steps,
+                   upscaler=self.hires_model or LANCZOS)
 
 
 @dataclasses.dataclass
@@ -123,9 +168,10 @@ class Mode:
 
 @dataclasses.dataclass
 class Workers:
-    """Where and how workers run: --runtime, --keep-warm, --fast, --force."""
+    """Where and how workers run: --runtime, --hosts, --keep-warm, --fast, --force."""
 
     runtime: RuntimeOpt = "auto"
+    hosts: HostsOpt = None
     keep_warm: KeepWarmOpt = 300.0
     fast: FastOpt = False
     force: ForceOpt = False

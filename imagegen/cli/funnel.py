@@ -55,7 +55,8 @@ def _advance_funnel(funnel, how: Advance) -> None:
                                  explicit=frozenset(explicit), force=how.workers.force, fast=how.workers.fast,
                                  picks=tuple(how.picks or ()), auto=how.auto, interactive=interactive)
     reporter = BatchReporter(quiet=how.mode.quiet, show_progress=how.mode.progress)
-    status = funnel_mod.advance(funnel, make_runtime(how.workers.runtime, how.workers.keep_warm), reporter,
+    runtime = make_runtime(how.workers.runtime, how.workers.keep_warm, how.workers.hosts)
+    status = funnel_mod.advance(funnel, runtime, reporter,
                                 lambda record: emit_result(record, how.mode.json_mode), options)
     if how.mode.json_mode:
         print(json.dumps(status), flush=True)

@@ -12,10 +12,12 @@ from imagegen.cli.common import (
     EXIT_BROKEN_PIPE,
     CallTimeoutOpt,
     Controls,
+    HiresFix,
     DebugOpt,
     Draw,
     FamilyOpt,
     GuidanceOpt,
+    HostsOpt,
     JsonOpt,
     KeepWarmOpt,
     Mode,
@@ -47,6 +49,7 @@ def generate(
     *,
     draw: Draw,
     controls: Controls,
+    hires_fix: HiresFix,
     family: FamilyOpt = None,
     from_image: Annotated[Path | None, typer.Option(
         "--from", help="Reproduce a PNG from its metadata (imagegen, A1111 or ComfyUI); other flags override.")] = None,
@@ -75,18 +78,18 @@ def generate(
         timeouts, explicit = gen.timeouts_from_env(timeout)
         given: dict[str, Any] = {"prompt": prompt, "model": draw.model, "negative": draw.negative, "seed": seed,
                                  "steps": draw.steps, "cfg": draw.cfg, "size": draw.size, "sampler": sampler,
-                                 "scheduler": scheduler, "guidance": guidance}
+                                 "scheduler": scheduler, "guidance": guidance, "image": controls.image,
+                                 "mask": controls.mask, "denoise": controls.denoise, "mask_grow": controls.mask_grow}
         if from_image is not None:
             given = gen.merge_source(from_image, given, draw.checkpoint is not None)
         if given["prompt"] is None:
             given["prompt"] = read_stdin_prompt(gen.MAX_PROMPT_CHARS)
         request = gen.Request(**given, checkpoint=draw.checkpoint, family=family, count=draw.count, output=output_path,
                               overwrite=overwrite, force=workers.force, fast=workers.fast, timeouts=timeouts,
-                              explicit_timeouts=explicit, image=controls.image, mask=controls.mask,
-                              mask_grow=controls.mask_grow, denoise=controls.denoise)
+                              explicit_timeouts=explicit, hires=hires_fix.fix())
         reporter = Reporter(quiet=mode.quiet, show_progress=mode.progress)
         planned = gen.plan(request)
-        for record in gen.execute(planned, make_runtime(workers.runtime, workers.keep_warm), reporter):
+        for record in gen.execute(planned, make_runtime(workers.runtime, workers.keep_warm, workers.hosts), reporter):
             if record["path"] != "-":
                 emit_result(record, mode.json_mode, quiet=False)
             elif mode.json_mode:
@@ -145,7 +148,8 @@ def batch(
         batch_mod.plan(items, out_dir, defaults, seed, 1)  # every item is valid before a worker starts
         emit = (lambda line: print(json.dumps(line, sort_keys=True), flush=True)) if mode.json_mode else \
             (lambda line: print(line["path"], flush=True) if line["status"] == "done" else None)
-        summary = batch_mod.run(items, out_dir.absolute(), make_runtime(workers.runtime, workers.keep_warm), reporter,
+        runtime = make_runtime(workers.runtime, workers.keep_warm, workers.hosts)
+        summary = batch_mod.run(items, out_dir.absolute(), runtime, reporter,
                                 emit, defaults=defaults, base_seed=seed, pack=pack, gpus=pool.gpus,
                                 workers=pool.workers_n, depth=depth,
                                 overwrite=overwrite, force=workers.force, timeouts=timeouts, explicit=explicit)
@@ -172,13 +176,15 @@ app.command("upscale")(upscale_command)
 
 
 @app.command()
-def workers(runtime: RuntimeOpt = "auto", json_mode: JsonOpt = False, debug: DebugOpt = False) -> None:
+def workers(runtime: RuntimeOpt = "auto", hosts: HostsOpt = None, json_mode: JsonOpt = False,
+            debug: DebugOpt = False) -> None:
     """List running workers: device, model last used, idle time, address."""
 
     def body() -> None:
         from imagegen.runtimes.choose import runtimes_here
 
-        found = [item for each in runtimes_here(runtime) for item in each.workers()]  # auto: every runtime here
+        here = runtimes_here(runtime, hosts=hosts)  # auto: every runtime here; --hosts: every host
+        found = [item for each in here for item in each.workers()]
         if json_mode:
             for item in found:
                 print(json.dumps({"schema": "imagegen.worker/1", **item}))
@@ -205,6 +211,7 @@ def stop(
     all_workers: Annotated[bool, typer.Option(
         "--all", help="Stop every worker of the runtime(s), as when no NAME is given.")] = False,
     runtime: RuntimeOpt = "auto",
+    hosts: HostsOpt = None,
     json_mode: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -216,7 +223,7 @@ def stop(
         if names and all_workers:
             raise ImagegenError("usage_error", "give worker names or --all, not both",
                                 hint="imagegen stop --all, or: imagegen stop NAME (names from `imagegen workers`)")
-        here = runtimes_here(runtime)  # auto: every runtime here
+        here = runtimes_here(runtime, hosts=hosts)  # auto: every runtime here; --hosts: every host
         if not names:
             stopped = [name for each in here for name in each.stop()]
         else:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from imagegen.comfy import workflows
 from imagegen.comfy.client import Timeouts
-from imagegen.engine import output, timings
+from imagegen.engine import addons, hires, inputs, output, timings
 from imagegen.engine.progress import Reporter
 from imagegen.engine.render import is_resident, job_budgets, timing_name
 from imagegen.models import cache, modelfile
@@ -49,8 +49,12 @@ class Request:
     explicit_timeouts: set[str] = field(default_factory=set)  # budgets the user set: never resized
     image: Path | None = None  # img2img / inpainting source (engine/inputs.py)
     mask: Path | None = None  # inpainting: white repaints, black keeps
-    mask_grow: int = 0
+    mask_grow: int | None = None  # 0 when omitted
     denoise: float | None = None  # default: inputs.DEFAULT_DENOISE with an image
+    loras: list | None = None  # --lora NAME_OR_FILE[:STRENGTH] (or {name, strength}): engine/addons.py
+    controls: list | None = None  # --control MODEL:IMAGE[:STRENGTH[:START:END]] (or a mapping)
+    control_preprocess: str | None = None  # "canny"
+    hires: workflows.hires.HiresFix | None = None  # --hires: a second pass at a larger size (engine/hires.py)
 
 
 def timeouts_from_env(overall: float | None = None) -> tuple[Timeouts, set[str]]:
@@ -78,6 +82,14 @@ def merge_source(image: Path, given: dict, has_checkpoint: bool) -> dict:
     for key in ("prompt", "negative", "seed", "steps", "cfg", "sampler", "scheduler", "guidance"):
         if merged.get(key) is None and found.get(key) is not None:
             merged[key] = found[key]
+    recorded = found.get("inputs") or {}
+    if "image" in recorded:  # made from the user's image: the same image (and mask), denoise and grow
+        for key in ("denoise", "mask_grow"):
+            if merged.get(key) is None and found.get(key) is not None:
+                merged[key] = found[key]
+        for role, record in recorded.items():
+            if role in inputs.ROLES and merged.get(role) is None:
+                merged[role] = inputs.find_recorded(role, record, image)
     if merged.get("size") is None and found.get("width") and found.get("height"):
         merged["size"] = f"{found['width']}x{found['height']}"
     if merged.get("model") is None and not has_checkpoint and found.get("model"):
@@ -158,19 +170,30 @@ def resolve_bundle(request: Request, registry: Registry | None) -> Bundle:
     return (registry or Registry.load()).get(request.model or DEFAULT_MODEL)
 
 
-def plan_jobs(request: Request, bundle: Bundle) -> list[workflows.Params]:
+def plan_jobs(request: Request, bundle: Bundle, chosen: addons.Chosen | None = None) -> list[workflows.Params]:
     if bundle.family == "upscale":
         raise ImagegenError(
             "invalid_argument",
             f"{bundle.name!r} is an upscale model: it enlarges images, it does not draw them",
             hint="Use it as a funnel's upscale stage (imagegen funnel --upscale-model NAME), or pick a drawing model.",
         )
+    if bundle.family in ("lora", "controlnet"):
+        flag = "--lora" if bundle.family == "lora" else "--control"
+        raise ImagegenError(
+            "invalid_argument",
+            f"{bundle.name!r} is a {bundle.family}: it changes how a model draws, it does not draw by itself",
+            hint=f"Use it with {flag} {bundle.name}{'' if bundle.family == 'lora' else ':IMAGE'} on a "
+            f"{bundle.base or 'matching'} model.",
+        )
     prompt = check_prompt(request.prompt)
+    chosen = chosen or addons.choose(prompt, request.loras, request.controls, request.control_preprocess, bundle)
+    prompt = check_prompt(chosen.prompt)  # without its <lora:...> tags
     negative = check_prompt(request.negative, "negative prompt") if request.negative else bundle.default("negative", "")
+    given = inputs.prepare(request.image, request.mask, request.denoise, request.mask_grow)
     if request.size:
         width, height = parse_size(request.size)
     else:
-        width, height = bundle.default("width", 512), bundle.default("height", 512)
+        width, height = given.size() or (bundle.default("width", 512), bundle.default("height", 512))
     steps = _check_range("steps", request.steps, 1, workflows.MAX_STEPS) or bundle.default("steps", 20)
     cfg = _check_range("cfg", request.cfg, 0.0, workflows.MAX_CFG)
     guidance = _check_range("guidance", request.guidance, 0.0, workflows.MAX_GUIDANCE)
@@ -179,6 +202,7 @@ def plan_jobs(request: Request, bundle: Bundle) -> list[workflows.Params]:
     sampler = request.sampler or bundle.default("sampler", "euler")
     scheduler = request.scheduler or bundle.default("scheduler", "normal")
     workflows.choices.check_up_front(sampler, scheduler)  # the worker's own lists: at submission (comfy/choices.py)
+    hires_fix = hires.check(request.hires, width, height, has_image=request.image is not None)
     base_seed = secrets.randbelow(2**32) if seed is None else seed
     return [
         workflows.Params(
@@ -194,6 +218,12 @@ def plan_jobs(request: Request, bundle: Bundle) -> list[workflows.Params]:
             guidance=guidance if guidance is not None else bundle.default("guidance", 3.5),
             filename_prefix=f"imagegen/{secrets.token_hex(4)}",
             fast=request.fast,
+            denoise=given.denoise,
+            mask_grow=given.mask_grow,
+            sources=given.sources(),
+            loras=list(chosen.loras),
+            controls=list(chosen.controls),
+            hires=hires_fix,
         )
         for i in range(count)
     ]
@@ -205,15 +235,18 @@ class Plan:
     jobs: list[workflows.Params]
     targets: list[Path | None]
     request: Request
+    chosen: addons.Chosen | None = None  # its LoRAs and ControlNets
 
 
 def plan(request: Request, registry: Registry | None = None) -> Plan:
     """Validate everything and decide every output path; nothing is started."""
     bundle = resolve_bundle(request, registry)
-    jobs = plan_jobs(request, bundle)
+    chosen = addons.choose(check_prompt(request.prompt), request.loras, request.controls, request.control_preprocess,
+                           bundle, registry) if bundle.family != "upscale" else None
+    jobs = plan_jobs(request, bundle, chosen)
     names = [output.default_name(p.prompt, p.seed) for p in jobs]
     targets = output.plan_outputs(request.output, len(jobs), names, request.overwrite, paths.default_output_dir())
-    return Plan(bundle, jobs, targets, request)
+    return Plan(bundle, jobs, targets, request, chosen)
 
 
 def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
@@ -228,7 +261,16 @@ def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
     check_fast_toolchain(runtime, request.fast)
     check_cap_before_start(planned, runtime)
     make_loadable(bundle, runtime, fetch or make_fetcher(reporter))
-    worker = runtime.ensure(on_status=reporter.status, mounts=local_dirs(bundle))
+    upscalers = hires.model_bundles(planned.jobs[:1])  # --hires-model: loaded by the same graph
+    for upscaler in upscalers:
+        make_loadable(upscaler, runtime, fetch or make_fetcher(reporter))
+    extras = planned.chosen.bundles if planned.chosen else []  # its LoRAs and ControlNets
+    for extra in extras:
+        make_loadable(extra, runtime, fetch or make_fetcher(reporter))
+    for note in planned.chosen.notes if planned.chosen else []:
+        reporter.warn(note)
+    mounts = local_dirs(bundle).union(*(local_dirs(upscaler) for upscaler in upscalers), addons.local_files(extras))
+    worker = runtime.ensure(on_status=reporter.status, mounts=mounts)
     if worker.device == "cpu":
         reporter.once("cpu", "no GPU in use: running on CPU (slow; fine for small models and tests)")
     first = workflows.for_device(planned.jobs[0], worker.device)
@@ -247,7 +289,8 @@ def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
         )
     reporter.job(f"{bundle.name} {first.width}x{first.height}")
     jobs = [
-        Job(key=str(index), bundle=bundle, params=params, targets=[target])  # type: ignore[list-item]  # None: stdout
+        Job(key=str(index), bundle=bundle, params=addons.hashed(params, extras),  # type: ignore[list-item]
+            targets=[target], inputs={**inputs.job_files(params.sources), **addons.job_files(params)})  # None: stdout
         for index, (params, target) in enumerate(zip(planned.jobs, planned.targets, strict=True))
     ]
     scheduler = Scheduler(
@@ -257,7 +300,7 @@ def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
         lambda outcome: None,
         lambda job, state: budgets,
         {bundle.name: cache.file_hashes(bundle)},
-        local_dirs(bundle),
+        mounts,
         overwrite=request.overwrite,
         depth=count,
         max_attempts=1,
@@ -338,6 +381,9 @@ def make_loadable(bundle: Bundle, runtime, fetch) -> None:
         )
     if getattr(runtime, "uses_host_cache", True):
         cache.ensure_bundle(bundle, fetch=fetch)
+    on_hosts = getattr(runtime, "fetch_on_hosts", None)  # Docker hosts over SSH: each fetches into its own cache
+    if on_hosts is not None:
+        on_hosts(bundle, getattr(fetch, "renderer", None))
 
 
 def check_fast_toolchain(runtime, fast: bool) -> None:

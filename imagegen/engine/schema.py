@@ -152,6 +152,7 @@ WORKER = {
         "url": _string_or_null,
         "pid": {"type": ["integer", "null"], "description": "Local runtime only."},
         "container": {"type": "string", "description": "Docker runtime only: the short container id."},
+        "host": {"type": "string", "description": "With --hosts: the host the worker runs on, as named there."},
         "last_model": _string_or_null,
         "idle_seconds": {"type": ["number", "null"]},
         "jobs_done": _int_or_null,

@@ -379,6 +379,14 @@ def make_fetcher(reporter_or_callback: Any = None, models_dir: Path | None = Non
         else:
             fetch_bundle(bundle, models_dir, reporter_or_callback)
 
+    def renderer():
+        """Where events of a fetch elsewhere go (a Docker host's): the same bars, or the callback."""
+        if reporter_or_callback is None or hasattr(reporter_or_callback, "status"):
+            return TqdmRenderer(quiet=bool(getattr(reporter_or_callback, "quiet", False)),
+                                bars=getattr(reporter_or_callback, "show_progress", None))
+        return reporter_or_callback
+
+    fetch.renderer = renderer  # type: ignore[attr-defined]
     return fetch
 
 

@@ -98,6 +98,7 @@ def cpu_slots(count: int) -> list[str]:
 
 
 def is_cpu_slot(slot: str) -> bool:
+    slot = slot.rpartition("/")[2]  # "HOST/cpu" with --hosts
     return slot == "cpu" or slot.startswith("cpu-")
 
 

@@ -5,10 +5,29 @@ from __future__ import annotations
 from imagegen.util.errors import ImagegenError
 
 
-def make_runtime(name: str = "auto", keep_warm: float | None = None):
+def hosts_runtime(name: str, keep_warm: float | None, hosts: str | None):
+    """Docker on the hosts of --hosts (or IMAGEGEN_DOCKER_HOSTS), or None when none are named."""
+    from imagegen.runtimes.docker_hosts import HostsRuntime, host_names
+
+    names = host_names(hosts)
+    if not names:
+        return None
+    if name not in ("auto", "docker"):
+        raise ImagegenError("invalid_argument", f"--hosts runs Docker workers: it cannot go with --runtime {name}",
+                            hint="Drop --runtime (or pass --runtime docker) with --hosts.")
+    from imagegen.models.cache import shared_trees
+
+    return HostsRuntime(names, keep_warm=keep_warm, shared_models=shared_trees())
+
+
+def make_runtime(name: str = "auto", keep_warm: float | None = None, hosts: str | None = None):
     """`docker`, `local`, `remote` (workers already running elsewhere, from IMAGEGEN_REMOTE_WORKERS),
     or `auto` (Docker when its daemon answers and the image is built, else local). A runtime that
-    cannot run here is refused now, before any worker starts."""
+    cannot run here is refused now, before any worker starts. `hosts`: Docker on those hosts over SSH."""
+    on_hosts = hosts_runtime(name, keep_warm, hosts)
+    if on_hosts is not None:
+        on_hosts.require_some()
+        return on_hosts
     if name not in ("auto", "docker", "local", "remote"):
         raise ImagegenError("invalid_argument", f"--runtime {name!r}: choose auto, docker, local or remote")
     if name == "remote":
@@ -43,10 +62,14 @@ def make_runtime(name: str = "auto", keep_warm: float | None = None):
     return LocalRuntime(keep_warm=keep_warm, shared_models=shared)
 
 
-def runtimes_here(name: str = "auto", keep_warm: float | None = None) -> list:
+def runtimes_here(name: str = "auto", keep_warm: float | None = None, hosts: str | None = None) -> list:
     """Every runtime that may have workers here, for `workers` and `stop`: with `auto`, the local
     runtime (its records), Docker when its daemon answers, and the remote workers when some are
-    configured. A named runtime is just that one, refused as make_runtime refuses it."""
+    configured. A named runtime is just that one, refused as make_runtime refuses it. With `hosts`:
+    the Docker engines of those hosts (a host that does not answer has nothing listed or stopped)."""
+    on_hosts = hosts_runtime(name, keep_warm, hosts)
+    if on_hosts is not None:
+        return [on_hosts]
     if name != "auto":
         return [make_runtime(name, keep_warm)]
     import os

@@ -76,9 +76,49 @@ class DockerRuntime:
         self.start_timeout = default_start_timeout() if start_timeout is None else start_timeout
         self.image = image or IMAGE
         self.shared_models = shared_models or []
-        self.client = connect()
         self.uid, self.gid = os.getuid(), os.getgid()
         self.dir = paths.ensure_private_dir(paths.workers_dir())
+        self.key = "docker"  # names this engine's token and lock files
+        self.client = self._connect()
+
+    # --- what differs for an engine on another host (runtimes/docker_hosts.py) ------------
+    def _connect(self):
+        return connect()
+
+    def _owner_labels(self) -> dict[str, str]:
+        """Labels every container of this engine and owner carries, and the filter that finds them."""
+        return {LABEL: "1", "imagegen.owner_uid": str(self.uid)}
+
+    def _url(self, host_port: str) -> str:
+        return f"http://127.0.0.1:{host_port}"
+
+    def _user(self) -> str:
+        return f"{self.uid}:{self.gid}"
+
+    def _write_secret(self, slot: str, token: str) -> str:
+        """Keep a worker's secret as a 0600 file; the path the engine bind-mounts it from."""
+        write_private(self._token_path(slot), token)
+        return str(self._token_path(slot))
+
+    def _models_source(self) -> str:
+        models_dir = paths.models_dir()
+        models_dir.mkdir(parents=True, exist_ok=True)
+        return str(models_dir)
+
+    def _name(self, slot: str) -> str:
+        return f"imagegen-{self.uid}-{slot[:16].lower().replace(':', '-')}-{secrets.token_hex(3)}"
+
+    def _gpus(self) -> list:
+        return gpus.list_gpus()
+
+    where = ""  # " on HOST" for an engine on another host, in messages
+
+    def _image_missing(self) -> ImagegenError:
+        return ImagegenError(
+            "image_missing",
+            f"the Docker image {self.image} is not built",
+            hint="Build it with ./build-image.sh (./build-image.sh --cpu-local offline), or use --runtime local.",
+        )
 
     def image_present(self) -> bool:
         from docker.errors import ImageNotFound
@@ -91,20 +131,20 @@ class DockerRuntime:
 
     # --- discovery ------------------------------------------------------------------
     def _containers(self, slot: str | None = None, all_states: bool = False):
-        filters = {"label": [f"{LABEL}=1", f"imagegen.owner_uid={self.uid}"]}
+        filters = {"label": [f"{key}={value}" for key, value in self._owner_labels().items()]}
         if slot is not None:
             filters["label"].append(f"imagegen.slot={slot}")
         return self.client.containers.list(all=all_states, filters=filters)
 
     def _token_path(self, slot: str) -> Path:
-        return self.dir / f"docker-{slot}.token"
+        return self.dir / f"{self.key}-{slot}.token"
 
     def _handle(self, container, slot: str, started_here: bool) -> WorkerHandle | None:
         container.reload()
         bindings = (container.attrs.get("NetworkSettings", {}).get("Ports") or {}).get(CONTAINER_PORT) or []
         if not bindings:
             return None
-        url = f"http://127.0.0.1:{bindings[0]['HostPort']}"
+        url = self._url(bindings[0]["HostPort"])
         try:
             token = self._token_path(slot).read_text().strip()
         except OSError:
@@ -142,7 +182,7 @@ class DockerRuntime:
                 and container.labels.get("imagegen.memory", "") == memory_limit())
 
     def slots(self, choice: str | None = None, cpu_workers: int = 1) -> list[str]:
-        found = gpus.select(gpus.list_gpus(), choice)
+        found = gpus.select(self._gpus(), choice)
         return [g.uuid for g in found] or cpu_slots(cpu_workers)
 
     # --- lifecycle ------------------------------------------------------------------
@@ -151,7 +191,7 @@ class DockerRuntime:
 
         slot = slot or self.slots()[0]
         self.reap()
-        with FileLock(str(self.dir / f"docker-{slot}.lock")):
+        with FileLock(str(self.dir / f"{self.key}-{slot}.lock")):
             return self.find(slot, mounts) or self._adopt(slot, mounts) or self._start(slot, set(mounts), on_status)
 
     def _adopt(self, slot: str, mounts: AbstractSet[str]) -> WorkerHandle | None:
@@ -180,11 +220,7 @@ class DockerRuntime:
         from docker.types import DeviceRequest
 
         if not self.image_present():
-            raise ImagegenError(
-                "image_missing",
-                f"the Docker image {self.image} is not built",
-                hint="Build it with ./build-image.sh (./build-image.sh --cpu-local offline), or use --runtime local.",
-            )
+            raise self._image_missing()
         gpu = not is_cpu_slot(slot)
         if gpu and "nvidia" not in (self.client.info().get("Runtimes") or {}):
             raise ImagegenError("nvidia_runtime_missing", f"GPU {slot} was requested but Docker has no NVIDIA runtime")
@@ -196,13 +232,10 @@ class DockerRuntime:
                 running.append(container)  # another mount set, image or memory cap: left alone
         token_path = self._token_path(slot)
         # the slot's containers share its secret: a running one keeps the secret it was started with
-        if not (running and token_path.is_file()):
-            write_private(token_path, secrets.token_urlsafe(32))
-        models_dir = paths.models_dir()
-        models_dir.mkdir(parents=True, exist_ok=True)
+        token = token_path.read_text().strip() if running and token_path.is_file() else secrets.token_urlsafe(32)
         volumes = {
-            str(models_dir): {"bind": "/models", "mode": "rw"},
-            str(token_path): {"bind": "/run/imagegen/token", "mode": "ro"},
+            self._models_source(): {"bind": "/models", "mode": "rw"},
+            self._write_secret(slot, token): {"bind": "/run/imagegen/token", "mode": "ro"},
         }
         command = [
             "serve",
@@ -225,27 +258,26 @@ class DockerRuntime:
         for path in sorted(mounts):  # local model files (the files, never their folders), at the same path
             volumes[path] = {"bind": path, "mode": "ro"}
         labels = {
-            LABEL: "1",
+            **self._owner_labels(),
             "imagegen.slot": slot,
             "imagegen.device": "cuda" if gpu else "cpu",
             "imagegen.version": __version__,
             "imagegen.image": self.image,
-            "imagegen.owner_uid": str(self.uid),
             "imagegen.owner_pid": str(os.getpid()),
             "imagegen.mounts": json.dumps(sorted(mounts)),
             "imagegen.started": str(int(time.time())),
             "imagegen.memory": memory_limit(),
         }
         if on_status:
-            on_status(f"starting a Docker worker ({'GPU ' + slot if gpu else 'CPU'}, image {self.image})")
-        name = f"imagegen-{self.uid}-{slot[:16].lower().replace(':', '-')}-{secrets.token_hex(3)}"
+            on_status(f"starting a Docker worker{self.where} ({'GPU ' + slot if gpu else 'CPU'}, image {self.image})")
+        name = self._name(slot)
         try:
             container = self.client.containers.run(
                 self.image,
                 command,
                 detach=True,
                 init=True,
-                user=f"{self.uid}:{self.gid}",
+                user=self._user(),
                 name=name,
                 ports={CONTAINER_PORT: ("127.0.0.1", None)},
                 volumes=volumes,
@@ -371,7 +403,7 @@ class DockerRuntime:
             by_slot.setdefault(container.labels.get("imagegen.slot", "?"), []).append(container)
         for slot, containers in by_slot.items():
             try:
-                with FileLock(str(self.dir / f"docker-{slot}.lock"), timeout=0):
+                with FileLock(str(self.dir / f"{self.key}-{slot}.lock"), timeout=0):
                     removed += [c.name for c in containers if self._reap_one(c)]
             except (Timeout, OSError):
                 continue  # another process is starting a worker on this slot
