@@ -27,6 +27,8 @@ class Job:
     inputs: dict[str, Path] = field(default_factory=dict)
     attempts: int = 0
     quality: bool = False          # prefers the fastest worker (see routing)
+    workflow: Any = None           # a user's own graph (engine/workflow_jobs.WorkflowJob): submitted instead of
+    #                                workflows.build(bundle, params); its inputs are keyed "NODE.input"
 
 
 @dataclass

@@ -22,7 +22,7 @@ from contextlib import closing
 
 from imagegen.comfy import workflows
 from imagegen.comfy.client import Timeouts
-from imagegen.engine import render
+from imagegen.engine import render, workflow_jobs
 from imagegen.engine.jobs import WORKER_FAULTS, Job, JobQueue, Outcome, WorkerState, prefer_loaded_model  # noqa: F401
 from imagegen.engine.routing import Router, host_memory_bytes
 from imagegen.util.errors import ImagegenError
@@ -327,9 +327,11 @@ class Scheduler:
     def _submit(self, job: Job, state: WorkerState, client, session) -> str:
         params = self._as_run(job, state)
         uploaded = {key: self._upload(client, path) for key, path in job.inputs.items()}
-        if uploaded:
-            params = workflows.with_inputs(params, uploaded)
-        prompt_id = session.submit(workflows.build(job.bundle, params), self.budgets(job, state))
+        if job.workflow is not None:  # a user's own graph (imagegen run)
+            graph = workflow_jobs.graph_for(job.workflow, uploaded)
+        else:
+            graph = workflows.build(job.bundle, workflows.with_inputs(params, uploaded) if uploaded else params)
+        prompt_id = session.submit(graph, self.budgets(job, state))
         self.prompt_ids.add(prompt_id)
         return prompt_id
 
@@ -360,10 +362,15 @@ class Scheduler:
         try:
             params = self._as_run(job, state)
             compiling = self._compiling(state, params)
-            records = render.save_outputs(client, entry, job.bundle, params, job.targets, state.handle, self.overwrite,
-                                          self.hashes.get(job.bundle.name, {}), submitted, learn=not compiling,
-                                          warn=lambda message: self._once("blank", message, warning=True),
-                                          extra=job.meta.get("record"))
+            if job.workflow is not None:  # a user's own graph: every output node's images
+                records = workflow_jobs.save_outputs(client, entry, job, state.handle, self.overwrite,
+                                                     self.hashes.get(job.bundle.name, {}), submitted)
+            else:
+                records = render.save_outputs(client, entry, job.bundle, params, job.targets, state.handle,
+                                              self.overwrite, self.hashes.get(job.bundle.name, {}), submitted,
+                                              learn=not compiling,
+                                              warn=lambda message: self._once("blank", message, warning=True),
+                                              extra=job.meta.get("record"))
         except Exception as exc:  # noqa: BLE001 - classified: a full disk, a lost worker, a bug
             return self._classify(job, state, exc)
         phases = entry.get("imagegen_phase_times", {})

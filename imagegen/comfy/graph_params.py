@@ -1,0 +1,286 @@
+"""The settable leaves of an API-format graph, and `--set KEY=VALUE` on them.
+
+A KEY names a leaf three ways: `ID.input` (the node id), `Title.input` (the node's title, `_meta.title`),
+or a well-known name that is resolved by walking the graph: prompt, negative, seed, steps, cfg, size,
+denoise, image, checkpoint (e.g. `prompt` is the text of the encoder feeding the sampler's positive
+input). Values are checked against the node definitions: type, range, and the choices of a list.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imagegen.comfy import node_info
+from imagegen.util.errors import ImagegenError
+
+WELL_KNOWN = ("prompt", "negative", "seed", "steps", "cfg", "size", "denoise", "image", "checkpoint")
+SAMPLERS = {"KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced"}
+SEED_INPUTS = ("seed", "noise_seed")
+TEXT_INPUTS = ("text", "text_g", "t5xxl")
+HINT = "Run `imagegen run WORKFLOW --list-params` to see every key and its type."
+Ref = tuple[str, str]  # (node id, input name)
+
+
+@dataclass
+class Leaf:
+    node: str
+    input: str
+    class_type: str
+    title: str
+    kind: str              # INT, FLOAT, STRING, BOOLEAN, COMBO
+    options: dict
+    value: Any
+
+    @property
+    def key(self) -> str:
+        return f"{self.node}.{self.input}"
+
+    @property
+    def is_upload(self) -> bool:
+        return bool(self.options.get("image_upload"))
+
+
+@dataclass
+class Applied:
+    graph: dict
+    changes: dict[Ref, Any] = field(default_factory=dict)
+    uploads: dict[Ref, Path] = field(default_factory=dict)   # local files to upload, by the input they feed
+    settings: dict[str, Any] = field(default_factory=dict)   # every KEY=VALUE applied, as given (for provenance)
+
+
+def _is_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+
+
+def leaves(graph: dict, info: dict | None = None) -> dict[Ref, Leaf]:
+    """Every input of the graph that holds a value (not a link) and is a widget of its node class."""
+    info = info if info is not None else node_info.pinned()
+    found = {}
+    for node_id, node in graph.items():
+        schema = info.get(node.get("class_type"))
+        if schema is None:
+            continue
+        title = str((node.get("_meta") or {}).get("title") or "")
+        for name, value in (node.get("inputs") or {}).items():
+            spec = node_info.spec_of(schema, name)
+            if spec is None or _is_link(value) or not node_info.is_widget(spec):
+                continue
+            kind, options = node_info.kind_of(spec)
+            found[(str(node_id), name)] = Leaf(str(node_id), name, node["class_type"], title, kind, options, value)
+    return found
+
+
+# --- well-known names ---------------------------------------------------------------------------------------
+def _source(graph: dict, node_id: str, name: str) -> str | None:
+    value = (graph.get(node_id) or {}).get("inputs", {}).get(name)
+    return str(value[0]) if _is_link(value) and str(value[0]) in graph else None
+
+
+def _text_encoder(graph: dict, node_id: str | None, role: str, hops: int = 0) -> Ref | None:
+    """Walk a conditioning chain back to the node holding its text (CLIPTextEncode and its kin)."""
+    if node_id is None or hops > 32:
+        return None
+    inputs = graph[node_id].get("inputs") or {}
+    for name in TEXT_INPUTS:
+        if isinstance(inputs.get(name), str):
+            return (node_id, name)
+    for name in (role, "conditioning", "conditioning_to", "cond1"):
+        if _is_link(inputs.get(name)):
+            return _text_encoder(graph, _source(graph, node_id, name), role, hops + 1)
+    return None
+
+
+def _sampler_refs(graph: dict, name: str) -> list[Ref]:
+    refs: list[Ref | None] = []
+    for node_id, node in graph.items():
+        kind = node.get("class_type")
+        if kind not in SAMPLERS:
+            continue
+        guider = _source(graph, node_id, "guider") if kind == "SamplerCustomAdvanced" else None
+        sigmas = _source(graph, node_id, "sigmas") if kind.startswith("SamplerCustom") else None
+        if name in ("prompt", "negative"):
+            role = "positive" if name == "prompt" else "negative"
+            origin = _source(graph, guider, "conditioning" if role == "positive" else "negative") if guider else None
+            if guider and origin is None:
+                origin = _source(graph, guider, role)
+            refs.append(_text_encoder(graph, origin or _source(graph, node_id, role), role))
+        elif name == "seed":
+            noise = _source(graph, node_id, "noise") if kind == "SamplerCustomAdvanced" else None
+            target = noise or node_id
+            refs += [(target, s) for s in SEED_INPUTS if s in (graph[target].get("inputs") or {})]
+        elif name in ("steps", "denoise"):
+            target = sigmas or node_id
+            refs.append((target, name) if name in (graph[target].get("inputs") or {}) else None)
+        elif name == "cfg":
+            target = guider if guider and "cfg" in (graph[guider].get("inputs") or {}) else node_id
+            refs.append((target, "cfg") if "cfg" in (graph[target].get("inputs") or {}) else None)
+    return list(dict.fromkeys(ref for ref in refs if ref is not None))
+
+
+def well_known(graph: dict, info: dict | None = None) -> dict[str, list[Ref]]:
+    """Each well-known name this graph has, with the leaves it sets."""
+    settable = leaves(graph, info)
+    found: dict[str, list[Ref]] = {}
+    for name in ("prompt", "negative", "seed", "steps", "cfg", "denoise"):
+        found[name] = [ref for ref in _sampler_refs(graph, name) if ref in settable]
+    found["size"] = [ref for node_id, node in graph.items() if str(node.get("class_type", "")).startswith("Empty")
+                     and str(node.get("class_type", "")).endswith("LatentImage")
+                     for ref in ((node_id, "width"), (node_id, "height")) if ref in settable]
+    found["image"] = [(n, "image") for n, node in graph.items() if node.get("class_type") == "LoadImage"
+                      and (n, "image") in settable]
+    found["checkpoint"] = [(n, "ckpt_name") for n, node in graph.items()
+                           if node.get("class_type") == "CheckpointLoaderSimple" and (n, "ckpt_name") in settable]
+    return {name: refs for name, refs in found.items() if refs}
+
+
+MANY_OK = {"prompt", "negative", "seed", "size"}  # names that set every place they resolve to
+
+
+def resolve(key: str, graph: dict, info: dict | None = None) -> list[Ref]:
+    """The leaves a KEY sets; invalid_argument listing the keys that exist when it names none."""
+    settable = leaves(graph, info)
+    if "." not in key:
+        names = well_known(graph, info)
+        if key in names:
+            refs = names[key]
+            if len(refs) > (2 if key == "size" else 1) and key not in MANY_OK:
+                listed = ", ".join(f"{n}.{i}" for n, i in refs)
+                raise ImagegenError("invalid_argument", f"--set {key}: the workflow has several ({listed})",
+                                    hint="Name the one you mean by its node id, e.g. --set "
+                                         f"{refs[0][0]}.{refs[0][1]}=VALUE.")
+            return refs
+        raise _unknown(key, settable, names)
+    ref, name = key.rsplit(".", 1)
+    if (ref, name) in settable:
+        return [(ref, name)]
+    titled = sorted({n for (n, i), leaf in settable.items() if i == name and leaf.title == ref}) or \
+        sorted({n for (n, i), leaf in settable.items() if i == name and leaf.title.lower() == ref.lower()})
+    if len(titled) > 1:
+        raise ImagegenError("invalid_argument", f"--set {key}: {len(titled)} nodes are titled {ref!r} "
+                            f"({', '.join(titled)})", hint=f"Name one by its id, e.g. --set {titled[0]}.{name}=VALUE.")
+    if titled:
+        return [(titled[0], name)]
+    if ref in graph or any(leaf.title == ref for leaf in settable.values()):
+        inputs = sorted(i for (n, i), leaf in settable.items() if ref in (n, leaf.title))
+        raise ImagegenError("invalid_argument", f"--set {key}: node {ref!r} has no settable input {name!r} "
+                            f"(it has: {', '.join(inputs) or 'none'})", hint=HINT)
+    raise _unknown(key, settable, well_known(graph, info))
+
+
+def _unknown(key: str, settable: dict, names: dict) -> ImagegenError:
+    keys = list(names) + [leaf.key for leaf in settable.values()]
+    return ImagegenError("invalid_argument", f"--set {key}: no such parameter in this workflow; it has: "
+                         f"{', '.join(keys)}", hint=HINT, keys=keys)
+
+
+# --- values -------------------------------------------------------------------------------------------------
+def parse_value(leaf: Leaf, raw: Any, key: str) -> Any:
+    """A value for a leaf, from a string (the command line) or a JSON value (a batch item), checked."""
+    where = f"--set {key}"
+    if leaf.kind in ("INT", "FLOAT"):
+        value = _number(raw, leaf.kind == "INT", where)
+        low, high = leaf.options.get("min"), leaf.options.get("max")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ImagegenError("invalid_argument", f"{where}: {value} is outside {low}..{high} ({leaf.class_type} "
+                                f"{leaf.input})")
+        return value
+    if leaf.kind == "BOOLEAN":
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return str(raw).lower() in ("true", "1", "yes", "on")
+        raise ImagegenError("invalid_argument", f"{where}: {raw!r} is not true or false")
+    if not isinstance(raw, str):
+        raise ImagegenError("invalid_argument", f"{where}: {raw!r} is not text")
+    if leaf.kind == "COMBO" and leaf.options.get("choices") and raw not in leaf.options["choices"]:
+        raise ImagegenError("invalid_argument", f"{where}: {raw!r} is not one of {leaf.class_type}'s {leaf.input} "
+                            f"choices", hint="Choices: " + ", ".join(leaf.options["choices"][:60]))
+    return raw
+
+
+def _number(raw: Any, integer: bool, where: str):
+    if isinstance(raw, bool):
+        raise ImagegenError("invalid_argument", f"{where}: {raw!r} is not a number")
+    try:
+        value = (int(raw) if not isinstance(raw, float) else raw) if integer else float(raw)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or (integer and (not isinstance(value, int) or isinstance(raw, float))) or \
+            (not integer and not math.isfinite(value)):
+        raise ImagegenError("invalid_argument", f"{where}: {raw!r} is not {'a whole' if integer else 'a finite'} "
+                            "number")
+    return value
+
+
+SIZE = re.compile(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*")
+
+
+def apply(graph: dict, settings: dict[str, Any], info: dict | None = None, base: Path | None = None) -> Applied:
+    """The graph with every KEY=VALUE set (in order). Inputs that upload a file (LoadImage) take a local
+    path, relative to `base` (the current folder when None); the file is uploaded when the job runs."""
+    result = Applied(copy.deepcopy(graph), settings=dict(settings))
+    settable = leaves(graph, info)
+    for key, raw in settings.items():
+        refs = resolve(key, graph, info)
+        if key == "size":
+            match = SIZE.fullmatch(str(raw))
+            if not match:
+                raise ImagegenError("invalid_argument", f"--set size={raw}: not WIDTHxHEIGHT", hint="e.g. size=512x768")
+            values = [match.group(1), match.group(2)] * (len(refs) // 2)
+            pairs = list(zip(refs, values, strict=True))
+        else:
+            pairs = [(ref, raw) for ref in refs]
+        for ref, value in pairs:
+            leaf = settable[ref]
+            if leaf.is_upload:
+                path = upload_path(value, base, f"--set {key}")
+                result.uploads[ref] = path
+                value = path.name
+            else:
+                value = parse_value(leaf, value, key)
+            result.graph[ref[0]]["inputs"][ref[1]] = value
+            result.changes[ref] = value
+    return result
+
+
+def upload_path(raw: Any, base: Path | None, where: str) -> Path:
+    """A local image file named by a value (a path, relative to `base`)."""
+    path = Path(str(raw)).expanduser()
+    if not path.is_absolute():
+        path = (base or Path.cwd()) / path
+    if not path.is_file():
+        raise ImagegenError("invalid_argument", f"{where}: {raw} is not a file here", hint="Give the path of a local "
+                            "image (PNG, JPEG or WebP) to upload.")
+    return path.absolute()
+
+
+def describe(graph: dict, info: dict | None = None) -> list[dict]:
+    """Every settable key: the well-known names first, then each leaf by id, with type, value, default, range."""
+    settable = leaves(graph, info)
+    records = []
+    for name, refs in well_known(graph, info).items():
+        first = settable[refs[0]]
+        value: Any = first.value
+        if name == "size":
+            value = f"{settable[refs[0]].value}x{settable[refs[1]].value}"
+        records.append({"key": name, "type": "SIZE" if name == "size" else _type(first), "value": value,
+                        "sets": [f"{n}.{i}" for n, i in refs]})
+    for leaf in settable.values():
+        record = {"key": leaf.key, "type": _type(leaf), "value": leaf.value, "node": leaf.node,
+                  "class_type": leaf.class_type, "title": leaf.title or None, "input": leaf.input}
+        for option in ("default", "min", "max", "step"):
+            if option in leaf.options:
+                record[option] = leaf.options[option]
+        if leaf.options.get("choices"):
+            record["choices"] = leaf.options["choices"]
+        records.append(record)
+    return records
+
+
+def _type(leaf: Leaf) -> str:
+    return "IMAGE_FILE" if leaf.is_upload else leaf.kind

@@ -1,0 +1,303 @@
+"""`imagegen run WORKFLOW`: a user's own ComfyUI graph (API or UI format, or a PNG that carries one), checked
+and planned before any worker starts: node classes, an output node, every model file it names (found in
+the cache or a shared tree, fetched from the registry, or listed as missing), its `--set` values."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from imagegen.comfy import graph_params, node_info, png, ui_graph, workflows
+from imagegen.engine.jobs import Job
+from imagegen.engine.workflow_jobs import WorkflowJob
+from imagegen.models import cache, modelfile
+from imagegen.models.registry import LOCAL_SUBFOLDER, Bundle, ModelFile, Registry
+from imagegen.util.errors import ImagegenError
+
+MAX_WORKFLOW_BYTES = 16 * 1024 * 1024
+# Loader node inputs that name model files, and the ComfyUI folder each reads from.
+LOADERS = {
+    "CheckpointLoaderSimple": {"ckpt_name": "checkpoints"}, "CheckpointLoader": {"ckpt_name": "checkpoints"},
+    "unCLIPCheckpointLoader": {"ckpt_name": "checkpoints"}, "ImageOnlyCheckpointLoader": {"ckpt_name": "checkpoints"},
+    "UNETLoader": {"unet_name": "diffusion_models"}, "CLIPLoader": {"clip_name": "text_encoders"},
+    "DualCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders"},
+    "TripleCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders", "clip_name3": "text_encoders"},
+    "QuadrupleCLIPLoader": {f"clip_name{i}": "text_encoders" for i in range(1, 5)},
+    "VAELoader": {"vae_name": "vae"}, "LoraLoader": {"lora_name": "loras"},
+    "LoraLoaderModelOnly": {"lora_name": "loras"}, "ControlNetLoader": {"control_net_name": "controlnet"},
+    "DiffControlNetLoader": {"control_net_name": "controlnet"}, "UpscaleModelLoader": {"model_name": "upscale_models"},
+    "CLIPVisionLoader": {"clip_name": "clip_vision"}, "StyleModelLoader": {"style_model_name": "style_models"},
+    "GLIGENLoader": {"gligen_name": "gligen"}, "HypernetworkLoader": {"hypernetwork_name": "hypernetworks"},
+}
+MAIN_INPUTS = ("ckpt_name", "unet_name")  # the file a workflow is "made with", for routing and the record
+
+
+@dataclass
+class Workflow:
+    graph: dict                    # API format
+    source: Path
+    sha256: str                    # of the file as given
+    format: str                    # "api", "ui" or "png"
+    ui: dict | None = None         # the UI graph, when the file held one
+    slots: dict = field(default_factory=dict)
+    record: dict | None = None     # a PNG's imagegen record (for --from)
+
+
+def _refuse(path: Path, why: str, hint: str = "Pass a workflow saved by ComfyUI (Save or Export (API)) or a PNG "
+                                              "that carries one.") -> ImagegenError:
+    return ImagegenError("invalid_workflow", f"{path}: {why}", hint=hint)
+
+
+def load(path: Path, info: dict | None = None) -> Workflow:
+    """Read a workflow file: API JSON, UI JSON, or a PNG with a `prompt` (API) or `workflow` (UI) chunk."""
+    path = Path(path).expanduser()
+    try:
+        if path.is_dir():
+            raise _refuse(path, "is a directory")
+        data = path.read_bytes() if path.stat().st_size <= MAX_WORKFLOW_BYTES else None
+    except FileNotFoundError:
+        raise _refuse(path, "no such file", hint="Check the workflow's path.") from None
+    except OSError as exc:
+        raise _refuse(path, f"cannot be read ({exc.strerror or exc})") from None
+    if data is None:
+        raise _refuse(path, f"is larger than {MAX_WORKFLOW_BYTES // 2**20} MiB")
+    digest = hashlib.sha256(data).hexdigest()
+    if data.startswith(png.PNG_SIGNATURE):
+        return _from_png(path, data, digest, info)
+    try:
+        parsed = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _refuse(path, f"is neither a PNG nor JSON ({exc})") from None
+    if ui_graph.is_ui(parsed):
+        converted = ui_graph.to_api(parsed, info)
+        return Workflow(checked(path, converted.graph, info), path, digest, "ui", parsed, converted.slots)
+    if isinstance(parsed, dict) and isinstance(parsed.get("prompt"), dict) and "class_type" not in parsed["prompt"]:
+        parsed = parsed["prompt"]  # a saved /prompt request body
+    return Workflow(checked(path, parsed, info), path, digest, "api")
+
+
+def _from_png(path: Path, data: bytes, digest: str, info: dict | None) -> Workflow:
+    try:
+        chunks = png.read_text_chunks(data)
+        record = json.loads(chunks["imagegen"]) if "imagegen" in chunks else None
+        ui = json.loads(chunks["workflow"]) if "workflow" in chunks else None
+        graph = json.loads(chunks["prompt"]) if "prompt" in chunks else None
+    except (png.BadPNG, ValueError) as exc:
+        raise _refuse(path, f"its metadata cannot be read ({exc})") from None
+    if not ui_graph.is_ui(ui) or (isinstance(ui, dict) and ui.get("extra", {}).get("imagegen")):
+        ui = None  # a layout imagegen made for its own graph: the prompt chunk is the exact graph
+    if graph is None and ui is not None:
+        converted = ui_graph.to_api(ui, info)
+        return Workflow(checked(path, converted.graph, info), path, digest, "png", ui, converted.slots, record)
+    if graph is None:
+        raise _refuse(path, "carries no workflow (no prompt or workflow chunk)")
+    slots = ui_graph.to_api(ui, info).slots if ui is not None else {}
+    return Workflow(checked(path, graph, info), path, digest, "png", ui, slots,
+                    record if isinstance(record, dict) else None)
+
+
+def checked(path: Path, graph: Any, info: dict | None = None) -> dict:
+    """An API graph whose nodes are well formed, whose classes the pinned ComfyUI has, and which has an
+    output node; links must name nodes of the graph."""
+    info = info if info is not None else node_info.pinned()
+    if not isinstance(graph, dict) or not graph:
+        raise _refuse(path, "is not a ComfyUI workflow (an object of nodes, or the editor's nodes/links)")
+    unknown = {}
+    for node_id, node in graph.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) or \
+                not isinstance(node.get("inputs", {}), dict):
+            raise _refuse(path, f"node {node_id!r} is not a node (an object with class_type and inputs)")
+        node.setdefault("inputs", {})
+        if node["class_type"] not in info:
+            unknown[str(node_id)] = node["class_type"]
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[1], int) and str(value[0]) not in graph:
+                raise _refuse(path, f"node {node_id} ({node['class_type']}): input {name!r} links to node "
+                              f"{value[0]!r}, which is not in the workflow")
+    if unknown:
+        raise ui_graph.unknown_classes(unknown)
+    if not any(info[node["class_type"]].get("output_node") for node in graph.values()):
+        raise _refuse(path, "has no output node (SaveImage, PreviewImage, ...): it would compute nothing",
+                      hint="Add a SaveImage node in the editor, save, and run that file.")
+    return {str(node_id): node for node_id, node in graph.items()}
+
+
+# --- model files ----------------------------------------------------------------------------------------------
+def model_inputs(graph: dict) -> list[tuple[str, str, str]]:
+    """(node id, input, folder) of every input that names a model file."""
+    return [(node_id, name, folder) for node_id, node in graph.items()
+            for name, folder in LOADERS.get(node["class_type"], {}).items()
+            if isinstance(node["inputs"].get(name), str) and "." in node["inputs"][name]]
+
+
+def _registry_files(registry: Registry) -> list[ModelFile]:
+    files = list(registry.shared.values()) + [f for b in registry.bundles.values() for f in b.files.values()]
+    return [f for f in files if f.downloadable or f.local_path]
+
+
+def resolve_file(value: str, folder: str, registry: Registry, local: bool = True) -> tuple[ModelFile | None, str]:
+    """The ModelFile a loader input names, and the name ComfyUI is to load it by: a local .safetensors path,
+    a registered bundle's main file, a file in the cache or a shared tree, a registry file of that name.
+    (None, value) when it is nowhere."""
+    path = Path(value).expanduser()
+    if local and (path.is_absolute() or value.startswith(".")) and path.suffix == ".safetensors" and path.is_file():
+        name = f"{LOCAL_SUBFOLDER}/{path.name}"
+        return ModelFile(key=f"workflow.{path.name}", folder=folder, filename=name, local_path=str(path.absolute()),
+                         size=path.stat().st_size), name
+    bundle = registry.bundles.get(value)
+    if bundle is not None:
+        for role in ("checkpoint", "diffusion_model", "upscale_model"):
+            if role in bundle.files and bundle.files[role].folder == folder:
+                return bundle.files[role], bundle.files[role].filename
+    plain = ModelFile(key=f"workflow.{value}", folder=folder, filename=value)
+    if not local or cache.present_path(plain) is not None:
+        return plain, value
+    legacy = {"diffusion_models": "unet", "text_encoders": "clip"}.get(folder)
+    if legacy and cache.present_path(replace(plain, folder=legacy)) is not None:
+        return replace(plain, folder=legacy), value
+    for file in _registry_files(registry):
+        if file.folder == folder and (file.filename == value or Path(file.filename).name == Path(value).name):
+            return file, file.filename
+    return None, value
+
+
+def resolve_models(path: Path, graph: dict, registry: Registry, local: bool = True) -> Bundle:
+    """A Bundle for routing, budgets and fetching: every model file the graph names, its main model first.
+    Loader inputs are rewritten to the names ComfyUI will find. Missing files are one error listing each."""
+    files: dict[str, ModelFile] = {}
+    missing = []
+    for node_id, name, folder in sorted(model_inputs(graph), key=lambda ref: ref[1] not in MAIN_INPUTS):
+        value = graph[node_id]["inputs"][name]
+        file, comfy_name = resolve_file(value, folder, registry, local)
+        if file is None:
+            missing.append(f"{folder}/{value} (node {node_id}, {graph[node_id]['class_type']}.{name})")
+            continue
+        graph[node_id]["inputs"][name] = comfy_name
+        files[f"{node_id}.{name}"] = file
+    if missing:
+        raise ImagegenError("model_missing", f"{path.name} needs model file(s) that are neither in the cache, nor "
+                            f"in IMAGEGEN_SHARED_MODELS, nor in the registry: {'; '.join(missing)}",
+                            hint="Put each file in the cache folder named (see `imagegen models list`), point "
+                                 "IMAGEGEN_SHARED_MODELS at your ComfyUI models folder, or --set the loader to a "
+                                 "local .safetensors path.", missing=missing)
+    main = next(iter(files.values()), None)
+    family = "workflow"
+    if main is not None and local:
+        present = cache.present_path(main)
+        if present is not None:
+            try:
+                family = modelfile.detect(modelfile.read_header(present)).family or "workflow"
+            except ImagegenError:
+                pass
+    if family not in ("sd15", "sdxl", "flux"):
+        family = "workflow"
+    return Bundle(name=Path(main.filename).name if main else path.name, family=family, files=files,
+                  source=str(path))
+
+
+# --- jobs -----------------------------------------------------------------------------------------------------
+def _value(graph: dict, refs: list, default: Any) -> Any:
+    for node_id, name in refs:
+        return graph[node_id]["inputs"].get(name, default)
+    return default
+
+
+def params_of(graph: dict, info: dict | None = None) -> workflows.Params:
+    """The well-known values of a graph as Params: what routing, budgets, timings and records read."""
+    names = graph_params.well_known(graph, info)
+    size = names.get("size", [])
+    prompt = _value(graph, names.get("prompt", []), "")
+    sampler = next((n["inputs"].get("sampler_name") for n in graph.values()
+                    if isinstance(n["inputs"].get("sampler_name"), str)), "euler")
+    scheduler = next((n["inputs"].get("scheduler") for n in graph.values()
+                      if isinstance(n["inputs"].get("scheduler"), str)), "normal")
+    batch = next((n["inputs"].get("batch_size") for n in graph.values()
+                  if isinstance(n["inputs"].get("batch_size"), int)), 1)
+    return workflows.Params(prompt=prompt if isinstance(prompt, str) else "", negative=str(_value(
+        graph, names.get("negative", []), "")), width=int(_value(graph, size[:1], 512)),
+        height=int(_value(graph, size[1:2], 512)), steps=int(_value(graph, names.get("steps", []), 20)),
+        cfg=float(_value(graph, names.get("cfg", []), 1.0)), sampler=sampler, scheduler=scheduler,
+        seed=int(_value(graph, names.get("seed", []), 0)), denoise=float(_value(graph, names.get("denoise", []), 1.0)),
+        batch_size=max(1, batch))
+
+
+def unset_images(workflow: Workflow, applied: graph_params.Applied, info: dict | None = None) -> None:
+    """LoadImage inputs the user did not --set: a file beside the workflow (or here) is uploaded; a name
+    only the editor's own input folder holds is an error naming the node."""
+    for ref, leaf in graph_params.leaves(applied.graph, info).items():
+        if not leaf.is_upload or ref in applied.uploads:
+            continue
+        if workflow.record and ref in _recorded_inputs(workflow):
+            applied.uploads[ref] = _recorded_inputs(workflow)[ref]
+            continue
+        for base in (workflow.source.parent, Path.cwd()):
+            candidate = (base / str(leaf.value)).absolute()
+            if str(leaf.value) and candidate.is_file():
+                applied.uploads[ref] = candidate
+                break
+        else:
+            raise ImagegenError("invalid_argument", f"node {ref[0]} ({leaf.class_type}) loads {leaf.value!r}, which "
+                                "is not a file beside the workflow or here",
+                                hint=f"Pass the image to load: --set {ref[0]}.{ref[1]}=PATH (or --set image=PATH).")
+
+
+def _recorded_inputs(workflow: Workflow) -> dict:
+    """The input files an imagegen PNG's record names (`run --from`), where they still hold the same bytes."""
+    found = {}
+    for key, entry in ((workflow.record or {}).get("inputs") or {}).items():
+        node_id, _, name = key.rpartition(".")
+        path = Path(str(entry.get("path", "")))
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != entry.get("sha256"):
+            raise ImagegenError("invalid_source_image", f"{workflow.source} was made from {path} (sha256 "
+                                f"{str(entry.get('sha256'))[:12]}...), which is missing or changed",
+                                hint=f"Restore that file, or pass another: --set {key}=PATH.")
+        found[(node_id, name)] = path
+    return found
+
+
+@dataclass
+class RunPlan:
+    jobs: list[Job]
+    bundle: Bundle
+    workflow: Workflow
+
+
+def plan_jobs(workflow: Workflow, settings: dict[str, Any], count: int, targets: list[Path | None],
+              registry: Registry | None = None, local_models: bool = True, key_prefix: str = "",
+              info: dict | None = None) -> list[Job]:
+    """One Job per image set (count varies every sampler's seed), validated and with its models resolved."""
+    registry = registry or Registry.load()
+    applied = graph_params.apply(workflow.graph, settings, info, base=Path.cwd())
+    unset_images(workflow, applied, info)
+    bundle = resolve_models(workflow.source, applied.graph, registry, local_models)
+    seeds = graph_params.well_known(applied.graph, info).get("seed", [])
+    if count > 1 and not seeds:
+        raise ImagegenError("invalid_argument", f"--count {count}: the workflow has no seed to vary",
+                            hint="Run it once, or add a KSampler/RandomNoise seed.")
+    base = int(applied.graph[seeds[0][0]]["inputs"][seeds[0][1]]) if seeds else 0
+    inputs = {f"{n}.{i}": path for (n, i), path in applied.uploads.items()}
+    record = {"workflow": {"name": workflow.source.name, "sha256": workflow.sha256, "format": workflow.format},
+              "set": {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()},
+              "inputs": {key: {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+                         for key, path in inputs.items()}}
+    jobs = []
+    for index, target in enumerate(targets):
+        graph = json.loads(json.dumps(applied.graph))
+        changes = dict(applied.changes)
+        for node_id, name in seeds:
+            graph[node_id]["inputs"][name] = changes[(node_id, name)] = base + index
+        identity = hashlib.sha256(json.dumps(graph, sort_keys=True).encode()).hexdigest()[:12]
+        for node in graph.values():  # a fresh prefix: the worker's files never collide, and SaveImage always runs
+            if node["class_type"] in ("SaveImage", "PreviewImage") and "filename_prefix" in node["inputs"]:
+                node["inputs"]["filename_prefix"] = f"imagegen/{secrets.token_hex(4)}"
+        ui = ui_graph.patched(workflow.ui, workflow.slots, changes) if workflow.ui is not None else None
+        uploads = dict(zip(inputs, applied.uploads, strict=True))
+        work = WorkflowJob(graph, {**record, "identity": identity}, ui, uploads)
+        jobs.append(Job(key=f"{key_prefix}{index}:{identity}" if key_prefix else str(index), bundle=bundle,
+                        params=params_of(graph, info), targets=[target],  # type: ignore[list-item]  # None: stdout
+                        meta={"workflow": str(workflow.source)}, inputs=dict(inputs), workflow=work))
+    return jobs
