@@ -164,6 +164,9 @@ def detect(header: Header) -> Detected:
         context = header.dim(found[0], 1) if found else None
         details["context_dim"] = context
         family = {768: "sd15", 2048: "sdxl", 1024: "sd2"}.get(context or 0)
+        conv_in = header.shape(unet + "input_blocks.0.0.weight") or []
+        in_channels = conv_in[1] if len(conv_in) == 4 else None
+        details.update(in_channels=in_channels, inpaint=in_channels == 9)  # latent + mask + masked image
         if header.has_prefix(unet + "label_emb.") and context == 2048:
             family = "sdxl"
         return Detected(family, "checkpoint", details)
