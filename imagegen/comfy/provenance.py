@@ -18,12 +18,14 @@ A1111_SAMPLERS = {"euler a": "euler_ancestral", "euler": "euler", "heun": "heun"
                   "dpm2": "dpm_2", "dpm2 a": "dpm_2_ancestral", "dpm++ 2m": "dpmpp_2m", "dpm++ sde": "dpmpp_sde",
                   "dpm++ 2m sde": "dpmpp_2m_sde", "dpm++ 2s a": "dpmpp_2s_ancestral", "dpm++ 3m sde": "dpmpp_3m_sde",
                   "unipc": "uni_pc", "lcm": "lcm"}
-KEYS = ("prompt", "negative", "model", "seed", "width", "height", "steps", "cfg", "sampler", "scheduler", "guidance")
+KEYS = ("prompt", "negative", "model", "seed", "width", "height", "steps", "cfg", "sampler", "scheduler", "guidance",
+        "denoise", "mask_grow", "inputs")
 
 
 MAX_IMAGE_BYTES = 64 * 1024 * 1024  # a PNG larger than this is not one imagegen or ComfyUI wrote
 TYPES = {"prompt": str, "negative": str, "model": str, "model_file": str, "sampler": str, "scheduler": str,
-         "seed": int, "width": int, "height": int, "steps": int, "cfg": float, "guidance": float}
+         "seed": int, "width": int, "height": int, "steps": int, "cfg": float, "guidance": float,
+         "denoise": float, "mask_grow": int, "inputs": dict}
 MAX_SETTINGS_LINE = 8192
 HINT = "Pass a PNG written by imagegen (or by ComfyUI with its prompt chunk)."
 
@@ -88,6 +90,11 @@ def _checked(path: Path, found: dict) -> dict:
             found[key] = value = float(value)
         if expected is not None and (not isinstance(value, expected) or isinstance(value, bool)):
             raise _refuse(path, f"its {key!r} parameter is {value!r}, not a {expected.__name__}")
+    for role, source in found.get("inputs", {}).items():  # the input image and mask: {name, path, sha256}
+        if not (isinstance(source, dict) and isinstance(source.get("name"), str)
+                and isinstance(source.get("path", ""), str)
+                and re.fullmatch(r"[0-9a-f]{64}", str(source.get("sha256")))):
+            raise _refuse(path, f"its input {role!r} is {source!r}, not a name, path and sha256")
     return found
 
 

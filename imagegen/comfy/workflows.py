@@ -7,10 +7,13 @@ names are a worker's own (comfy/choices.py), with the pinned lists as the fallba
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 from imagegen.comfy import choices
+from imagegen.models import cache, modelfile
 from imagegen.models.registry import Bundle
 
 MAX_RESOLUTION = 16384
@@ -65,6 +68,7 @@ class Params:
     loras: list[LoraUse] = field(default_factory=list)
     controls: list[ControlUse] = field(default_factory=list)
     filename_prefix: str = "imagegen/image"
+    sources: dict = field(default_factory=dict)  # provenance of the inputs: {"image"|"mask": {name, path, sha256}}
     fast: bool = False                # torch.compile the diffusion model; fp8 matmul for fp8 weights
 
     def to_dict(self) -> dict:
@@ -102,6 +106,25 @@ def build(bundle: Bundle, params: Params) -> dict:
         size = (params.width, params.height) if params.width and params.height else None
         return upscale(bundle.files["upscale_model"].filename, params.init_image, params.filename_prefix, size)
     raise ValueError(f"no text-to-image graph for family {bundle.family!r}")
+
+
+def inpaint_checkpoint(bundle: Bundle) -> bool:
+    """Whether the bundle's checkpoint is an inpainting model (a UNet with 9 input channels), read from
+    the file's header where the file is here; a registry entry may say so (`defaults: {inpaint: true}`)."""
+    declared = bundle.default("inpaint")
+    if declared is not None:
+        return bool(declared)
+    file = bundle.files.get("checkpoint")
+    path = cache.present_path(file) if file is not None else None
+    if path is None:
+        return False
+    info = path.stat()
+    return _inpaint_header(str(path.resolve()), info.st_size, info.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _inpaint_header(path: str, size: int, mtime_ns: int) -> bool:
+    return bool(modelfile.detect(modelfile.read_header(Path(path))).details.get("inpaint"))
 
 
 FAST_ON_CPU = "IMAGEGEN_FAST_ON_CPU"
@@ -143,19 +166,76 @@ def _node(class_type: str, **inputs) -> dict:
 
 
 def _latent(params: Params, vae: list, empty_node: str) -> tuple[dict, list]:
+    """The latent to sample: empty (text-to-image), the encoded input image (img2img), or that with a
+    noise mask (inpainting with an ordinary model: only the masked part is sampled)."""
     if params.init_image:
-        nodes = {
-            "load_image": _node("LoadImage", image=params.init_image),
-            "resize": _node("ImageScale", image=["load_image", 0], upscale_method="lanczos",
-                            width=params.width, height=params.height, crop="center"),
-            "encode": _node("VAEEncode", pixels=["resize", 0], vae=vae),
-        }
+        nodes = _source_image(params)
+        nodes["encode"] = _node("VAEEncode", pixels=["resize", 0], vae=vae)
+        latent = ["encode", 0]
+        if params.mask:
+            mask_nodes, mask = _mask(params)
+            nodes.update(mask_nodes)
+            nodes["noise_mask"] = _node("SetLatentNoiseMask", samples=latent, mask=mask)
+            latent = ["noise_mask", 0]
         if params.batch_size > 1:
-            nodes["repeat"] = _node("RepeatLatentBatch", samples=["encode", 0], amount=params.batch_size)
+            nodes["repeat"] = _node("RepeatLatentBatch", samples=latent, amount=params.batch_size)
             return nodes, ["repeat", 0]
-        return nodes, ["encode", 0]
+        return nodes, latent
     latent = _node(empty_node, width=params.width, height=params.height, batch_size=params.batch_size)
     return {"latent": latent}, ["latent", 0]
+
+
+def _source_image(params: Params) -> dict:
+    return {
+        "load_image": _node("LoadImage", image=params.init_image),
+        "resize": _node("ImageScale", image=["load_image", 0], upscale_method="lanczos",
+                        width=params.width, height=params.height, crop="center"),
+    }
+
+
+def _mask(params: Params) -> tuple[dict, list]:
+    """The mask scaled and cropped exactly as the image is (a greyscale PNG: its red channel is its
+    luminance), grown by params.mask_grow pixels."""
+    nodes = {
+        "load_mask": _node("LoadImage", image=params.mask),
+        "resize_mask": _node("ImageScale", image=["load_mask", 0], upscale_method="bilinear",
+                             width=params.width, height=params.height, crop="center"),
+        "to_mask": _node("ImageToMask", image=["resize_mask", 0], channel="red"),
+    }
+    if params.mask_grow > 0:
+        nodes["grow_mask"] = _node("GrowMask", mask=["to_mask", 0], expand=params.mask_grow, tapered_corners=True)
+        return nodes, ["grow_mask", 0]
+    return nodes, ["to_mask", 0]
+
+
+def _inpaint_model(graph: dict, params: Params, vae: list, positive: list, negative: list) -> tuple[list, list, list]:
+    """An inpainting checkpoint (9 input channels) sees the masked image and the mask beside the latent:
+    InpaintModelConditioning makes both conditionings and the (noise-masked) latent."""
+    graph.update(_source_image(params))
+    mask_nodes, mask = _mask(params)
+    graph.update(mask_nodes)
+    graph["inpaint_conditioning"] = _node("InpaintModelConditioning", positive=positive, negative=negative, vae=vae,
+                                          pixels=["resize", 0], mask=mask, noise_mask=True)
+    latent = ["inpaint_conditioning", 2]
+    if params.batch_size > 1:
+        graph["repeat"] = _node("RepeatLatentBatch", samples=latent, amount=params.batch_size)
+        latent = ["repeat", 0]
+    return ["inpaint_conditioning", 0], ["inpaint_conditioning", 1], latent
+
+
+def _keep_unmasked(graph: dict, params: Params, decoded: list) -> list:
+    """Inpainting: the input's own pixels outside the mask (the VAE's round trip would blur them), the new
+    ones inside it."""
+    if not (params.init_image and params.mask):
+        return decoded
+    destination = ["resize", 0]
+    if params.batch_size > 1:
+        graph["keep_base"] = _node("RepeatImageBatch", image=destination, amount=params.batch_size)
+        destination = ["keep_base", 0]
+    mask = ["grow_mask", 0] if params.mask_grow > 0 else ["to_mask", 0]
+    graph["keep"] = _node("ImageCompositeMasked", destination=destination, source=decoded, x=0, y=0,
+                          resize_source=False, mask=mask)
+    return ["keep", 0]
 
 
 def _checkpoint(bundle: Bundle, params: Params) -> dict:
@@ -168,14 +248,19 @@ def _checkpoint(bundle: Bundle, params: Params) -> dict:
     if "vae" in bundle.files:
         graph["load_vae"] = _node("VAELoader", vae_name=bundle.files["vae"].filename)
         vae = ["load_vae", 0]
-    latent_nodes, latent = _latent(params, vae, "EmptyLatentImage")
-    graph.update(latent_nodes)
+    positive, negative = ["positive", 0], ["negative", 0]
+    if params.init_image and params.mask and inpaint_checkpoint(bundle):
+        positive, negative, latent = _inpaint_model(graph, params, vae, positive, negative)
+    else:
+        latent_nodes, latent = _latent(params, vae, "EmptyLatentImage")
+        graph.update(latent_nodes)
     graph["sampler"] = _node("KSampler", model=compiled(graph, ["load_checkpoint", 0], params.fast),
-                             positive=["positive", 0], negative=["negative", 0], latent_image=latent,
+                             positive=positive, negative=negative, latent_image=latent,
                              seed=params.seed, steps=params.steps, cfg=params.cfg, sampler_name=params.sampler,
                              scheduler=params.scheduler, denoise=params.denoise)
     graph["decode"] = _node("VAEDecode", samples=["sampler", 0], vae=vae)
-    graph["save"] = _node("SaveImage", images=["decode", 0], filename_prefix=params.filename_prefix)
+    graph["save"] = _node("SaveImage", images=_keep_unmasked(graph, params, ["decode", 0]),
+                          filename_prefix=params.filename_prefix)
     return graph
 
 
@@ -201,8 +286,9 @@ def _flux(bundle: Bundle, params: Params, weight_dtype: str = "default") -> dict
         "sample": _node("SamplerCustomAdvanced", noise=["noise", 0], guider=["guider", 0],
                         sampler=["sampler_select", 0], sigmas=["schedule", 0], latent_image=latent),
         "decode": _node("VAEDecode", samples=["sample", 0], vae=["load_vae", 0]),
-        "save": _node("SaveImage", images=["decode", 0], filename_prefix=params.filename_prefix),
     })
+    graph["save"] = _node("SaveImage", images=_keep_unmasked(graph, params, ["decode", 0]),
+                          filename_prefix=params.filename_prefix)
     return graph
 
 

@@ -58,6 +58,10 @@ def image_parameters(
     }
     if bundle.family == "flux":
         record["guidance"] = params.guidance
+    if params.sources:  # the user's input image and mask: name, absolute path, sha256 (engine/inputs.py)
+        record["inputs"] = {role: dict(source) for role, source in params.sources.items()}
+        if "mask" in params.sources:
+            record["mask_grow"] = params.mask_grow
     if params.fast:
         record["fast"] = True
     main = "checkpoint" if "checkpoint" in bundle.files else "diffusion_model"
