@@ -32,6 +32,7 @@ from imagegen.cli.common import (
 )
 from imagegen.cli.funnel import funnel_app
 from imagegen.cli.models import models_app
+from imagegen.cli.run import run as run_command
 from imagegen.cli.upscale import upscale as upscale_command
 from imagegen.util.errors import ImagegenError
 
@@ -79,7 +80,9 @@ def generate(
         given: dict[str, Any] = {"prompt": prompt, "model": draw.model, "negative": draw.negative, "seed": seed,
                                  "steps": draw.steps, "cfg": draw.cfg, "size": draw.size, "sampler": sampler,
                                  "scheduler": scheduler, "guidance": guidance, "image": controls.image,
-                                 "mask": controls.mask, "denoise": controls.denoise, "mask_grow": controls.mask_grow}
+                                 "mask": controls.mask, "denoise": controls.denoise, "mask_grow": controls.mask_grow,
+                                 "loras": controls.lora, "controls": controls.control,
+                                 "control_preprocess": controls.control_preprocess}
         if from_image is not None:
             given = gen.merge_source(from_image, given, draw.checkpoint is not None)
         if given["prompt"] is None:
@@ -173,6 +176,7 @@ def batch(
 
 
 app.command("upscale")(upscale_command)
+app.command("run")(run_command)
 
 
 @app.command()
@@ -275,20 +279,27 @@ def schema(
 
 
 @app.command()
-def doctor(runtime: RuntimeOpt = "auto", json_mode: JsonOpt = False, debug: DebugOpt = False) -> None:
-    """Check Docker, the NVIDIA runtime, GPUs, the image, the cache and free disk; say how to fix each problem."""
+def doctor(runtime: RuntimeOpt = "auto", hosts: HostsOpt = None, json_mode: JsonOpt = False,
+           debug: DebugOpt = False) -> None:
+    """Check Docker, the NVIDIA runtime, GPUs, the image, the cache and free disk; say how to fix each problem.
+    With --hosts: each host too (SSH, its engine, NVIDIA runtime, GPUs, the image, free disk)."""
 
     def body() -> None:
         from imagegen.cli.doctor import run_checks
+        from imagegen.runtimes.docker_hosts import LOCAL, host_checks, host_names
 
-        checks = run_checks()
+        names = host_names(hosts)
+        checks = run_checks() if not names or LOCAL in names else []
+        for name in names:
+            checks += host_checks(name)
         for check in checks:
             if json_mode:
                 print(json.dumps({"schema": "imagegen.check/1", **check}))
             else:
                 mark = "ok  " if check["ok"] else ("warn" if check.get("optional") else "FAIL")
                 fix = f"\n       fix: {check['fix']}" if not check["ok"] and check.get("fix") else ""
-                print(f"[{mark}] {check['check']}: {check['detail']}{fix}")
+                where = f"{check['host']}: " if check.get("host") else ""
+                print(f"[{mark}] {where}{check['check']}: {check['detail']}{fix}")
         if any(not c["ok"] and not c.get("optional") for c in checks):
             raise typer.Exit(1)
 
