@@ -102,16 +102,29 @@ DenoiseOpt = Annotated[float | None, typer.Option(
 MaskOpt = Annotated[Path | None, typer.Option(
     "--mask", help="Inpaint: a mask the size of --image; white repaints, black keeps (luminance of any image).")]
 MaskGrowOpt = Annotated[int | None, typer.Option("--mask-grow", help="Grow the --mask by this many pixels (0..256).")]
+LoraOpt = Annotated[list[str] | None, typer.Option(
+    "--lora", metavar="NAME_OR_FILE[:STRENGTH]",
+    help="Apply a LoRA (registered name or .safetensors file), strength default 1; repeat to stack. "
+         "<lora:name:0.8> in the prompt works too.")]
+ControlOpt = Annotated[list[str] | None, typer.Option(
+    "--control", metavar="MODEL:IMAGE[:STRENGTH[:START:END]]",
+    help="Steer with a ControlNet (registered name or .safetensors file) and its control image; repeatable.")]
+ControlPreprocessOpt = Annotated[str | None, typer.Option(
+    "--control-preprocess", help="Turn each --control image into canny edges first (ComfyUI's Canny node): canny.")]
 
 
 @dataclasses.dataclass
 class Controls:
-    """Creative controls on generate: the user's own image (--image, --denoise, --mask, --mask-grow)."""
+    """Creative controls on generate: the user's own image (--image, --denoise, --mask, --mask-grow), LoRAs
+    (--lora) and ControlNets (--control, --control-preprocess)."""
 
     image: ImageOpt = None
     denoise: DenoiseOpt = None
     mask: MaskOpt = None
     mask_grow: MaskGrowOpt = None
+    lora: LoraOpt = None
+    control: ControlOpt = None
+    control_preprocess: ControlPreprocessOpt = None
 
 
 HiresOpt = Annotated[bool, typer.Option(

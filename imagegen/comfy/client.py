@@ -145,6 +145,15 @@ class ComfyClient:
         where = f"the worker's ComfyUI {version}" if version else "the worker's ComfyUI"
         choices.check_graph(graph, *offered, where=where)
 
+    def log_entries(self) -> list[dict] | None:
+        """ComfyUI's recent log entries ({t, m}: its /internal/logs/raw ring of the last 300 writes); None
+        when the worker does not say (a ComfyUI without the route, a proxy that hides it)."""
+        try:
+            entries = self._json("GET", "/internal/logs/raw").get("entries")
+        except (ImagegenError, requests.RequestException, ValueError, AttributeError):
+            return None
+        return entries if isinstance(entries, list) else None
+
     def object_info(self, node_class: str | None = None) -> dict:
         return self._json("GET", "/object_info" + (f"/{node_class}" if node_class else ""))
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 import zlib
 
+from imagegen.comfy import hires
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -117,7 +119,7 @@ def a1111_parameters(record: dict) -> str:
     """The `parameters` text A1111-style tools read."""
     negative = f"\nNegative prompt: {record['negative']}" if record.get("negative") else ""
     fields = [f"Steps: {record['steps']}", f"Sampler: {record['sampler']}", f"Schedule type: {record['scheduler']}",
-              f"CFG scale: {record['cfg']}", f"Seed: {record['seed']}", f"Size: {record['width']}x{record['height']}",
+              f"CFG scale: {record['cfg']}", f"Seed: {record['seed']}", f"Size: {hires.a1111_size(record)}",
               f"Model: {record['model']}"]
     if record.get("model_hash"):
         fields.insert(-1, f"Model hash: {record['model_hash'][:10]}")
@@ -125,4 +127,12 @@ def a1111_parameters(record: dict) -> str:
         fields.append(f"Guidance: {record['guidance']}")
     if record.get("denoise", 1.0) < 1.0:
         fields.append(f"Denoising strength: {record['denoise']}")
-    return f"{record['prompt']}{negative}\n" + ", ".join(fields) + f", Version: imagegen {record['imagegen_version']}"
+    fields += hires.a1111_fields(record)
+    tags = "".join(f" <lora:{_lora_tag_name(lora['name'])}:{lora['strength']:g}>" for lora in record.get("loras") or [])
+    return f"{record['prompt']}{tags}{negative}\n" + ", ".join(fields) + \
+        f", Version: imagegen {record['imagegen_version']}"
+
+
+def _lora_tag_name(name: str) -> str:
+    """A1111 names a LoRA by its file's stem; a registered one keeps its registry name."""
+    return name[: -len(".safetensors")] if name.endswith(".safetensors") else name

@@ -19,13 +19,15 @@ A1111_SAMPLERS = {"euler a": "euler_ancestral", "euler": "euler", "heun": "heun"
                   "dpm++ 2m sde": "dpmpp_2m_sde", "dpm++ 2s a": "dpmpp_2s_ancestral", "dpm++ 3m sde": "dpmpp_3m_sde",
                   "unipc": "uni_pc", "lcm": "lcm"}
 KEYS = ("prompt", "negative", "model", "seed", "width", "height", "steps", "cfg", "sampler", "scheduler", "guidance",
-        "denoise", "mask_grow", "inputs")
+        "denoise", "mask_grow", "inputs", "loras", "controls")
 
 
 MAX_IMAGE_BYTES = 64 * 1024 * 1024  # a PNG larger than this is not one imagegen or ComfyUI wrote
 TYPES = {"prompt": str, "negative": str, "model": str, "model_file": str, "sampler": str, "scheduler": str,
          "seed": int, "width": int, "height": int, "steps": int, "cfg": float, "guidance": float,
-         "denoise": float, "mask_grow": int, "inputs": dict}
+         "denoise": float, "mask_grow": int, "inputs": dict, "loras": list, "controls": list}
+ADDON_FIELDS = {"loras": {"name": str, "strength": (int, float)},  # what each recorded LoRA/ControlNet must hold
+                "controls": {"model": str, "strength": (int, float), "start": (int, float), "end": (int, float)}}
 MAX_SETTINGS_LINE = 8192
 HINT = "Pass a PNG written by imagegen (or by ComfyUI with its prompt chunk)."
 
@@ -90,6 +92,12 @@ def _checked(path: Path, found: dict) -> dict:
             found[key] = value = float(value)
         if expected is not None and (not isinstance(value, expected) or isinstance(value, bool)):
             raise _refuse(path, f"its {key!r} parameter is {value!r}, not a {expected.__name__}")
+    for key, required in ADDON_FIELDS.items():
+        for entry in found.get(key, []):
+            if not isinstance(entry, dict) or any(not isinstance(entry.get(name), kind)
+                                                  or isinstance(entry.get(name), bool)
+                                                  for name, kind in required.items()):
+                raise _refuse(path, f"its {key} entry {entry!r} lacks {', '.join(required)}")
     for role, source in found.get("inputs", {}).items():  # the input image and mask: {name, path, sha256}
         if not (isinstance(source, dict) and isinstance(source.get("name"), str)
                 and isinstance(source.get("path", ""), str)

@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from imagegen.comfy import choices
+from imagegen.comfy import addons, choices, hires
 from imagegen.models import cache, modelfile
 from imagegen.models.registry import Bundle
 
@@ -33,6 +33,7 @@ class LoraUse:
     filename: str
     strength: float = 1.0
     name: str = ""                    # the registry name, or the local file's name
+    sha256: str | None = None         # for provenance (filled once the file is on disk, or from the registry)
 
 
 @dataclass
@@ -46,6 +47,8 @@ class ControlUse:
     end: float = 1.0
     preprocess: str | None = None     # "canny": ComfyUI's core Canny node on the image first
     name: str = ""
+    sha256: str | None = None         # the model file's, for provenance
+    image_sha256: str | None = None   # the local control image's
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Params:
     filename_prefix: str = "imagegen/image"
     sources: dict = field(default_factory=dict)  # provenance of the inputs: {"image"|"mask": {name, path, sha256}}
     fast: bool = False                # torch.compile the diffusion model; fp8 matmul for fp8 weights
+    hires: hires.HiresFix | None = None  # a second, low-denoise pass at a larger size (comfy/hires.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,9 +101,10 @@ def with_inputs(params: Params, uploaded: dict[str, str]) -> Params:
 def build(bundle: Bundle, params: Params) -> dict:
     """The graph for one job: text-to-image, or image-to-image when params.init_image is set."""
     if bundle.family == "flux":
-        return _flux(bundle, params, flux_weight_dtype(bundle, params.fast))
+        return hires.apply(_flux(bundle, params, flux_weight_dtype(bundle, params.fast)), params.hires,
+                           params.width, params.height)
     if bundle.family in ("sd15", "sdxl"):
-        return _checkpoint(bundle, params)
+        return hires.apply(_checkpoint(bundle, params), params.hires, params.width, params.height)
     if bundle.family == "upscale":
         if not params.init_image:
             raise ValueError("an upscale job needs the image to upscale (params.init_image)")
@@ -248,13 +253,15 @@ def _checkpoint(bundle: Bundle, params: Params) -> dict:
     if "vae" in bundle.files:
         graph["load_vae"] = _node("VAELoader", vae_name=bundle.files["vae"].filename)
         vae = ["load_vae", 0]
-    positive, negative = ["positive", 0], ["negative", 0]
+    model, clip = addons.apply_loras(graph, ["load_checkpoint", 0], ["load_checkpoint", 1], params.loras)
+    graph["positive"]["inputs"]["clip"] = graph["negative"]["inputs"]["clip"] = clip
+    positive, negative = addons.apply_controls(graph, ["positive", 0], ["negative", 0], vae, params.controls)
     if params.init_image and params.mask and inpaint_checkpoint(bundle):
         positive, negative, latent = _inpaint_model(graph, params, vae, positive, negative)
     else:
         latent_nodes, latent = _latent(params, vae, "EmptyLatentImage")
         graph.update(latent_nodes)
-    graph["sampler"] = _node("KSampler", model=compiled(graph, ["load_checkpoint", 0], params.fast),
+    graph["sampler"] = _node("KSampler", model=compiled(graph, model, params.fast),
                              positive=positive, negative=negative, latent_image=latent,
                              seed=params.seed, steps=params.steps, cfg=params.cfg, sampler_name=params.sampler,
                              scheduler=params.scheduler, denoise=params.denoise)
@@ -276,12 +283,17 @@ def _flux(bundle: Bundle, params: Params, weight_dtype: str = "default") -> dict
     }
     latent_nodes, latent = _latent(params, ["load_vae", 0], "EmptySD3LatentImage")
     graph.update(latent_nodes)
-    model = compiled(graph, ["load_unet", 0], params.fast)
+    patched, _ = addons.apply_loras(graph, ["load_unet", 0], None, params.loras)
+    model = compiled(graph, patched, params.fast)
+    conditioning = ["guidance", 0]
+    if params.controls:  # ControlNetApplyAdvanced takes a negative too; Flux's guider ignores it
+        graph["negative"] = _node("CLIPTextEncode", text="", clip=["load_clip", 0])
+        conditioning, _ = addons.apply_controls(graph, conditioning, ["negative", 0], ["load_vae", 0], params.controls)
     graph.update({
         "noise": _node("RandomNoise", noise_seed=params.seed),
-        "guider": _node("BasicGuider", model=model, conditioning=["guidance", 0]),
+        "guider": _node("BasicGuider", model=model, conditioning=conditioning),
         "sampler_select": _node("KSamplerSelect", sampler_name=params.sampler),
-        "schedule": _node("BasicScheduler", model=["load_unet", 0], scheduler=params.scheduler, steps=params.steps,
+        "schedule": _node("BasicScheduler", model=patched, scheduler=params.scheduler, steps=params.steps,
                           denoise=params.denoise),
         "sample": _node("SamplerCustomAdvanced", noise=["noise", 0], guider=["guider", 0],
                         sampler=["sampler_select", 0], sigmas=["schedule", 0], latent_image=latent),

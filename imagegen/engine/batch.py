@@ -21,7 +21,7 @@ from typing import Any
 
 from imagegen.comfy import png
 from imagegen.comfy.client import Timeouts
-from imagegen.engine import generate, output, render
+from imagegen.engine import addons, generate, hires, inputs, output, render, workflow_items
 from imagegen.engine.manifest import MANIFEST, Manifest, lock_folder  # noqa: F401  (MANIFEST: re-exported)
 from imagegen.engine.scheduler import Job, Outcome
 from imagegen.models import cache
@@ -35,7 +35,7 @@ LOCK = ".imagegen-batch.lock"               # held for the whole run: one batch 
 MAX_LINE_CHARS = 2 * 6 * generate.MAX_PROMPT_CHARS + 4096
 MANIFEST_SCHEMA = "imagegen.manifest/1"
 ITEM_KEYS = {"prompt", "model", "seed", "size", "steps", "cfg", "negative", "count", "output", "sampler",
-             "scheduler", "guidance", "checkpoint", "fast"}
+             "scheduler", "guidance", "checkpoint", "fast", "hires", "loras", "controls", "control_preprocess"}
 
 
 @dataclass
@@ -92,9 +92,10 @@ def read_items(stream, source: str = "stdin") -> list[Item]:
                 raise ImagegenError("invalid_argument", f"{source} line {number}: not valid JSON ({exc.msg})",
                                     hint='Each JSONL line must be one JSON object, e.g. {"prompt": "a fox", "seed": 3}.'
                                     ) from None
-            if not isinstance(fields, dict) or not isinstance(fields.get("prompt"), str):
-                raise ImagegenError("invalid_prompt", f"{source} line {number}: a JSON item needs a \"prompt\" string")
-            unknown = set(fields) - ITEM_KEYS
+            if not isinstance(fields, dict) or not (isinstance(fields.get("prompt"), str) or "workflow" in fields):
+                raise ImagegenError("invalid_prompt", f"{source} line {number}: a JSON item needs a \"prompt\" string "
+                                    "(or a \"workflow\" file)")
+            unknown = set() if "workflow" in fields else set(fields) - ITEM_KEYS  # workflow items: workflow_items
             if unknown:
                 raise ImagegenError("invalid_argument",
                                     f"{source} line {number}: unknown field(s) {', '.join(sorted(unknown))}",
@@ -130,8 +131,12 @@ def plan(items: list[Item], out_dir: Path, defaults: dict, base_seed: int, pack:
     jobs: list[Job] = []
     names: set[str] = set()
     root = out_dir.resolve()
+    loaded: dict = {}  # workflow files read so far
     for item in items:
         where = f"line {item.line}"
+        if "workflow" in item.fields:  # a user's own graph (engine/workflow_items.py)
+            jobs += workflow_items.plan_item(item.fields, item.line, out_dir, base_seed, names, loaded, safe_name)
+            continue
         fields = {**defaults, **{k: v for k, v in item.fields.items() if v is not None}}
         count = fields.pop("count", 1)
         name = fields.pop("output", None)
@@ -147,9 +152,13 @@ def plan(items: list[Item], out_dir: Path, defaults: dict, base_seed: int, pack:
             given: dict[str, Any] = {k: fields.get(k) for k in keys}
             request = generate.Request(**given,
                                        checkpoint=Path(checkpoint) if checkpoint else None, count=count,
-                                       fast=fields.get("fast", False))
+                                       fast=fields.get("fast", False),
+                                       hires=hires.from_item(fields.get("hires"), where))
             bundle = generate.resolve_bundle(request, registry)
-            params_list = generate.plan_jobs(request, bundle)
+            chosen = addons.choose(generate.check_prompt(request.prompt), _listed(fields, "loras", where),
+                                   _listed(fields, "controls", where), fields.get("control_preprocess"), bundle,
+                                   registry)
+            params_list = generate.plan_jobs(request, bundle, chosen)
         except ImagegenError as error:
             error.message = f"{where}: {error.message}"
             raise
@@ -177,7 +186,9 @@ def plan(items: list[Item], out_dir: Path, defaults: dict, base_seed: int, pack:
                                   sort_keys=True)
             key = f"{item.line}:{start}:{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
             jobs.append(Job(key=key, bundle=bundle, params=params, targets=targets,
-                            meta={"line": item.line, "index": start, "item": item.fields}))
+                            meta={"line": item.line, "index": start, "item": item.fields},
+                            inputs={**inputs.job_files(params.sources), **addons.job_files(params)},
+                            addons=chosen.bundles))
     return jobs
 
 
@@ -203,20 +214,40 @@ def check_out_dir(out_dir: Path) -> None:
                             f"{problem.strerror or problem}", hint="Choose an -o folder that is writable.")
 
 
+def _listed(fields: dict, key: str, where: str) -> list | None:
+    value = fields.get(key)
+    if value is not None and not isinstance(value, list):
+        raise ImagegenError("invalid_argument", f"{where}: {key} must be a list, not {value!r}",
+                            hint='For example "loras": ["style:0.8"] or "controls": [{"model": "canny-sd15", '
+                                 '"image": "edges.png"}].')
+    return value
+
+
 def local_dirs(jobs: list[Job]) -> set[str]:
     dirs: set[str] = set()
     for job in jobs:
-        dirs |= generate.local_dirs(job.bundle)
+        dirs |= generate.local_dirs(job.bundle) | addons.local_files(job.addons)
+    for upscaler in hires.model_bundles([job.params for job in jobs]):
+        dirs |= generate.local_dirs(upscaler)
     return dirs
 
 
 def prepare_models(jobs: list[Job], fetch, runtime=None) -> dict[str, dict]:
     """Fetch each model once (not once per worker) and hash its files for the images' provenance."""
     hashes = {}
+    loaded: set[str] = set()
     for job in jobs:
         if job.bundle.name not in hashes:
             generate.make_loadable(job.bundle, runtime, fetch)
             hashes[job.bundle.name] = cache.file_hashes(job.bundle)
+        for extra in job.addons:  # its LoRAs and ControlNets, each file once
+            file = next(iter(extra.files.values())).filename
+            if file not in loaded:
+                generate.make_loadable(extra, runtime, fetch)
+                loaded.add(file)
+        job.params = addons.hashed(job.params, job.addons)
+    for upscaler in hires.model_bundles([job.params for job in jobs]):  # what --hires-model passes load
+        generate.make_loadable(upscaler, runtime, fetch)
     return hashes
 
 

@@ -90,6 +90,7 @@ def merge_source(image: Path, given: dict, has_checkpoint: bool) -> dict:
         for role, record in recorded.items():
             if role in inputs.ROLES and merged.get(role) is None:
                 merged[role] = inputs.find_recorded(role, record, image)
+    merged.update(addons.from_record(found, merged, image))  # its LoRAs and ControlNets, where none are given
     if merged.get("size") is None and found.get("width") and found.get("height"):
         merged["size"] = f"{found['width']}x{found['height']}"
     if merged.get("model") is None and not has_checkpoint and found.get("model"):

@@ -25,6 +25,7 @@ class Job:
     # local files the graph reads (workflows.INPUT_KEYS: "init_image", "mask", "control:N"), uploaded by
     # content hash to whichever worker runs the job
     inputs: dict[str, Path] = field(default_factory=dict)
+    addons: list[Bundle] = field(default_factory=list)  # its LoRA/ControlNet files (one-file bundles, engine/addons)
     attempts: int = 0
     quality: bool = False          # prefers the fastest worker (see routing)
     workflow: Any = None           # a user's own graph (engine/workflow_jobs.WorkflowJob): submitted instead of

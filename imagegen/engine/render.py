@@ -15,9 +15,9 @@ from typing import Any
 import requests
 
 from imagegen import COMFYUI_VERSION, __version__
-from imagegen.comfy import png, workflows
+from imagegen.comfy import png, ui_graph, workflows
 from imagegen.comfy.client import Timeouts, output_images
-from imagegen.engine import output, timings
+from imagegen.engine import addons, hires, output, timings
 from imagegen.models import cache
 from imagegen.models.registry import Bundle
 from imagegen.util.env import env_float
@@ -64,6 +64,8 @@ def image_parameters(
             record["mask_grow"] = params.mask_grow
     if params.fast:
         record["fast"] = True
+    record.update(hires.record(params))
+    record.update(addons.records(params))  # loras: [{name, sha256, strength}], controls: [{model, sha256, ...}]
     main = "checkpoint" if "checkpoint" in bundle.files else "diffusion_model"
     if record["files"].get(main, {}).get("sha256"):
         record["model_hash"] = record["files"][main]["sha256"]
@@ -89,8 +91,10 @@ def job_budgets(
 
 
 def timing_name(bundle: Bundle, params: workflows.Params) -> str:
-    """Fast-mode jobs learn their own timings: compiling makes the first step slow and the rest fast."""
-    return f"{bundle.name}+fast" if params.fast else bundle.name
+    """Fast-mode jobs learn their own timings: compiling makes the first step slow and the rest fast. A hires
+    job's two passes are timed apart from one-pass jobs of the same first-pass size."""
+    name = f"{bundle.name}+fast" if params.fast else bundle.name
+    return f"{name}+hires{params.hires.scale:g}" if params.hires else name
 
 
 def save_outputs(
@@ -136,7 +140,8 @@ def save_outputs(
         if params.batch_size > 1:
             record.update(batch_size=params.batch_size, batch_index=index)
         data = png.add_text_chunks(
-            data, {"parameters": png.a1111_parameters(record), "imagegen": json.dumps(record, sort_keys=True)}
+            data, {"parameters": png.a1111_parameters(record), "imagegen": json.dumps(record, sort_keys=True),
+                   **ui_graph.workflow_chunk(data)}  # the editor opens the graph with a layout
         )
         try:
             if target is None:

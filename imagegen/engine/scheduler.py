@@ -22,7 +22,7 @@ from contextlib import closing
 
 from imagegen.comfy import workflows
 from imagegen.comfy.client import Timeouts
-from imagegen.engine import render, workflow_jobs
+from imagegen.engine import addons, render, workflow_jobs
 from imagegen.engine.jobs import WORKER_FAULTS, Job, JobQueue, Outcome, WorkerState, prefer_loaded_model  # noqa: F401
 from imagegen.engine.routing import Router, host_memory_bytes
 from imagegen.util.errors import ImagegenError
@@ -331,6 +331,7 @@ class Scheduler:
             graph = workflow_jobs.graph_for(job.workflow, uploaded)
         else:
             graph = workflows.build(job.bundle, workflows.with_inputs(params, uploaded) if uploaded else params)
+        job.meta["log_marker"] = addons.log_marker(client, params)  # LoRA keys ComfyUI cannot apply: read after
         prompt_id = session.submit(graph, self.budgets(job, state))
         self.prompt_ids.add(prompt_id)
         return prompt_id
@@ -371,6 +372,11 @@ class Scheduler:
                                               learn=not compiling,
                                               warn=lambda message: self._once("blank", message, warning=True),
                                               extra=job.meta.get("record"))
+                unapplied = addons.unapplied_warning(client, params, job.meta.get("log_marker"))
+                if unapplied:
+                    self._once(unapplied, unapplied, warning=True)
+                    for record in records:
+                        record.setdefault("warnings", []).append(unapplied)
         except Exception as exc:  # noqa: BLE001 - classified: a full disk, a lost worker, a bug
             return self._classify(job, state, exc)
         phases = entry.get("imagegen_phase_times", {})

@@ -22,7 +22,8 @@ FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "Flux", "sd2": "SD2"}
 DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", ".down.weight")
 CROSS_ATTN_KEY = re.compile(r"attn2[._]to_k")
 FLUX_KEY = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks)[._]")
-FLUX_DIFFUSERS_KEY = re.compile(r"^(transformer\.)?transformer_blocks\.\d+\.(attn\.(to_|add_)|ff_context|norm1_context)")
+FLUX_DIFFUSERS_KEY = re.compile(
+    r"^(transformer\.)?transformer_blocks\.\d+\.(attn\.(to_|add_)|ff_context|norm1_context)")
 
 
 @dataclass

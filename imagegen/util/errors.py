@@ -61,6 +61,12 @@ ERRORS: dict[str, ErrorKind] = {
     "invalid_funnel_state": ErrorKind(EXIT_USAGE,
         "A funnel's funnel.json is malformed, or names a path outside its folder.",
         "Restore funnel.json (imagegen writes only paths inside the funnel folder), or start a new funnel."),
+    "invalid_workflow": ErrorKind(EXIT_USAGE,
+        "A workflow file is malformed, has no output node, or uses an editor feature imagegen cannot run exactly.",
+        "Save the workflow with the editor's Export (API), or fix the node named (docs/workflows.md)."),
+    "unknown_node_class": ErrorKind(EXIT_USAGE,
+        "A workflow uses node classes the pinned ComfyUI does not have (custom nodes).",
+        "Replace the nodes named with ComfyUI core nodes; imagegen never installs custom nodes."),
     "invalid_source_image": ErrorKind(EXIT_USAGE, "An input image (--from, --image, --mask) cannot be read or "
                                       "decoded, is over the size limit, or (for --from) carries no parameters.",
                                       "Pass a PNG, JPEG or WebP file (for --from: a PNG written by imagegen)."),
