@@ -16,14 +16,12 @@ from pathlib import Path
 
 from imagegen.comfy import workflows
 from imagegen.comfy.client import Timeouts
-from imagegen.engine import generate, output, render
+from imagegen.engine import generate, hires, output, render
 from imagegen.engine.progress import Reporter
-from imagegen.models import modelfile
-from imagegen.models.registry import LOCAL_SUBFOLDER, Bundle, ModelFile, Registry
+from imagegen.models.registry import Bundle, Registry
 from imagegen.util import paths
 from imagegen.util.errors import ImagegenError
 
-DEFAULT_MODEL = os.environ.get("IMAGEGEN_UPSCALE_MODEL", "realesrgan-x4")
 MAX_SCALE = 8.0
 MAX_IMAGES = 1000
 
@@ -32,7 +30,7 @@ MAX_IMAGES = 1000
 class UpscaleRequest:
     images: list[Path]
     scale: float = 2.0
-    model: str | None = None          # a registered upscale model or a .safetensors path; DEFAULT_MODEL when omitted
+    model: str | None = None          # a registered upscale model or a .safetensors path (hires.DEFAULT_UPSCALE_MODEL)
     output: str | None = None         # a directory (or one .png for one image, or - for stdout)
     overwrite: bool = False
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -55,28 +53,6 @@ class UpscalePlan:
     jobs: list[workflows.Params]
     targets: list[Path | None]
     request: UpscaleRequest
-
-
-def resolve_model(name: str | None, registry: Registry | None = None) -> Bundle:
-    """A registered model of family upscale, or a local .safetensors file detected as one."""
-    name = name or DEFAULT_MODEL
-    if name.endswith(".safetensors") or os.sep in name or "/" in name:
-        path = Path(name).expanduser().resolve()
-        detected = modelfile.detect(modelfile.read_header(path))
-        if detected.family != "upscale":
-            raise ImagegenError("invalid_model_file",
-                                f"{path.name} is not an upscale model (looks like {detected.family or 'unknown'} "
-                                f"{detected.kind})",
-                                hint="Pass an ESRGAN-style .safetensors upscaler, or a registered one with -m.")
-        file = ModelFile(key=f"{path.stem}.upscale_model", folder="upscale_models",
-                         filename=f"{LOCAL_SUBFOLDER}/{path.name}", local_path=str(path), size=path.stat().st_size)
-        return Bundle(name=path.stem, family="upscale", files={"upscale_model": file}, source=str(path))
-    bundle = (registry or Registry.load()).get(name)
-    if bundle.family != "upscale":
-        upscalers = sorted(n for n, b in (registry or Registry.load()).bundles.items() if b.family == "upscale")
-        raise ImagegenError("invalid_argument", f"{name!r} is a {bundle.family} model, not an upscale model",
-                            hint="Upscale models: " + (", ".join(upscalers) or "none registered"))
-    return bundle
 
 
 def read_source(path: Path) -> Source:
@@ -158,7 +134,7 @@ def plan(request: UpscaleRequest, registry: Registry | None = None) -> UpscalePl
     if len(request.images) > MAX_IMAGES:
         raise ImagegenError("invalid_argument", f"{len(request.images)} images; one call takes at most {MAX_IMAGES}")
     scale = check_scale(request.scale)
-    bundle = resolve_model(request.model, registry)
+    bundle = hires.upscale_model(request.model, registry)
     sources = [read_source(Path(image).expanduser()) for image in request.images]
     jobs = []
     for source in sources:
