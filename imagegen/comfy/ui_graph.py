@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from dataclasses import dataclass, field
 
 from imagegen.comfy import node_info
@@ -248,6 +249,22 @@ def _default(kind: str, options: dict):
         return options["default"]
     choices = options.get("choices") or []
     return choices[0] if kind == "COMBO" and choices else None
+
+
+def workflow_chunk(data: bytes, ui: dict | None = None) -> dict[str, str]:
+    """{"workflow": UI JSON} to add to a PNG that has no `workflow` chunk: `ui`, else a layout of the graph
+    in its `prompt` chunk (ComfyUI's SaveImage writes it). {} when neither can be had."""
+    from imagegen.comfy import png
+
+    try:
+        chunks = png.read_text_chunks(data)
+        if "workflow" in chunks:
+            return {}
+        if ui is None:
+            ui = from_api(json.loads(chunks["prompt"])) if "prompt" in chunks else None
+    except (ValueError, KeyError, TypeError, IndexError, StopIteration, RecursionError):
+        return {}  # a graph this package cannot lay out: the image keeps its prompt chunk only
+    return {"workflow": json.dumps(ui)} if ui is not None else {}
 
 
 def patched(ui: dict, slots: dict[tuple[str, str], int], changes: dict[tuple[str, str], object]) -> dict:

@@ -75,13 +75,11 @@ def save_outputs(client, entry: dict, job, worker, overwrite: bool, hashes: dict
         started = time.monotonic()
         data = client.fetch_file(ref)
         fetched = time.monotonic()
-        found = png.read_text_chunks(data)
         image = {**record, "output_node": _node_of(entry, ref)}
         image["width"], image["height"] = png.png_size(data)
-        chunks = {"parameters": png.a1111_parameters(image), "imagegen": json.dumps(image, sort_keys=True)}
-        if "workflow" not in found:
-            chunks["workflow"] = json.dumps(work.ui if work.ui is not None else _ui_of(found.get("prompt")))
-        data = png.add_text_chunks(data, {k: v for k, v in chunks.items() if v is not None and v != "null"})
+        data = png.add_text_chunks(data, {"parameters": png.a1111_parameters(image),
+                                          "imagegen": json.dumps(image, sort_keys=True),
+                                          **ui_graph.workflow_chunk(data, work.ui)})
         try:
             if target is None:
                 output.write_stdout(data)
@@ -104,16 +102,6 @@ def _node_of(entry: dict, ref: dict) -> str | None:
         if ref in (node_output or {}).get("images", []):
             return str(node_id)
     return None
-
-
-def _ui_of(prompt_text: str | None) -> dict | None:
-    """A UI workflow for the graph ComfyUI wrote in the `prompt` chunk; None when it cannot be laid out."""
-    if not prompt_text:
-        return None
-    try:
-        return ui_graph.from_api(json.loads(prompt_text))
-    except (ValueError, KeyError, TypeError, IndexError, StopIteration):
-        return None
 
 
 def provenance(job, hashes: dict, comfyui_version: str | None) -> dict:

@@ -177,7 +177,7 @@ def resolve_models(path: Path, graph: dict, registry: Registry, local: bool = Tr
             missing.append(f"{folder}/{value} (node {node_id}, {graph[node_id]['class_type']}.{name})")
             continue
         graph[node_id]["inputs"][name] = comfy_name
-        files[f"{node_id}.{name}"] = file
+        files[f"{node_id}.{name}"] = _with_hash(file) if local else file
     if missing:
         raise ImagegenError("model_missing", f"{path.name} needs model file(s) that are neither in the cache, nor "
                             f"in IMAGEGEN_SHARED_MODELS, nor in the registry: {'; '.join(missing)}",
@@ -301,3 +301,42 @@ def plan_jobs(workflow: Workflow, settings: dict[str, Any], count: int, targets:
                         params=params_of(graph, info), targets=[target],  # type: ignore[list-item]  # None: stdout
                         meta={"workflow": str(workflow.source)}, inputs=dict(inputs), workflow=work))
     return jobs
+
+
+def _with_hash(file: ModelFile) -> ModelFile:
+    """A present file with its sha256 for provenance: the registry's, the ledger's, or computed once and kept."""
+    from imagegen.models.ledger import Ledger, sha256_file
+    from imagegen.util import paths
+
+    path = cache.present_path(file)
+    if file.sha256 or path is None:
+        return file
+    ledger = Ledger(paths.models_dir())
+    digest = ledger.lookup(path)
+    if digest is None:
+        digest = sha256_file(path)
+        ledger.record(path, digest, "workflow")
+    return replace(file, sha256=digest)
+
+
+def execute(jobs: list[Job], runtime, reporter, *, overwrite: bool, timeouts, explicit: set[str], fetch=None):
+    """Fetch the workflow's models, find a worker, and yield one result record per saved image, in job order."""
+    from imagegen.engine import generate, render
+    from imagegen.engine.scheduler import Scheduler
+    from imagegen.models.fetch import make_fetcher
+
+    bundle = jobs[0].bundle
+    generate.make_loadable(bundle, runtime, fetch or make_fetcher(reporter))
+    hashes = {role: file.sha256 for role, file in bundle.files.items()}
+    mounts = generate.local_dirs(bundle)
+    worker = runtime.ensure(on_status=reporter.status, mounts=mounts)
+    if worker.device == "cpu":
+        reporter.once("cpu", "no GPU in use: running on CPU (slow; fine for small models and tests)")
+    resident = render.is_resident(bundle, worker.client().worker_info())
+    budgets = render.job_budgets(bundle, jobs[0].params, worker.device, resident, timeouts, explicit)
+    reporter.job(f"{jobs[0].meta.get('workflow', 'workflow')} with {bundle.name}")
+    scheduler = Scheduler(runtime, [worker.slot], jobs, lambda outcome: None, lambda job, state: budgets,
+                          {bundle.name: hashes}, mounts, overwrite=overwrite, depth=len(jobs), max_attempts=1,
+                          max_restarts=0, reporter=reporter, force=True, session_timeouts=budgets,
+                          handles={worker.slot: worker})
+    yield from generate.in_order(scheduler.stream())

@@ -1,0 +1,103 @@
+"""`imagegen run WORKFLOW`: a user's own ComfyUI workflow (API or UI JSON, or a PNG that carries one), with
+`--set KEY=VALUE` on its inputs, through the same workers, downloads, checks and provenance as generate."""
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from imagegen.cli.common import CallTimeoutOpt, Mode, OverwriteOpt, Workers, grouped, run_guarded
+from imagegen.util.errors import ImagegenError
+
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="KEY=VALUE",
+    help="Set an input: by node title (Positive.text=...), by node id (6.text=...), or by name: prompt, negative, "
+         "seed, steps, cfg, size (WxH), denoise, image (a local file), checkpoint. Repeatable.")]
+
+
+def parse_settings(values: list[str] | None) -> dict[str, str]:
+    """KEY=VALUE pairs, in order (a later one for the same key wins)."""
+    settings: dict[str, str] = {}
+    for item in values or []:
+        key, separator, value = item.partition("=")
+        if not separator or not key.strip():
+            raise ImagegenError("invalid_argument", f"--set {item!r} is not KEY=VALUE",
+                                hint="For example --set prompt=\"a red fox\" or --set 3.seed=7.")
+        settings[key.strip()] = value
+    return settings
+
+
+def print_params(records: list[dict], json_mode: bool) -> None:
+    for record in records:
+        if json_mode:
+            print(json.dumps({"schema": "imagegen.workflow_param/1", **record}), flush=True)
+            continue
+        limits = ""
+        if "min" in record or "max" in record:
+            limits = f"  [{record.get('min')}..{record.get('max')}]"
+        choices = f"  ({len(record['choices'])} choices)" if record.get("choices") else ""
+        where = f"  -> {', '.join(record['sets'])}" if record.get("sets") else \
+            f"  ({record['class_type']}{': ' + record['title'] if record.get('title') else ''})"
+        print(f"{record['key']}\t{record['type']}\t= {json.dumps(record['value'])}{limits}{choices}{where}",
+              flush=True)
+
+
+@grouped
+def run(
+    workflow: Annotated[Path | None, typer.Argument(
+        help="A workflow: API JSON (Export (API)), UI JSON (Save), or a PNG made by ComfyUI or imagegen.")] = None,
+    *,
+    settings: SetOpt = None,
+    count: Annotated[int, typer.Option("--count", "-n", help="Runs of the workflow, seeds seed, seed+1, ...")] = 1,
+    output_path: Annotated[str | None, typer.Option(
+        "--output", "-o", help="A .png path, a directory, or - for PNG bytes on stdout.")] = None,
+    list_params: Annotated[bool, typer.Option(
+        "--list-params", help="Print every settable input (type, value, range) and exit; nothing starts.")] = False,
+    from_image: Annotated[Path | None, typer.Option(
+        "--from", help="Rerun the workflow a PNG made by `imagegen run` (its graph, --set values and inputs).")] = None,
+    overwrite: OverwriteOpt = False,
+    timeout: CallTimeoutOpt = None,
+    workers: Workers,
+    mode: Mode,
+) -> None:
+    """Run your own ComfyUI workflow; prints one path (or JSON object) per image it saves."""
+
+    def body() -> None:
+        from imagegen.engine import generate as gen
+        from imagegen.engine import output, workflow_run
+        from imagegen.engine.progress import Reporter
+        from imagegen.runtimes.choose import make_runtime
+        from imagegen.util import paths
+
+        source = from_image or workflow
+        if source is None or (from_image is not None and workflow is not None):
+            raise ImagegenError("usage_error", "give a workflow file, or --from IMAGE, not both" if source else
+                                "no workflow given", hint="imagegen run workflow.json --set prompt=\"a fox\"")
+        if not 1 <= count <= gen.MAX_COUNT:
+            raise ImagegenError("invalid_argument", f"--count {count} is outside 1..{gen.MAX_COUNT}")
+        loaded = workflow_run.load(source)
+        given = parse_settings(settings)
+        if list_params:
+            from imagegen.comfy import graph_params
+
+            print_params(graph_params.describe(graph_params.apply(loaded.graph, given).graph), mode.json_mode)
+            return
+        timeouts, explicit = gen.timeouts_from_env(timeout)
+        runtime = make_runtime(workers.runtime, workers.keep_warm, getattr(workers, "hosts", None))
+        jobs = workflow_run.plan_jobs(loaded, given, count, [None] * count,
+                                      local_models=getattr(runtime, "uses_host_cache", True))
+        names = [output.default_name(job.params.prompt or loaded.source.stem, job.params.seed) for job in jobs]
+        targets = output.plan_outputs(output_path, count, names, overwrite, paths.default_output_dir())
+        for job, target in zip(jobs, targets, strict=True):
+            job.targets = [target]
+        reporter = Reporter(quiet=mode.quiet, show_progress=mode.progress)
+        for record in workflow_run.execute(jobs, runtime, reporter, overwrite=overwrite, timeouts=timeouts,
+                                           explicit=explicit):
+            if record["path"] != "-":
+                output.emit_result(record, mode.json_mode, quiet=False)
+            elif mode.json_mode:
+                print(json.dumps(record), file=sys.stderr, flush=True)
+
+    run_guarded(mode.json_mode, mode.debug, body)
