@@ -91,7 +91,7 @@ def run(
         names = [output.default_name(job.params.prompt or loaded.source.stem, job.params.seed) for job in jobs]
         targets = output.plan_outputs(output_path, count, names, overwrite, paths.default_output_dir())
         for job, target in zip(jobs, targets, strict=True):
-            job.targets = [target]
+            job.targets = [target]  # type: ignore[list-item]  # None: stdout
         reporter = Reporter(quiet=mode.quiet, show_progress=mode.progress)
         for record in workflow_run.execute(jobs, runtime, reporter, overwrite=overwrite, timeouts=timeouts,
                                            explicit=explicit):

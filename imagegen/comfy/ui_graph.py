@@ -14,6 +14,7 @@ import copy
 import itertools
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from imagegen.comfy import node_info
 from imagegen.util.errors import ImagegenError
@@ -201,12 +202,13 @@ def from_api(graph: dict, info: dict | None = None) -> dict:
     rows: dict[int, int] = {}
     link_ids = itertools.count(1)
     links: list[list] = []
-    ui_nodes = []
+    ui_nodes: list[dict[str, Any]] = []
     for node_id, node in graph.items():
         schema = info[node["class_type"]]
         column = depth_of(node_id)
         row = rows[column] = rows.get(column, -1) + 1
-        inputs, values = [], []
+        inputs: list[dict] = []
+        values: list = []
         for name, spec in node_info.ordered_inputs(schema):
             kind, options = node_info.kind_of(spec)
             value = node["inputs"].get(name)
@@ -234,11 +236,11 @@ def from_api(graph: dict, info: dict | None = None) -> dict:
     for ui_node in ui_nodes:
         kinds = ui_node.pop("_outputs")
         ui_node["outputs"] = [{"name": kind, "type": kind, "slot_index": slot,
-                               "links": [link[0] for link in links if link[1] == ui_node["id"] and link[2] == slot]}
+                               "links": [edge[0] for edge in links if edge[1] == ui_node["id"] and edge[2] == slot]}
                               for slot, kind in enumerate(kinds)]
-    for link in links:  # a link's target slot is the index in the target's inputs list
-        target = ui_nodes[link[3] - 1]
-        link[4] = next(i for i, item in enumerate(target["inputs"]) if item["link"] == link[0])
+    for edge in links:  # a link's target slot is the index in the target's inputs list
+        target = ui_nodes[edge[3] - 1]
+        edge[4] = next(i for i, item in enumerate(target["inputs"]) if item["link"] == edge[0])
     return {"last_node_id": len(ui_nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
             "groups": [], "config": {}, "extra": {"imagegen": True}, "version": 0.4}
 
