@@ -71,6 +71,26 @@ def tiny_esrgan(comfyui_dir) -> Path:
     return target
 
 
+def _tiny(kind: str, name: str, comfyui_dir: Path) -> Path:
+    target = FIXTURES / name
+    if not target.is_file():
+        subprocess.run([sys.executable, str(REPO / "tests" / "tiny_models.py"), kind, str(target)], check=True,
+                       env={**os.environ, "IMAGEGEN_COMFYUI_DIR": str(comfyui_dir)}, capture_output=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_clear(comfyui_dir) -> Path:
+    """tiny_sd15 with a VAE that passes images through (8x8 blocks keep their colour): img2img checks."""
+    return _tiny("sd15-clear", "tiny-sd15-clear.safetensors", comfyui_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_inpaint(comfyui_dir) -> Path:
+    """The same with a 9-channel UNet input: ComfyUI (and imagegen) take it for an inpainting checkpoint."""
+    return _tiny("sd15-inpaint", "tiny-sd15-inpaint.safetensors", comfyui_dir)
+
+
 def run_cli(*args: str, env: dict | None = None, input: bytes | None = None, timeout: float = 600,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The real CLI as a user runs it: a subprocess, stdout and stderr kept apart."""

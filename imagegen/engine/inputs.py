@@ -210,7 +210,8 @@ def load(path: Path, role: str) -> InputImage:
     except ImagegenError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _refuse(path, role, f"declares more pixels than allowed ({exc})") from None
+        raise _refuse(path, role, f"declares more than the limit of {max_pixels} pixels ({exc})",
+                      hint=f"Pass a smaller image, or raise {MAX_PIXELS_ENV}.") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds on a corrupt file
         raise _refuse(path, role, f"cannot be decoded as an image ({exc.__class__.__name__}: {exc})") from None
     normalized = _normalized_path(role, sha, path)
