@@ -8,7 +8,6 @@ PNG names its source image's sha256, the upscale model and the scale.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from imagegen.comfy import workflows
 from imagegen.comfy.client import Timeouts
-from imagegen.engine import generate, hires, output, render
+from imagegen.engine import generate, hires, inputs, output, render
 from imagegen.engine.progress import Reporter
 from imagegen.models.registry import Bundle, Registry
 from imagegen.util import paths
@@ -43,7 +42,8 @@ class Source:
     sha256: str
     width: int                        # after EXIF orientation, as the worker's LoadImage sees it
     height: int
-    parameters: dict                  # the source's own imagegen/A1111 record, when it has one
+    parameters: dict                  # the source's own imagegen record, when it has one
+    normalized: Path                  # the upright PNG that is uploaded
 
 
 @dataclass
@@ -56,50 +56,11 @@ class UpscalePlan:
 
 
 def read_source(path: Path) -> Source:
-    """Decode the image here (so a corrupt or huge file is refused before any worker starts) and hash it."""
-    data = _read_input(Path(path))
-    width, height = _decoded_size(Path(path), data)
-    return Source(Path(path).absolute(), hashlib.sha256(data).hexdigest(), width, height, _own_parameters(data))
-
-
-MAX_INPUT_BYTES = 64 * 1024 * 1024
-MAX_INPUT_PIXELS = 64 * 1024 * 1024
-
-
-def _read_input(path: Path) -> bytes:
-    try:
-        if path.stat().st_size > MAX_INPUT_BYTES:
-            raise ImagegenError("invalid_argument", f"{path} is larger than {MAX_INPUT_BYTES // 2**20} MiB")
-        return path.read_bytes()
-    except OSError as exc:
-        raise ImagegenError("invalid_argument", f"cannot read {path}: {exc.strerror or exc}",
-                            hint="Pass an existing PNG, JPEG or WebP file.") from None
-
-
-def _decoded_size(path: Path, data: bytes) -> tuple[int, int]:
-    """Width and height once EXIF orientation is applied; the whole image is decoded to prove it is whole."""
-    import io
-    import warnings
-
-    from PIL import Image, ImageOps
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                if image.format not in ("PNG", "JPEG", "WEBP"):
-                    raise ImagegenError("invalid_argument", f"{path} is {image.format}, not PNG, JPEG or WebP")
-                if image.width * image.height > MAX_INPUT_PIXELS:
-                    raise ImagegenError("invalid_argument", f"{path} has {image.width}x{image.height} pixels, "
-                                                            "more than an input may have")
-                image.load()
-                width, height = ImageOps.exif_transpose(image).size
-    except ImagegenError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever Pillow says, the file is not a usable image
-        raise ImagegenError("invalid_argument", f"{path} is not a readable image: {exc}",
-                            hint="Pass a PNG, JPEG or WebP file.") from None
-    return width, height
+    """Decode the image here (so a corrupt or huge file is refused before any worker starts), turn it upright
+    (EXIF) and hash it; the worker gets the normalized PNG (engine/inputs.py)."""
+    checked = inputs.load(Path(path), "image")
+    own = _own_parameters(inputs.read_bytes(checked.path, "image"))
+    return Source(checked.path, checked.sha256, checked.width, checked.height, own, checked.normalized)
 
 
 def _own_parameters(data: bytes) -> dict:
@@ -196,7 +157,7 @@ def execute(planned: UpscalePlan, runtime, reporter: Reporter, fetch=None):
     count = len(planned.jobs)
     reporter.job(f"upscale {count} image(s) {scale_label(request.scale)} with {bundle.name}")
     jobs = [Job(key=str(index), bundle=bundle, params=params, targets=[target],  # type: ignore[list-item]  # None: stdout
-                inputs={"init_image": source.path},
+                inputs={"init_image": source.normalized},
                 meta={"record": provenance(source, bundle, request.scale)})
             for index, (params, source, target) in enumerate(zip(planned.jobs, planned.sources, planned.targets,
                                                                  strict=True))]
