@@ -41,7 +41,8 @@ def trim(info: dict) -> dict:
         order = {section: list(names) for section, names in (schema.get("input_order") or {}).items()
                  if section in inputs}
         trimmed[name] = {"input": inputs, "input_order": order, "output": list(schema.get("output") or []),
-                         "output_node": bool(schema.get("output_node"))}
+                         "output_node": bool(schema.get("output_node")),
+                         "display_name": str(schema.get("display_name") or name)}
     return trimmed
 
 

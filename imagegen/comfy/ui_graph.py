@@ -28,7 +28,8 @@ HINT = "Export the workflow with the editor's Export (API) instead, or simplify 
 @dataclass
 class Converted:
     graph: dict                                            # API format: {id: {class_type, inputs, _meta}}
-    slots: dict[tuple[str, str], int] = field(default_factory=dict)  # (node id, input) -> widgets_values index
+    # (node id, input) -> (UI node id, index in its widgets_values): where the editor keeps the value
+    slots: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
 
 
 def is_ui(data) -> bool:
@@ -101,7 +102,7 @@ def _origin(link_id, nodes: dict, links: dict, seen: frozenset = frozenset()):
         values = source.get("widgets_values") or []
         if not values:
             raise _refuse(f"{_name(source)} holds no value")
-        return ("value", values[0])
+        return ("value", values[0], str(source_id))
     return ("node", str(source_id), int(slot))
 
 
@@ -145,7 +146,7 @@ def _convert(node: dict, info: dict, nodes: dict, links: dict, slots: dict) -> d
     inputs: dict = {}
     for name, (index, value) in _align(node, schema).items():
         inputs[name] = value
-        slots[(str(node["id"]), name)] = index
+        slots[(str(node["id"]), name)] = (str(node["id"]), index)
     for item in node.get("inputs") or []:
         name, link_id = item.get("name"), item.get("link")
         if link_id is None or node_info.spec_of(schema, name) is None:
@@ -158,9 +159,11 @@ def _convert(node: dict, info: dict, nodes: dict, links: dict, slots: dict) -> d
             inputs.pop(name, None)
         elif origin[0] == "value":
             inputs[name] = origin[1]
+            slots[(str(node["id"]), name)] = (origin[2], 0)
         else:
             inputs[name] = [origin[1], origin[2]]
-    meta = {"title": str(node.get("title") or node["type"])}
+            slots.pop((str(node["id"]), name), None)
+    meta = {"title": str(node.get("title") or schema.get("display_name") or node["type"])}
     return {"inputs": inputs, "class_type": node["type"], "_meta": meta}
 
 
@@ -269,13 +272,14 @@ def workflow_chunk(data: bytes, ui: dict | None = None) -> dict[str, str]:
     return {"workflow": json.dumps(ui)} if ui is not None else {}
 
 
-def patched(ui: dict, slots: dict[tuple[str, str], int], changes: dict[tuple[str, str], object]) -> dict:
+def patched(ui: dict, slots: dict[tuple[str, str], tuple[str, int]], changes: dict[tuple[str, str], object]) -> dict:
     """The UI workflow with changed widget values written in (so it reopens as it ran)."""
     result = copy.deepcopy(ui)
     by_id = {str(node.get("id")): node for node in result.get("nodes") or [] if isinstance(node, dict)}
     for (node_id, name), value in changes.items():
-        node, index = by_id.get(node_id), slots.get((node_id, name))
-        if node is None or index is None:
+        ui_id, index = slots.get((node_id, name), (None, -1))
+        node = by_id.get(str(ui_id))
+        if node is None:
             continue
         values = node.get("widgets_values")
         if isinstance(values, dict):

@@ -95,7 +95,10 @@ def _from_png(path: Path, data: bytes, digest: str, info: dict | None) -> Workfl
         return Workflow(checked(path, converted.graph, info), path, digest, "png", ui, converted.slots, record)
     if graph is None:
         raise _refuse(path, "carries no workflow (no prompt or workflow chunk)")
-    slots = ui_graph.to_api(ui, info).slots if ui is not None else {}
+    try:
+        slots = ui_graph.to_api(ui, info).slots if ui is not None else {}
+    except ImagegenError:  # a UI graph the converter refuses: the prompt chunk still is the exact graph
+        ui, slots = None, {}
     return Workflow(checked(path, graph, info), path, digest, "png", ui, slots,
                     record if isinstance(record, dict) else None)
 
