@@ -8,7 +8,9 @@ from imagegen.models.registry import Registry
 
 TASKS = (("txt2img", {}), ("img2img", {"init_image": "imagegen/init.png", "denoise": 0.45}),
          ("batch", {"batch_size": 4}), ("img2img-batch", {"init_image": "a.png", "batch_size": 2, "denoise": 0.3}),
-         ("txt2img-fast", {"fast": True}), ("img2img-fast", {"init_image": "a.png", "denoise": 0.5, "fast": True}))
+         ("txt2img-fast", {"fast": True}), ("img2img-fast", {"init_image": "a.png", "denoise": 0.5, "fast": True}),
+         ("inpaint", {"init_image": "a.png", "mask": "m.png"}),
+         ("inpaint-grown-batch", {"init_image": "a.png", "mask": "m.png", "mask_grow": 6, "batch_size": 2}))
 FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name1", "clip_name2", "vae_name", "model_name", "image"}
 
 
@@ -85,6 +87,10 @@ def every_graph():
     from dataclasses import replace
     with_vae = replace(with_vae, files={**with_vae.files, "vae": registry.shared["flux-ae"]})
     yield "sd15-separate-vae", workflows.build(with_vae, workflows.Params("x", 512, 512, 20, 7.0, "euler", "karras", 1))
+    inpainting = replace(registry.get("sd15"), defaults={"inpaint": True})  # a 9-channel checkpoint
+    for task, extra in TASKS[-2:]:
+        params = workflows.Params("x", 512, 512, 20, 7.0, "euler", "karras", 1, denoise=0.9, **extra)
+        yield f"sd15-inpainting-model-{task}", workflows.build(inpainting, params)
     yield "upscale", workflows.upscale("4x.safetensors", "imagegen/final.png")
 
 
