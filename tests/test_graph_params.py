@@ -1,0 +1,116 @@
+"""`--set KEY=VALUE` on a graph's leaves: by title, by id, by well-known name; types and ranges from the node
+definitions; unknown keys list the keys that exist."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from imagegen.comfy import graph_params, ui_graph, workflows
+from imagegen.models.registry import Registry
+from imagegen.util.errors import ImagegenError
+
+EDITOR = Path(__file__).parent / "workflows" / "editor-txt2img.json"
+
+
+def editor_graph() -> dict:
+    return ui_graph.to_api(json.loads(EDITOR.read_text())).graph
+
+
+def own(bundle: str, **extra) -> dict:
+    params = workflows.Params(prompt="a fox", negative="blur", width=64, height=96, steps=2, cfg=7.0, sampler="euler",
+                              scheduler="normal", seed=3, **extra)
+    return workflows.build(Registry.load().get(bundle), params)
+
+
+def test_well_known_names_on_a_checkpoint_graph():
+    names = graph_params.well_known(editor_graph())
+    assert names == {"prompt": [("6", "text")], "negative": [("7", "text")], "seed": [("3", "seed")],
+                     "steps": [("3", "steps")], "cfg": [("3", "cfg")], "denoise": [("3", "denoise")],
+                     "size": [("5", "width"), ("5", "height")], "checkpoint": [("4", "ckpt_name")]}
+
+
+def test_well_known_names_on_a_flux_graph_walk_guider_noise_and_scheduler():
+    names = graph_params.well_known(own("flux-schnell"))
+    assert names["prompt"] == [("positive", "text")]  # through FluxGuidance and BasicGuider
+    assert names["seed"] == [("noise", "noise_seed")] and names["steps"] == [("schedule", "steps")]
+    assert names["denoise"] == [("schedule", "denoise")]
+    assert "negative" not in names and "cfg" not in names and "checkpoint" not in names  # Flux has neither
+
+
+def test_img2img_graphs_name_their_image():
+    names = graph_params.well_known(own("sd15", init_image="in.png", denoise=0.5))
+    assert names["image"] == [("load_image", "image")] and "size" not in names
+
+
+def test_every_addressing_mode_sets_the_same_kind_of_leaf(tmp_path):
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(b"not read here")
+    graph = editor_graph()
+    graph["20"] = {"class_type": "LoadImage", "inputs": {"image": "x.png"}, "_meta": {"title": "Load Image"}}
+    applied = graph_params.apply(graph, {"prompt": "a red fox", "Negative.text": "ugly", "3.steps": "4",
+                                         "cfg": "5.5", "size": "128x64", "seed": "42", "denoise": "0.75",
+                                         "image": str(photo), "checkpoint": "other.safetensors",
+                                         "ksampler.sampler_name": "dpmpp_2m"})
+    inputs = {node_id: node["inputs"] for node_id, node in applied.graph.items()}
+    assert inputs["6"]["text"] == "a red fox" and inputs["7"]["text"] == "ugly"
+    assert inputs["3"]["steps"] == 4 and inputs["3"]["cfg"] == 5.5 and inputs["3"]["seed"] == 42
+    assert inputs["3"]["denoise"] == 0.75 and inputs["3"]["sampler_name"] == "dpmpp_2m"  # a title, any case
+    assert (inputs["5"]["width"], inputs["5"]["height"]) == (128, 64)
+    assert inputs["4"]["ckpt_name"] == "other.safetensors"
+    assert applied.uploads == {("20", "image"): photo} and inputs["20"]["image"] == "photo.png"
+    assert applied.changes[("3", "steps")] == 4 and graph["3"]["inputs"]["steps"] == 2  # the original is untouched
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("3.steps", "0", ["outside 1..10000"]), ("3.steps", "2.5", ["not a whole number"]),
+    ("cfg", "nan", ["not a finite number"]), ("seed", "-1", ["outside 0.."]),
+    ("3.sampler_name", "euler_x", ["not one of KSampler's sampler_name choices"]),
+    ("size", "64", ["not WIDTHxHEIGHT"]), ("size", "8x64", ["outside 16..16384"]),
+    ("image", "missing.png", ["no such parameter"]), ("3.model", "x", ["no settable input 'model'", "steps"]),
+    ("99.text", "x", ["no such parameter", "prompt", "6.text"]), ("nope", "1", ["no such parameter", "3.seed"]),
+])
+def test_values_are_checked_and_unknown_keys_list_the_keys(key, value, words):
+    with pytest.raises(ImagegenError) as caught:
+        graph_params.apply(editor_graph(), {key: value})
+    assert caught.value.code == "invalid_argument"
+    for word in words:
+        assert word in caught.value.message, caught.value.message
+
+
+def test_typed_json_values_from_a_batch_item_and_booleans():
+    graph = editor_graph()
+    applied = graph_params.apply(graph, {"3.steps": 3, "cfg": 6})
+    assert applied.graph["3"]["inputs"]["steps"] == 3 and applied.graph["3"]["inputs"]["cfg"] == 6.0
+    with pytest.raises(ImagegenError):
+        graph_params.apply(graph, {"3.steps": True})
+    leaf = graph_params.Leaf("1", "flag", "X", "", "BOOLEAN", {}, False)
+    assert graph_params.parse_value(leaf, "yes", "1.flag") is True
+    assert graph_params.parse_value(leaf, False, "1.flag") is False
+
+
+def test_ambiguous_titles_and_names_ask_for_an_id():
+    graph = editor_graph()
+    graph["7"]["_meta"]["title"] = "Positive"
+    with pytest.raises(ImagegenError) as caught:
+        graph_params.apply(graph, {"Positive.text": "x"})
+    assert "2 nodes are titled 'Positive' (6, 7)" in caught.value.message
+    two_pass = editor_graph()
+    two_pass["30"] = json.loads(json.dumps(two_pass["3"]))
+    two_pass["30"]["inputs"]["latent_image"] = ["3", 0]
+    with pytest.raises(ImagegenError) as caught:
+        graph_params.apply(two_pass, {"steps": "3"})
+    assert "several (3.steps, 30.steps)" in caught.value.message
+    seeded = graph_params.apply(two_pass, {"seed": "9", "prompt": "both"})  # seed and prompt set every sampler's
+    assert seeded.graph["3"]["inputs"]["seed"] == seeded.graph["30"]["inputs"]["seed"] == 9
+
+
+def test_list_params_records():
+    records = {record["key"]: record for record in graph_params.describe(editor_graph())}
+    assert records["prompt"] == {"key": "prompt", "type": "STRING", "sets": ["6.text"],
+                                 "value": "beautiful scenery nature glass bottle landscape, purple galaxy bottle"}
+    assert records["size"]["value"] == "64x64" and records["size"]["type"] == "SIZE"
+    steps = records["3.steps"]
+    assert (steps["type"], steps["value"], steps["default"], steps["min"], steps["max"]) == ("INT", 2, 20, 1, 10000)
+    assert records["3.sampler_name"]["choices"][0] == "euler" and records["6.text"]["title"] == "Positive"
+    assert json.loads(json.dumps(list(records.values())))  # plain JSON for --json
