@@ -69,7 +69,6 @@ def run(
         from imagegen.engine import output, workflow_run
         from imagegen.engine.progress import Reporter
         from imagegen.runtimes.choose import make_runtime
-        from imagegen.util import paths
 
         source = from_image or workflow
         if source is None or (from_image is not None and workflow is not None):
@@ -86,12 +85,7 @@ def run(
             return
         timeouts, explicit = gen.timeouts_from_env(timeout)
         runtime = make_runtime(workers.runtime, workers.keep_warm, getattr(workers, "hosts", None))
-        jobs = workflow_run.plan_jobs(loaded, given, count, [None] * count,
-                                      local_models=getattr(runtime, "uses_host_cache", True))
-        names = [output.default_name(job.params.prompt or loaded.source.stem, job.params.seed) for job in jobs]
-        targets = output.plan_outputs(output_path, count, names, overwrite, paths.default_output_dir())
-        for job, target in zip(jobs, targets, strict=True):
-            job.targets = [target]  # type: ignore[list-item]  # None: stdout
+        jobs = workflow_run.plan(loaded, given, count, output_path, overwrite, runtime)
         reporter = Reporter(quiet=mode.quiet, show_progress=mode.progress)
         for record in workflow_run.execute(jobs, runtime, reporter, overwrite=overwrite, timeouts=timeouts,
                                            explicit=explicit):

@@ -306,6 +306,20 @@ def plan_jobs(workflow: Workflow, settings: dict[str, Any], count: int, targets:
     return jobs
 
 
+def plan(workflow: Workflow, settings: dict[str, Any], count: int, output_path: str | None, overwrite: bool,
+         runtime) -> list[Job]:
+    """`imagegen run` (and MCP run_workflow): the jobs of `count` runs, each with its planned output path."""
+    from imagegen.engine import output
+    from imagegen.util import paths
+
+    jobs = plan_jobs(workflow, settings, count, [None] * count, local_models=getattr(runtime, "uses_host_cache", True))
+    names = [output.default_name(job.params.prompt or workflow.source.stem, job.params.seed) for job in jobs]
+    targets = output.plan_outputs(output_path, count, names, overwrite, paths.default_output_dir())
+    for job, target in zip(jobs, targets, strict=True):
+        job.targets = [target]  # type: ignore[list-item]  # None: stdout
+    return jobs
+
+
 def _with_hash(file: ModelFile) -> ModelFile:
     """A present file with its sha256 for provenance: the registry's, the ledger's, or computed once and kept."""
     from imagegen.models.ledger import Ledger, sha256_file

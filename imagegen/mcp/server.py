@@ -1,4 +1,4 @@
-"""`imagegen mcp`: an MCP stdio server with the tools generate_image, batch and list_models.
+"""`imagegen mcp`: an MCP stdio server with the tools generate_image, batch, run_workflow and list_models.
 
 Each tool call runs the same code path as the CLI (`generate.generate`) in a worker thread, so the
 event loop keeps answering while an image renders. Sampling steps and finished images go to the
@@ -295,6 +295,31 @@ class ImagegenTools:
         return CallToolResult(content=[TextContent(type="text", text=json.dumps(records))],
                               structured_content={"models": records})
 
+    def _workflow(self, ctx: Context, workflow: str, settings: dict, count: int, list_params: bool,
+                  output_dir: str | None, cancelled: threading.Event) -> CallToolResult:
+        """run_workflow: a user's own ComfyUI graph through engine/workflow_run, as `imagegen run` does."""
+        from imagegen.comfy import graph_params
+        from imagegen.comfy.client import Timeouts
+        from imagegen.engine import workflow_run
+
+        with cancel.scope(cancelled):
+            loaded = workflow_run.load(Path(workflow))
+            if list_params:
+                records = graph_params.describe(graph_params.apply(loaded.graph, settings).graph)
+                return CallToolResult(content=[TextContent(type="text", text=json.dumps(records))],
+                                      structured_content={"params": records})
+            folder = str(Path(output_dir).expanduser()) + os.sep if output_dir else None
+            jobs = workflow_run.plan(loaded, settings, count, folder, False, self.runtime())
+            reporter = ClientProgress(ctx, len(jobs), cancelled)
+            content: list = []
+            results = []
+            for record in workflow_run.execute(jobs, self.runtime(), reporter, overwrite=False, timeouts=Timeouts(),
+                                               explicit=set()):
+                reporter.finished(record)
+                results.append(record)
+                content += image_content(record)
+            return CallToolResult(content=content, structured_content={"results": results, "errors": []})
+
     async def models(self) -> CallToolResult:
         try:
             return await self.in_thread(self._models)
@@ -326,6 +351,29 @@ def build_server(tools: ImagegenTools) -> MCPServer:
         `items`); an item that fails is reported as an imagegen.error/1 record with its `item`, and the others
         still run."""
         return await tools.render(items, ctx, batch=True)
+
+    @server.tool()
+    async def run_workflow(
+        workflow: Annotated[str, Field(description="Path of a ComfyUI workflow: API JSON (Export (API)), UI JSON "
+                                                   "(Save), or a PNG made by ComfyUI or imagegen.")],
+        ctx: Context,
+        set: Annotated[dict[str, str | int | float | bool] | None, Field(  # noqa: A002 - the batch item's name
+            description="Inputs to set, KEY: VALUE. KEY is a node title or id and an input (\"Positive.text\", "
+                        "\"6.text\"), or prompt, negative, seed, steps, cfg, size, denoise, image (a local file), "
+                        "checkpoint. list_params shows every key.")] = None,
+        count: Annotated[int, Field(description="Runs; the seed goes up by one each run.", ge=1, le=100)] = 1,
+        list_params: Annotated[bool, Field(description="Only list the settable inputs (key, type, value, "
+                                                       "default, range); nothing runs.")] = False,
+        output_dir: OutputDir = None,
+    ) -> CallToolResult:
+        """Run the user's own ComfyUI workflow with some inputs set. Call with list_params first to discover its
+        keys. Returns, per saved image, a JSON record (path, seed, workflow sha256, the values set) and a
+        thumbnail. Custom nodes are refused; model files are fetched from the registry or must be present."""
+        try:
+            return await tools.in_thread(tools._workflow, ctx, workflow, dict(set or {}), count, list_params,
+                                         output_dir)
+        except Exception as exc:  # noqa: BLE001 - every failure reaches the client as a tool error
+            return error_result(as_imagegen_error(exc))
 
     @server.tool()
     async def list_models() -> CallToolResult:
