@@ -12,6 +12,12 @@ from typer.core import TyperGroup
 from imagegen.cli.common import AutoOpt, DebugOpt, JsonOpt, Mode, PickOpt, Pool, Workers, grouped, run_guarded
 from imagegen.util.errors import ImagegenError
 
+VaryOpt = Annotated[int | None, typer.Option(
+    "--vary", metavar="N", help="More like this: before the next stage, N img2img variations of each pick "
+                                "(low denoise, seeds after the pick's), to pick from again.")]
+VaryDenoiseOpt = Annotated[float | None, typer.Option(
+    "--vary-denoise", help="With --vary: how much a variation redraws (default 0.35).")]
+
 
 class _FunnelGroup(TyperGroup):
     """`imagegen funnel "PROMPT" ...` means `imagegen funnel run "PROMPT" ...` (a prompt that is a command
@@ -37,6 +43,8 @@ class Advance:
     pool: Pool
     workers: Workers
     mode: Mode
+    vary: int | None = None
+    vary_denoise: float | None = None
 
 
 def _advance_funnel(funnel, how: Advance) -> None:
@@ -49,17 +57,25 @@ def _advance_funnel(funnel, how: Advance) -> None:
 
     if not 1 <= how.pool.workers_n <= 64:
         raise ImagegenError("invalid_argument", "--workers must be 1..64")
+    funnel_mod.vary.check(how.vary, how.vary_denoise)
+    if how.vary_denoise is not None and not how.vary:
+        raise ImagegenError("invalid_argument", "--vary-denoise needs --vary N",
+                            hint="Pass --vary 4 --vary-denoise 0.3.")
     timeouts, explicit = gen.timeouts_from_env(how.pool.timeout)
     interactive = not how.mode.json_mode and sys.stdin is not None and sys.stdin.isatty()
     options = funnel_mod.Options(gpus=how.pool.gpus, workers=how.pool.workers_n, timeouts=timeouts,
                                  explicit=frozenset(explicit), force=how.workers.force, fast=how.workers.fast,
-                                 picks=tuple(how.picks or ()), auto=how.auto, interactive=interactive)
+                                 picks=tuple(how.picks or ()), auto=how.auto, interactive=interactive,
+                                 vary=how.vary or 0, vary_denoise=how.vary_denoise)
     reporter = BatchReporter(quiet=how.mode.quiet, show_progress=how.mode.progress)
     runtime = make_runtime(how.workers.runtime, how.workers.keep_warm, how.workers.hosts)
     status = funnel_mod.advance(funnel, runtime, reporter,
                                 lambda record: emit_result(record, how.mode.json_mode), options)
     if how.mode.json_mode:
         print(json.dumps(status), flush=True)
+    if options.vary:
+        reporter.status(f"--vary {options.vary}: no pick was made, so no variations were drawn; pass --pick with it "
+                        f"(or --auto): imagegen funnel resume {status['dir']} --pick N --vary {options.vary}")
     if status["status"] == "awaiting_pick":
         reporter.status(f"stage {status['stage']} is done; contact sheet: {status['sheet']}")
         reporter.status(f"pick {status['keep']} of its {len(status['choices'])} images to continue: "
@@ -143,13 +159,17 @@ def funnel_resume(
     mode: Mode,
     pick: PickOpt = None,
     auto: AutoOpt = False,
+    vary: VaryOpt = None,
+    vary_denoise: VaryDenoiseOpt = None,
 ) -> None:
-    """Continue a funnel: finish an interrupted stage (finished images are kept), then apply --pick/--auto."""
+    """Continue a funnel: finish an interrupted stage (finished images are kept), then apply --pick/--auto
+    (and --vary: variations of the picks first)."""
 
     def body() -> None:
         from imagegen.funnel import pipeline as funnel_mod
 
-        _advance_funnel(funnel_mod.Funnel.load(funnel_dir), Advance(pick, auto, pool, workers, mode))
+        _advance_funnel(funnel_mod.Funnel.load(funnel_dir), Advance(pick, auto, pool, workers, mode, vary,
+                                                                    vary_denoise))
 
     run_guarded(mode.json_mode, mode.debug, body)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from imagegen.comfy import workflows
 from imagegen.engine import batch, generate, render
-from imagegen.funnel import contact_sheet
+from imagegen.funnel import contact_sheet, vary
 from imagegen.funnel import state as state_file
 from imagegen.funnel.stages import resolve, stage_request
 from imagegen.funnel.state import SCHEMA, STATE_FILE, Funnel  # noqa: F401  (re-exported)
@@ -126,6 +126,8 @@ class Options:
     force: bool = False             # run jobs that look too large for every GPU's memory
     fast: bool = False              # fast mode for the drawing stages (workflows.compiled)
     picks: tuple[str, ...] = ()     # applied to the next selections, in order
+    vary: int = 0                   # variations of each image of the next selection (funnel/vary.py), then unset
+    vary_denoise: float | None = None
     auto: bool = False
     interactive: bool = False
 
@@ -157,6 +159,9 @@ def stage_jobs(funnel: Funnel, number: int, registry: Registry, fast: bool = Fal
             error = missing_source(funnel, number, image, source)
             image.update(status="failed", error={"code": error.code, "message": error.message, "hint": error.hint})
             continue
+        if image.get("copy"):  # a variations stage shows the pick itself first: copied, not redrawn
+            vary.copy_pick(funnel, image, source)
+            continue
         if bundle.family == "upscale":
             if source is None:  # only a hand-edited funnel.json has an upscaler first
                 raise ImagegenError("invalid_funnel_state", f"{funnel.root / STATE_FILE}: stage {number} upscales, "
@@ -184,6 +189,8 @@ def render_stage(funnel: Funnel, number: int, runtime, reporter, emit, options: 
     from imagegen.models.fetch import make_fetcher
 
     registry = Registry.load()
+    if funnel.record(number).get("vary") and not funnel.record(number)["images"]:
+        funnel.record(number)["images"] = vary.plan(funnel, number)
     funnel.plan_images(number)
     funnel.save()
     record, stage = funnel.record(number), funnel.stage(number)
@@ -281,6 +288,11 @@ def advance(funnel: Funnel, runtime, reporter, emit, options: Options, fetch=Non
                 funnel.save()
                 kept = ", ".join(map(str, chosen[0]))
                 reporter.status(f"stage {step['stage']} {step['name']}: kept {kept} ({chosen[1]})")
+                if options.vary:
+                    added = vary.insert(funnel, step["stage"], options.vary, options.vary_denoise)
+                    reporter.status(f"stage {added} {funnel.record(added)['name']}: {options.vary} variation(s) of "
+                                    f"each of {kept}, then a pick before stage {added + 1}")
+                    options.vary = 0
             else:
                 return status_record(funnel)
     except KeyboardInterrupt:

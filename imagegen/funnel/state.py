@@ -136,6 +136,8 @@ class Funnel:
             self.inside(record["sheet"], f"{where}.sheet")
         if not isinstance(record.get("images"), list):
             raise self._bad(f"{where}.images", "must be a list")
+        if record.get("vary") not in (None, True, False):  # a variations stage (funnel/vary.py)
+            raise self._bad(f"{where}.vary", f"{record['vary']!r} is not true or false")
 
     def _check_image(self, image, where: str, picked: set | None) -> None:
         if not isinstance(image, dict):
@@ -145,6 +147,8 @@ class Funnel:
                 raise self._bad(f"{where}.{key}", f"{image.get(key)!r} is not a whole number")
         if not isinstance(image.get("status"), str):
             raise self._bad(f"{where}.status", "is missing")
+        if image.get("copy") not in (None, True, False):
+            raise self._bad(f"{where}.copy", f"{image['copy']!r} is not true or false")
         if (picked is None) != (image.get("source") is None) or (picked is not None and image["source"] not in picked):
             raise self._bad(f"{where}.source", f"{image.get('source')!r} is not a picked image of the stage before")
         self.inside(image.get("path"), f"{where}.path")
