@@ -11,7 +11,8 @@ TASKS = (("txt2img", {}), ("img2img", {"init_image": "imagegen/init.png", "denoi
          ("txt2img-fast", {"fast": True}), ("img2img-fast", {"init_image": "a.png", "denoise": 0.5, "fast": True}),
          ("inpaint", {"init_image": "a.png", "mask": "m.png"}),
          ("inpaint-grown-batch", {"init_image": "a.png", "mask": "m.png", "mask_grow": 6, "batch_size": 2}))
-FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name1", "clip_name2", "vae_name", "model_name", "image"}
+FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name1", "clip_name2", "vae_name", "model_name", "image", "lora_name",
+               "control_net_name"}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,8 @@ def validate(graph: dict, info: dict) -> list[str]:
 def every_graph():
     registry = Registry.load()
     for name, bundle in registry.bundles.items():
+        if bundle.family in ("lora", "controlnet"):  # add-ons draw nothing alone (their graphs: tests/test_addons.py)
+            continue
         if bundle.family == "upscale":
             params = workflows.Params("x", 2048, 2048, 1, 0.0, "euler", "normal", 0, init_image="imagegen/final.png")
             yield f"{name}-upscale-resized", workflows.build(bundle, params)

@@ -20,7 +20,7 @@ TEXT_WIDTH_FAMILIES = {768: "sd15", 1024: "sd2"}
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "Flux", "sd2": "SD2"}
 # the down (input-side) projection of a LoRA pair, in each naming: its shape[1] is the layer's input width
 DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight", ".down.weight")
-CROSS_ATTN_KEY = re.compile(r"attn2[._]to_k")
+CROSS_ATTN_KEY = re.compile(r"attn2[._](processor[._])?to_k")
 FLUX_KEY = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks)[._]")
 FLUX_DIFFUSERS_KEY = re.compile(
     r"^(transformer\.)?transformer_blocks\.\d+\.(attn\.(to_|add_)|ff_context|norm1_context)")
