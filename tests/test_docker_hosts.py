@@ -165,7 +165,7 @@ class Hosts:
                               cwd=str(self.base))
 
     def popen(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(self.command(args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        return subprocess.Popen(self.command(args), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=self.env(), cwd=str(self.base))
 
     def ours(self, all_states: bool = True):
@@ -309,10 +309,9 @@ def test_the_remote_workers_are_kept_apart_and_their_secret_is_not_in_docker_ins
 def test_a_host_that_drops_mid_batch_has_its_jobs_finished_on_the_other_host(hosts):
     out = hosts.base / "out" / "cut"
     prompts = [f"a cut robot {n}" for n in range(14)]
-    process = hosts.popen("batch", "-o", str(out), "-m", "tiny", "--size", "64x64", "--steps", "2", "--json",
-                          "--hosts", f"local,{hosts.remote}")
-    process.stdin.write("".join(f"{p}\n" for p in prompts).encode())
-    process.stdin.close()
+    (hosts.base / "cut.txt").write_text("".join(f"{p}\n" for p in prompts))
+    process = hosts.popen("batch", str(hosts.base / "cut.txt"), "-o", str(out), "-m", "tiny", "--size", "64x64",
+                          "--steps", "2", "--json", "--hosts", f"local,{hosts.remote}")
     try:
         _wait_for(lambda: any(line["worker"].startswith("imagegen-ssh-") for line in _manifest(out)), 300,
                   "an image from the SSH host")
@@ -354,12 +353,12 @@ def test_stop_all_leaves_no_container_on_either_host(hosts):
 
 def test_a_worker_whose_owner_is_gone_is_reaped_on_the_host_by_the_next_run(hosts):
     """A container left starting by a killed command is removed by the next call; others' are not."""
-    other = hosts.client.containers.run(IMAGE, ["health"], detach=True, entrypoint=["sleep", "600"],
+    other = hosts.client.containers.run(IMAGE, ["600"], detach=True, entrypoint=["sleep"],
                                         labels={"imagegen.worker": "ssh", "imagegen.owner_uid": str(hosts.uid + 1)})
     try:
         env = {"IMAGEGEN_START_TIMEOUT": "1"}  # the stale container's start timeout has passed
         stale = hosts.client.containers.create(
-            IMAGE, ["serve"], entrypoint=["sleep", "600"],
+            IMAGE, ["600"], entrypoint=["sleep"],
             labels={"imagegen.worker": "ssh", "imagegen.owner_uid": str(hosts.uid), "imagegen.owner_pid": "999999",
                     "imagegen.started": "1", "imagegen.slot": "cpu", "imagegen.host": _host_id(hosts),
                     "imagegen.controller": _controller(hosts)})
