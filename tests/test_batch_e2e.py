@@ -122,3 +122,52 @@ def test_ctrl_c_leaves_a_valid_manifest_and_a_rerun_finishes(env, tiny_sd15, tmp
     after = manifest(out)
     assert len({line["key"] for line in after if line["status"] == "done"}) == 10
     assert len(rerun.stdout.decode().splitlines()) == 10 - len(before)
+
+
+def test_image_and_mask_items_over_two_workers_and_a_changed_input_reruns(env, tiny_sd15_clear, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from imagegen.engine import inputs
+
+    warm = run_cli(*batch_args(tiny_sd15_clear, tmp_path / "warm", "--steps", "1"), input=b"one\ntwo\n", env=env)
+    assert warm.returncode == 0, warm.stderr.decode()
+    folder = tmp_path / "prompts"
+    (folder / "in").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(small.repeat(8, 0).repeat(8, 1)).save(folder / "in" / f"{i}.png")
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(folder / "in" / "mask.png")
+    items = [{"prompt": f"item {i}", "image": f"in/{i}.png", "output": f"item{i}",
+              **({"mask": "in/mask.png", "mask_grow": 2} if i % 2 else {"denoise": 0.5})} for i in range(8)]
+    (folder / "items.jsonl").write_text("\n".join(json.dumps(item) for item in items) + "\n")
+    out = tmp_path / "out"
+    args = ["batch", str(folder / "items.jsonl"), "-o", str(out), "--checkpoint", str(tiny_sd15_clear), "--workers",
+            "2", "--steps", "30", "--json"]
+    result = run_cli(*args, env=env, cwd=tmp_path)  # paths are relative to the prompts file, not to the cwd
+    assert result.returncode == 0, result.stderr.decode()
+    lines = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert len(lines) == 8 and all(line["status"] == "done" for line in lines)
+    assert {line["worker"] for line in lines} == {"local-cpu", "local-cpu-2"}, "both workers must take jobs"
+    for line in lines:
+        i = int(Path(line["path"]).stem[len("item"):])
+        source = folder / "in" / f"{i}.png"
+        assert line["inputs"]["image"]["sha256"] == inputs.prepare(source).image.sha256
+        assert png.png_size(Path(line["path"]).read_bytes()) == (64, 64)
+        if i % 2:
+            assert line["mask_grow"] == 2 and line["denoise"] == 1.0
+            made = np.asarray(Image.open(line["path"]).convert("RGB"), dtype=float)
+            kept = np.asarray(Image.open(source).convert("RGB"), dtype=float)
+            outside = np.ones((64, 64), dtype=bool)
+            outside[14:50, 14:50] = False
+            assert abs(made - kept)[outside].mean() < 1.0
+        else:
+            assert line["denoise"] == 0.5 and "mask" not in line["inputs"]
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(folder / "in" / "3.png")  # one input changes
+    again = run_cli(*args, env=env)
+    assert again.returncode == 0, again.stderr.decode()
+    rerun = [json.loads(line) for line in again.stdout.decode().splitlines()]
+    assert [Path(line["path"]).name for line in rerun] == ["item3.png"], "only the item whose input changed reruns"

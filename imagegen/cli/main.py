@@ -139,7 +139,7 @@ def batch(
         else:
             try:
                 with open(prompts_file, encoding="utf-8") as handle:
-                    items = batch_mod.read_items(handle, str(prompts_file))
+                    items = batch_mod.read_items(handle, str(prompts_file), prompts_file.absolute().parent)
             except OSError as exc:
                 raise ImagegenError("invalid_argument", f"cannot read {prompts_file}: {exc.strerror}") from None
         timeouts, explicit = gen.timeouts_from_env(pool.timeout)

@@ -2,7 +2,8 @@
 
 Input: one prompt per line, or JSONL objects with per-item overrides
   {"prompt": "...", "model": "sdxl", "seed": 7, "size": "768x512", "steps": 30, "cfg": 6,
-   "negative": "...", "count": 4, "output": "castle.png", "sampler": "...", "scheduler": "...", "guidance": 3.5}
+   "negative": "...", "count": 4, "output": "castle.png", "sampler": "...", "scheduler": "...", "guidance": 3.5,
+   "image": "in.png", "mask": "mask.png", "mask_grow": 8, "denoise": 0.6}  (image/mask: relative to the file)
 Blank lines and lines starting with # are skipped; each line is read with a bound (MAX_LINE_CHARS).
 Output: a directory with the images (an `output` is a plain file name in it) and manifest.jsonl, one
 line per finished (or failed) image, appended atomically as it happens (engine/manifest.py). The run
@@ -35,7 +36,9 @@ LOCK = ".imagegen-batch.lock"               # held for the whole run: one batch 
 MAX_LINE_CHARS = 2 * 6 * generate.MAX_PROMPT_CHARS + 4096
 MANIFEST_SCHEMA = "imagegen.manifest/1"
 ITEM_KEYS = {"prompt", "model", "seed", "size", "steps", "cfg", "negative", "count", "output", "sampler",
-             "scheduler", "guidance", "checkpoint", "fast", "hires", "loras", "controls", "control_preprocess"}
+             "scheduler", "guidance", "checkpoint", "fast", "hires", "loras", "controls", "control_preprocess",
+             "image", "mask", "mask_grow", "denoise"}
+INPUT_PATHS = ("image", "mask")  # relative paths are relative to the prompts file's folder
 
 
 @dataclass
@@ -78,8 +81,9 @@ def _lines(stream, source: str):
         yield number, line
 
 
-def read_items(stream, source: str = "stdin") -> list[Item]:
-    """The items of a prompts file or stdin, read line by line (see _lines)."""
+def read_items(stream, source: str = "stdin", folder: Path | None = None) -> list[Item]:
+    """The items of a prompts file or stdin, read line by line (see _lines). An item's image and mask
+    paths are relative to `folder` (the prompts file's; the current one for stdin)."""
     items = []
     for number, raw in _lines(stream, source):
         line = raw.strip()
@@ -100,6 +104,9 @@ def read_items(stream, source: str = "stdin") -> list[Item]:
                 raise ImagegenError("invalid_argument",
                                     f"{source} line {number}: unknown field(s) {', '.join(sorted(unknown))}",
                                     hint=f"Known fields: {', '.join(sorted(ITEM_KEYS))}.")
+            for key in INPUT_PATHS:
+                if isinstance(fields.get(key), str) and folder is not None:
+                    fields[key] = str(folder / Path(fields[key]).expanduser())
         else:
             fields = {"prompt": line}
         items.append(Item(number, fields))
@@ -148,7 +155,8 @@ def plan(items: list[Item], out_dir: Path, defaults: dict, base_seed: int, pack:
         if not isinstance(fields.get("fast", False), bool):
             raise ImagegenError("invalid_argument", f"{where}: fast must be true or false, not {fields['fast']!r}")
         try:
-            keys = ("prompt", "model", "negative", "seed", "steps", "cfg", "size", "sampler", "scheduler", "guidance")
+            keys = ("prompt", "model", "negative", "seed", "steps", "cfg", "size", "sampler", "scheduler", "guidance",
+                    "image", "mask", "mask_grow", "denoise")
             given: dict[str, Any] = {k: fields.get(k) for k in keys}
             request = generate.Request(**given,
                                        checkpoint=Path(checkpoint) if checkpoint else None, count=count,
@@ -182,6 +190,7 @@ def plan(items: list[Item], out_dir: Path, defaults: dict, base_seed: int, pack:
             params = replace(group[0], batch_size=len(group))
             # fast: how, not what
             settings = {k: v for k, v in params.to_dict().items() if k not in ("filename_prefix", "fast")}
+            settings["sources"] = {role: source["sha256"] for role, source in params.sources.items()}  # content
             identity = json.dumps({"line": item.line, "start": start, "bundle": bundle.name, **settings},
                                   sort_keys=True)
             key = f"{item.line}:{start}:{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
