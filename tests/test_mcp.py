@@ -241,3 +241,40 @@ def test_cancelling_stops_a_worker_start_in_progress(env, tmp_path):
                           after=gone, progress_seen=seen)  # fails after 120 s when the worker is left running
     assert not answer.is_error
     assert not list((home / "state" / "workers").glob("*.json"))
+
+
+def test_generate_image_and_batch_take_an_input_image_and_mask(env, tiny_sd15_clear, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    source = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)).save(source)
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[0:32, :] = 255  # repaint the top half
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    common = {"checkpoint": str(tiny_sd15_clear), "steps": 1, "output_dir": str(tmp_path / "out")}
+
+    async def scenario(session):
+        inpainted = await session.call_tool("generate_image", {"prompt": "a sky", "image": str(source),
+                                                               "mask": str(tmp_path / "mask.png"), **common})
+        relative = await session.call_tool("generate_image", {"prompt": "a sky", "image": "photo.png", **common})
+        listed = await session.call_tool("batch", {"items": [
+            {"prompt": "kept", "image": str(source), "denoise": 0.0, "seed": 2, **common},
+            {"prompt": "mismatch", "image": str(source), "mask": str(REPO / "tests" / "missing.png"), **common}]})
+        return inpainted, relative, listed
+
+    inpainted, relative, listed = call_server(env, tmp_path, scenario)
+    assert not inpainted.is_error, inpainted.content
+    (record,) = texts(inpainted)
+    assert set(record["inputs"]) == {"image", "mask"} and record["denoise"] == 1.0
+    made = np.asarray(Image.open(record["path"]).convert("RGB"), dtype=float)
+    kept = np.asarray(Image.open(source).convert("RGB"), dtype=float)
+    assert abs(made - kept)[40:].mean() < 1.0, "the unmasked bottom half keeps the input's pixels"
+    assert relative.is_error and texts(relative)[0]["code"] == "invalid_argument"
+    assert "absolute" in texts(relative)[0]["message"]
+    records = texts(listed)
+    done = [r for r in records if r["schema"] == "imagegen.result/1"]
+    assert [r["item"] for r in done] == [0] and done[0]["denoise"] == 0.0
+    assert abs(np.asarray(Image.open(done[0]["path"]).convert("RGB"), dtype=float) - kept).mean() < 1.0
+    failed = [r for r in records if r["schema"] == "imagegen.error/1"]
+    assert [(r["item"], r["code"]) for r in failed] == [(1, "invalid_source_image")]

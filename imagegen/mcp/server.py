@@ -53,6 +53,14 @@ Fast = Annotated[bool, Field(description="Fast mode: torch.compile the model (th
                                          "GPU workers only. Worth it for many images.")]
 OutputDir = Annotated[str | None, Field(description="Directory to write the PNGs into; imagegen's output directory "
                                                     "when omitted.")]
+SourceImage = Annotated[str | None, Field(description="Absolute path of an image (PNG, JPEG or WebP) to start from: "
+                                                      "img2img, or inpainting with mask. The output takes its size "
+                                                      "(rounded down to a multiple of 8) unless size is given.")]
+Mask = Annotated[str | None, Field(description="Absolute path of an inpainting mask the size of image: white is "
+                                               "repainted, black kept.")]
+MaskGrow = Annotated[int | None, Field(description="Grow the mask by this many pixels (0-256).")]
+Denoise = Annotated[float | None, Field(description="How much of image is redrawn, 0 (kept) to 1 (new); default 0.6, "
+                                                    "1.0 when inpainting.")]
 
 
 class ImageSpec(BaseModel):
@@ -71,6 +79,10 @@ class ImageSpec(BaseModel):
     negative: Negative = None
     fast: Fast = False
     output_dir: OutputDir = None
+    image: SourceImage = None
+    mask: Mask = None
+    mask_grow: MaskGrow = None
+    denoise: Denoise = None
 
     def request(self) -> gen.Request:
         if self.output_dir is not None and self.output_dir.strip() in ("", "-"):
@@ -79,10 +91,24 @@ class ImageSpec(BaseModel):
         timeouts, explicit = gen.timeouts_from_env()
         output = str(Path(self.output_dir).expanduser()) + os.sep if self.output_dir else None
         checkpoint = Path(self.checkpoint) if self.checkpoint else None
+        image, mask = _absolute(self.image, "image"), _absolute(self.mask, "mask")
         return gen.Request(prompt=self.prompt, model=self.model, checkpoint=checkpoint,
                            size=self.size, steps=self.steps, seed=self.seed, count=self.count, cfg=self.cfg,
                            negative=self.negative, fast=self.fast, output=output, timeouts=timeouts,
-                           explicit_timeouts=explicit)
+                           explicit_timeouts=explicit, image=image, mask=mask, mask_grow=self.mask_grow,
+                           denoise=self.denoise)
+
+
+def _absolute(value: str | None, name: str) -> Path | None:
+    """A path argument: absolute (the server's working folder means nothing to its client), then checked
+    like the CLI's (engine/inputs.py)."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        raise ImagegenError("invalid_argument", f"{name} {value!r} is not an absolute path",
+                            hint=f"Pass {name} as an absolute path, e.g. /home/me/photo.png.")
+    return path
 
 
 # A runner takes the validated plans of one tool call, keyed by item index, and yields
@@ -336,11 +362,13 @@ def build_server(tools: ImagegenTools) -> MCPServer:
     async def generate_image(prompt: Prompt, ctx: Context, model: ModelName = None, checkpoint: Checkpoint = None,
                              size: Size = None, steps: Steps = None, seed: Seed = None, count: Count = 1,
                              cfg: Cfg = None, negative: Negative = None, fast: Fast = False,
-                             output_dir: OutputDir = None) -> CallToolResult:
+                             output_dir: OutputDir = None, image: SourceImage = None, mask: Mask = None,
+                             mask_grow: MaskGrow = None, denoise: Denoise = None) -> CallToolResult:
         """Generate images from a prompt. Returns, per image, a JSON record (path, seed, model, size, steps,
         timings; schema imagegen.result/1) and a thumbnail. The first call may start a worker (seconds to minutes)."""
         spec = ImageSpec(prompt=prompt, model=model, checkpoint=checkpoint, size=size, steps=steps, seed=seed,
-                         count=count, cfg=cfg, negative=negative, fast=fast, output_dir=output_dir)
+                         count=count, cfg=cfg, negative=negative, fast=fast, output_dir=output_dir, image=image,
+                         mask=mask, mask_grow=mask_grow, denoise=denoise)
         return await tools.render([spec], ctx, batch=False)
 
     @server.tool()
