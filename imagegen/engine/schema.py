@@ -54,6 +54,17 @@ RESULT = {
         "fast": {"const": True,
                  "description": "Present when rendered in fast mode (--fast: torch.compile, fp8 matmul)."},
         "model_hash": {"type": "string", "description": "sha256 of the checkpoint or diffusion model, when known."},
+        "inputs": {
+            "type": "object",
+            "description": "The user's own images it was made from (--image, --mask): img2img and inpainting.",
+            "properties": {role: {"type": "object", "required": ["name", "path", "sha256"],
+                                  "properties": {"name": {"type": "string"},
+                                                 "path": {"type": "string", "description": "Absolute, as given."},
+                                                 "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                                                            "description": "Of the file's bytes."}}}
+                           for role in ("image", "mask")},
+        },
+        "mask_grow": {"type": "integer", "minimum": 0, "description": "Inpainting: pixels the mask was grown by."},
         "imagegen_version": {"type": "string"},
         "comfyui_version": {"type": "string"},
         "files": {
