@@ -8,12 +8,14 @@ import sys
 
 import pytest
 from conftest import FIXTURES, REPO, run_cli
+from jsonschema import Draft202012Validator
 from safetensors_util import write_safetensors
 from test_workflows import validate
 
 from imagegen.comfy import addons as graph_addons
 from imagegen.comfy import png, workflows
 from imagegen.engine import addons
+from imagegen.engine.schema import RESULT
 from imagegen.models.registry import Registry
 from imagegen.util.errors import ImagegenError
 
@@ -245,7 +247,9 @@ def _generate(warm, tiny_sd15, target, *extra):
     result = run_cli("generate", "a lighthouse", "--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "1",
                      "--seed", "11", "-o", str(target), "--json", *extra, env=warm)
     assert result.returncode == 0, result.stderr.decode()
-    return json.loads(result.stdout.decode().splitlines()[-1]), result.stderr.decode()
+    record = json.loads(result.stdout.decode().splitlines()[-1])
+    Draft202012Validator(RESULT).validate(record)  # `imagegen schema` covers loras, controls and warnings
+    return record, result.stderr.decode()
 
 
 def _pixels(path):
@@ -284,7 +288,8 @@ def test_a_partly_mapped_lora_is_reported(warm, tiny_sd15, tiny_lora, tmp_path):
     state = load_file(str(tiny_lora))
     state["lora_unet_no_such_block.lora_down.weight"] = state[next(iter(state))].clone()
     save_file(state, str(tmp_path / "partial.safetensors"))
-    record, stderr = _generate(warm, tiny_sd15, tmp_path / "partial.png", "--lora", str(tmp_path / "partial.safetensors"))
+    partial = tmp_path / "partial.safetensors"
+    record, stderr = _generate(warm, tiny_sd15, tmp_path / "partial.png", "--lora", str(partial))
     assert "lora_unet_no_such_block.lora_down.weight" in record["warnings"][0]
     assert "lora key not loaded" in stderr
 
@@ -301,3 +306,33 @@ def test_a_tiny_controlnet_is_detected_and_steers(warm, tiny_sd15, tiny_controln
     control = record["controls"][0]
     assert (control["model"], control["image"], control["preprocess"]) == (tiny_controlnet.name, "shape.png", "canny")
     assert len(control["sha256"]) == 64 and len(control["image_sha256"]) == 64
+
+
+@pytest.mark.comfyui
+def test_batch_items_and_mcp_arguments_carry_loras_and_controls(warm, tiny_sd15, tiny_lora, tiny_controlnet, tmp_path):
+    from PIL import Image
+    from test_mcp import call_server, texts
+
+    Image.new("RGB", (64, 64), "grey").save(tmp_path / "flat.png")
+    common = {"checkpoint": str(tiny_sd15), "size": "64x64", "steps": 1}
+    items = [{"prompt": "a tower", **common, "seed": 1, "loras": [f"{tiny_lora}:0.6"]},
+             {"prompt": "a tower", **common, "seed": 1, "loras": [{"name": str(tiny_lora), "strength": -0.4}],
+              "controls": [{"model": str(tiny_controlnet), "image": str(tmp_path / "flat.png"), "strength": 0.7}]}]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    result = run_cli("batch", str(tmp_path / "items.jsonl"), "-o", str(tmp_path / "out"), "--json", env=warm)
+    assert result.returncode == 0, result.stderr.decode()
+    records = sorted((json.loads(line) for line in result.stdout.decode().splitlines()), key=lambda r: r["line"])
+    assert [r["loras"][0]["strength"] for r in records] == [0.6, -0.4]
+    assert records[1]["controls"][0]["strength"] == 0.7 and "controls" not in records[0]
+
+    async def scenario(session):
+        good = await session.call_tool("generate_image", {"prompt": "a tower", **common, "seed": 2,
+                                                          "output_dir": str(tmp_path / "mcp"),
+                                                          "loras": [f"{tiny_lora}:0.5"]})
+        wrong = await session.call_tool("generate_image", {
+            "prompt": "a tower", **common, "controls": [f"canny-sdxl:{tmp_path / 'flat.png'}"]})
+        return good, wrong
+
+    good, wrong = call_server(warm, tmp_path, scenario)
+    assert not good.is_error and texts(good)[0]["loras"][0]["strength"] == 0.5
+    assert wrong.is_error and texts(wrong)[0]["code"] == "controlnet_mismatch"

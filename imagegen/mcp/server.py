@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from imagegen import __version__
 from imagegen.engine import generate as gen
 from imagegen.engine.progress import Reporter
+from imagegen.mcp import funnel_tools
 from imagegen.util import cancel
 from imagegen.util.errors import ImagegenError
 
@@ -61,6 +62,13 @@ Mask = Annotated[str | None, Field(description="Absolute path of an inpainting m
 MaskGrow = Annotated[int | None, Field(description="Grow the mask by this many pixels (0-256).")]
 Denoise = Annotated[float | None, Field(description="How much of image is redrawn, 0 (kept) to 1 (new); default 0.6, "
                                                     "1.0 when inpainting.")]
+Loras = Annotated[list[str | dict] | None, Field(description=(
+    "LoRAs to stack, each \"NAME_OR_FILE[:STRENGTH]\" (a registered LoRA or the absolute path of a .safetensors "
+    "file) or {\"name\", \"strength\"}; <lora:name:0.8> tags in the prompt work too."))]
+Controls = Annotated[list[str | dict] | None, Field(description=(
+    "ControlNets, each \"MODEL:IMAGE[:STRENGTH[:START:END]]\" or {\"model\", \"image\", \"strength\", "
+    "\"start\", \"end\", \"preprocess\"}; IMAGE is the absolute path of the control image."))]
+ControlPreprocess = Annotated[str | None, Field(description="\"canny\": turn each control image into edges first.")]
 
 
 class ImageSpec(BaseModel):
@@ -83,6 +91,9 @@ class ImageSpec(BaseModel):
     mask: Mask = None
     mask_grow: MaskGrow = None
     denoise: Denoise = None
+    loras: Loras = None
+    controls: Controls = None
+    control_preprocess: ControlPreprocess = None
 
     def request(self) -> gen.Request:
         if self.output_dir is not None and self.output_dir.strip() in ("", "-"):
@@ -95,8 +106,9 @@ class ImageSpec(BaseModel):
         return gen.Request(prompt=self.prompt, model=self.model, checkpoint=checkpoint,
                            size=self.size, steps=self.steps, seed=self.seed, count=self.count, cfg=self.cfg,
                            negative=self.negative, fast=self.fast, output=output, timeouts=timeouts,
-                           explicit_timeouts=explicit, image=image, mask=mask, mask_grow=self.mask_grow,
-                           denoise=self.denoise)
+                           explicit_timeouts=explicit, loras=self.loras, controls=self.controls,
+                           control_preprocess=self.control_preprocess, image=image, mask=mask,
+                           mask_grow=self.mask_grow, denoise=self.denoise)
 
 
 def _absolute(value: str | None, name: str) -> Path | None:
@@ -352,6 +364,20 @@ class ImagegenTools:
         except Exception as exc:  # noqa: BLE001
             return error_result(as_imagegen_error(exc))
 
+    # what the tools of mcp/funnel_tools.py share with these
+    @staticmethod
+    def failure(exc: Exception) -> CallToolResult:
+        return error_result(as_imagegen_error(exc))
+
+    @staticmethod
+    def image_records(record: dict) -> list:
+        return image_content(record)
+
+    @staticmethod
+    def picture(path: str, size: int) -> ImageContent:
+        return ImageContent(type="image", data=base64.b64encode(thumbnail(path, size)).decode("ascii"),
+                            mime_type="image/png")
+
 
 def build_server(tools: ImagegenTools) -> MCPServer:
     server = ImagegenServer(name="imagegen", version=__version__, instructions=(
@@ -362,13 +388,15 @@ def build_server(tools: ImagegenTools) -> MCPServer:
     async def generate_image(prompt: Prompt, ctx: Context, model: ModelName = None, checkpoint: Checkpoint = None,
                              size: Size = None, steps: Steps = None, seed: Seed = None, count: Count = 1,
                              cfg: Cfg = None, negative: Negative = None, fast: Fast = False,
-                             output_dir: OutputDir = None, image: SourceImage = None, mask: Mask = None,
-                             mask_grow: MaskGrow = None, denoise: Denoise = None) -> CallToolResult:
+                             output_dir: OutputDir = None, loras: Loras = None, controls: Controls = None,
+                             control_preprocess: ControlPreprocess = None, image: SourceImage = None,
+                             mask: Mask = None, mask_grow: MaskGrow = None, denoise: Denoise = None) -> CallToolResult:
         """Generate images from a prompt. Returns, per image, a JSON record (path, seed, model, size, steps,
         timings; schema imagegen.result/1) and a thumbnail. The first call may start a worker (seconds to minutes)."""
         spec = ImageSpec(prompt=prompt, model=model, checkpoint=checkpoint, size=size, steps=steps, seed=seed,
-                         count=count, cfg=cfg, negative=negative, fast=fast, output_dir=output_dir, image=image,
-                         mask=mask, mask_grow=mask_grow, denoise=denoise)
+                         count=count, cfg=cfg, negative=negative, fast=fast, output_dir=output_dir, loras=loras,
+                         controls=controls, control_preprocess=control_preprocess, image=image, mask=mask,
+                         mask_grow=mask_grow, denoise=denoise)
         return await tools.render([spec], ctx, batch=False)
 
     @server.tool()
@@ -408,6 +436,7 @@ def build_server(tools: ImagegenTools) -> MCPServer:
         """The registered models (schema imagegen.model/1): family, installed or not, size, defaults and files."""
         return await tools.models()
 
+    funnel_tools.register(server, tools)  # funnel_start, funnel_show, funnel_pick, upscale_image
     return server
 
 

@@ -105,7 +105,8 @@ DEFAULT_FIELDS = ("width", "height", "steps", "cfg", "sampler", "scheduler")
 def model_record(bundle: Bundle, models_dir: Path | None = None) -> dict:
     """A registered model and what of it is on disk: the record `models list --json` prints."""
     missing = missing_files(bundle, models_dir)
-    return {"schema": MODEL_SCHEMA, "name": bundle.name, "family": bundle.family, "installed": not missing,
+    return {"schema": MODEL_SCHEMA, "name": bundle.name, "family": bundle.family, "base": bundle.base,
+            "installed": not missing,
             "size_bytes": bundle.total_size, "missing_bytes": sum(f.size or 0 for f in missing),
             "gated": bundle.gated, "description": bundle.description, "source": bundle.source,
             "defaults": {key: bundle.default(key) for key in DEFAULT_FIELDS},
