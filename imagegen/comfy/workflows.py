@@ -186,8 +186,8 @@ def _latent(params: Params, vae: list, empty_node: str) -> tuple[dict, list]:
             nodes["repeat"] = _node("RepeatLatentBatch", samples=latent, amount=params.batch_size)
             return nodes, ["repeat", 0]
         return nodes, latent
-    latent = _node(empty_node, width=params.width, height=params.height, batch_size=params.batch_size)
-    return {"latent": latent}, ["latent", 0]
+    empty = _node(empty_node, width=params.width, height=params.height, batch_size=params.batch_size)
+    return {"latent": empty}, ["latent", 0]
 
 
 def _source_image(params: Params) -> dict:
