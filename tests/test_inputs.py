@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
+from jsonschema import Draft202012Validator
 from PIL import Image
 from safetensors_util import write_safetensors
 
 from imagegen.comfy import png, workflows
 from imagegen.engine import generate, inputs
+from imagegen.engine.schema import RESULT
 from imagegen.models import modelfile
 from imagegen.models.registry import local_bundle
 from imagegen.util.errors import ImagegenError
@@ -59,10 +61,10 @@ def test_png_jpeg_and_webp_are_decoded_and_normalized(tmp_path, fmt):
     prepared = inputs.prepare(source)
     assert prepared.denoise == inputs.DEFAULT_DENOISE and prepared.mask is None
     assert prepared.size() == (96, 64), "the input's size, rounded down to a multiple of 8"
-    record = prepared.sources()["image"]
     import hashlib
 
-    assert record == {"name": source.name, "path": str(source), "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
+    sha = hashlib.sha256(source.read_bytes()).hexdigest()
+    assert prepared.sources()["image"] == {"name": source.name, "path": str(source), "sha256": sha}
     files = inputs.job_files(prepared.sources())
     with Image.open(files["init_image"]) as normalized:
         assert (normalized.format, normalized.mode, normalized.size) == ("PNG", "RGB", (100, 70))
@@ -289,6 +291,7 @@ def test_img2img_at_denoise_0_returns_the_input_and_from_reproduces_it(env, tiny
     assert error["code"] == "input_missing" and changed["inputs"]["image"]["sha256"] in error["message"]
     given = cli_json(env, "--from", str(tmp_path / "changed.png"), "--checkpoint", str(tiny_sd15_clear),
                      "--image", str(tmp_path / "elsewhere.png"), "-o", str(tmp_path / "given.png"))
+    assert given["inputs"]["image"]["path"] == str(tmp_path / "elsewhere.png")
     assert (pixels(tmp_path / "given.png") == pixels(tmp_path / "changed.png")).all()
 
 
@@ -303,6 +306,7 @@ def test_inpainting_keeps_the_pixels_outside_the_mask(env, model, request, tmp_p
     record = cli_json(env, "a red door", "--checkpoint", str(checkpoint), "--image", str(source), "--mask", str(mask),
                       "--mask-grow", "4", "--steps", "2", "--seed", "9", "-o", str(tmp_path / "inpainted.png"))
     assert record["denoise"] == 1.0 and record["mask_grow"] == 4
+    Draft202012Validator(RESULT).validate(record)
     assert set(record["inputs"]) == {"image", "mask"}
     grown = np.zeros((64, 64), dtype=bool)
     grown[12:52, 12:52] = True  # the square grown by 4 pixels
