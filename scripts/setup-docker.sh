@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare what the Docker tests (tests/test_docker.py) need: a running Docker engine and the worker
-# image imagegen:$(cat VERSION), built offline for the CPU (./build-image.sh --cpu-local).
+# image imagegen:$(cat VERSION), built offline for the CPU (./build-image.sh --cpu-local); and
+# OpenSSH's server for tests/test_docker_hosts.py (installed when missing; it starts its own sshd).
 #
 #   - `docker info` fails and we are root: install docker.io and debootstrap with apt-get when
 #     missing, start dockerd in the background (log: $IMAGEGEN_DEV_CACHE/dockerd.log) and wait
@@ -71,6 +72,21 @@ $(tail -n 15 "$log" 2>/dev/null)"
     sleep 0.5
   done
   say "dockerd is up"
+fi
+
+# OpenSSH's server and client: tests/test_docker_hosts.py starts its own sshd on loopback as a
+# "remote" Docker host (--hosts). Under CI=true a missing sshd fails the setup.
+if [ ! -x /usr/sbin/sshd ] || ! command -v ssh >/dev/null 2>&1 || ! command -v ssh-keygen >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing openssh-server openssh-client with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -q && apt-get install -y -q --no-install-recommends openssh-server openssh-client; } \
+      >"$cache/apt-ssh.log" 2>&1 || give_up "apt-get install openssh-server failed: $(tail -n3 "$cache/apt-ssh.log")"
+  elif [ "$strict" = 1 ]; then
+    give_up "OpenSSH's server (/usr/sbin/sshd) is missing and only root can install it"
+  else
+    say "WARNING: no /usr/sbin/sshd (apt-get install openssh-server): the Docker-hosts tests will be skipped"
+  fi
 fi
 
 # The image. build-image.sh --cpu-local makes its base image (debootstrap, root only, cached) and

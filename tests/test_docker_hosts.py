@@ -343,6 +343,28 @@ def test_doctor_reports_a_host_that_does_not_answer_with_the_next_step(hosts):
     assert f"ssh {closed}" in theirs[0]["fix"] or "ssh -p" in theirs[0]["fix"]
 
 
+def test_image_push_sends_the_image_over_ssh_and_skips_a_host_that_has_it(hosts):
+    import io
+    import tarfile
+
+    payload = io.BytesIO()
+    with tarfile.open(fileobj=payload, mode="w") as tar:
+        info = tarfile.TarInfo("hello.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"hi\n"))
+    tag = "imagegen-push-test:1"
+    hosts.client.api.import_image_from_data(payload.getvalue(), repository="imagegen-push-test", tag="1")
+    try:
+        sent = hosts.cli("image", "push", hosts.remote, "--image", tag, "--force", "--json", timeout=300)
+        assert sent.returncode == 0, sent.stderr.decode()
+        record = json.loads(sent.stdout.decode())
+        assert record["pushed"] and record["bytes"] > 0 and record["host"] == hosts.remote
+        again = hosts.cli("image", "push", hosts.remote, "--image", tag, "--json", timeout=300)
+        assert again.returncode == 0 and json.loads(again.stdout.decode())["pushed"] is False
+    finally:
+        hosts.client.images.remove(tag, force=True)
+
+
 def test_stop_all_leaves_no_container_on_either_host(hosts):
     _wait_for(lambda: hosts.sshd._listening(), 30, "sshd")
     result = hosts.cli("stop", "--all", "--hosts", f"local,{hosts.remote}", "--json")

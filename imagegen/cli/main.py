@@ -31,6 +31,7 @@ from imagegen.cli.common import (
     usage_failure,
 )
 from imagegen.cli.funnel import funnel_app
+from imagegen.cli.image import image_app
 from imagegen.cli.models import models_app
 from imagegen.cli.run import run as run_command
 from imagegen.cli.upscale import upscale as upscale_command
@@ -40,6 +41,7 @@ app = typer.Typer(name="imagegen", no_args_is_help=True, add_completion=False, p
                   rich_markup_mode=None, help="Generate images locally with ComfyUI workers (one per GPU).")
 app.add_typer(models_app, name="models")
 app.add_typer(funnel_app, name="funnel")
+app.add_typer(image_app, name="image")
 
 
 @app.command()

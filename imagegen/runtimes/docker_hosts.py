@@ -107,7 +107,7 @@ class HostDocker(DockerRuntime):
             self.docker_forward.close()
             raise ImagegenError("docker_unavailable", f"the Docker engine on {self.host_name} does not answer: "
                                 f"{str(exc).splitlines()[0][:200]}",
-                                hint=f"Check `ssh {self.target} docker info` (the login user needs the docker "
+                                hint=f"Check `{self.target.login()} docker info` (the login user needs the docker "
                                      "group), then `imagegen doctor --hosts " + self.host_name + "`.") from exc
         return client
 
@@ -343,8 +343,7 @@ def host_checks(name: str) -> list[dict]:
         return [check("ssh", False, error.message, error.hint or "")]
     if target is None:
         return []
-    login = " ".join(["ssh", *(["-p", str(target.port)] if target.port else []),
-                      f"{target.user + '@' if target.user else ''}{target.host}"])
+    login = target.login()
     try:
         engine = HostDocker(name, target)
     except ImagegenError as error:

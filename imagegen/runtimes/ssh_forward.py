@@ -50,6 +50,11 @@ class Target:
         user = f"{self.user}@" if self.user else ""
         return f"{user}{self.host}" + (f":{self.port}" if self.port else "")
 
+    def login(self) -> str:
+        """The ssh command line a person types to reach this host."""
+        user = f"{self.user}@" if self.user else ""
+        return " ".join(["ssh", *(["-p", str(self.port)] if self.port else []), f"{user}{self.host}"])
+
     def argv(self) -> list[str]:
         """ssh's arguments naming this destination (after the options)."""
         return [*(["-l", self.user] if self.user else []), *(["-p", str(self.port)] if self.port else []),
@@ -74,8 +79,8 @@ def ssh_options() -> list[str]:
 def unreachable(target: Target, stderr: str) -> ImagegenError:
     last = next((line for line in reversed(stderr.strip().splitlines()) if line.strip()), "no answer")
     return ImagegenError("host_unreachable", f"cannot reach {target} over SSH: {last.strip()[:300]}",
-                         hint=f"Check `ssh {target} docker info` works without a password prompt (an SSH key, "
-                              "a known host), then run `imagegen doctor --hosts` again.", host=str(target))
+                         hint=f"Check `{target.login()} docker info` works without a password prompt (an SSH key, "
+                              f"a known host), then run `imagegen doctor --hosts {target}`.", host=str(target))
 
 
 def run(target: Target, command: str, data: bytes | None = None, timeout: float = 60.0) -> str:
