@@ -26,8 +26,10 @@ MAX_IMAGE_BYTES = 64 * 1024 * 1024  # a PNG larger than this is not one imagegen
 TYPES = {"prompt": str, "negative": str, "model": str, "model_file": str, "sampler": str, "scheduler": str,
          "seed": int, "width": int, "height": int, "steps": int, "cfg": float, "guidance": float,
          "denoise": float, "mask_grow": int, "inputs": dict, "loras": list, "controls": list}
-ADDON_FIELDS = {"loras": {"name": str, "strength": (int, float)},  # what each recorded LoRA/ControlNet must hold
-                "controls": {"model": str, "strength": (int, float), "start": (int, float), "end": (int, float)}}
+_NUMBER: tuple[type, ...] = (int, float)
+ADDON_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {  # what each recorded LoRA/ControlNet must hold
+    "loras": {"name": str, "strength": _NUMBER},
+    "controls": {"model": str, "strength": _NUMBER, "start": _NUMBER, "end": _NUMBER}}
 MAX_SETTINGS_LINE = 8192
 HINT = "Pass a PNG written by imagegen (or by ComfyUI with its prompt chunk)."
 

@@ -186,8 +186,8 @@ def check_family(addon: Bundle, kind: str, model: Bundle, notes: list[str]) -> N
         code = "lora_mismatch" if kind == "lora" else "controlnet_mismatch"
         raise ImagegenError(code, f"{label} {addon.name} is for {addon_files.family_name(family)} models, but "
                             f"{model.name} is {addon_files.family_name(model.family)}",
-                            hint=f"Use a {addon_files.family_name(model.family)} {label}, or a "
-                                 f"{addon_files.family_name(family)} model with -m.",
+                            hint=f"Use a {label} made for {addon_files.family_name(model.family)} models, or pass -m "
+                                 f"with a model of the {addon_files.family_name(family)} family.",
                             addon=addon.name, addon_family=family, model=model.name, model_family=model.family)
 
 

@@ -290,8 +290,9 @@ def execute(planned: Plan, runtime, reporter: Reporter, fetch=None):
         )
     reporter.job(f"{bundle.name} {first.width}x{first.height}")
     jobs = [
-        Job(key=str(index), bundle=bundle, params=addons.hashed(params, extras),  # type: ignore[list-item]
-            targets=[target], inputs={**inputs.job_files(params.sources), **addons.job_files(params)})  # None: stdout
+        Job(key=str(index), bundle=bundle, params=addons.hashed(params, extras),
+            targets=[target],  # type: ignore[list-item]  # None: stdout
+            inputs={**inputs.job_files(params.sources), **addons.job_files(params)})
         for index, (params, target) in enumerate(zip(planned.jobs, planned.targets, strict=True))
     ]
     scheduler = Scheduler(
@@ -382,6 +383,8 @@ def make_loadable(bundle: Bundle, runtime, fetch) -> None:
         )
     if getattr(runtime, "uses_host_cache", True):
         cache.ensure_bundle(bundle, fetch=fetch)
+    elif hasattr(runtime, "ensure_bundle"):  # workers with caches of their own that the runtime fills (Ray nodes)
+        runtime.ensure_bundle(bundle)
     on_hosts = getattr(runtime, "fetch_on_hosts", None)  # Docker hosts over SSH: each fetches into its own cache
     if on_hosts is not None:
         on_hosts(bundle, getattr(fetch, "renderer", None))
