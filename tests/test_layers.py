@@ -51,7 +51,7 @@ def test_a_lower_layer_importing_a_higher_one_breaks_the_layers(tmp_path):
     _append(root / "imagegen/models/modelfile.py", "from imagegen.engine import timings  # noqa")
     proc = _lint_imports(root)
     assert proc.returncode == 1, proc.stdout
-    assert "Layers: cli > funnel|mcp > engine > runtimes > comfy > models > util BROKEN" in proc.stdout
+    assert "Layers: cli > mcp > funnel > engine > runtimes > comfy > models > util BROKEN" in proc.stdout
     assert "imagegen.models.modelfile -> imagegen.engine.timings" in proc.stdout
 
 
@@ -63,12 +63,12 @@ def test_the_engine_importing_the_worker_breaks_the_contract(tmp_path):
     assert "Only the container entrypoint imports the worker BROKEN" in proc.stdout
 
 
-def test_funnel_and_mcp_are_independent(tmp_path):
-    root = _copy_tree(tmp_path)
-    _append(root / "imagegen/mcp/server.py", "from imagegen.funnel import contact_sheet  # noqa")
+def test_the_funnel_never_imports_the_mcp_server_above_it(tmp_path):
+    root = _copy_tree(tmp_path)  # the MCP server serves the funnel (mcp/funnel_tools.py), never the other way
+    _append(root / "imagegen/funnel/contact_sheet.py", "from imagegen.mcp import server  # noqa")
     proc = _lint_imports(root)
     assert proc.returncode == 1, proc.stdout
-    assert "imagegen.mcp.server -> imagegen.funnel.contact_sheet" in proc.stdout
+    assert "imagegen.funnel.contact_sheet -> imagegen.mcp.server" in proc.stdout
 
 
 def test_an_import_cycle_inside_a_package_breaks_the_contract(tmp_path):
@@ -120,7 +120,7 @@ def test_scripts_lint_fails_on_a_broken_contract(tmp_path):
     proc = subprocess.run(["bash", str(root / "scripts/lint"), "imports"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr
-    assert "Layers: cli > funnel|mcp > engine > runtimes > comfy > models > util BROKEN" in proc.stderr
+    assert "Layers: cli > mcp > funnel > engine > runtimes > comfy > models > util BROKEN" in proc.stderr
     assert "0 broken" not in proc.stderr
     assert "[lint] FAILED: imports" in proc.stderr
 

@@ -66,7 +66,8 @@ def test_tools_and_list_models(env, tmp_path):
 
     tools, result = call_server(env, tmp_path, scenario)
     by_name = {tool.name: tool for tool in tools.tools}
-    assert set(by_name) == {"generate_image", "batch", "list_models"}
+    assert set(by_name) == {"generate_image", "batch", "run_workflow", "list_models", "funnel_start", "funnel_show",
+                            "funnel_pick", "upscale_image"}
     options = set(by_name["generate_image"].input_schema["properties"])
     assert {"prompt", "checkpoint", "size", "steps", "seed", "count", "fast", "output_dir"} <= options
     assert not result.is_error
