@@ -336,3 +336,16 @@ def test_batch_items_and_mcp_arguments_carry_loras_and_controls(warm, tiny_sd15,
     good, wrong = call_server(warm, tmp_path, scenario)
     assert not good.is_error and texts(good)[0]["loras"][0]["strength"] == 0.5
     assert wrong.is_error and texts(wrong)[0]["code"] == "controlnet_mismatch"
+
+
+def test_models_add_and_inspect_know_loras_and_controlnets(crafted, isolated_home):
+    inspected = json.loads(run_cli("models", "inspect", str(crafted["lora"]), "--json").stdout)
+    assert (inspected["kind"], inspected["base"], inspected["layout"]) == ("lora", "sdxl", "kohya")
+    assert run_cli("models", "add", "xl-style", "--file", str(crafted["lora"])).returncode == 0
+    assert run_cli("models", "add", "xl-canny", "--file", str(crafted["controlnet"])).returncode == 0
+    listed = {r["name"]: r for r in map(json.loads, run_cli("models", "list", "--json").stdout.splitlines())}
+    assert (listed["xl-style"]["family"], listed["xl-style"]["base"]) == ("lora", "sdxl")
+    assert (listed["xl-canny"]["family"], listed["xl-canny"]["base"]) == ("controlnet", "sdxl")
+    refused = run_cli("generate", "a fox", "--checkpoint", str(crafted["checkpoint"]), "--lora", "xl-style:0.4",
+                      "--json")
+    assert refused.returncode == 2 and _error(refused)["code"] == "lora_mismatch"

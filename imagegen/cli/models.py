@@ -46,17 +46,24 @@ def models_add(
     """Register a local model file (used in place, never copied) in your models.yaml."""
 
     def body() -> None:
-        from imagegen.models import modelfile
+        from imagegen.models import addon_files, modelfile
         from imagegen.models.registry import FAMILIES, add_user_model, check_model_name
 
         check_model_name(name)
-        detected = modelfile.detect(modelfile.read_header(file))
-        chosen = family or detected.family
+        header = modelfile.read_header(file)
+        detected = modelfile.detect(header)
+        addon = addon_files.detect_addon(header)
+        chosen = family or detected.family or (addon.kind if addon.kind != "unknown" else None)
         if chosen not in FAMILIES:
             raise ImagegenError("invalid_model_file",
                                 f"{file}: cannot tell its family (looks like {detected.kind}); pass --family",
                                 hint="--family sd15, sdxl or flux.")
-        target = add_user_model(name, file, chosen, force=force)
+        base = addon.family if chosen in ("lora", "controlnet") else None
+        if chosen in ("lora", "controlnet") and base not in ("sd15", "sdxl", "flux"):
+            raise ImagegenError("invalid_model_file", f"{file}: cannot tell from its header which model family "
+                                f"this {chosen} is for", hint=f"Add it to models.yaml by hand with `family: {chosen}`"
+                                " and `base: sd15|sdxl|flux` (docs/controls.md), or pass the file itself.")
+        target = add_user_model(name, file, chosen, force=force, base=base)
         record = {"schema": "imagegen.model_added/1", "name": name, "family": chosen, "file": str(file.resolve()),
                   "models_yaml": str(target)}
         print(json.dumps(record) if json_mode else f"registered {name} ({chosen}) in {target}")
@@ -87,12 +94,15 @@ def models_inspect(file: Annotated[Path, typer.Argument(help="A .safetensors fil
     """Tell a model file's family and text-encoder shapes from its header alone (no torch)."""
 
     def body() -> None:
-        from imagegen.models import modelfile
+        from imagegen.models import addon_files, modelfile
 
         header = modelfile.read_header(file)
         found = modelfile.detect(header)
         record = {"schema": "imagegen.inspect/1", "file": str(file), "family": found.family, "kind": found.kind,
                   **found.details}
+        addon = addon_files.detect_addon(header) if found.kind == "unknown" else None
+        if addon is not None and addon.kind != "unknown":  # a LoRA or ControlNet: the family it is for
+            record.update(family=addon.kind, kind=addon.kind, base=addon.family, layout=addon.layout, **addon.details)
         if json_mode:
             print(json.dumps(record))
         else:

@@ -128,3 +128,9 @@ def detect_controlnet(header: Header) -> AddonDetected:
     if family is None and adm and len(adm) == 2 and adm[1] == 2816:
         family = "sdxl"  # SDXL's pooled text + size conditioning; the small SDXL ControlNets have no attention
     return AddonDetected("controlnet", family, layout, details)
+
+
+def detect_addon(header: Header) -> AddonDetected:
+    """A LoRA or a ControlNet, whichever layout the header has (kind "unknown" when neither)."""
+    found = detect_lora(header)
+    return found if found.kind != "unknown" else detect_controlnet(header)

@@ -333,7 +333,8 @@ def _write_user_yaml(target: Path, data: dict, models: dict) -> None:
     write_atomic(target, yaml.safe_dump(document, sort_keys=False))
 
 
-def add_user_model(name: str, file: Path, family: str, user_yaml: Path | None = None, force: bool = False) -> Path:
+def add_user_model(name: str, file: Path, family: str, user_yaml: Path | None = None, force: bool = False,
+                   base: str | None = None) -> Path:
     """Register a local file as a model in the user's models.yaml; returns that file's path.
 
     Refuses to replace one of the user's entries or to shadow a built-in unless `force`. The
@@ -349,9 +350,10 @@ def add_user_model(name: str, file: Path, family: str, user_yaml: Path | None = 
         if name in models and not force:
             raise ImagegenError("model_exists", f"{name!r} is already in {target}",
                                 hint=f"Pass --force to replace it, or `imagegen models rm {name}` first.")
-        role = {"flux": "diffusion_model", "upscale": "upscale_model"}.get(family, "checkpoint")
-        models[name] = {"family": family, "files": {role: {"local": str(file.expanduser().resolve()),
-                                                           "folder": ROLE_FOLDERS[role]}}}
+        role = {"flux": "diffusion_model", "upscale": "upscale_model", "lora": "lora",
+                "controlnet": "controlnet"}.get(family, "checkpoint")
+        models[name] = {"family": family, **({"base": base} if base else {}),
+                        "files": {role: {"local": str(file.expanduser().resolve()), "folder": ROLE_FOLDERS[role]}}}
         _write_user_yaml(target, data, models)
     return target
 
