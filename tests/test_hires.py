@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
+from jsonschema import Draft202012Validator
 from PIL import Image
 
 from imagegen.comfy import png, workflows
 from imagegen.comfy.hires import HiresFix
 from imagegen.engine import batch, hires
+from imagegen.engine.schema import RESULT
 from imagegen.models.registry import Registry
 from imagegen.util.errors import ImagegenError
 
@@ -42,7 +44,8 @@ def test_the_second_pass_samples_the_enlarged_first_pass_at_low_denoise():
     graph = dict(hires_graphs())["sd15-lanczos"]
     first, second = graph["sampler"]["inputs"], graph["hires_sampler"]["inputs"]
     assert graph["decode"]["inputs"]["samples"] == ["hires_sampler", 0]
-    assert second["latent_image"] == ["hires_encode", 0] and graph["hires_decode"]["inputs"]["samples"] == ["sampler", 0]
+    assert second["latent_image"] == ["hires_encode", 0]
+    assert graph["hires_decode"]["inputs"]["samples"] == ["sampler", 0]
     assert (graph["hires_resize"]["inputs"]["width"], graph["hires_resize"]["inputs"]["height"]) == (1024, 1024)
     assert second["denoise"] == 0.35 and first["denoise"] == 1.0
     assert {k: v for k, v in second.items() if k not in ("latent_image", "denoise")} == \
@@ -142,6 +145,7 @@ def test_generate_hires_renders_64_to_128_through_the_real_cli(comfy_worker, ses
     done = run_cli("generate", "a red fox", *common, "--hires", "-o", str(tmp_path / "fox.png"), env=env)
     assert done.returncode == 0, done.stderr.decode()
     record = json.loads(done.stdout)
+    assert not list(Draft202012Validator(RESULT).iter_errors(record))
     assert (record["width"], record["height"]) == (128, 128)
     assert record["hires"] == {"scale": 2.0, "denoise": 0.35, "steps": 1, "upscaler": "lanczos", "first_width": 64,
                                "first_height": 64}

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
+from jsonschema import Draft202012Validator
 from PIL import Image
 from safetensors_util import write_safetensors
 
 from imagegen.comfy import png
 from imagegen.engine import upscale
+from imagegen.engine.schema import RESULT
 from imagegen.util.errors import ImagegenError
 
 
@@ -103,6 +105,7 @@ def test_upscale_doubles_the_size_through_the_real_cli(comfyui_dir, tiny_esrgan,
                        "-o", str(tmp_path / "out"), "--json", env=env)
         assert done.returncode == 0, done.stderr.decode()
         first, second = (json.loads(line) for line in done.stdout.decode().splitlines())
+        assert not [e for r in (first, second) for e in Draft202012Validator(RESULT).iter_errors(r)]
         assert first["path"] == str(tmp_path / "out" / "fox-x2.png")
         assert (first["width"], first["height"]) == (128, 96)
         assert (second["width"], second["height"]) == (128, 80)  # EXIF orientation applied: 64x40 upright

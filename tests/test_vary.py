@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
+from jsonschema import Draft202012Validator
 from safetensors_util import write_safetensors
 
 from imagegen.comfy import png
+from imagegen.engine.schema import FUNNEL_STATUS, FUNNEL_STATUS_SCHEMA, RESULT
 from imagegen.funnel import vary
-from imagegen.funnel.pipeline import Funnel
+from imagegen.funnel.pipeline import STATUS_SCHEMA, Funnel
 from imagegen.funnel.stages import Stage
 from imagegen.util.errors import ImagegenError
 
@@ -74,6 +76,10 @@ def test_variations_need_picks_and_a_drawing_stage(funnel):
             vary.check(count, denoise)
 
 
+def test_the_status_record_has_its_schema():
+    assert STATUS_SCHEMA == FUNNEL_STATUS_SCHEMA
+
+
 def test_a_state_file_with_a_bad_vary_field_is_refused(funnel):
     state = funnel.root / "funnel.json"
     data = json.loads(state.read_text())
@@ -106,6 +112,8 @@ def test_more_like_this_through_the_real_cli(comfyui_dir, tiny_sd15, tmp_path):
         varied = run_cli("funnel", "resume", str(out), "--pick", "2", "--vary", "2", "--json", env=env)
         assert varied.returncode == 0, varied.stderr.decode()
         *records, status = (json.loads(line) for line in varied.stdout.decode().splitlines())
+        assert not list(Draft202012Validator(FUNNEL_STATUS).iter_errors(status))
+        assert not [e for r in records for e in Draft202012Validator(RESULT).iter_errors(r)]
         assert status["status"] == "awaiting_pick" and status["stage"] == 2 and status["choices"] == [1, 2, 3]
         assert [r["seed"] for r in records] == [502, 503] and {r["denoise"] for r in records} == {0.35}
         state = json.loads((out / "funnel.json").read_text())

@@ -41,7 +41,8 @@ RESULT = {
         "prompt": {"type": "string"},
         "negative": {"type": "string"},
         "model": {"type": "string", "description": "Registered model name, or the checkpoint's file stem."},
-        "family": {"enum": FAMILIES},
+        "family": {"enum": [*FAMILIES, "workflow"], "description": "workflow: imagegen run of a graph whose main "
+                   "model is not a known SD1.5/SDXL checkpoint."},
         "seed": {"type": "integer", "minimum": 0},
         "width": {"type": "integer", "minimum": 16},
         "height": {"type": "integer", "minimum": 16},
@@ -65,6 +66,8 @@ RESULT = {
                            for role in ("image", "mask")},
         },
         "mask_grow": {"type": "integer", "minimum": 0, "description": "Inpainting: pixels the mask was grown by."},
+        "extend": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 4, "maxItems": 4,
+                   "description": "Outpainting (--extend): pixels added left, top, right, bottom."},
         "loras": {
             "type": "array",
             "description": "The LoRA stack, in order (--lora, then <lora:...> prompt tags).",
@@ -86,8 +89,40 @@ RESULT = {
                                      "end": {"type": "number", "minimum": 0, "maximum": 1},
                                      "preprocess": {"enum": ["canny", None]}}},
         },
+        "hires": {
+            "type": "object",
+            "description": "generate --hires: the second pass. width/height above are the final image's.",
+            "required": ["scale", "denoise", "steps", "upscaler", "first_width", "first_height"],
+            "properties": {"scale": {"type": "number", "exclusiveMinimum": 1, "maximum": 4},
+                           "denoise": {"type": "number", "minimum": 0, "maximum": 1},
+                           "steps": {"type": "integer", "minimum": 1},
+                           "upscaler": {"type": "string", "description": "lanczos, latent, or the upscale model."},
+                           "first_width": {"type": "integer", "minimum": 16},
+                           "first_height": {"type": "integer", "minimum": 16}},
+        },
+        "upscale": {
+            "type": "object",
+            "description": "imagegen upscale: the image it enlarged (family is upscale, model the upscale model).",
+            "required": ["source", "model", "scale"],
+            "properties": {"source": {"type": "object", "required": ["path", "sha256", "width", "height"],
+                                      "properties": {"path": {"type": "string"},
+                                                     "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                                                     "width": {"type": "integer"}, "height": {"type": "integer"}}},
+                           "model": {"type": "string"}, "scale": {"type": "number", "minimum": 1}},
+        },
         "warnings": {"type": "array", "items": {"type": "string"},
                      "description": "What went partly wrong, e.g. LoRA keys the worker could not apply."},
+        "workflow": {
+            "type": "object",
+            "description": "imagegen run: the user's own graph. files are keyed NODE.input of each loader.",
+            "required": ["name", "sha256", "format", "set", "inputs"],
+            "properties": {"name": {"type": "string"}, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                           "format": {"enum": ["api", "ui", "png"]},
+                           "set": {"type": "object", "description": "Every --set KEY=VALUE applied, as given."},
+                           "inputs": {"type": "object", "description": "Uploaded files by NODE.input.",
+                                      "additionalProperties": {"type": "object", "required": ["path", "sha256"]}},
+                           "output_node": _string_or_null},
+        },
         "imagegen_version": {"type": "string"},
         "comfyui_version": {"type": "string"},
         "files": {
@@ -197,4 +232,29 @@ WORKER = {
     },
 }
 
-SCHEMAS: dict[str, dict] = {str(schema["$id"]): schema for schema in (RESULT, ERROR, MODEL, WORKER)}
+FUNNEL_STATUS_SCHEMA = "imagegen.funnel_status/1"  # funnel/pipeline.py STATUS_SCHEMA
+
+FUNNEL_STATUS = {
+    "$schema": DIALECT,
+    "$id": FUNNEL_STATUS_SCHEMA,
+    "title": "Where a funnel stands",
+    "description": "The last line of `imagegen funnel run|resume --json`, and what the MCP funnel tools answer.",
+    "type": "object",
+    "required": ["schema", "dir", "status", "next", "command"],
+    "properties": {
+        "schema": _tag(FUNNEL_STATUS_SCHEMA),
+        "dir": {"type": "string"},
+        "status": {"enum": ["awaiting_pick", "incomplete", "done"]},
+        "next": {"type": "object", "required": ["action"],
+                 "properties": {"action": {"enum": ["pick", "render", "done"]}, "stage": {"type": "integer"},
+                                "name": {"type": "string"}, "keep": {"type": "integer"}}},
+        "command": {**_string_or_null, "description": "The command that continues it (null when done)."},
+        "stage": {"type": "integer", "minimum": 1},
+        "sheet": {**_string_or_null, "description": "The contact sheet to pick from, or the last stage's."},
+        "keep": {"type": "integer", "minimum": 1},
+        "choices": {"type": "array", "items": {"type": "integer"}, "description": "The numbers one may pick."},
+        "final": {"type": "array", "items": {"type": "string"}, "description": "When done: the final images."},
+    },
+}
+
+SCHEMAS: dict[str, dict] = {str(schema["$id"]): schema for schema in (RESULT, ERROR, MODEL, WORKER, FUNNEL_STATUS)}
