@@ -275,6 +275,16 @@ def test_a_batch_spreads_over_local_and_the_ssh_host_and_each_host_fetches_the_m
     assert "starting a Docker worker" not in again.stderr.decode()
 
 
+def test_generate_on_the_ssh_host_reuses_its_warm_worker(hosts):
+    target = hosts.base / "out" / "one.png"
+    result = hosts.cli("generate", "a lighthouse", "-m", "tiny", "--size", "64x64", "--steps", "2", "--json",
+                       "-o", str(target), "--hosts", hosts.remote)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    record = json.loads(result.stdout.decode())
+    assert record["worker"].startswith("imagegen-ssh-") and target.is_file()
+    assert "starting a Docker worker" not in result.stderr.decode()
+
+
 def test_the_remote_workers_are_kept_apart_and_their_secret_is_not_in_docker_inspect(hosts):
     remote = [c for c in hosts.ours(all_states=False) if c.labels.get("imagegen.worker") == "ssh"]
     local = [c for c in hosts.ours(all_states=False) if c.labels.get("imagegen.worker") == "1"]

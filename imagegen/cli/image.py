@@ -48,19 +48,21 @@ def push_one(name: str, image, show_bar: bool, force: bool = False) -> dict:
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         process = subprocess.Popen([ssh_forward.ssh_binary(), *ssh_forward.ssh_options(), *target.argv(),
                                     "docker load"], stdin=subprocess.PIPE, stdout=out, stderr=err)
+        stdin = process.stdin
+        assert stdin is not None  # stdin=PIPE
         sent = 0
         bar = tqdm(total=size or None, unit="B", unit_scale=True, desc=f"{tag} -> {name}", disable=not show_bar,
                    file=sys.stderr)
         try:
             for chunk in image.save(chunk_size=CHUNK, named=True):
                 try:
-                    process.stdin.write(chunk)
+                    stdin.write(chunk)
                 except BrokenPipeError:
                     break  # ssh or docker load ended: its exit code and stderr say why
                 sent += len(chunk)
                 bar.update(len(chunk))
             try:
-                process.stdin.close()
+                stdin.close()
             except BrokenPipeError:
                 pass
             code = process.wait()

@@ -260,12 +260,23 @@ class HostsRuntime:
 
     def ensure(self, slot: str | None = None, on_status=None, mounts=frozenset()):
         self.require_some()
-        slot = slot or self.slots()[0]
+        if slot is None:  # one worker (generate): a warm one on any host, else the first host that answers
+            slot = self._warm_slot(mounts) or next(s for s in self.slots() if split_slot(s)[0] in self.engines)
         engine, inner = self._engine(slot)
         handle = engine.ensure(inner, on_status, mounts)
         handle.slot = slot
         handle.info["host"] = split_slot(slot)[0]
         return handle
+
+    def _warm_slot(self, mounts) -> str | None:
+        for name, engine in self.engines.items():
+            for inner in engine.slots():
+                try:
+                    if engine.find(inner, mounts) is not None:
+                        return f"{name}/{inner}"
+                except Exception:  # noqa: BLE001 - a host that dropped: try the next
+                    break
+        return None
 
     def diagnose(self, worker):
         engine, _ = self._engine(worker.slot)
