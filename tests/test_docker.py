@@ -379,6 +379,35 @@ def test_a_second_checkpoint_folder_starts_a_worker_beside_the_first_and_never_r
     second.remove(force=True)
 
 
+def test_a_lora_and_a_controlnet_reach_a_docker_worker(box):
+    """Local LoRA/ControlNet files are mounted read-only like a checkpoint; the worker's ComfyUI finds them in
+    its loras and controlnet folders, applies every LoRA key and runs the Canny node."""
+    from PIL import Image, ImageDraw
+
+    addons_dir = box.base / "addons"
+    addons_dir.mkdir(mode=0o755, exist_ok=True)
+    lora, controlnet, edges = addons_dir / "lora.safetensors", addons_dir / "cn.safetensors", addons_dir / "edges.png"
+    for kind, target, args in (("lora", lora, [box.checkpoint]), ("controlnet", controlnet, [])):
+        subprocess.run([sys.executable, str(REPO / "tests" / "tiny_addons.py"), kind, *map(str, args), str(target)],
+                       check=True, capture_output=True)
+    picture = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(picture).ellipse([10, 10, 54, 54], outline="white", width=4)
+    picture.save(edges)
+    for path in (lora, controlnet, edges):
+        path.chmod(0o644)
+    first = box.state["container"]
+    result = box.generate("--lora", f"{lora}:0.7", "--control", f"{controlnet}:{edges}:0.8",
+                          "--control-preprocess", "canny", "--json", "-o", str(box.base / "out" / "addons.png"))
+    assert result.returncode == 0, result.stderr.decode()
+    record = json.loads(result.stdout.decode())
+    assert record["loras"][0]["strength"] == 0.7 and record["controls"][0]["preprocess"] == "canny"
+    assert "warnings" not in record, record["warnings"]
+    for container in box.containers():
+        if container.id != first:
+            assert set(json.loads(container.labels["imagegen.mounts"])) >= {str(lora), str(controlnet)}
+            container.remove(force=True)
+
+
 def test_stop_removes_the_worker(box):
     result = box.cli("stop", "--runtime", "docker")
     assert result.returncode == 0, result.stderr.decode()
