@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXTURES, REPO, communicate, run_cli
+from jsonschema import Draft202012Validator
 
 from imagegen.comfy import png, ui_graph, workflows
 from imagegen.engine import workflow_run
+from imagegen.engine.schema import RESULT
 from imagegen.models.registry import Registry
 from imagegen.util.errors import ImagegenError
 
@@ -178,14 +180,24 @@ def test_api_and_ui_exports_of_the_projects_graph_run_alike_and_reopen(env, tmp_
     assert prompt["positive"]["inputs"]["text"] == "a red fox" and prompt["sampler"]["inputs"]["seed"] == 11
     assert same_graph(ui_graph.to_api(json.loads(found["workflow"])).graph, prompt)  # the UI chunk loads back
     record = json.loads(found["imagegen"])
-    assert record["workflow"] == {"name": "api.json", "format": "api",
-                                  "sha256": hashlib.sha256(api.read_bytes()).hexdigest()}
-    assert record["set"] == {"prompt": "a red fox", "seed": "11"}
+    assert record["workflow"] == {"name": "api.json", "format": "api", "output_node": "save", "inputs": {},
+                                  "sha256": hashlib.sha256(api.read_bytes()).hexdigest(),
+                                  "set": {"prompt": "a red fox", "seed": "11"}}
+    for result in (a, b):
+        Draft202012Validator(RESULT).validate(result)
     assert record["files"]["load_checkpoint.ckpt_name"]["sha256"] == hashlib.sha256(tiny_sd15.read_bytes()).hexdigest()
     user_ui = json.loads(chunks(tmp_path / "b.png")["workflow"])  # the user's own UI graph, with the values set
     assert [n["widgets_values"] for n in user_ui["nodes"] if n["title"] == "positive"] == [["a red fox"]]
     [again] = run_ok("--from", str(tmp_path / "a.png"), "-o", str(tmp_path / "c.png"), env=env)
     assert again["seed"] == 11 and idat(tmp_path / "c.png") == idat(tmp_path / "a.png")
+    made = run_cli("generate", "a red fox", "--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "2",
+                   "--seed", "11", "--sampler", "euler", "--scheduler", "normal", "--cfg", "7", "-o",
+                   str(tmp_path / "generated.png"), env=env)
+    assert made.returncode == 0, made.stderr.decode()
+    own = chunks(tmp_path / "generated.png")  # imagegen's own graphs carry a UI workflow chunk too
+    assert same_graph(ui_graph.to_api(json.loads(own["workflow"])).graph, json.loads(own["prompt"]))
+    [rerun] = run_ok(str(tmp_path / "generated.png"), "-o", str(tmp_path / "d.png"), env=env)  # a PNG as workflow
+    assert rerun["workflow"]["format"] == "png" and idat(tmp_path / "d.png") == idat(tmp_path / "generated.png")
 
 
 @pytest.mark.comfyui
@@ -208,7 +220,8 @@ def test_img2img_upscale_and_lora_chains(env, tmp_path, tiny_sd15):
     Image.new("RGB", (64, 64), (200, 60, 20)).save(tmp_path / "photo.png")
     i2i = write(tmp_path / "i2i.json", own_graph(init_image="placeholder.png", denoise=0.4))
     [image] = run_ok(str(i2i), "--set", "image=photo.png", "-o", str(tmp_path / "i2i.png"), env=env, cwd=tmp_path)
-    assert image["denoise"] == 0.4 and image["inputs"]["load_image.image"]["path"] == str(tmp_path / "photo.png")
+    assert image["denoise"] == 0.4
+    assert image["workflow"]["inputs"]["load_image.image"]["path"] == str(tmp_path / "photo.png")
     [rerun] = run_ok("--from", str(tmp_path / "i2i.png"), "-o", str(tmp_path / "i2i-again.png"), env=env)
     assert idat(tmp_path / "i2i-again.png") == idat(tmp_path / "i2i.png")  # the input found again by its record
     upscale = write(tmp_path / "up.json", workflows.upscale("tiny-esrgan-x4.safetensors", "photo.png"))

@@ -20,7 +20,7 @@ from imagegen.util.errors import ImagegenError
 class WorkflowJob:
     """What a Job of a user's graph carries besides its Bundle and Params (which routing and budgets read)."""
     graph: dict                              # the API graph with every --set applied (uploads by local name)
-    record: dict                             # provenance: workflow name/sha256, --set values, inputs, model files
+    record: dict                             # provenance: {"workflow": name, sha256, format, set, inputs}
     ui: dict | None = None                   # the user's UI graph, with the --set values written in
     uploads: dict[str, tuple[str, str]] = field(default_factory=dict)  # Job.inputs key -> (node id, input)
 
@@ -75,7 +75,7 @@ def save_outputs(client, entry: dict, job, worker, overwrite: bool, hashes: dict
         started = time.monotonic()
         data = client.fetch_file(ref)
         fetched = time.monotonic()
-        image = {**record, "output_node": _node_of(entry, ref)}
+        image = {**record, "workflow": {**record["workflow"], "output_node": _node_of(entry, ref)}}
         image["width"], image["height"] = png.png_size(data)
         data = png.add_text_chunks(data, {"parameters": png.a1111_parameters(image),
                                           "imagegen": json.dumps(image, sort_keys=True),

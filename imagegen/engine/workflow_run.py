@@ -251,7 +251,7 @@ def unset_images(workflow: Workflow, applied: graph_params.Applied, info: dict |
 def _recorded_inputs(workflow: Workflow) -> dict:
     """The input files an imagegen PNG's record names (`run --from`), where they still hold the same bytes."""
     found = {}
-    for key, entry in ((workflow.record or {}).get("inputs") or {}).items():
+    for key, entry in (((workflow.record or {}).get("workflow") or {}).get("inputs") or {}).items():
         node_id, _, name = key.rpartition(".")
         path = Path(str(entry.get("path", "")))
         if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != entry.get("sha256"):
@@ -283,7 +283,7 @@ def plan_jobs(workflow: Workflow, settings: dict[str, Any], count: int, targets:
                             hint="Run it once, or add a KSampler/RandomNoise seed.")
     base = int(applied.graph[seeds[0][0]]["inputs"][seeds[0][1]]) if seeds else 0
     inputs = {f"{n}.{i}": path for (n, i), path in applied.uploads.items()}
-    record = {"workflow": {"name": workflow.source.name, "sha256": workflow.sha256, "format": workflow.format},
+    record = {"name": workflow.source.name, "sha256": workflow.sha256, "format": workflow.format,
               "set": {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()},
               "inputs": {key: {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
                          for key, path in inputs.items()}}
@@ -299,7 +299,7 @@ def plan_jobs(workflow: Workflow, settings: dict[str, Any], count: int, targets:
                 node["inputs"]["filename_prefix"] = f"imagegen/{secrets.token_hex(4)}"
         ui = ui_graph.patched(workflow.ui, workflow.slots, changes) if workflow.ui is not None else None
         uploads = dict(zip(inputs, applied.uploads, strict=True))
-        work = WorkflowJob(graph, {**record, "identity": identity}, ui, uploads)
+        work = WorkflowJob(graph, {"workflow": record}, ui, uploads)
         jobs.append(Job(key=f"{key_prefix}{index}:{identity}" if key_prefix else str(index), bundle=bundle,
                         params=params_of(graph, info), targets=[target],  # type: ignore[list-item]  # None: stdout
                         meta={"workflow": str(workflow.source)}, inputs=dict(inputs), workflow=work))
