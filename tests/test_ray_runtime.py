@@ -1,0 +1,207 @@
+"""`--runtime ray` through the real CLI on a real multi-node Ray cluster (loopback, logical GPUs),
+with a real CPU ComfyUI worker per node rendering a tiny SD1.5 model fetched from the loopback hub."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, communicate, run_cli
+from hub_server import HubServer
+from ray_cluster import RayCluster
+
+pytestmark = [pytest.mark.ray, pytest.mark.comfyui]
+
+MODEL = "tiny-ray"
+FILE = "tiny-ray-sd15.safetensors"
+SMALL_GPU_MIB = 1200      # holds the tiny model at 64x64 (~1.08 GB with overhead), not at 256x256 (~1.33 GB)
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_sd15):
+    with HubServer() as server:
+        server.add("org/tiny-ray", FILE, tiny_sd15.read_bytes())
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_installed, comfyui_dir, tiny_sd15, hub, tmp_path_factory):
+    """Head (no GPU) + node "small" (1 logical GPU of 1200 MiB, lacks the model) + node "big"
+    (1 logical GPU of 16 GiB, holds the model already): one CPU ComfyUI worker each."""
+    root = tmp_path_factory.mktemp("ray")
+    base = {"IMAGEGEN_COMFYUI_DIR": str(comfyui_dir), "HF_ENDPOINT": hub.url, "OMP_NUM_THREADS": "1",
+            "HF_TOKEN_PATH": str(root / "no-hf-token"), "IMAGEGEN_KEEP_WARM": "600"}
+    ray = RayCluster(root, base_env=base)
+    try:
+        ray.start_head()
+        ray.add_node("small", gpus=1, labels={"imagegen.gpu_memory_mib": SMALL_GPU_MIB, "box": "small"})
+        big = ray.root / "big" / "models" / "checkpoints"
+        big.mkdir(parents=True)
+        os.link(tiny_sd15, big / FILE) if _same_device(tiny_sd15, big) else big.joinpath(FILE).write_bytes(
+            tiny_sd15.read_bytes())
+        ray.add_node("big", gpus=1, labels={"imagegen.gpu_memory_mib": 16384, "box": "big"})
+        yield ray
+    finally:
+        ray.stop()
+
+
+def _same_device(a: Path, b: Path) -> bool:
+    return a.stat().st_dev == b.stat().st_dev
+
+
+@pytest.fixture(scope="module")
+def env(cluster, tiny_sd15, tmp_path_factory):
+    """The driver: its own IMAGEGEN_HOME with the model registered (on the hub), the cluster's token."""
+    home = tmp_path_factory.mktemp("driver-home")
+    data_sha = hashlib.sha256(tiny_sd15.read_bytes()).hexdigest()
+    (home / "models.yaml").write_text(
+        f"schema: 1\nmodels:\n  {MODEL}:\n    family: sd15\n    files:\n      checkpoint:\n"
+        f"        repo: org/tiny-ray\n        file: {FILE}\n        revision: main\n        folder: checkpoints\n"
+        f"        size: {tiny_sd15.stat().st_size}\n        sha256: {data_sha}\n")
+    return {"IMAGEGEN_HOME": str(home), "IMAGEGEN_RUNTIME": "ray", **cluster.driver_env()}
+
+
+def batch_args(out: Path, *extra: str) -> list[str]:
+    return ["batch", "-o", str(out), "-m", MODEL, "--size", "64x64", "--pack", "1", "--runtime", "ray", *extra]
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines() if line.strip()]
+
+
+def done_keys(out: Path) -> list[str]:
+    return [line["key"] for line in manifest(out) if line.get("status") == "done"]
+
+
+def hub_gets(hub: HubServer) -> int:
+    """Transfers of the model's bytes (the hub serves only this file)."""
+    return len(hub.gets())
+
+
+def test_a_batch_spreads_over_two_nodes_and_the_node_lacking_the_model_fetches_it_once(env, hub, cluster, tmp_path):
+    out = tmp_path / "out"
+    prompts = "\n".join(f"a robot number {n}" for n in range(6)) + "\n"
+    result = run_cli(*batch_args(out, "--steps", "2", "--json"), input=prompts.encode(), env=env)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert len(records) == 6 and all(Path(r["path"]).is_file() for r in records)
+    assert len({r["worker"] for r in records}) == 2             # both nodes rendered
+    assert sorted(done_keys(out)) == sorted(set(done_keys(out))) and len(done_keys(out)) == 6
+    assert hub_gets(hub) == 1                                   # the small node fetched it; the big one had it
+    assert (cluster.root / "small" / "models" / "checkpoints" / FILE).is_file()
+    assert cluster.token.encode() not in result.stderr + result.stdout
+    again = run_cli(*batch_args(tmp_path / "again", "--steps", "1"), input=b"one more\n", env=env)
+    assert again.returncode == 0, again.stderr.decode()[-3000:]
+    assert hub_gets(hub) == 1                                   # once per node, never again
+
+
+def test_generate_and_workers_show_the_cluster(env, cluster, tmp_path):
+    target = tmp_path / "one.png"
+    result = run_cli("generate", "a lighthouse", "-m", MODEL, "--size", "64x64", "--steps", "1", "-o", str(target),
+                     "--json", env=env)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    record = json.loads(result.stdout.decode().splitlines()[-1])
+    assert record["path"] == str(target) and target.is_file() and record["worker"].startswith("ray-")
+    listed = run_cli("workers", "--runtime", "ray", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr.decode()[-3000:]
+    shown = json.loads(listed.stdout.decode())
+    text = json.dumps(shown)
+    assert "127.0.0.1" in text and MODEL in text and cluster.token not in text
+
+
+def test_routing_by_memory_keeps_a_large_job_off_the_small_gpu(env, tmp_path):
+    out = tmp_path / "out"
+    items = "\n".join(json.dumps({"prompt": f"a wide sea {n}", "size": "256x256"}) for n in range(2))
+    items += "\n" + "\n".join(json.dumps({"prompt": f"a small cat {n}"}) for n in range(3)) + "\n"
+    result = run_cli(*batch_args(out, "--steps", "1", "--json"), input=items.encode(), env=env)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    large = [r for r in records if r["width"] == 256]
+    assert len(large) == 2 and len(records) == 5
+    workers = _workers_by_box(env)
+    assert all(r["worker"] == workers["big"] for r in large), (large, workers)
+
+
+def _workers_by_box(env) -> dict[str, str]:
+    """Which ray slot lives on which node (by the node's `box` label)."""
+    code = ("import json, ray; ray.init(logging_level='ERROR'); "
+            "print(json.dumps({n['Labels'].get('box'): n['NodeID'][:8] for n in ray.nodes() if n['Alive']}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env},
+                            timeout=120)
+    boxes = json.loads(result.stdout.strip().splitlines()[-1])
+    return {box: f"ray-{node_id}-0" for box, node_id in boxes.items() if box}
+
+
+def test_a_rerun_after_the_driver_is_killed_finishes_every_image_once(env, tmp_path):
+    out = tmp_path / "out"
+    prompts = "\n".join(f"a harbour {n}" for n in range(6)) + "\n"
+    args = [sys.executable, str(REPO / "generate_image.py"), *batch_args(out, "--steps", "8")]
+    driver = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, **env}, start_new_session=True)
+    driver.stdin.write(prompts.encode())
+    driver.stdin.close()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and driver.poll() is None:
+        if (out / "manifest.jsonl").is_file() and done_keys(out):
+            break
+        time.sleep(0.2)
+    assert driver.poll() is None, "the batch ended before it could be killed"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(30)
+    first = len(done_keys(out))
+    assert 1 <= first < 6
+    again = run_cli(*batch_args(out, "--steps", "8"), input=prompts.encode(), env=env)
+    assert again.returncode == 0, again.stderr.decode()[-3000:]
+    keys = done_keys(out)
+    assert len(keys) == 6 and len(set(keys)) == 6
+    assert len(list(out.glob("*.png"))) == 6
+
+
+def test_a_cluster_without_token_auth_is_refused_unless_allowed(ray_installed, tmp_path):
+    insecure = RayCluster(tmp_path / "ray", token=None)
+    try:
+        insecure.start_head()
+        env = {**insecure.driver_env(), "IMAGEGEN_RUNTIME": "ray"}
+        result = run_cli("generate", "a cat", "--json", env=env)
+        assert result.returncode == 2, result.stderr.decode()[-3000:]
+        error = json.loads(result.stderr.decode().strip().splitlines()[-1])
+        assert error["code"] == "cluster_insecure" and "RAY_AUTH_MODE=token" in error["hint"]
+        allowed = run_cli("generate", "a cat", "--json", "--ray-allow-insecure", env=env)
+        error = json.loads(allowed.stderr.decode().strip().splitlines()[-1])
+        assert error["code"] == "runtime_unavailable" and "no GPUs" in error["message"]  # past the check
+    finally:
+        insecure.stop()
+
+
+def test_a_node_lost_mid_batch_leaves_every_image_in_the_manifest_exactly_once(env, cluster, tmp_path):
+    """Runs last: it takes the small node away for good."""
+    out = tmp_path / "out"
+    prompts = "\n".join(f"a mountain {n}" for n in range(8)) + "\n"
+    small = next(node for node in cluster.nodes if node.name == "small")
+    small_worker = _workers_by_box(env)["small"]
+    args = [sys.executable, str(REPO / "generate_image.py"), *batch_args(out, "--steps", "12", "--json")]
+    driver = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, **env}, start_new_session=True)
+    driver.stdin.write(prompts.encode())
+    driver.stdin.close()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and driver.poll() is None:
+        lines = manifest(out) if (out / "manifest.jsonl").is_file() else []
+        if any(line.get("worker") == small_worker for line in lines):
+            break
+        time.sleep(0.2)
+    assert driver.poll() is None, "the batch ended before the node could be lost"
+    small.kill()
+    stdout, stderr = communicate(driver, 600)
+    assert driver.returncode == 0, stderr.decode()[-3000:]
+    keys = done_keys(out)
+    assert len(keys) == 8 and len(set(keys)) == 8, manifest(out)
+    assert len(list(out.glob("*.png"))) == 8
+    assert "worker_died" in stderr.decode() or "failed" in stderr.decode()
