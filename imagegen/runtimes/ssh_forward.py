@@ -23,7 +23,7 @@ from pathlib import Path
 
 from imagegen.util.errors import ImagegenError
 
-TARGET_RE = re.compile(r"^(?:ssh://)?(?:(?P<user>[^@/:\s]+)@)?(?P<host>[A-Za-z0-9_.\-]+|\[[0-9a-fA-F:]+\])"
+TARGET_RE = re.compile(r"^(?:ssh://)?(?:(?P<user>[^@/:\s]+)@)?(?P<host>[A-Za-z0-9][A-Za-z0-9_.\-]*|\[[0-9a-fA-F:]+\])"
                        r"(?::(?P<port>\d{1,5}))?/?$")
 
 
