@@ -217,6 +217,24 @@ def test_graphs_for_img2img_and_both_kinds_of_inpainting(tmp_path):
     assert model["keep"]["inputs"]["destination"] == ["keep_base", 0] and "noise_mask" not in model
 
 
+def test_extend_takes_one_number_or_four_and_adds_to_the_size(tmp_path):
+    source = blocks(tmp_path / "in.png", 64, 48)
+    assert inputs.parse_extend("16") == [16, 16, 16, 16] and inputs.parse_extend("0,8,0,0") == [0, 8, 0, 0]
+    assert inputs.parse_extend([0, 0, 64, 0]) == [0, 0, 64, 0] and inputs.parse_extend("0") is None
+    for bad in ("5", "8,8", "a,b,c,d", "-8", True):
+        refused("invalid_argument", inputs.parse_extend, bad)
+    prepared = inputs.prepare(source, extend="0,0,32,8")
+    assert (prepared.size(), prepared.denoise, prepared.extend) == ((96, 56), 1.0, [0, 0, 32, 8])
+    refused("invalid_argument", inputs.prepare, source, square_mask(tmp_path / "m.png", 64, 48), extend="8")
+    refused("invalid_argument", inputs.prepare, None, extend="8")
+    refused("invalid_argument", inputs.prepare, source, extend=str(workflows.MAX_RESOLUTION))
+    graph = workflows.build(local_bundle(write_safetensors(tmp_path / "p.safetensors", {
+        "model.diffusion_model.input_blocks.0.0.weight": ("F16", [320, 4, 3, 3])}), "sd15"),
+        workflows.Params("x", 96, 56, 1, 7.0, "euler", "normal", 1, init_image="in.png", extend=[0, 0, 32, 8]))
+    assert graph["resize"]["inputs"]["image"] == ["pad", 0] and graph["mask_image"]["inputs"]["mask"] == ["pad", 1]
+    assert graph["noise_mask"]["inputs"]["mask"] == ["to_mask", 0] and graph["save"]["inputs"]["images"] == ["keep", 0]
+
+
 def test_from_finds_the_recorded_input_or_names_what_is_missing(tmp_path):
     source = blocks(tmp_path / "in.png")
     record = inputs.prepare(source).sources()["image"]
@@ -330,3 +348,17 @@ def test_a_webp_input_sets_the_size_and_relative_paths_work(env, tiny_sd15_clear
     assert (record["width"], record["height"]) == (80, 48)
     assert record["inputs"]["image"]["path"] == str(tmp_path / "wide.webp")
     assert os.path.getsize(tmp_path / "out.png") > 0 and Image.open(io.BytesIO((tmp_path / "out.png").read_bytes()))
+
+
+@pytest.mark.comfyui
+def test_outpainting_draws_a_border_and_keeps_the_image(env, tiny_sd15_clear, tmp_path):
+    source = blocks(tmp_path / "photo.png", 64, 64, seed=6)
+    record = cli_json(env, "a wider view", "--checkpoint", str(tiny_sd15_clear), "--image", str(source),
+                      "--extend", "0,0,32,0", "--steps", "2", "--seed", "3", "-o", str(tmp_path / "wide.png"))
+    assert (record["width"], record["height"], record["extend"], record["denoise"]) == (96, 64, [0, 0, 32, 0], 1.0)
+    Draft202012Validator(RESULT).validate(record)
+    made = pixels(tmp_path / "wide.png")
+    assert abs(made[:, :64] - pixels(source)).mean() < 1.0, "the original part is kept"
+    assert abs(made[:, 72:] - 127.5).mean() > 5, "the border is drawn, not left grey"
+    graph = json.loads(png.read_text_chunks((tmp_path / "wide.png").read_bytes())["prompt"])
+    assert "ImagePadForOutpaint" in {node["class_type"] for node in graph.values()}

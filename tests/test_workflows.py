@@ -10,7 +10,8 @@ TASKS = (("txt2img", {}), ("img2img", {"init_image": "imagegen/init.png", "denoi
          ("batch", {"batch_size": 4}), ("img2img-batch", {"init_image": "a.png", "batch_size": 2, "denoise": 0.3}),
          ("txt2img-fast", {"fast": True}), ("img2img-fast", {"init_image": "a.png", "denoise": 0.5, "fast": True}),
          ("inpaint", {"init_image": "a.png", "mask": "m.png"}),
-         ("inpaint-grown-batch", {"init_image": "a.png", "mask": "m.png", "mask_grow": 6, "batch_size": 2}))
+         ("inpaint-grown-batch", {"init_image": "a.png", "mask": "m.png", "mask_grow": 6, "batch_size": 2}),
+         ("outpaint", {"init_image": "a.png", "extend": [0, 64, 128, 8], "mask_grow": 8}))
 FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name1", "clip_name2", "vae_name", "model_name", "image", "lora_name",
                "control_net_name"}
 
@@ -91,7 +92,7 @@ def every_graph():
     with_vae = replace(with_vae, files={**with_vae.files, "vae": registry.shared["flux-ae"]})
     yield "sd15-separate-vae", workflows.build(with_vae, workflows.Params("x", 512, 512, 20, 7.0, "euler", "karras", 1))
     inpainting = replace(registry.get("sd15"), defaults={"inpaint": True})  # a 9-channel checkpoint
-    for task, extra in TASKS[-2:]:
+    for task, extra in TASKS[-3:]:
         params = workflows.Params("x", 512, 512, 20, 7.0, "euler", "karras", 1, denoise=0.9, **extra)
         yield f"sd15-inpainting-model-{task}", workflows.build(inpainting, params)
     yield "upscale", workflows.upscale("4x.safetensors", "imagegen/final.png")

@@ -102,6 +102,9 @@ DenoiseOpt = Annotated[float | None, typer.Option(
 MaskOpt = Annotated[Path | None, typer.Option(
     "--mask", help="Inpaint: a mask the size of --image; white repaints, black keeps (luminance of any image).")]
 MaskGrowOpt = Annotated[int | None, typer.Option("--mask-grow", help="Grow the --mask by this many pixels (0..256).")]
+ExtendOpt = Annotated[str | None, typer.Option(
+    "--extend", metavar="PX|L,T,R,B",
+    help="Outpaint: add a border to --image (pixels, multiples of 8; one number for every side) and draw it.")]
 LoraOpt = Annotated[list[str] | None, typer.Option(
     "--lora", metavar="NAME_OR_FILE[:STRENGTH]",
     help="Apply a LoRA (registered name or .safetensors file), strength default 1; repeat to stack. "
@@ -122,6 +125,7 @@ class Controls:
     denoise: DenoiseOpt = None
     mask: MaskOpt = None
     mask_grow: MaskGrowOpt = None
+    extend: ExtendOpt = None
     lora: LoraOpt = None
     control: ControlOpt = None
     control_preprocess: ControlPreprocessOpt = None

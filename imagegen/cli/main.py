@@ -83,6 +83,7 @@ def generate(
                                  "steps": draw.steps, "cfg": draw.cfg, "size": draw.size, "sampler": sampler,
                                  "scheduler": scheduler, "guidance": guidance, "image": controls.image,
                                  "mask": controls.mask, "denoise": controls.denoise, "mask_grow": controls.mask_grow,
+                                 "extend": controls.extend,
                                  "loras": controls.lora, "controls": controls.control,
                                  "control_preprocess": controls.control_preprocess}
         if from_image is not None:

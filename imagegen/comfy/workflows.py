@@ -72,6 +72,7 @@ class Params:
     controls: list[ControlUse] = field(default_factory=list)
     filename_prefix: str = "imagegen/image"
     sources: dict = field(default_factory=dict)  # provenance of the inputs: {"image"|"mask": {name, path, sha256}}
+    extend: list[int] | None = None   # outpainting: pixels added left, top, right, bottom (multiples of 8)
     fast: bool = False                # torch.compile the diffusion model; fp8 matmul for fp8 weights
     hires: hires.HiresFix | None = None  # a second, low-denoise pass at a larger size (comfy/hires.py)
 
@@ -177,7 +178,7 @@ def _latent(params: Params, vae: list, empty_node: str) -> tuple[dict, list]:
         nodes = _source_image(params)
         nodes["encode"] = _node("VAEEncode", pixels=["resize", 0], vae=vae)
         latent = ["encode", 0]
-        if params.mask:
+        if masked(params):
             mask_nodes, mask = _mask(params)
             nodes.update(mask_nodes)
             nodes["noise_mask"] = _node("SetLatentNoiseMask", samples=latent, mask=mask)
@@ -190,23 +191,39 @@ def _latent(params: Params, vae: list, empty_node: str) -> tuple[dict, list]:
     return {"latent": empty}, ["latent", 0]
 
 
+OUTPAINT_FEATHER = 40  # ImagePadForOutpaint's default: the new border fades into the image over 40 pixels
+
+
+def masked(params: Params) -> bool:
+    """Whether only part of the input image is repainted: inpainting (a mask) or outpainting (extend)."""
+    return bool(params.init_image and (params.mask or params.extend))
+
+
 def _source_image(params: Params) -> dict:
-    return {
-        "load_image": _node("LoadImage", image=params.init_image),
-        "resize": _node("ImageScale", image=["load_image", 0], upscale_method="lanczos",
-                        width=params.width, height=params.height, crop="center"),
-    }
+    nodes = {"load_image": _node("LoadImage", image=params.init_image)}
+    image = ["load_image", 0]
+    if params.extend:  # outpainting: a grey border to draw into, and the mask of it (output 1)
+        left, top, right, bottom = params.extend
+        nodes["pad"] = _node("ImagePadForOutpaint", image=image, left=left, top=top, right=right, bottom=bottom,
+                             feathering=OUTPAINT_FEATHER)
+        image = ["pad", 0]
+    nodes["resize"] = _node("ImageScale", image=image, upscale_method="lanczos", width=params.width,
+                            height=params.height, crop="center")
+    return nodes
 
 
 def _mask(params: Params) -> tuple[dict, list]:
-    """The mask scaled and cropped exactly as the image is (a greyscale PNG: its red channel is its
-    luminance), grown by params.mask_grow pixels."""
-    nodes = {
-        "load_mask": _node("LoadImage", image=params.mask),
-        "resize_mask": _node("ImageScale", image=["load_mask", 0], upscale_method="bilinear",
-                             width=params.width, height=params.height, crop="center"),
-        "to_mask": _node("ImageToMask", image=["resize_mask", 0], channel="red"),
-    }
+    """The mask (the user's greyscale PNG, whose red channel is its luminance, or the outpainting border)
+    scaled and cropped exactly as the image is, grown by params.mask_grow pixels."""
+    if params.mask:
+        nodes = {"load_mask": _node("LoadImage", image=params.mask)}
+        image = ["load_mask", 0]
+    else:  # outpainting: the padding node's mask
+        nodes = {"mask_image": _node("MaskToImage", mask=["pad", 1])}
+        image = ["mask_image", 0]
+    nodes["resize_mask"] = _node("ImageScale", image=image, upscale_method="bilinear", width=params.width,
+                                 height=params.height, crop="center")
+    nodes["to_mask"] = _node("ImageToMask", image=["resize_mask", 0], channel="red")
     if params.mask_grow > 0:
         nodes["grow_mask"] = _node("GrowMask", mask=["to_mask", 0], expand=params.mask_grow, tapered_corners=True)
         return nodes, ["grow_mask", 0]
@@ -231,7 +248,7 @@ def _inpaint_model(graph: dict, params: Params, vae: list, positive: list, negat
 def _keep_unmasked(graph: dict, params: Params, decoded: list) -> list:
     """Inpainting: the input's own pixels outside the mask (the VAE's round trip would blur them), the new
     ones inside it."""
-    if not (params.init_image and params.mask):
+    if not masked(params):
         return decoded
     destination = ["resize", 0]
     if params.batch_size > 1:
@@ -256,7 +273,7 @@ def _checkpoint(bundle: Bundle, params: Params) -> dict:
     model, clip = addons.apply_loras(graph, ["load_checkpoint", 0], ["load_checkpoint", 1], params.loras)
     graph["positive"]["inputs"]["clip"] = graph["negative"]["inputs"]["clip"] = clip
     positive, negative = addons.apply_controls(graph, ["positive", 0], ["negative", 0], vae, params.controls)
-    if params.init_image and params.mask and inpaint_checkpoint(bundle):
+    if masked(params) and inpaint_checkpoint(bundle):
         positive, negative, latent = _inpaint_model(graph, params, vae, positive, negative)
     else:
         latent_nodes, latent = _latent(params, vae, "EmptyLatentImage")

@@ -37,7 +37,7 @@ MAX_LINE_CHARS = 2 * 6 * generate.MAX_PROMPT_CHARS + 4096
 MANIFEST_SCHEMA = "imagegen.manifest/1"
 ITEM_KEYS = {"prompt", "model", "seed", "size", "steps", "cfg", "negative", "count", "output", "sampler",
              "scheduler", "guidance", "checkpoint", "fast", "hires", "loras", "controls", "control_preprocess",
-             "image", "mask", "mask_grow", "denoise"}
+             "image", "mask", "mask_grow", "denoise", "extend"}
 INPUT_PATHS = ("image", "mask")  # relative paths are relative to the prompts file's folder
 
 
@@ -156,7 +156,7 @@ def plan(items: list[Item], out_dir: Path, defaults: dict, base_seed: int, pack:
             raise ImagegenError("invalid_argument", f"{where}: fast must be true or false, not {fields['fast']!r}")
         try:
             keys = ("prompt", "model", "negative", "seed", "steps", "cfg", "size", "sampler", "scheduler", "guidance",
-                    "image", "mask", "mask_grow", "denoise")
+                    "image", "mask", "mask_grow", "denoise", "extend")
             given: dict[str, Any] = {k: fields.get(k) for k in keys}
             request = generate.Request(**given,
                                        checkpoint=Path(checkpoint) if checkpoint else None, count=count,

@@ -51,6 +51,7 @@ class Request:
     mask: Path | None = None  # inpainting: white repaints, black keeps
     mask_grow: int | None = None  # 0 when omitted
     denoise: float | None = None  # default: inputs.DEFAULT_DENOISE with an image
+    extend: str | list[int] | None = None  # outpainting: PX or LEFT,TOP,RIGHT,BOTTOM
     loras: list | None = None  # --lora NAME_OR_FILE[:STRENGTH] (or {name, strength}): engine/addons.py
     controls: list | None = None  # --control MODEL:IMAGE[:STRENGTH[:START:END]] (or a mapping)
     control_preprocess: str | None = None  # "canny"
@@ -84,7 +85,7 @@ def merge_source(image: Path, given: dict, has_checkpoint: bool) -> dict:
             merged[key] = found[key]
     recorded = found.get("inputs") or {}
     if "image" in recorded:  # made from the user's image: the same image (and mask), denoise and grow
-        for key in ("denoise", "mask_grow"):
+        for key in ("denoise", "mask_grow", "extend"):
             if merged.get(key) is None and found.get(key) is not None:
                 merged[key] = found[key]
         for role, record in recorded.items():
@@ -190,7 +191,7 @@ def plan_jobs(request: Request, bundle: Bundle, chosen: addons.Chosen | None = N
     chosen = chosen or addons.choose(prompt, request.loras, request.controls, request.control_preprocess, bundle)
     prompt = check_prompt(chosen.prompt)  # without its <lora:...> tags
     negative = check_prompt(request.negative, "negative prompt") if request.negative else bundle.default("negative", "")
-    given = inputs.prepare(request.image, request.mask, request.denoise, request.mask_grow)
+    given = inputs.prepare(request.image, request.mask, request.denoise, request.mask_grow, request.extend)
     if request.size:
         width, height = parse_size(request.size)
     else:
@@ -221,6 +222,7 @@ def plan_jobs(request: Request, bundle: Bundle, chosen: addons.Chosen | None = N
             fast=request.fast,
             denoise=given.denoise,
             mask_grow=given.mask_grow,
+            extend=given.extend,
             sources=given.sources(),
             loras=list(chosen.loras),
             controls=list(chosen.controls),

@@ -56,24 +56,29 @@ class Prepared:
     mask: InputImage | None = None
     denoise: float = 1.0
     mask_grow: int = 0
+    extend: list[int] | None = None  # outpainting: left, top, right, bottom
 
     def size(self) -> tuple[int, int] | None:
-        """The output size when --size is not given: the input's, rounded down to a multiple of 8."""
+        """The output size when --size is not given: the input's (with the --extend border), rounded down
+        to a multiple of 8."""
         if self.image is None:
             return None
-        return output_size(self.image)
+        left, top, right, bottom = self.extend or (0, 0, 0, 0)
+        return output_size(self.image, left + right, top + bottom)
 
     def sources(self) -> dict:
         return {item.role: item.record() for item in (self.image, self.mask) if item is not None}
 
 
 def prepare(image: Path | str | None, mask: Path | str | None = None, denoise: float | None = None,
-            mask_grow: int | None = 0, where: str = "") -> Prepared:
-    """Check a request's --image/--mask/--denoise/--mask-grow and make its inputs ready to upload."""
+            mask_grow: int | None = 0, extend=None, where: str = "") -> Prepared:
+    """Check a request's --image/--mask/--denoise/--mask-grow/--extend and make its inputs ready to upload."""
     prefix = f"{where}: " if where else ""
     grow = mask_grow or 0
+    border = parse_extend(extend, prefix)
     if image is None:
-        for name, value in (("--mask", mask), ("--denoise", denoise), ("--mask-grow", grow or None)):
+        for name, value in (("--mask", mask), ("--denoise", denoise), ("--mask-grow", grow or None),
+                            ("--extend", border)):
             if value is not None:
                 raise ImagegenError("invalid_argument", f"{prefix}{name} needs an input image (--image)",
                                     hint="Pass --image IN: img2img, or inpainting with --mask.")
@@ -84,9 +89,12 @@ def prepare(image: Path | str | None, mask: Path | str | None = None, denoise: f
                             hint="0 keeps the image, 1 draws it anew; img2img is usually 0.3 to 0.7.")
     if not isinstance(grow, int) or isinstance(grow, bool) or not 0 <= grow <= MAX_MASK_GROW:
         raise ImagegenError("invalid_argument", f"{prefix}--mask-grow {grow!r} is outside 0..{MAX_MASK_GROW} pixels")
-    if grow and mask is None:
-        raise ImagegenError("invalid_argument", f"{prefix}--mask-grow needs a --mask",
+    if grow and mask is None and border is None:
+        raise ImagegenError("invalid_argument", f"{prefix}--mask-grow needs a --mask (or --extend)",
                             hint="Pass --mask M (white repaints, black keeps).")
+    if border is not None and mask is not None:
+        raise ImagegenError("invalid_argument", f"{prefix}--extend and --mask cannot be combined",
+                            hint="Outpaint first (--extend), then inpaint the result with --mask.")
     source = load(Path(image), "image")
     masked = load(Path(mask), "mask") if mask is not None else None
     if masked is not None and (masked.width, masked.height) != (source.width, source.height):
@@ -95,17 +103,44 @@ def prepare(image: Path | str | None, mask: Path | str | None = None, denoise: f
             f"{prefix}the mask {masked.path.name} is {masked.width}x{masked.height} but the image "
             f"{source.path.name} is {source.width}x{source.height}",
             hint="Make the mask exactly the image's size (white repaints, black keeps); it is never resized.")
-    default = INPAINT_DENOISE if masked is not None else DEFAULT_DENOISE
-    return Prepared(source, masked, float(denoise) if denoise is not None else default, grow)
+    default = INPAINT_DENOISE if masked is not None or border is not None else DEFAULT_DENOISE
+    if border is not None:
+        width, height = source.width + border[0] + border[2], source.height + border[1] + border[3]
+        _, max_pixels = _limits()
+        if width * height > max_pixels or max(width, height) > workflows.MAX_RESOLUTION:
+            raise ImagegenError("invalid_argument", f"{prefix}--extend makes the image {width}x{height}, more than "
+                                f"{max_pixels} pixels or {workflows.MAX_RESOLUTION} a side",
+                                hint="Extend by less, or outpaint in several steps.")
+    return Prepared(source, masked, float(denoise) if denoise is not None else default, grow, border)
 
 
-def output_size(image: InputImage) -> tuple[int, int]:
+def parse_extend(value, prefix: str = "") -> list[int] | None:
+    """--extend: one number (every side) or LEFT,TOP,RIGHT,BOTTOM, in pixels, multiples of 8 (as
+    ImagePadForOutpaint takes them); None or all zeros: no outpainting."""
+    if value is None:
+        return None
+    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        sides = [int(str(part).strip()) for part in parts]
+    except ValueError:
+        sides = []
+    if len(sides) == 1:
+        sides *= 4
+    if len(sides) != 4 or isinstance(value, bool) or any(side < 0 or side % 8 for side in sides):
+        raise ImagegenError("invalid_argument", f"{prefix}--extend {value!r} is not PIXELS or LEFT,TOP,RIGHT,BOTTOM "
+                            "in multiples of 8", hint="e.g. --extend 64 (every side) or --extend 0,0,128,0.")
+    return sides if any(sides) else None
+
+
+def output_size(image: InputImage, extra_width: int = 0, extra_height: int = 0) -> tuple[int, int]:
     multiple = workflows.SIZE_MULTIPLE
-    width, height = image.width // multiple * multiple, image.height // multiple * multiple
+    full_width, full_height = image.width + extra_width, image.height + extra_height
+    width, height = full_width // multiple * multiple, full_height // multiple * multiple
     if min(width, height) < 16 or max(width, height) > workflows.MAX_RESOLUTION:
         raise ImagegenError(
             "invalid_size",
-            f"{image.path.name} is {image.width}x{image.height}; an output size must be 16..{workflows.MAX_RESOLUTION}",
+            f"{image.path.name} is {full_width}x{full_height} (with any --extend border); an output size must be "
+            f"16..{workflows.MAX_RESOLUTION}",
             hint="Pass --size WIDTHxHEIGHT (multiples of 8): the image is scaled and center-cropped to it.")
     return width, height
 

@@ -60,8 +60,10 @@ def image_parameters(
         record["guidance"] = params.guidance
     if params.sources:  # the user's input image and mask: name, absolute path, sha256 (engine/inputs.py)
         record["inputs"] = {role: dict(source) for role, source in params.sources.items()}
-        if "mask" in params.sources:
+        if "mask" in params.sources or params.extend:
             record["mask_grow"] = params.mask_grow
+        if params.extend:
+            record["extend"] = list(params.extend)
     if params.fast:
         record["fast"] = True
     record.update(hires.record(params))

@@ -62,6 +62,9 @@ Mask = Annotated[str | None, Field(description="Absolute path of an inpainting m
 MaskGrow = Annotated[int | None, Field(description="Grow the mask by this many pixels (0-256).")]
 Denoise = Annotated[float | None, Field(description="How much of image is redrawn, 0 (kept) to 1 (new); default 0.6, "
                                                     "1.0 when inpainting.")]
+Extend = Annotated[str | list[int] | None, Field(description="Outpaint: a border to add to image and draw, in pixels "
+                                                             "(multiples of 8): one number for every side, or "
+                                                             "[left, top, right, bottom].")]
 Loras = Annotated[list[str | dict] | None, Field(description=(
     "LoRAs to stack, each \"NAME_OR_FILE[:STRENGTH]\" (a registered LoRA or the absolute path of a .safetensors "
     "file) or {\"name\", \"strength\"}; <lora:name:0.8> tags in the prompt work too."))]
@@ -91,6 +94,7 @@ class ImageSpec(BaseModel):
     mask: Mask = None
     mask_grow: MaskGrow = None
     denoise: Denoise = None
+    extend: Extend = None
     loras: Loras = None
     controls: Controls = None
     control_preprocess: ControlPreprocess = None
@@ -108,7 +112,7 @@ class ImageSpec(BaseModel):
                            negative=self.negative, fast=self.fast, output=output, timeouts=timeouts,
                            explicit_timeouts=explicit, loras=self.loras, controls=self.controls,
                            control_preprocess=self.control_preprocess, image=image, mask=mask,
-                           mask_grow=self.mask_grow, denoise=self.denoise)
+                           mask_grow=self.mask_grow, denoise=self.denoise, extend=self.extend)
 
 
 def _absolute(value: str | None, name: str) -> Path | None:
@@ -390,13 +394,14 @@ def build_server(tools: ImagegenTools) -> MCPServer:
                              cfg: Cfg = None, negative: Negative = None, fast: Fast = False,
                              output_dir: OutputDir = None, loras: Loras = None, controls: Controls = None,
                              control_preprocess: ControlPreprocess = None, image: SourceImage = None,
-                             mask: Mask = None, mask_grow: MaskGrow = None, denoise: Denoise = None) -> CallToolResult:
+                             mask: Mask = None, mask_grow: MaskGrow = None, denoise: Denoise = None,
+                             extend: Extend = None) -> CallToolResult:
         """Generate images from a prompt. Returns, per image, a JSON record (path, seed, model, size, steps,
         timings; schema imagegen.result/1) and a thumbnail. The first call may start a worker (seconds to minutes)."""
         spec = ImageSpec(prompt=prompt, model=model, checkpoint=checkpoint, size=size, steps=steps, seed=seed,
                          count=count, cfg=cfg, negative=negative, fast=fast, output_dir=output_dir, loras=loras,
                          controls=controls, control_preprocess=control_preprocess, image=image, mask=mask,
-                         mask_grow=mask_grow, denoise=denoise)
+                         mask_grow=mask_grow, denoise=denoise, extend=extend)
         return await tools.render([spec], ctx, batch=False)
 
     @server.tool()
