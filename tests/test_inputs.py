@@ -248,6 +248,24 @@ def test_from_finds_the_recorded_input_or_names_what_is_missing(tmp_path):
     assert record["sha256"] in error.message and "in.png" in error.message and "--image" in error.hint
 
 
+def test_from_merges_the_recorded_inputs_denoise_and_extend(tmp_path):
+    source = blocks(tmp_path / "in.png")
+    record = {"prompt": "a boat", "seed": 4, "denoise": 0.9, "mask_grow": 8, "extend": [0, 0, 16, 0],
+              "inputs": inputs.prepare(source).sources()}
+    made = tmp_path / "made.png"
+    made.write_bytes(png.add_text_chunks(blocks(tmp_path / "plain.png").read_bytes(),
+                                         {"imagegen": json.dumps(record)}))
+    merged = generate.merge_source(made, {"prompt": None, "denoise": None, "mask_grow": None}, True)
+    assert (merged["image"], merged["denoise"], merged["mask_grow"]) == (source, 0.9, 8)
+    assert merged["extend"] == [0, 0, 16, 0]
+    given = generate.merge_source(made, {"prompt": None, "denoise": 0.2, "image": tmp_path / "plain.png"}, True)
+    assert (given["image"], given["denoise"]) == (tmp_path / "plain.png", 0.2), "what the user gives wins"
+    plain = tmp_path / "txt2img.png"
+    plain.write_bytes(png.add_text_chunks(blocks(tmp_path / "p2.png").read_bytes(),
+                                          {"imagegen": json.dumps({"prompt": "x", "denoise": 1.0})}))
+    assert "denoise" not in generate.merge_source(plain, {"prompt": None}, True)
+
+
 # --- the real CLI on real ComfyUI ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
