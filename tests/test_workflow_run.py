@@ -134,6 +134,11 @@ def test_list_params_and_a_load_image_that_is_nowhere(tmp_path):
         error["message"] and "--set load_image.image=PATH" in error["hint"]
     bad = run_cli("run", str(wf), "--set", "steps=many", "--json", env=env)
     assert bad.returncode == 2 and "not a whole number" in bad.stderr.decode()
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    corrupt = run_cli("run", str(wf), "--set", f"image={tmp_path / 'broken.png'}", "--json", env=env)
+    error = json.loads(corrupt.stderr.decode().splitlines()[-1])
+    assert corrupt.returncode == 2 and error["code"] == "invalid_source_image" and "cannot be decoded" in \
+        error["message"]
 
 
 # --- real ComfyUI -----------------------------------------------------------------------------------------

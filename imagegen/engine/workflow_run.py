@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from imagegen.comfy import graph_params, node_info, png, ui_graph, workflows
+from imagegen.engine import inputs as image_inputs
 from imagegen.engine.jobs import Job
 from imagegen.engine.workflow_jobs import WorkflowJob
 from imagegen.models import cache, modelfile
@@ -276,6 +277,8 @@ def plan_jobs(workflow: Workflow, settings: dict[str, Any], count: int, targets:
     registry = registry or Registry.load()
     applied = graph_params.apply(workflow.graph, settings, info, base=Path.cwd())
     unset_images(workflow, applied, info)
+    for path in applied.uploads.values():  # size-limited and decoded here: a corrupt or huge file is exit 2
+        image_inputs.load(path, "image")   # (the user's own bytes are uploaded: LoadImage reads alpha and EXIF)
     bundle = resolve_models(workflow.source, applied.graph, registry, local_models)
     seeds = graph_params.well_known(applied.graph, info).get("seed", [])
     if count > 1 and not seeds:
