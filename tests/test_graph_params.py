@@ -65,7 +65,7 @@ def test_every_addressing_mode_sets_the_same_kind_of_leaf(tmp_path):
 @pytest.mark.parametrize("key,value,words", [
     ("3.steps", "0", ["outside 1..10000"]), ("3.steps", "2.5", ["not a whole number"]),
     ("cfg", "nan", ["not a finite number"]), ("seed", "-1", ["outside 0.."]),
-    ("3.sampler_name", "euler_x", ["not one of KSampler's sampler_name choices"]),
+    ("3.sampler_name", "Euler A", ["not one of KSampler's sampler_name choices"]),
     ("size", "64", ["not WIDTHxHEIGHT"]), ("size", "8x64", ["outside 16..16384"]),
     ("image", "missing.png", ["no such parameter"]), ("3.model", "x", ["no settable input 'model'", "steps"]),
     ("99.text", "x", ["no such parameter", "prompt", "6.text"]), ("nope", "1", ["no such parameter", "3.seed"]),
@@ -114,3 +114,14 @@ def test_list_params_records():
     assert (steps["type"], steps["value"], steps["default"], steps["min"], steps["max"]) == ("INT", 2, 20, 1, 10000)
     assert records["3.sampler_name"]["choices"][0] == "euler" and records["6.text"]["title"] == "Positive"
     assert json.loads(json.dumps(list(records.values())))  # plain JSON for --json
+
+
+def test_the_graphs_own_values_are_checked_like_comfyui_checks_them():
+    graph = editor_graph()
+    assert graph_params.check_values(graph) == []
+    graph["3"]["inputs"].update(steps=0, sampler_name="Euler Old")
+    assert graph_params.check_values(graph) == [
+        "node 3 (KSampler) steps = 0 is outside 1..10000",
+        "node 3 (KSampler) sampler_name = 'Euler Old' is not one of its choices"]
+    graph["3"]["inputs"].update(steps=1, sampler_name="exp_heun_2_x0")  # a newer ComfyUI's: the worker decides
+    assert graph_params.check_values(graph) == []

@@ -28,6 +28,11 @@ SCHEDULERS = ("simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")  # how ComfyUI names its samplers and schedulers
 
 
+def looks_like_a_name(name: str) -> bool:
+    """Whether a name could be a newer ComfyUI's sampler or scheduler (lower-case, digits, underscores)."""
+    return bool(_NAME.match(name or ""))
+
+
 def check_up_front(sampler: str, scheduler: str) -> None:
     """Before a worker is known: a pinned name passes; another one passes only if it could be a
     newer ComfyUI's (lower-case, digits, underscores), to be checked against the worker's list."""

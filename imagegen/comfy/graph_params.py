@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imagegen.comfy import node_info
+from imagegen.comfy import choices, node_info
 from imagegen.util.errors import ImagegenError
 
 WELL_KNOWN = ("prompt", "negative", "seed", "steps", "cfg", "size", "denoise", "image", "checkpoint")
@@ -197,7 +197,7 @@ def parse_value(leaf: Leaf, raw: Any, key: str) -> Any:
         raise ImagegenError("invalid_argument", f"{where}: {raw!r} is not true or false")
     if not isinstance(raw, str):
         raise ImagegenError("invalid_argument", f"{where}: {raw!r} is not text")
-    if leaf.kind == "COMBO" and leaf.options.get("choices") and raw not in leaf.options["choices"]:
+    if _refused_choice(leaf, raw):
         raise ImagegenError("invalid_argument", f"{where}: {raw!r} is not one of {leaf.class_type}'s {leaf.input} "
                             f"choices", hint="Choices: " + ", ".join(leaf.options["choices"][:60]))
     return raw
@@ -215,6 +215,14 @@ def _number(raw: Any, integer: bool, where: str):
         raise ImagegenError("invalid_argument", f"{where}: {raw!r} is not {'a whole' if integer else 'a finite'} "
                             "number")
     return value
+
+
+def _refused_choice(leaf: Leaf, value: str) -> bool:
+    """A value outside a list's choices. Sampler and scheduler names of a newer ComfyUI pass here when they look
+    like one: the worker's own lists decide at submission (comfy/choices.py)."""
+    if leaf.kind != "COMBO" or not leaf.options.get("choices") or value in leaf.options["choices"]:
+        return False
+    return not (leaf.input in ("sampler_name", "scheduler") and choices.looks_like_a_name(value))
 
 
 SIZE = re.compile(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*")
@@ -246,6 +254,22 @@ def apply(graph: dict, settings: dict[str, Any], info: dict | None = None, base:
             result.graph[ref[0]]["inputs"][ref[1]] = value
             result.changes[ref] = value
     return result
+
+
+def check_values(graph: dict, info: dict | None = None) -> list[str]:
+    """The graph's own values that its node definitions refuse (a number out of range, a choice that is not
+    one), as ComfyUI would refuse them at submission: one line per problem, naming the node."""
+    problems = []
+    for leaf in leaves(graph, info).values():
+        where = f"node {leaf.node} ({leaf.class_type}) {leaf.input}"
+        value = leaf.value
+        if leaf.kind in ("INT", "FLOAT") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            low, high = leaf.options.get("min"), leaf.options.get("max")
+            if (low is not None and value < low) or (high is not None and value > high):
+                problems.append(f"{where} = {value} is outside {low}..{high}")
+        elif isinstance(value, str) and _refused_choice(leaf, value):
+            problems.append(f"{where} = {value!r} is not one of its choices")
+    return problems
 
 
 def upload_path(raw: Any, base: Path | None, where: str) -> Path:

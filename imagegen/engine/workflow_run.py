@@ -277,6 +277,10 @@ def plan_jobs(workflow: Workflow, settings: dict[str, Any], count: int, targets:
     registry = registry or Registry.load()
     applied = graph_params.apply(workflow.graph, settings, info, base=Path.cwd())
     unset_images(workflow, applied, info)
+    problems = graph_params.check_values(applied.graph, info)
+    if problems:
+        raise _refuse(workflow.source, "holds values ComfyUI would refuse: " + "; ".join(problems),
+                      hint="Fix them with --set (see --list-params), or in the editor.")
     for path in applied.uploads.values():  # size-limited and decoded here: a corrupt or huge file is exit 2
         image_inputs.load(path, "image")   # (the user's own bytes are uploaded: LoadImage reads alpha and EXIF)
     bundle = resolve_models(workflow.source, applied.graph, registry, local_models)
