@@ -123,6 +123,8 @@ def funnel_run(
     mode: Mode,
     pick: PickOpt = None,
     auto: AutoOpt = False,
+    vary: VaryOpt = None,
+    vary_denoise: VaryDenoiseOpt = None,
 ) -> None:
     """Start a funnel: drafts, then picks (--pick, --auto, or asked on a terminal), refine, polish, upscale."""
 
@@ -136,6 +138,7 @@ def funnel_run(
 
         registry = Registry.load()
         text = gen.check_prompt(prompt)
+        funnel_mod.vary.check(vary, vary_denoise)  # before the funnel folder is made
         if seed is not None and not 0 <= seed <= 2**32:
             raise ImagegenError("invalid_argument", f"--seed {seed} is outside 0..{2**32}")
         stages = funnel_stages.load_stage_file(stages_file) if stages_file else funnel_stages.default_stages(registry)
@@ -144,7 +147,7 @@ def funnel_run(
                                          keep=keep, size=size, steps=steps, denoise=denoise, scale=scale)
         base_seed = secrets.randbelow(2**32) if seed is None else seed
         funnel = funnel_mod.Funnel.create(out_dir, text, negative, base_seed, stages)
-        _advance_funnel(funnel, Advance(pick, auto, pool, workers, mode))
+        _advance_funnel(funnel, Advance(pick, auto, pool, workers, mode, vary, vary_denoise))
 
     run_guarded(mode.json_mode, mode.debug, body)
 

@@ -250,7 +250,7 @@ def stop(
 
 @app.command()
 def mcp(runtime: RuntimeOpt = "auto", keep_warm: KeepWarmOpt = 300.0, debug: DebugOpt = False) -> None:
-    """Serve generate_image, batch and list_models to an agent: an MCP server on stdin/stdout."""
+    """Serve generate_image, batch, list_models, the funnel tools and upscale_image: an MCP server on stdio."""
 
     def body() -> None:
         from imagegen.mcp.server import serve
