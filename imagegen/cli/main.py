@@ -12,11 +12,11 @@ from imagegen.cli.common import (
     EXIT_BROKEN_PIPE,
     CallTimeoutOpt,
     Controls,
-    HiresFix,
     DebugOpt,
     Draw,
     FamilyOpt,
     GuidanceOpt,
+    HiresFix,
     HostsOpt,
     JsonOpt,
     KeepWarmOpt,
@@ -86,13 +86,14 @@ def generate(
                                  "extend": controls.extend,
                                  "loras": controls.lora, "controls": controls.control,
                                  "control_preprocess": controls.control_preprocess}
+        given["hires"] = hires_fix.fix()
         if from_image is not None:
             given = gen.merge_source(from_image, given, draw.checkpoint is not None)
         if given["prompt"] is None:
             given["prompt"] = read_stdin_prompt(gen.MAX_PROMPT_CHARS)
         request = gen.Request(**given, checkpoint=draw.checkpoint, family=family, count=draw.count, output=output_path,
                               overwrite=overwrite, force=workers.force, fast=workers.fast, timeouts=timeouts,
-                              explicit_timeouts=explicit, hires=hires_fix.fix())
+                              explicit_timeouts=explicit)
         reporter = Reporter(quiet=mode.quiet, show_progress=mode.progress)
         planned = gen.plan(request)
         for record in gen.execute(planned, make_runtime(workers.runtime, workers.keep_warm, workers.hosts), reporter):
@@ -192,10 +193,18 @@ def workers(runtime: RuntimeOpt = "auto", hosts: HostsOpt = None, json_mode: Jso
 
         here = runtimes_here(runtime, hosts=hosts)  # auto: every runtime here; --hosts: every host
         found = [item for each in here for item in each.workers()]
+        nodes = [node for each in here if hasattr(each, "cluster") for node in each.cluster()]  # a Ray cluster
         if json_mode:
+            for node in nodes:
+                print(json.dumps({"schema": "imagegen.cluster_node/1", **node}))
             for item in found:
                 print(json.dumps({"schema": "imagegen.worker/1", **item}))
             return
+        for node in nodes:
+            memory = f"{node['gpu_memory_mib'] / 1024:.1f} GiB each" if node.get("gpu_memory_mib") else "memory: -"
+            print(f"node {node['address']} ({node['node_id'][:8]})\t{node['gpus']} GPU(s), {memory}\t"
+                  f"auth={'token' if node.get('auth') else 'NONE'}\tmodels={','.join(node['models']) or '-'}\t"
+                  f"workers={len(node['workers'])}" + (f"\terror={node['error']}" if node.get("error") else ""))
         if not found:
             print("no workers running", file=sys.stderr)
         for item in found:
@@ -289,12 +298,17 @@ def doctor(runtime: RuntimeOpt = "auto", hosts: HostsOpt = None, json_mode: Json
 
     def body() -> None:
         from imagegen.cli.doctor import run_checks
-        from imagegen.runtimes.docker_hosts import LOCAL, host_checks, host_names
+        from imagegen.runtimes.docker_hosts import LOCAL, host_names
+        from imagegen.runtimes.host_checks import host_checks
 
         names = host_names(hosts)
         checks = run_checks() if not names or LOCAL in names else []
         for name in names:
             checks += host_checks(name)
+        if runtime == "ray":
+            from imagegen.runtimes.ray import doctor_checks
+
+            checks += doctor_checks()
         for check in checks:
             if json_mode:
                 print(json.dumps({"schema": "imagegen.check/1", **check}))

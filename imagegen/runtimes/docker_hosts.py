@@ -227,6 +227,11 @@ class HostsRuntime:
         for thread in threads:
             thread.join()
         self.names = names
+        self.needed: dict = {}                      # bundle name -> Bundle, for the hosts to fetch
+        self.fetched: set[tuple[str, str]] = set()  # (host, bundle name) fetched or found there
+        self.renderer = None
+        self._fetch_lock = threading.Lock()
+        self._host_locks: dict[str, threading.Lock] = {}
         self.uses_host_cache = any(targets[name] is None for name in self.engines)
         self.reads_local_files = all(target is None for target in targets.values())
 
@@ -260,9 +265,11 @@ class HostsRuntime:
 
     def ensure(self, slot: str | None = None, on_status=None, mounts=frozenset()):
         self.require_some()
-        if slot is None:  # one worker (generate): a warm one on any host, else the first host that answers
-            slot = self._warm_slot(mounts) or next(s for s in self.slots() if split_slot(s)[0] in self.engines)
+        if slot is None:  # one worker (generate): a warm one, else one on a host holding the model, else any
+            slot = (self._warm_slot(mounts) or self._holding_slot()
+                    or next(s for s in self.slots() if split_slot(s)[0] in self.engines))
         engine, inner = self._engine(slot)
+        self._fetch_needed(split_slot(slot)[0], engine)
         handle = engine.ensure(inner, on_status, mounts)
         handle.slot = slot
         handle.info["host"] = split_slot(slot)[0]
@@ -307,86 +314,36 @@ class HostsRuntime:
         return stopped
 
     def fetch_on_hosts(self, bundle, renderer=None) -> None:
-        """Each SSH host's missing files of a bundle, fetched there (in parallel, once per host)."""
+        """A bundle the coming jobs need: each SSH host fetches its missing files when a worker of it
+        starts (ensure), once per host, so hosts that hold the model start rendering first."""
+        with self._fetch_lock:
+            self.needed[bundle.name] = bundle
+            self.renderer = renderer or self.renderer
+
+    def _fetch_needed(self, name: str, engine) -> None:
         from imagegen.runtimes.host_fetch import fetch_on_host
 
-        remote = [engine for engine in self.engines.values() if isinstance(engine, HostDocker)]
-        errors: list[ImagegenError] = []
+        if not isinstance(engine, HostDocker):
+            return  # this machine's cache was filled by the engine (uses_host_cache)
+        with self._fetch_lock:
+            lock = self._host_locks.setdefault(name, threading.Lock())
+        with lock:  # one fetch per host, however many of its workers start at once
+            for bundle in list(self.needed.values()):
+                if (name, bundle.name) not in self.fetched:
+                    fetch_on_host(engine, bundle, self.renderer)
+                    self.fetched.add((name, bundle.name))
 
-        def fetch(engine: HostDocker) -> None:
+    def _holding_slot(self) -> str | None:
+        """The first slot of a host that holds every needed model: this machine first (its cache
+        was filled already), then an SSH host whose cache has the files."""
+        from imagegen.runtimes.host_fetch import missing_on_host
+
+        for name, engine in sorted(self.engines.items(), key=lambda item: isinstance(item[1], HostDocker)):
             try:
-                fetch_on_host(engine, bundle, renderer)
-            except ImagegenError as error:
-                errors.append(error)
-
-        threads = [threading.Thread(target=fetch, args=(engine,), daemon=True) for engine in remote]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
-
-
-def _free_disk_kib(engine: HostDocker) -> int | None:
-    """Free space where the host's cache lives (its nearest existing folder), from `df`."""
-    folder = shlex.quote(engine._base_dir())
-    out = ssh_forward.run(engine.target, f'd={folder}; while [ ! -e "$d" ]; do d=$(dirname "$d"); done; '
-                                         'df -Pk "$d" | tail -n 1')
-    try:
-        return int(out.split()[3])
-    except (IndexError, ValueError):
+                holds = not isinstance(engine, HostDocker) or not any(
+                    missing_on_host(engine, bundle, engine._models_source()) for bundle in self.needed.values())
+                if holds:
+                    return f"{name}/{engine.slots()[0]}"
+            except ImagegenError:
+                continue
         return None
-
-
-def host_checks(name: str) -> list[dict]:
-    """`imagegen doctor --hosts`: for one SSH host, each check as {check, ok, detail, fix, optional, host};
-    a host that does not answer stops at the first check that fails, with the next step to take."""
-    from imagegen import __version__
-
-    def check(what: str, ok: bool, detail: str, fix: str = "", optional: bool = False) -> dict:
-        return {"check": what, "ok": ok, "detail": detail, "fix": "" if ok else fix, "optional": optional,
-                "host": name}
-
-    try:
-        target = resolve(name)
-    except ImagegenError as error:
-        return [check("ssh", False, error.message, error.hint or "")]
-    if target is None:
-        return []
-    login = target.login()
-    try:
-        engine = HostDocker(name, target)
-    except ImagegenError as error:
-        if error.code == "docker_unavailable":
-            return [check("ssh", True, f"{target} answers"),
-                    check("docker", False, error.message, f"Run `{login} docker info`: install Docker there, start it, "
-                          "and add the login user to the docker group.")]
-        return [check("ssh", False, error.message, f"Run `{login} true`: it must log in without a prompt (an SSH "
-                      "key in ssh-agent or ~/.ssh/config, the host in known_hosts), and the host must be up.")]
-    try:
-        info = engine.client.info()
-        found = engine.remote_gpus
-        has_nvidia = "nvidia" in (info.get("Runtimes") or {})
-        checks = [check("ssh", True, f"{target} answers (uid {engine.remote_uid})"),
-                  check("docker", True, f"engine {info.get('ServerVersion')} answers"),
-                  check("nvidia runtime", has_nvidia, "present" if has_nvidia else "absent",
-                        "Install the NVIDIA Container Toolkit there and restart Docker.", optional=not found),
-                  check("gpus", bool(found), "; ".join(f"{g.index}: {g.name} {g.uuid} {g.memory_total_mib} MiB "
-                                                       f"({g.memory_free_mib} free)" for g in found)
-                        or "no NVIDIA GPU found (nvidia-smi absent or failing): workers run on CPU",
-                        "Install the NVIDIA driver there so nvidia-smi works.", optional=True)]
-        try:
-            label = engine.client.images.get(engine.image).labels.get("imagegen.version")
-            checks.append(check("image", label == __version__, f"{engine.image} (imagegen {label})",
-                                f"imagegen image push {name}"))
-        except Exception:  # noqa: BLE001 - ImageNotFound and API errors alike
-            checks.append(check("image", False, f"{engine.image} is not there", f"imagegen image push {name}"))
-        free = _free_disk_kib(engine)
-        gib = (free or 0) / 1024**2
-        checks.append(check("free disk", free is not None and gib > 10, f"{gib:.1f} GiB free at {engine._base_dir()}",
-                            "Free space there (SD1.5 needs 2 GB, SDXL 7 GB, Flux about 30 GB), or set "
-                            "IMAGEGEN_HOSTS_DIR to a folder on a larger disk.", optional=gib > 3))
-        return checks
-    finally:
-        engine.close()
