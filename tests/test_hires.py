@@ -155,6 +155,14 @@ def test_generate_hires_renders_64_to_128_through_the_real_cli(comfy_worker, ses
     with Image.open(record["path"]) as image:
         assert image.size == (128, 128)
 
+    again = run_cli("generate", "--from", record["path"], "--checkpoint", str(tiny_sd15), "--json",
+                    "-o", str(tmp_path / "again.png"), env=env)
+    assert again.returncode == 0, again.stderr.decode()
+    reproduced = json.loads(again.stdout)
+    assert reproduced["hires"] == record["hires"] and (reproduced["width"], reproduced["height"]) == (128, 128)
+    with Image.open(record["path"]) as first, Image.open(reproduced["path"]) as second:
+        assert first.tobytes() == second.tobytes(), "--from draws the same two passes again"
+
     done = run_cli("generate", "a red fox", *common, "--hires", "--hires-scale", "1.5", "--hires-model",
                    str(tiny_esrgan), "--hires-steps", "2", "-o", str(tmp_path / "owl.png"), env=env)
     assert done.returncode == 0, done.stderr.decode()

@@ -19,13 +19,14 @@ A1111_SAMPLERS = {"euler a": "euler_ancestral", "euler": "euler", "heun": "heun"
                   "dpm++ 2m sde": "dpmpp_2m_sde", "dpm++ 2s a": "dpmpp_2s_ancestral", "dpm++ 3m sde": "dpmpp_3m_sde",
                   "unipc": "uni_pc", "lcm": "lcm"}
 KEYS = ("prompt", "negative", "model", "seed", "width", "height", "steps", "cfg", "sampler", "scheduler", "guidance",
-        "denoise", "mask_grow", "extend", "inputs", "loras", "controls")
+        "denoise", "mask_grow", "extend", "inputs", "loras", "controls", "hires")
 
 
 MAX_IMAGE_BYTES = 64 * 1024 * 1024  # a PNG larger than this is not one imagegen or ComfyUI wrote
 TYPES = {"prompt": str, "negative": str, "model": str, "model_file": str, "sampler": str, "scheduler": str,
          "seed": int, "width": int, "height": int, "steps": int, "cfg": float, "guidance": float,
-         "denoise": float, "mask_grow": int, "extend": list, "inputs": dict, "loras": list, "controls": list}
+         "denoise": float, "mask_grow": int, "extend": list, "inputs": dict, "loras": list, "controls": list,
+         "hires": dict}
 _NUMBER: tuple[type, ...] = (int, float)
 ADDON_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {  # what each recorded LoRA/ControlNet must hold
     "loras": {"name": str, "strength": _NUMBER},

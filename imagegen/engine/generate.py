@@ -92,6 +92,9 @@ def merge_source(image: Path, given: dict, has_checkpoint: bool) -> dict:
             if role in inputs.ROLES and merged.get(role) is None:
                 merged[role] = inputs.find_recorded(role, record, image)
     merged.update(addons.from_record(found, merged, image))  # its LoRAs and ControlNets, where none are given
+    if merged.get("hires") is None and found.get("hires"):  # the same two passes, from the first pass's size
+        merged["hires"], first_size = hires.from_record(found["hires"])
+        merged["size"] = merged.get("size") or first_size
     if merged.get("size") is None and found.get("width") and found.get("height"):
         merged["size"] = f"{found['width']}x{found['height']}"
     if merged.get("model") is None and not has_checkpoint and found.get("model"):

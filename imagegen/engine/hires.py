@@ -126,3 +126,14 @@ def from_item(value, where: str) -> HiresFix | None:
         raise ImagegenError("invalid_argument", f"{where}: hires.model must be a model name or file, not {model!r}")
     return HiresFix(scale=value.get("scale", defaults.scale), denoise=value.get("denoise", defaults.denoise),
                     steps=value.get("steps"), upscaler=model or LANCZOS)
+
+
+def from_record(recorded: dict) -> tuple[HiresFix, str | None]:
+    """`--from IMAGE` of a hires-fixed image: the same second pass, and the first pass's size (the record's
+    width and height are the final image's). Values are checked later, like the flags'."""
+    defaults = HiresFix()
+    first = (recorded.get("first_width"), recorded.get("first_height"))
+    size = f"{first[0]}x{first[1]}" if all(isinstance(v, int) and not isinstance(v, bool) for v in first) else None
+    upscaler = recorded.get("upscaler")
+    return HiresFix(scale=recorded.get("scale", defaults.scale), denoise=recorded.get("denoise", defaults.denoise),
+                    steps=recorded.get("steps"), upscaler=upscaler if isinstance(upscaler, str) else LANCZOS), size
