@@ -167,10 +167,10 @@ class HiresFix:
                 raise ImagegenError("invalid_argument", f"{given[0]} needs --hires",
                                     hint="Add --hires to draw the image in two passes.")
             return None
-        from imagegen.comfy.hires import LANCZOS, HiresFix as Fix
+        from imagegen.comfy import hires
 
-        return Fix(scale=self.hires_scale, denoise=self.hires_denoise, steps=self.hires_steps,
-                   upscaler=self.hires_model or LANCZOS)
+        return hires.HiresFix(scale=self.hires_scale, denoise=self.hires_denoise, steps=self.hires_steps,
+                              upscaler=self.hires_model or hires.LANCZOS)
 
 
 @dataclasses.dataclass

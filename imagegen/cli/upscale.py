@@ -42,7 +42,8 @@ def upscale(
                                              overwrite=overwrite, timeouts=timeouts, explicit_timeouts=explicit)
         planned = upscale_mod.plan(request)  # every input and output checked before a worker starts
         reporter = Reporter(quiet=mode.quiet, show_progress=mode.progress)
-        for record in upscale_mod.execute(planned, make_runtime(workers.runtime, workers.keep_warm, workers.hosts), reporter):
+        runtime = make_runtime(workers.runtime, workers.keep_warm, workers.hosts)
+        for record in upscale_mod.execute(planned, runtime, reporter):
             if record["path"] != "-":
                 emit_result(record, mode.json_mode, quiet=False)
             elif mode.json_mode:

@@ -85,7 +85,8 @@ def _enlarged(graph: dict, hires: HiresFix, latent: list, vae: list, width: int,
 
 def a1111_size(record: dict) -> str:
     """A1111's Size: the first pass's, for a hires-fixed image (whose own size is the second pass's)."""
-    first = record.get("hires") if isinstance(record.get("hires"), dict) else {}
+    recorded = record.get("hires")
+    first: dict = recorded if isinstance(recorded, dict) else {}
     return f"{first.get('first_width', record['width'])}x{first.get('first_height', record['height'])}"
 
 
@@ -101,6 +102,6 @@ def a1111_fields(record: dict) -> list[str]:
     fields = [f"Denoising strength: {hires.get('denoise')}", f"Hires upscale: {hires.get('scale')}"]
     if hires.get("steps"):
         fields.append(f"Hires steps: {hires['steps']}")
-    upscaler = hires.get("upscaler")
+    upscaler = str(hires.get("upscaler"))
     fields.append(f"Hires upscaler: {A1111_UPSCALERS.get(upscaler, upscaler)}")
     return fields

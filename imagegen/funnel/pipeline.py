@@ -159,7 +159,7 @@ def stage_jobs(funnel: Funnel, number: int, registry: Registry, fast: bool = Fal
             error = missing_source(funnel, number, image, source)
             image.update(status="failed", error={"code": error.code, "message": error.message, "hint": error.hint})
             continue
-        if image.get("copy"):  # a variations stage shows the pick itself first: copied, not redrawn
+        if image.get("copy") and source is not None:  # a variations stage shows the pick itself first: copied
             vary.copy_pick(funnel, image, source)
             continue
         if bundle.family == "upscale":

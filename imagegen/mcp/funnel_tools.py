@@ -39,6 +39,13 @@ def absolute(value: str | None, name: str) -> Path | None:
     return path
 
 
+def required(value: str, name: str) -> Path:
+    path = absolute(value, name)
+    if path is None:
+        raise ImagegenError("invalid_argument", f"{name} is required", hint=f"Pass {name} as an absolute path.")
+    return path
+
+
 class ToolProgress(BatchReporter):
     """A funnel stage's or an upscale's progress as MCP notifications; a cancelled call stops at the next step."""
 
@@ -112,7 +119,7 @@ def start(tools, ctx: Context, cancelled, *, prompt: str, output_dir: str, check
 
     registry = Registry.load()
     text = gen.check_prompt(prompt)
-    root = absolute(output_dir, "output_dir")
+    root = required(output_dir, "output_dir")
     given = {name: str(absolute(model, f"{name}_model")) if model and funnel_stages.is_path(model) else model
              for name, model in models.items()}
     if seed is not None and not 0 <= seed <= 2**32:
@@ -127,7 +134,7 @@ def start(tools, ctx: Context, cancelled, *, prompt: str, output_dir: str, check
 def show(tools, directory: str) -> CallToolResult:
     from imagegen.funnel import pipeline
 
-    funnel = pipeline.Funnel.load(absolute(directory, "dir"))
+    funnel = pipeline.Funnel.load(required(directory, "dir"))
     status = pipeline.status_record(funnel)
     result = _status_result(tools, status, [])
     result.content.insert(1, TextContent(type="text", text="\n".join(pipeline.summary_lines(funnel))))
@@ -139,7 +146,7 @@ def pick(tools, ctx: Context, cancelled, *, directory: str, picks: list[int], ad
          vary_denoise: float | None) -> CallToolResult:
     from imagegen.funnel import pipeline
 
-    funnel = pipeline.Funnel.load(absolute(directory, "dir"))
+    funnel = pipeline.Funnel.load(required(directory, "dir"))
     step = funnel.next_step()
     if step["action"] != "pick":
         raise ImagegenError("invalid_argument", f"{funnel.root} is not waiting for a pick (next: {step['action']}"
