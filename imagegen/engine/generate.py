@@ -191,7 +191,12 @@ def plan_jobs(request: Request, bundle: Bundle, chosen: addons.Chosen | None = N
             f"{bundle.base or 'matching'} model.",
         )
     prompt = check_prompt(request.prompt)
-    chosen = chosen or addons.choose(prompt, request.loras, request.controls, request.control_preprocess, bundle)
+    if chosen is None:  # a caller that carries no LoRA/ControlNet files to its workers (the funnel)
+        chosen = addons.choose(prompt, request.loras, request.controls, request.control_preprocess, bundle)
+        if chosen.bundles:
+            raise ImagegenError("invalid_argument", "LoRAs and ControlNets (here: "
+                                f"{', '.join(b.name for b in chosen.bundles)}) work with generate and batch, not here",
+                                hint="Remove the <lora:...> tags from the prompt, or render it with generate or batch.")
     prompt = check_prompt(chosen.prompt)  # without its <lora:...> tags
     negative = check_prompt(request.negative, "negative prompt") if request.negative else bundle.default("negative", "")
     given = inputs.prepare(request.image, request.mask, request.denoise, request.mask_grow, request.extend)
