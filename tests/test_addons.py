@@ -306,6 +306,8 @@ def test_a_tiny_controlnet_is_detected_and_steers(warm, tiny_sd15, tiny_controln
     control = record["controls"][0]
     assert (control["model"], control["image"], control["preprocess"]) == (tiny_controlnet.name, "shape.png", "canny")
     assert len(control["sha256"]) == 64 and len(control["image_sha256"]) == 64
+    _generate(warm, tiny_sd15, tmp_path / "free.png")
+    assert _pixels(tmp_path / "steered.png") != _pixels(tmp_path / "free.png"), "the ControlNet changed nothing"
 
 
 @pytest.mark.comfyui
@@ -349,3 +351,19 @@ def test_models_add_and_inspect_know_loras_and_controlnets(crafted, isolated_hom
     refused = run_cli("generate", "a fox", "--checkpoint", str(crafted["checkpoint"]), "--lora", "xl-style:0.4",
                       "--json")
     assert refused.returncode == 2 and _error(refused)["code"] == "lora_mismatch"
+
+
+def test_a_lora_whose_header_tells_no_family_goes_on_with_a_note(crafted, tmp_path):
+    model = Registry.load().get("sd15")
+    vague = write_safetensors(tmp_path / "vague.safetensors", {
+        "lora_unet_mid_block_resnets_0_conv1.lora_down.weight": ("F16", [4, 1280, 3, 3]),
+        "lora_unet_mid_block_resnets_0_conv1.lora_up.weight": ("F16", [1280, 4, 1, 1])})
+    chosen = addons.choose("a fox", [f"{vague}:0.5", f"{vague}:0.2"], None, None, model)
+    assert [lora.strength for lora in chosen.loras] == [0.5, 0.2] and len(chosen.bundles) == 1
+    assert len(chosen.notes) == 1 and "cannot tell" in chosen.notes[0]
+    with pytest.raises(ImagegenError) as caught:
+        addons.choose("a fox", [f"{vague}:500"], None, None, model)
+    assert caught.value.code == "invalid_argument"
+    with pytest.raises(ImagegenError) as caught:
+        addons.choose("a fox", None, [f"canny-sd15:{crafted['image']}:0.5:0.9:0.1"], None, model)
+    assert "after" in caught.value.message
