@@ -54,9 +54,9 @@ if ! torch_ok; then
     || die "could not install ${torch_pins[*]}"
   torch_ok || die "torch/torchvision do not import after install (a +cpu build?)"
 fi
-say "installing ComfyUI's requirements and imagegen (editable, with test extras)"
+say "installing ComfyUI's requirements and imagegen (editable, with the test and ray extras)"
 quiet_pip install -r "$comfy_dir/requirements.txt" || die "could not install ComfyUI's requirements"
-quiet_pip install -e "$repo[test]" || die "could not install imagegen"
+quiet_pip install -e "$repo[test,ray]" || die "could not install imagegen"
 torch_ok || die "ComfyUI's requirements replaced torch with a build that does not work"
 rm -f "$venv"/.imagegen-deps-*; touch "$stamp"
 say "ready: venv=$venv comfyui=$comfy_dir"

@@ -46,6 +46,12 @@ def comfyui_dir() -> Path:
     require(False, "no ComfyUI checkout (run scripts/setup-dev.sh)")
 
 
+@pytest.fixture(scope="session")
+def ray_installed() -> None:
+    """Ray (the `ray` extra) for tests marked `ray`: under CI its absence fails them."""
+    require(_imports("ray"), "Ray is not installed (pip install 'imagegen[ray]')")
+
+
 def _imports(*modules: str) -> bool:
     code = "import " + ", ".join(modules)
     return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

@@ -90,6 +90,7 @@ class RayCluster:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - kept open for the node's life
         process = subprocess.Popen([sys.executable, "-c", START, "start", "--block", "--node-ip-address=127.0.0.1",
                                     f"--num-gpus={gpus}", "--num-cpus=2", "--object-store-memory=80000000",
+                                    f"--dashboard-agent-listen-port={free_port()}",
                                     "--disable-usage-stats", *args],
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=full,
                                    start_new_session=True)
@@ -97,7 +98,9 @@ class RayCluster:
         return node
 
     def start_head(self) -> RayNode:
+        # ports of their own: a second cluster on this machine (a test's, a benchmark's) must not collide
         self.head = self._start("head", ["--head", f"--port={self.port}", "--include-dashboard=false",
+                                         f"--ray-client-server-port={free_port()}",
                                          f"--temp-dir={self.root / 'ray-tmp'}"], 0, {}, {})
         self.wait_for(1)
         return self.head

@@ -17,7 +17,7 @@ from conftest import REPO, communicate, run_cli
 from hub_server import HubServer
 from ray_cluster import RayCluster
 
-pytestmark = [pytest.mark.ray, pytest.mark.comfyui]
+cluster_test = pytest.mark.ray  # each test starts (or shares) a real Ray cluster with CPU ComfyUI workers
 
 MODEL = "tiny-ray"
 FILE = "tiny-ray-sd15.safetensors"
@@ -85,6 +85,8 @@ def hub_gets(hub: HubServer) -> int:
     return len(hub.gets())
 
 
+@cluster_test
+@pytest.mark.comfyui
 def test_a_batch_spreads_over_two_nodes_and_the_node_lacking_the_model_fetches_it_once(env, hub, cluster, tmp_path):
     out = tmp_path / "out"
     prompts = "\n".join(f"a robot number {n}" for n in range(6)) + "\n"
@@ -102,6 +104,8 @@ def test_a_batch_spreads_over_two_nodes_and_the_node_lacking_the_model_fetches_i
     assert hub_gets(hub) == 1                                   # once per node, never again
 
 
+@cluster_test
+@pytest.mark.comfyui
 def test_generate_and_workers_show_the_cluster(env, cluster, tmp_path):
     target = tmp_path / "one.png"
     result = run_cli("generate", "a lighthouse", "-m", MODEL, "--size", "64x64", "--steps", "1", "-o", str(target),
@@ -111,11 +115,16 @@ def test_generate_and_workers_show_the_cluster(env, cluster, tmp_path):
     assert record["path"] == str(target) and target.is_file() and record["worker"].startswith("ray-")
     listed = run_cli("workers", "--runtime", "ray", "--json", env=env)
     assert listed.returncode == 0, listed.stderr.decode()[-3000:]
-    shown = json.loads(listed.stdout.decode())
-    text = json.dumps(shown)
-    assert "127.0.0.1" in text and MODEL in text and cluster.token not in text
+    shown = [json.loads(line) for line in listed.stdout.decode().splitlines()]
+    nodes = [item for item in shown if item["schema"] == "imagegen.cluster_node/1"]
+    gpu_nodes = sorted((node for node in nodes if node["gpus"]), key=lambda node: node["gpu_memory_mib"])
+    assert [node["gpu_memory_mib"] for node in gpu_nodes] == [SMALL_GPU_MIB, 16384]
+    assert all(node["address"] == "127.0.0.1" and node["auth"] and MODEL in node["models"] for node in gpu_nodes)
+    assert cluster.token not in listed.stdout.decode() + listed.stderr.decode()
 
 
+@cluster_test
+@pytest.mark.comfyui
 def test_routing_by_memory_keeps_a_large_job_off_the_small_gpu(env, tmp_path):
     out = tmp_path / "out"
     items = "\n".join(json.dumps({"prompt": f"a wide sea {n}", "size": "256x256"}) for n in range(2))
@@ -139,6 +148,8 @@ def _workers_by_box(env) -> dict[str, str]:
     return {box: f"ray-{node_id}-0" for box, node_id in boxes.items() if box}
 
 
+@cluster_test
+@pytest.mark.comfyui
 def test_a_rerun_after_the_driver_is_killed_finishes_every_image_once(env, tmp_path):
     out = tmp_path / "out"
     prompts = "\n".join(f"a harbour {n}" for n in range(6)) + "\n"
@@ -147,6 +158,7 @@ def test_a_rerun_after_the_driver_is_killed_finishes_every_image_once(env, tmp_p
                               env={**os.environ, **env}, start_new_session=True)
     driver.stdin.write(prompts.encode())
     driver.stdin.close()
+    driver.stdin = None  # closed: communicate() must not flush it
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and driver.poll() is None:
         if (out / "manifest.jsonl").is_file() and done_keys(out):
@@ -164,6 +176,8 @@ def test_a_rerun_after_the_driver_is_killed_finishes_every_image_once(env, tmp_p
     assert len(list(out.glob("*.png"))) == 6
 
 
+@cluster_test
+@pytest.mark.comfyui
 def test_a_cluster_without_token_auth_is_refused_unless_allowed(ray_installed, tmp_path):
     insecure = RayCluster(tmp_path / "ray", token=None)
     try:
@@ -180,6 +194,8 @@ def test_a_cluster_without_token_auth_is_refused_unless_allowed(ray_installed, t
         insecure.stop()
 
 
+@cluster_test
+@pytest.mark.comfyui
 def test_a_node_lost_mid_batch_leaves_every_image_in_the_manifest_exactly_once(env, cluster, tmp_path):
     """Runs last: it takes the small node away for good."""
     out = tmp_path / "out"
@@ -191,6 +207,7 @@ def test_a_node_lost_mid_batch_leaves_every_image_in_the_manifest_exactly_once(e
                               env={**os.environ, **env}, start_new_session=True)
     driver.stdin.write(prompts.encode())
     driver.stdin.close()
+    driver.stdin = None  # closed: communicate() must not flush it
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and driver.poll() is None:
         lines = manifest(out) if (out / "manifest.jsonl").is_file() else []
@@ -205,3 +222,26 @@ def test_a_node_lost_mid_batch_leaves_every_image_in_the_manifest_exactly_once(e
     assert len(keys) == 8 and len(set(keys)) == 8, manifest(out)
     assert len(list(out.glob("*.png"))) == 8
     assert "worker_died" in stderr.decode() or "failed" in stderr.decode()
+
+
+def test_without_ray_the_error_names_the_extra(monkeypatch):
+    from imagegen.runtimes.ray import import_ray
+    from imagegen.util.errors import ImagegenError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` finds when it is not installed
+    with pytest.raises(ImagegenError) as caught:
+        import_ray()
+    assert caught.value.code == "runtime_unavailable" and "pip install 'imagegen[ray]'" in caught.value.hint
+
+
+def test_a_worker_error_travels_back_as_the_same_imagegen_error():
+    from imagegen.runtimes.ray_actor import as_failure, raise_failure
+    from imagegen.util.errors import ImagegenError
+
+    sent = ImagegenError("timeout", "the job stalled", hint="raise it", phase="sampling", prompt_id="p1")
+    with pytest.raises(ImagegenError) as caught:
+        raise_failure(as_failure(sent))
+    got = caught.value
+    assert (got.code, got.message, got.hint, got.details) == ("timeout", "the job stalled", "raise it",
+                                                              {"phase": "sampling", "prompt_id": "p1"})
+    assert raise_failure({"ok": 3}) == {"ok": 3}

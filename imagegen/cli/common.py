@@ -47,13 +47,31 @@ DebugOpt = Annotated[bool, typer.Option(
     "--debug", help="Show tracebacks for unexpected errors.", envvar="IMAGEGEN_DEBUG")]
 RuntimeOpt = Annotated[str, typer.Option(
     "--runtime", envvar="IMAGEGEN_RUNTIME",
-    help="Where workers run: auto, docker, local, or remote (IMAGEGEN_REMOTE_WORKERS=URL#TOKEN,...).")]
+    help="Where workers run: auto, docker, local, remote (IMAGEGEN_REMOTE_WORKERS=URL#TOKEN,...), or ray (a Ray "
+         "cluster: --ray-address).")]
 KeepWarmOpt = Annotated[float, typer.Option(
     "--keep-warm", help="Seconds an idle worker stays up for the next call (0 to a week).", envvar="IMAGEGEN_KEEP_WARM",
     callback=_finite(0.0, MAX_KEEP_WARM, "a number of seconds"))]
 HostsOpt = Annotated[str | None, typer.Option(
     "--hosts", envvar="IMAGEGEN_DOCKER_HOSTS", metavar="local,box2,me@box3:2222",
     help="Run Docker workers on these hosts over SSH (Docker context names too; `local` is this machine).")]
+
+
+def _exported(variable: str):
+    """A callback that hands an option's value to the code reading `variable` (Ray reads RAY_ADDRESS itself)."""
+    def export(value):
+        if value:
+            os.environ[variable] = "1" if value is True else str(value)
+        return value
+    return export
+
+
+RayAddressOpt = Annotated[str | None, typer.Option(
+    "--ray-address", envvar="RAY_ADDRESS", metavar="HOST:PORT", callback=_exported("RAY_ADDRESS"),
+    help="The Ray cluster for --runtime ray (default: RAY_ADDRESS, else the cluster started on this machine).")]
+RayInsecureOpt = Annotated[bool, typer.Option(
+    "--ray-allow-insecure", callback=_exported("IMAGEGEN_RAY_ALLOW_NO_AUTH"),
+    help="Accept a Ray cluster without token authentication: only for a cluster on this one machine.")]
 ProgressOpt = Annotated[bool | None, typer.Option(
     "--progress/--no-progress", help="Progress bars on stderr (default: only when stderr is a terminal).")]
 ForceOpt = Annotated[bool, typer.Option(
@@ -185,10 +203,12 @@ class Mode:
 
 @dataclasses.dataclass
 class Workers:
-    """Where and how workers run: --runtime, --hosts, --keep-warm, --fast, --force."""
+    """Where and how workers run: --runtime, --hosts, --ray-address, --keep-warm, --fast, --force."""
 
     runtime: RuntimeOpt = "auto"
     hosts: HostsOpt = None
+    ray_address: RayAddressOpt = None
+    ray_allow_insecure: RayInsecureOpt = False
     keep_warm: KeepWarmOpt = 300.0
     fast: FastOpt = False
     force: ForceOpt = False

@@ -1,4 +1,4 @@
-"""Pick the runtime for `--runtime`: docker, local, remote, or auto."""
+"""Pick the runtime for `--runtime`: docker, local, remote, ray, or auto."""
 
 from __future__ import annotations
 
@@ -28,8 +28,12 @@ def make_runtime(name: str = "auto", keep_warm: float | None = None, hosts: str 
     if on_hosts is not None:
         on_hosts.require_some()
         return on_hosts
-    if name not in ("auto", "docker", "local", "remote"):
-        raise ImagegenError("invalid_argument", f"--runtime {name!r}: choose auto, docker, local or remote")
+    if name not in ("auto", "docker", "local", "remote", "ray"):
+        raise ImagegenError("invalid_argument", f"--runtime {name!r}: choose auto, docker, local, remote or ray")
+    if name == "ray":  # the cluster at RAY_ADDRESS (--ray-address sets it)
+        from imagegen.runtimes.ray import RayRuntime
+
+        return RayRuntime(keep_warm=keep_warm)
     if name == "remote":
         from imagegen.runtimes.remote import RemoteRuntime
 

@@ -304,7 +304,12 @@ class RayRuntime:
 
     # --- listing ------------------------------------------------------------------
     def cluster(self, bundles: list | None = None) -> list[dict]:
-        """Each alive node: address, GPUs (with declared memory), token auth, models held, workers."""
+        """Each alive node: address, GPUs (with declared memory), token auth, the registered models
+        it holds completely (of `bundles`; default: every registered one), its imagegen workers."""
+        if bundles is None:
+            from imagegen.models.registry import Registry
+
+            bundles = list(Registry.load().bundles.values())
         nodes = self.nodes()
         facts = self._node_facts(bundles, nodes)
         workers = self._gather({n.node_id: self._pinned(n.node_id, ray_actor.node_workers) for n in nodes}, 60)
@@ -328,3 +333,30 @@ class RayRuntime:
                 found.append({**worker, "runtime": self.name, "name": f"{worker['name']}@{node['address']}",
                               "node_id": node["node_id"], "node_address": node["address"]})
         return found
+
+
+def doctor_checks() -> list[dict]:
+    """`imagegen doctor --runtime ray`: Ray installed, the cluster reachable and token-authenticated,
+    and per node its GPUs (with memory), the models it holds and its workers' health."""
+    def check(name: str, ok: bool, detail: str, fix: str = "") -> dict:
+        return {"check": name, "ok": ok, "detail": detail, "fix": fix if not ok else "", "optional": False}
+
+    try:
+        runtime = RayRuntime()
+    except ImagegenError as error:
+        return [check("ray cluster", False, error.message, error.hint)]
+    checks = [check("ray cluster", True, f"{runtime.address}: token authentication on every node")]
+    for node in runtime.cluster():
+        where = f"ray node {node['address']} ({node['node_id'][:8]})"
+        if node.get("error"):
+            checks.append(check(where, False, node["error"], "Check the node with `ray status` and its logs."))
+            continue
+        memory = f", {node['gpu_memory_mib'] / 1024:.1f} GiB each" if node.get("gpu_memory_mib") else ""
+        sick = [w["name"] for w in node["workers"] if not w.get("healthy", True)]
+        detail = (f"{node['gpus']} GPU(s){memory}; models: {', '.join(node['models']) or 'none'}; "
+                  f"workers: {len(node['workers'])}" + (f" ({', '.join(sick)} not answering)" if sick else ""))
+        checks.append(check(where, not sick, detail, "Run `imagegen stop --runtime ray` to clear hung workers."))
+    if not any(node["gpus"] for node in runtime.cluster([])):
+        checks.append(check("ray GPUs", False, "no node of the cluster offers a GPU",
+                            "Start GPU nodes with `ray start --address HEAD:PORT` (see docs/cluster.md)."))
+    return checks

@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from typing import Any
 
 from imagegen.comfy.client import ComfyClient, JobSession, Timeouts
 from imagegen.util.errors import ImagegenError
 
 MEMORY_LABEL = "imagegen.gpu_memory_mib"   # a node label (or env IMAGEGEN_GPU_MEMORY_MIB) declaring each GPU's memory
+ATTACH_ENV = "IMAGEGEN_RAY_NODE_WORKERS"    # on a node: workers it runs itself (URL#TOKEN, one per GPU index)
 
 
 def as_failure(error: ImagegenError) -> dict:
@@ -75,8 +77,8 @@ class NodeWorker:
 
     def __init__(self, keep_warm: float, start_timeout: float, gpus_on_node: int = 1):
         self.keep_warm, self.start_timeout, self.gpus_on_node = keep_warm, start_timeout, gpus_on_node
-        self.local = None
-        self.handle = None
+        self.local: Any = None    # the LocalRuntime that started our worker, or a RemoteRuntime (ATTACH_ENV)
+        self.handle: Any = None
         self.client: ComfyClient | None = None
         self.sessions: dict[str, JobSession] = {}
 
@@ -92,12 +94,20 @@ class NodeWorker:
 
         gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         index = gpu_ids[0] if gpu_ids else "0"
-        on_gpu = detect_device() == "cuda" and bool(gpu_ids)
-        slot = index if on_gpu else ("cpu" if index == "0" else f"cpu-{int(index) + 1}")
-        self.local = LocalRuntime(keep_warm=self.keep_warm, start_timeout=self.start_timeout,
-                                  shared_models=shared_trees())
-        self.local.cpu_workers = max(1, self.gpus_on_node)
-        self.handle = self.local.ensure(slot)
+        attach = os.environ.get(ATTACH_ENV, "").strip()
+        if attach:  # the node runs its workers itself: URL#TOKEN per GPU, on its loopback
+            from imagegen.runtimes.remote import RemoteRuntime
+
+            self.local = RemoteRuntime(attach)
+            slots = self.local.slots()
+            self.handle = self.local.ensure(slots[int(index) % len(slots)])
+        else:
+            on_gpu = detect_device() == "cuda" and bool(gpu_ids)
+            slot = index if on_gpu else ("cpu" if index == "0" else f"cpu-{int(index) + 1}")
+            self.local = LocalRuntime(keep_warm=self.keep_warm, start_timeout=self.start_timeout,
+                                      shared_models=shared_trees())
+            self.local.cpu_workers = max(1, self.gpus_on_node)
+            self.handle = self.local.ensure(slot)
         self.client = self.handle.client(request_timeout=30.0)
         context = ray.get_runtime_context()
         return {"local_slot": slot, "device": self.handle.device, "started_here": self.handle.started_here,

@@ -83,6 +83,13 @@ ERRORS: dict[str, ErrorKind] = {
     # Environment and runtime failures.
     "comfyui_not_found": ErrorKind(EXIT_FAILURE, "No ComfyUI checkout was found for the local runtime.",
                                    "Run scripts/setup-dev.sh, or set IMAGEGEN_COMFYUI_DIR to a ComfyUI checkout."),
+    "cluster_insecure": ErrorKind(EXIT_USAGE,
+        "The Ray cluster runs without token authentication: anyone who reaches it can run code on its machines.",
+        "Restart it with RAY_AUTH_MODE=token on every node (docs/cluster.md); on a single-machine cluster only, "
+        "set IMAGEGEN_RAY_ALLOW_NO_AUTH=1 or pass --ray-allow-insecure."),
+    "cluster_unreachable": ErrorKind(EXIT_FAILURE,
+        "The Ray cluster cannot be reached, refused our token, or one of its nodes did not answer.",
+        "Check RAY_ADDRESS / --ray-address and the token (RAY_AUTH_TOKEN_PATH), then run `ray status`."),
     "worker_start_failed": ErrorKind(EXIT_FAILURE, "A worker did not become ready.",
                                      "Read the worker log named above; `imagegen stop --all` clears stale workers."),
     "worker_died": ErrorKind(EXIT_FAILURE, "A worker stopped while running a job.",
