@@ -169,3 +169,19 @@ def test_generate_hires_renders_64_to_128_through_the_real_cli(comfy_worker, ses
     record = json.loads(done.stdout)
     assert (record["width"], record["height"]) == (96, 96)
     assert record["hires"]["upscaler"] == tiny_esrgan.stem and record["hires"]["steps"] == 2
+
+
+@pytest.mark.comfyui
+def test_a_batch_renders_items_with_and_without_hires(comfy_worker, session_home, tiny_sd15, tiny_esrgan, tmp_path):
+    env = {"IMAGEGEN_HOME": str(session_home), "IMAGEGEN_RUNTIME": "local"}
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"prompt": "a fox", "hires": True, "output": "fox"}) + "\n"
+                     + json.dumps({"prompt": "an owl", "hires": {"scale": 1.5, "model": str(tiny_esrgan)},
+                                   "output": "owl"}) + "\n"
+                     + json.dumps({"prompt": "a cat", "output": "cat"}) + "\n")
+    done = run_cli("batch", str(items), "-o", str(tmp_path / "out"), "--checkpoint", str(tiny_sd15), "--size", "64x64",
+                   "--steps", "1", "--json", env=env)
+    assert done.returncode == 0, done.stderr.decode()
+    records = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    sizes = {Path(r["path"]).stem: (r["width"], r["height"]) for r in records}
+    assert sizes == {"fox": (128, 128), "owl": (96, 96), "cat": (64, 64)}
