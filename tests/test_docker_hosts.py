@@ -339,6 +339,8 @@ def test_a_host_that_drops_mid_batch_has_its_jobs_finished_on_the_other_host(hos
     assert len(done) == len(prompts) == len(lines)
     assert all(Path(line["path"]).is_file() for line in done)
     assert any(not line["worker"].startswith("imagegen-ssh-") for line in done)
+    said = stderr.decode()
+    assert "its jobs go to other workers" in said or "could not start" in said, said[-3000:]
 
 
 def test_doctor_reports_a_host_that_does_not_answer_with_the_next_step(hosts):
