@@ -185,3 +185,20 @@ def test_a_batch_renders_items_with_and_without_hires(comfy_worker, session_home
     records = [json.loads(line) for line in done.stdout.decode().splitlines()]
     sizes = {Path(r["path"]).stem: (r["width"], r["height"]) for r in records}
     assert sizes == {"fox": (128, 128), "owl": (96, 96), "cat": (64, 64)}
+
+
+def test_an_a1111_hires_image_is_read_back_as_its_two_passes():
+    from imagegen.comfy.provenance import parse_a1111
+
+    found = parse_a1111("a fox\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 3, Size: 512x768, Model: x, "
+                        "Denoising strength: 0.4, Hires upscale: 1.5, Hires steps: 10, Hires upscaler: Latent")
+    assert found["hires"] == {"scale": 1.5, "denoise": 0.4, "steps": 10, "upscaler": "latent", "first_width": 512,
+                              "first_height": 768}
+    fix, size = hires.from_record(found["hires"])
+    assert fix == HiresFix(scale=1.5, denoise=0.4, steps=10, upscaler="latent") and size == "512x768"
+    bundle = Registry.load().get("sd15")
+    params = workflows.Params("a fox", 512, 512, 20, 7.0, "euler", "normal", 3, hires=HiresFix(steps=10))
+    from imagegen.engine.render import image_parameters
+
+    text = png.a1111_parameters({**image_parameters(bundle, params), "width": 1024, "height": 1024})
+    assert parse_a1111(text)["hires"]["first_width"] == 512, "imagegen's own parameters chunk reads back"

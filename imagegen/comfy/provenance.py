@@ -147,6 +147,13 @@ def parse_a1111(text: str) -> dict:
         found["sampler"] = A1111_SAMPLERS.get(lowered, lowered)
     if "Model" in settings:
         found["model"] = settings["Model"].strip()
+    if "Hires upscale" in settings and "width" in found:  # A1111's hires fix; its Size is the first pass's
+        steps = int(settings.get("Hires steps", "0"))
+        upscaler = settings.get("Hires upscaler", "").strip().lower()
+        found["hires"] = {"scale": float(settings["Hires upscale"]),
+                          "denoise": float(settings.get("Denoising strength", "0.35")), "steps": steps or None,
+                          "upscaler": "latent" if upscaler.startswith("latent") else "lanczos",
+                          "first_width": found["width"], "first_height": found["height"]}
     return found
 
 
