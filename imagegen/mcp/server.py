@@ -1,4 +1,5 @@
-"""`imagegen mcp`: an MCP stdio server with the tools generate_image, batch, run_workflow and list_models.
+"""`imagegen mcp`: an MCP stdio server: generate_image, batch, run_workflow, list_models, and the funnel and upscale
+tools of mcp/funnel_tools.py.
 
 Each tool call runs the same code path as the CLI (`generate.generate`) in a worker thread, so the
 event loop keeps answering while an image renders. Sampling steps and finished images go to the
@@ -386,7 +387,9 @@ class ImagegenTools:
 def build_server(tools: ImagegenTools) -> MCPServer:
     server = ImagegenServer(name="imagegen", version=__version__, instructions=(
         "Generate images locally with ComfyUI. generate_image returns each PNG's absolute path, its parameters "
-        "as JSON and a small thumbnail; list_models shows the models and whether they are installed."))
+        "as JSON and a small thumbnail; list_models shows the models and whether they are installed. "
+        "funnel_start, funnel_show and funnel_pick run a funnel (many drafts, picks from a contact sheet, refine, "
+        "upscale); upscale_image enlarges existing images."))
 
     @server.tool()
     async def generate_image(prompt: Prompt, ctx: Context, model: ModelName = None, checkpoint: Checkpoint = None,
