@@ -303,3 +303,24 @@ def test_mcp_run_workflow_lists_params_and_runs(env, tmp_path):
     [record] = ran.structured_content["results"]
     assert not ran.is_error and record["seed"] == 3 and Path(record["path"]).parent == tmp_path / "mcp"
     assert bad.is_error and json.loads(bad.content[0].text)["code"] == "invalid_argument"
+
+
+@pytest.mark.comfyui
+def test_a_remote_worker_is_checked_against_its_own_node_definitions_and_files(env, tmp_path):
+    run_ok(str(write(tmp_path / "warm.json", own_graph())), "-o", str(tmp_path / "warm.png"), env=env)  # it runs
+    workers_dir = Path(env["IMAGEGEN_HOME"]) / "state" / "workers"
+    port = json.loads((workers_dir / "local-cpu.json").read_text())["port"]
+    token = (workers_dir / "local-cpu.token").read_text().strip()
+    remote = {**env, "IMAGEGEN_RUNTIME": "remote", "IMAGEGEN_REMOTE_WORKERS": f"http://127.0.0.1:{port}#{token}",
+              "IMAGEGEN_HOME": str(tmp_path / "elsewhere"), "IMAGEGEN_SHARED_MODELS": ""}
+    wf = write(tmp_path / "wf.json", own_graph())
+    listed = run_cli("run", str(wf), "--list-params", "--json", env=remote)
+    assert listed.returncode == 0, listed.stderr.decode()
+    records = {r["key"]: r for r in map(json.loads, listed.stdout.decode().splitlines())}
+    assert "tiny-sd15.safetensors" in records["load_checkpoint.ckpt_name"]["choices"]  # the worker's own files
+    [image] = run_ok(str(wf), "--set", "seed=2", "-o", str(tmp_path / "remote.png"), env=remote)
+    assert image["seed"] == 2 and (tmp_path / "remote.png").is_file()
+    missing = run_cli("run", str(wf), "--set", "checkpoint=not-on-that-worker.safetensors", "--json", env=remote)
+    error = json.loads(missing.stderr.decode().splitlines()[-1])
+    assert missing.returncode == 2 and "not one of KSampler" not in error["message"]
+    assert "not-on-that-worker.safetensors" in error["message"] and "choices" in error["message"]

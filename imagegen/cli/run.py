@@ -76,17 +76,19 @@ def run(
                                 "no workflow given", hint="imagegen run workflow.json --set prompt=\"a fox\"")
         if not 1 <= count <= gen.MAX_COUNT:
             raise ImagegenError("invalid_argument", f"--count {count} is outside 1..{gen.MAX_COUNT}")
-        loaded = workflow_run.load(source)
         given = parse_settings(settings)
+        timeouts, explicit = gen.timeouts_from_env(timeout)
+        runtime = make_runtime(workers.runtime, workers.keep_warm, getattr(workers, "hosts", None))
+        reporter = Reporter(quiet=mode.quiet, show_progress=mode.progress)
+        info = workflow_run.node_info_of(runtime, reporter)  # the pinned ComfyUI's, or a remote worker's own
+        loaded = workflow_run.load(source, info)
         if list_params:
             from imagegen.comfy import graph_params
 
-            print_params(graph_params.describe(graph_params.apply(loaded.graph, given).graph), mode.json_mode)
+            applied = graph_params.apply(loaded.graph, given, info)
+            print_params(graph_params.describe(applied.graph, info), mode.json_mode)
             return
-        timeouts, explicit = gen.timeouts_from_env(timeout)
-        runtime = make_runtime(workers.runtime, workers.keep_warm, getattr(workers, "hosts", None))
-        jobs = workflow_run.plan(loaded, given, count, output_path, overwrite, runtime)
-        reporter = Reporter(quiet=mode.quiet, show_progress=mode.progress)
+        jobs = workflow_run.plan(loaded, given, count, output_path, overwrite, runtime, info)
         for record in workflow_run.execute(jobs, runtime, reporter, overwrite=overwrite, timeouts=timeouts,
                                            explicit=explicit):
             if record["path"] != "-":

@@ -233,8 +233,8 @@ def unset_images(workflow: Workflow, applied: graph_params.Applied, info: dict |
     """LoadImage inputs the user did not --set: a file beside the workflow (or here) is uploaded; a name
     only the editor's own input folder holds is an error naming the node."""
     for ref, leaf in graph_params.leaves(applied.graph, info).items():
-        if not leaf.is_upload or ref in applied.uploads:
-            continue
+        if not leaf.is_upload or ref in applied.uploads or leaf.value in (leaf.options.get("choices") or []):
+            continue  # set, or already in the worker's input folder (a remote worker's own list says so)
         if workflow.record and ref in _recorded_inputs(workflow):
             applied.uploads[ref] = _recorded_inputs(workflow)[ref]
             continue
@@ -313,13 +313,23 @@ def plan_jobs(workflow: Workflow, settings: dict[str, Any], count: int, targets:
     return jobs
 
 
+def node_info_of(runtime, reporter) -> dict | None:
+    """The node definitions a workflow is checked against: None (the pinned ComfyUI's, known before any worker
+    starts) for workers imagegen runs; a remote worker's own /object_info (its ComfyUI version, its files)."""
+    if getattr(runtime, "uses_host_cache", True):
+        return None
+    worker = runtime.ensure(on_status=reporter.status)
+    return node_info.trim(worker.client().object_info())
+
+
 def plan(workflow: Workflow, settings: dict[str, Any], count: int, output_path: str | None, overwrite: bool,
-         runtime) -> list[Job]:
+         runtime, info: dict | None = None) -> list[Job]:
     """`imagegen run` (and MCP run_workflow): the jobs of `count` runs, each with its planned output path."""
     from imagegen.engine import output
     from imagegen.util import paths
 
-    jobs = plan_jobs(workflow, settings, count, [None] * count, local_models=getattr(runtime, "uses_host_cache", True))
+    jobs = plan_jobs(workflow, settings, count, [None] * count, local_models=getattr(runtime, "uses_host_cache", True),
+                     info=info)
     names = [output.default_name(job.params.prompt or workflow.source.stem, job.params.seed) for job in jobs]
     targets = output.plan_outputs(output_path, count, names, overwrite, paths.default_output_dir())
     for job, target in zip(jobs, targets, strict=True):

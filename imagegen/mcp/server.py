@@ -346,14 +346,15 @@ class ImagegenTools:
         from imagegen.engine import workflow_run
 
         with cancel.scope(cancelled):
-            loaded = workflow_run.load(Path(workflow))
+            reporter = ClientProgress(ctx, count, cancelled)
+            info = workflow_run.node_info_of(self.runtime(), reporter)  # a remote worker's own, else the pinned
+            loaded = workflow_run.load(Path(workflow), info)
             if list_params:
-                records = graph_params.describe(graph_params.apply(loaded.graph, settings).graph)
+                records = graph_params.describe(graph_params.apply(loaded.graph, settings, info).graph, info)
                 return CallToolResult(content=[TextContent(type="text", text=json.dumps(records))],
                                       structured_content={"params": records})
             folder = str(Path(output_dir).expanduser()) + os.sep if output_dir else None
-            jobs = workflow_run.plan(loaded, settings, count, folder, False, self.runtime())
-            reporter = ClientProgress(ctx, len(jobs), cancelled)
+            jobs = workflow_run.plan(loaded, settings, count, folder, False, self.runtime(), info)
             content: list = []
             results = []
             for record in workflow_run.execute(jobs, self.runtime(), reporter, overwrite=False, timeouts=Timeouts(),
