@@ -396,10 +396,14 @@ def test_a_worker_whose_owner_is_gone_is_reaped_on_the_host_by_the_next_run(host
             labels={"imagegen.worker": "ssh", "imagegen.owner_uid": str(hosts.uid), "imagegen.owner_pid": "999999",
                     "imagegen.started": "1", "imagegen.slot": "cpu", "imagegen.host": _host_id(hosts),
                     "imagegen.controller": _controller(hosts)})
+        fetch = hosts.client.containers.create(
+            IMAGE, ["600"], entrypoint=["sleep"],
+            labels={"imagegen.fetch": "1", "imagegen.owner_uid": str(hosts.uid), "imagegen.owner_pid": "999999",
+                    "imagegen.host": _host_id(hosts), "imagegen.controller": _controller(hosts)})
         listed = subprocess.run(hosts.command(["workers", "--hosts", hosts.remote, "--json"]), capture_output=True,
                                 env=hosts.env(env), timeout=300)
         assert listed.returncode == 0, listed.stderr.decode()
-        assert stale.id not in {c.id for c in hosts.ours()}
+        assert stale.id not in {c.id for c in hosts.ours()} and fetch.id not in {c.id for c in hosts.ours()}
         other.reload()
         assert other.status == "running"
     finally:

@@ -189,6 +189,23 @@ class HostDocker(DockerRuntime):
     def workers(self) -> list[dict]:
         return [{**item, "host": self.host_name} for item in super().workers()]
 
+    def reap(self) -> list[str]:
+        """Also a one-off fetch container whose command (on this machine) is gone."""
+        from imagegen.runtimes.base import pid_alive
+
+        removed = super().reap()
+        labels = {k: v for k, v in self._owner_labels().items() if k != LABEL}
+        filters = {"label": ["imagegen.fetch=1", *(f"{k}={v}" for k, v in labels.items())]}
+        for container in self.client.containers.list(all=True, filters=filters):
+            try:
+                owner = int(container.labels.get("imagegen.owner_pid", "0"))
+            except ValueError:
+                owner = 0
+            if not pid_alive(owner):
+                self._remove(container)
+                removed.append(container.name)
+        return removed
+
 
 def split_slot(slot: str) -> tuple[str, str]:
     """"box2/GPU-3f2a..." -> ("box2", "GPU-3f2a..."); host names hold no "/" (nor do GPU UUIDs)."""
