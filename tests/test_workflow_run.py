@@ -229,6 +229,9 @@ def test_img2img_upscale_and_lora_chains(env, tmp_path, tiny_sd15):
     assert image["workflow"]["inputs"]["load_image.image"]["path"] == str(tmp_path / "photo.png")
     [rerun] = run_ok("--from", str(tmp_path / "i2i.png"), "-o", str(tmp_path / "i2i-again.png"), env=env)
     assert idat(tmp_path / "i2i-again.png") == idat(tmp_path / "i2i.png")  # the input found again by its record
+    i2i_ui = write(tmp_path / "i2i-ui.json", ui_graph.from_api(json.loads(i2i.read_text())))
+    run_ok(str(i2i_ui), "--set", "image=photo.png", "-o", str(tmp_path / "i2i-ui.png"), env=env, cwd=tmp_path)
+    assert idat(tmp_path / "i2i-ui.png") == idat(tmp_path / "i2i.png")  # the UI export of the chain runs alike
     upscale = write(tmp_path / "up.json", workflows.upscale("tiny-esrgan-x4.safetensors", "photo.png"))
     [big] = run_ok(str(upscale), "-o", str(tmp_path / "big.png"), env=env, cwd=tmp_path)  # found beside the file
     assert (big["width"], big["height"]) == (256, 256)
