@@ -285,6 +285,19 @@ def test_generate_on_the_ssh_host_reuses_its_warm_worker(hosts):
     assert "starting a Docker worker" not in result.stderr.decode()
 
 
+def test_a_funnel_runs_on_the_ssh_host_drafts_then_img2img_from_the_pick(hosts):
+    out = hosts.base / "out" / "funnel"
+    result = hosts.cli("funnel", "run", "a lighthouse", "-o", str(out), "--draft-model", "tiny",
+                       "--refine-model", "tiny", "--polish-model", "none", "--upscale-model", "none",
+                       "--drafts", "2", "--keep", "1", "--auto", "--size", "64x64", "--steps", "2", "--json",
+                       "--hosts", hosts.remote)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    records = [json.loads(line) for line in result.stdout.decode().splitlines() if line.strip()]
+    images = [r for r in records if r.get("path")]
+    assert len(images) >= 3 and all(r["worker"].startswith("imagegen-ssh-") for r in images), records
+    assert all(Path(r["path"]).is_file() for r in images)
+
+
 def test_the_remote_workers_are_kept_apart_and_their_secret_is_not_in_docker_inspect(hosts):
     remote = [c for c in hosts.ours(all_states=False) if c.labels.get("imagegen.worker") == "ssh"]
     local = [c for c in hosts.ours(all_states=False) if c.labels.get("imagegen.worker") == "1"]
