@@ -338,12 +338,16 @@ def plan(workflow: Workflow, settings: dict[str, Any], count: int, output_path: 
 
 
 def _with_hash(file: ModelFile) -> ModelFile:
-    """A present file with its sha256 for provenance: the registry's, the ledger's, or computed once and kept."""
+    """A present file with its size, and its sha256 for provenance: the registry's, the ledger's, or computed once
+    and kept."""
     from imagegen.models.ledger import Ledger, sha256_file
     from imagegen.util import paths
 
     path = cache.present_path(file)
-    if file.sha256 or path is None:
+    if path is None:
+        return file
+    file = replace(file, size=file.size or path.stat().st_size)  # what routing sizes a GPU's memory by
+    if file.sha256:
         return file
     ledger = Ledger(paths.models_dir())
     digest = ledger.lookup(path)
