@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,7 @@ class RayCluster:
         self.base_env = dict(base_env or {})
         self.nodes: list[RayNode] = []
         self.head: RayNode | None = None
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="igray-"))  # short: Ray's socket paths must fit 107 bytes
 
     def auth_env(self) -> dict:
         if self.token is None:
@@ -90,7 +93,7 @@ class RayCluster:
         log = open(self.root / f"{name}.log", "ab")  # noqa: SIM115 - kept open for the node's life
         process = subprocess.Popen([sys.executable, "-c", START, "start", "--block", "--node-ip-address=127.0.0.1",
                                     f"--num-gpus={gpus}", "--num-cpus=2", "--object-store-memory=80000000",
-                                    f"--dashboard-agent-listen-port={free_port()}",
+                                    f"--dashboard-agent-listen-port={free_port()}",  # two clusters side by side
                                     "--disable-usage-stats", *args],
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=full,
                                    start_new_session=True)
@@ -98,10 +101,8 @@ class RayCluster:
         return node
 
     def start_head(self) -> RayNode:
-        # ports of their own: a second cluster on this machine (a test's, a benchmark's) must not collide
         self.head = self._start("head", ["--head", f"--port={self.port}", "--include-dashboard=false",
-                                         f"--ray-client-server-port={free_port()}",
-                                         f"--temp-dir={self.root / 'ray-tmp'}"], 0, {}, {})
+                                         f"--temp-dir={self.ray_tmp}"], 0, {}, {})
         self.wait_for(1)
         return self.head
 
@@ -114,8 +115,11 @@ class RayCluster:
     def alive_nodes(self) -> int:
         code = (f"import ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
                 "print(sum(1 for n in ray.nodes() if n['Alive']))")
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                                env={**os.environ, **self.driver_env()})
+        try:
+            result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                                    env={**os.environ, **self.driver_env()})
+        except subprocess.TimeoutExpired:
+            return -1  # its GCS is not up yet (or its head died: wait_for says which)
         lines = result.stdout.strip().splitlines()
         return int(lines[-1]) if result.returncode == 0 and lines and lines[-1].isdigit() else -1
 
@@ -152,3 +156,4 @@ class RayCluster:
                 os.killpg(node.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)

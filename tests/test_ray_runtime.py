@@ -150,6 +150,26 @@ def _workers_by_box(env) -> dict[str, str]:
 
 @cluster_test
 @pytest.mark.comfyui
+def test_a_funnel_runs_its_stages_across_nodes_and_img2img_uploads_reach_them(env, tmp_path):
+    stage_file = tmp_path / "stages.yaml"
+    stage_file.write_text(f"stages:\n"
+                          f"  - {{name: drafts, model: {MODEL}, count: 4, keep: 2, size: 64x64, steps: 1}}\n"
+                          f"  - {{name: refine, model: {MODEL}, keep: 1, size: 64x64, steps: 2, denoise: 0.5}}\n")
+    out = tmp_path / "fox"
+    first = run_cli("funnel", "a red fox", "-o", str(out), "--stages", str(stage_file), "--runtime", "ray", "--json",
+                    env=env)
+    assert first.returncode == 0, first.stderr.decode()[-3000:]
+    *drafts, status = [json.loads(line) for line in first.stdout.decode().splitlines()]
+    assert len(drafts) == 4 and status["status"] == "awaiting_pick"
+    assert {r["worker"] for r in drafts} <= set(_workers_by_box(env).values())  # the cluster's workers
+    second = run_cli("funnel", "resume", str(out), "--pick", "1,3", "--runtime", "ray", "--json", env=env)
+    assert second.returncode == 0, second.stderr.decode()[-3000:]
+    *refined, status = [json.loads(line) for line in second.stdout.decode().splitlines()]
+    assert len(refined) == 2 and all(r["denoise"] == 0.5 and Path(r["path"]).is_file() for r in refined)
+
+
+@cluster_test
+@pytest.mark.comfyui
 def test_a_rerun_after_the_driver_is_killed_finishes_every_image_once(env, tmp_path):
     out = tmp_path / "out"
     prompts = "\n".join(f"a harbour {n}" for n in range(6)) + "\n"
