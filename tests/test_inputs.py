@@ -101,6 +101,26 @@ def test_corrupt_unsupported_and_missing_files_are_refused(tmp_path):
     refused("invalid_source_image", inputs.prepare, Path("/dev/zero"))
 
 
+def test_a_16_bit_greyscale_image_keeps_its_tones(tmp_path):
+    """Pillow clips 16-bit values when converting to RGB: a mid-grey 16-bit PNG must not come out white."""
+    Image.new("I;16", (16, 16), 40000).save(tmp_path / "deep.png")
+    for role, key in (("image", "init_image"), ("mask", "mask")):
+        loaded = inputs.load(tmp_path / "deep.png", role)
+        with Image.open(inputs.job_files({role: loaded.record()})[key]) as normalized:
+            value = normalized.convert("L").getpixel((3, 3))
+        assert abs(value - 40000 / 257) <= 1, (role, value)
+
+
+def test_refusals_read_well_and_name_where_the_file_came_from(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    error = refused("invalid_source_image", inputs.prepare, tmp_path / "notes.png")
+    assert "is not an image" in error.message and "BytesIO" not in error.message
+    assert refused("invalid_source_image", inputs.load, tmp_path / "notes.png", "control").message.startswith(
+        "--control ")
+    error = refused("invalid_source_image", inputs.load, tmp_path, "upscale")  # `imagegen upscale DIR`
+    assert "--image" not in error.message and f"{tmp_path}/*.png" in error.hint
+
+
 def test_size_limits_in_bytes_and_pixels(tmp_path, monkeypatch):
     source = blocks(tmp_path / "in.png", 64, 64)
     monkeypatch.setenv(inputs.MAX_BYTES_ENV, "100")

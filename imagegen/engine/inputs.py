@@ -180,10 +180,11 @@ def find_recorded(role: str, record: dict, made: Path) -> Path:
         except (ImagegenError, OSError):
             continue
     where = " or ".join(str(c) for c in dict.fromkeys(candidates))
+    what, option = ("control image", "--control MODEL:PATH") if role == "control" else (role, f"--{role} PATH")
     raise ImagegenError(
         "input_missing",
-        f"{made.name} was made from the {role} {record['name']} (sha256 {record['sha256']}), which is not at {where}",
-        hint=f"Pass that file with --{role} PATH (or another file to use instead), then rerun.",
+        f"{made.name} was made from the {what} {record['name']} (sha256 {record['sha256']}), which is not at {where}",
+        hint=f"Pass that file with {option} (or another file to use instead), then rerun.",
         role=role, name=record["name"], sha256=record["sha256"])
 
 
@@ -192,9 +193,14 @@ def _limits() -> tuple[int, int]:
             env_int(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS, minimum=1))
 
 
+# How messages name each role's file: the option it came from ("upscale": `imagegen upscale IMAGE...`)
+LABELS = {"image": "--image", "mask": "--mask", "control": "--control", "upscale": "the image"}
+
+
 def _refuse(path: Path, role: str, why: str, hint: str | None = None) -> ImagegenError:
-    return ImagegenError("invalid_source_image", f"--{role} {path}: {why}",
-                         hint=hint or f"Pass a PNG, JPEG or WebP file as --{role}.")
+    label = LABELS.get(role, f"--{role}")
+    return ImagegenError("invalid_source_image", f"{label} {path}: {why}",
+                         hint=hint or f"Pass a PNG, JPEG or WebP file as {label}.")
 
 
 def read_bytes(path: Path, role: str) -> bytes:
@@ -203,7 +209,8 @@ def read_bytes(path: Path, role: str) -> bytes:
     try:
         info = path.stat()
         if stat.S_ISDIR(info.st_mode):
-            raise _refuse(path, role, "is a directory, not an image")
+            raise _refuse(path, role, "is a directory, not an image",
+                          hint=f"Pass the images in it, e.g. {path}/*.png." if role == "upscale" else None)
         if not stat.S_ISREG(info.st_mode):
             raise _refuse(path, role, "is not a regular file (a device or a pipe)")
         if info.st_size > max_bytes:
@@ -212,7 +219,7 @@ def read_bytes(path: Path, role: str) -> bytes:
         with path.open("rb") as handle:
             data = handle.read(max_bytes + 1)
     except FileNotFoundError:
-        raise _refuse(path, role, "no such file", hint=f"Check the path given to --{role}.") from None
+        raise _refuse(path, role, "no such file", hint=f"Check the path given as {LABELS.get(role, role)}.") from None
     except OSError as exc:
         raise _refuse(path, role, f"cannot be read: {exc.strerror or exc}") from None
     if len(data) > max_bytes:
@@ -245,8 +252,13 @@ def load(path: Path, role: str) -> InputImage:
     except ImagegenError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _refuse(path, role, f"declares more than the limit of {max_pixels} pixels ({exc})",
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{declared.group(1)} pixels" if declared else "too many pixels"
+        raise _refuse(path, role, f"declares {size}, more than the limit of {max_pixels} ({MAX_PIXELS_ENV}); "
+                      "it may be a decompression bomb",
                       hint=f"Pass a smaller image, or raise {MAX_PIXELS_ENV}.") from None
+    except Image.UnidentifiedImageError:
+        raise _refuse(path, role, "is not an image (its bytes are no PNG, JPEG or WebP)") from None
     except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds on a corrupt file
         raise _refuse(path, role, f"cannot be decoded as an image ({exc.__class__.__name__}: {exc})") from None
     normalized = _normalized_path(role, sha, path)
@@ -260,11 +272,20 @@ def load(path: Path, role: str) -> InputImage:
     return InputImage(role, path, sha, picture.width, picture.height, normalized)
 
 
+def _eight_bit(image):
+    """A 16- or 32-bit greyscale image (mode I;16, I) as L: 0..65535 onto 0..255. Pillow's own convert
+    clips instead, so a 16-bit PNG would come out nearly white."""
+    if image.mode.startswith("I"):
+        return image.convert("I").point(lambda value: value * (1 / 257)).convert("L")
+    return image
+
+
 def _as_rgb(image):
     """Transparency is flattened onto white (ComfyUI's LoadImage would drop it, keeping whatever colour
     the transparent pixels happen to hold)."""
     from PIL import Image
 
+    image = _eight_bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -276,8 +297,7 @@ def _as_mask(image):
     """The mask's luminance: white repaints, black keeps. Transparent pixels count as black (kept)."""
     from PIL import Image
 
-    if image.mode.startswith("I"):  # 16-bit greyscale: 0..65535 to 0..255
-        return image.convert("I").point(lambda value: value * (1 / 257)).convert("L")
+    image = _eight_bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))

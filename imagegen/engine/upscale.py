@@ -58,8 +58,8 @@ class UpscalePlan:
 def read_source(path: Path) -> Source:
     """Decode the image here (so a corrupt or huge file is refused before any worker starts), turn it upright
     (EXIF) and hash it; the worker gets the normalized PNG (engine/inputs.py)."""
-    checked = inputs.load(Path(path), "image")
-    own = _own_parameters(inputs.read_bytes(checked.path, "image"))
+    checked = inputs.load(Path(path), "upscale")
+    own = _own_parameters(inputs.read_bytes(checked.path, "upscale"))
     return Source(checked.path, checked.sha256, checked.width, checked.height, own, checked.normalized)
 
 
