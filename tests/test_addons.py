@@ -160,6 +160,52 @@ def test_from_names_a_lora_that_is_not_here(tmp_path):
     assert addons.from_record(found, {"loras": ["mine"]}, tmp_path / "out.png") == {}
 
 
+def test_from_finds_a_moved_control_image_and_refuses_a_changed_one(tmp_path):
+    from PIL import Image
+
+    from imagegen.engine import inputs
+
+    Image.new("RGB", (16, 16), "white").save(tmp_path / "edges.png")
+    sha = inputs.load(tmp_path / "edges.png", "control").sha256
+    made = tmp_path / "out" / "made.png"
+    made.parent.mkdir()
+    found = {"controls": [{"model": "canny-sd15", "file": "x", "sha256": None, "image": "edges.png",
+                           "image_path": str(tmp_path / "edges.png"), "image_sha256": sha, "strength": 0.7,
+                           "start": 0.0, "end": 1.0, "preprocess": None}]}
+    (tmp_path / "edges.png").rename(made.parent / "edges.png")  # moved next to the image it made
+    merged = addons.from_record(found, {}, made)
+    assert merged["controls"][0]["image"] == str(made.parent / "edges.png")
+    Image.new("RGB", (16, 16), "black").save(made.parent / "edges.png")  # the same name, other pixels
+    with pytest.raises(ImagegenError) as caught:
+        addons.from_record(found, {}, made)
+    assert caught.value.code == "input_missing" and sha in caught.value.message
+    assert "--control MODEL:PATH" in caught.value.hint
+
+
+def test_a_lora_file_with_a_strength_that_is_no_number_says_so(tmp_path):
+    lora = write_safetensors(tmp_path / "style.safetensors", {})
+    with pytest.raises(ImagegenError) as caught:
+        addons.resolve(f"{lora}:strong", "lora", Registry.load())
+    assert caught.value.code == "invalid_argument" and "'strong' is not a number" in caught.value.message
+
+
+def test_relative_lora_and_control_files_anchor_to_a_folder_or_are_refused(tmp_path):
+    registry = Registry.load()
+    loras, controls = addons.anchored(["style.safetensors:0.5", "registered-name:0.3", "sub/x.safetensors"],
+                                      ["canny-sd15:edges.png:0.8", {"model": "cn.safetensors", "image": "/abs/e.png",
+                                                                    "preprocess": "canny"}], tmp_path, registry)
+    assert loras == [{"name": str(tmp_path / "style.safetensors"), "strength": 0.5}, "registered-name:0.3",
+                     {"name": str(tmp_path / "sub/x.safetensors"), "strength": 1.0}]
+    assert controls[0] == {"model": "canny-sd15", "image": str(tmp_path / "edges.png"), "strength": 0.8,
+                           "start": 0.0, "end": 1.0}
+    assert (controls[1]["model"], controls[1]["image"], controls[1]["preprocess"]) == (
+        str(tmp_path / "cn.safetensors"), "/abs/e.png", "canny")
+    for loras, controls in ((["style.safetensors"], None), (None, ["canny-sd15:edges.png"])):
+        with pytest.raises(ImagegenError, match="not an absolute path"):
+            addons.anchored(loras, controls, None, registry)
+    assert addons.anchored(["style:0.4"], [f"canny-sd15:{tmp_path}/e.png"], None, registry)[0] == ["style:0.4"]
+
+
 def test_unapplied_keys_are_read_from_log_entries_after_the_marker():
     entries = [{"t": "2026-01-01T10:00:00.1", "m": "lora key not loaded: old\n"},
                {"t": "2026-01-01T10:00:01", "m": "lora key not loaded: a.lora_up.weight\nlora key not loaded: b\n"},

@@ -131,6 +131,51 @@ def parse_control(spec: Any, registry: Registry, preprocess: str | None = None) 
     return ControlSpec(model, image, strength, start, end, preprocess)
 
 
+def anchored(loras: Any, controls: Any, folder: Path | None, registry: Registry | None = None) -> tuple[Any, Any]:
+    """The local files of a LoRA stack and ControlNets (a .safetensors path, a control image) made absolute
+    against `folder`, a batch file's folder (as its items' image and mask are). With no folder (an MCP tool:
+    the server's working folder means nothing to its client) a relative path is refused. A spec that does not
+    parse is left for choose() to report."""
+    if not isinstance(loras, list) and not isinstance(controls, list):
+        return loras, controls
+    registry = registry or Registry.load()
+
+    def place(value: str, what: str) -> str:
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            return value
+        if folder is None:
+            raise ImagegenError("invalid_argument", f"{what} {value!r} is not an absolute path",
+                                hint=f"Pass the {what} as an absolute path (the server's working folder is not yours).")
+        return str(folder / path)
+
+    def is_file(name: str) -> bool:
+        return name not in registry.bundles and (name.endswith(".safetensors") or "/" in name)
+
+    stack = []
+    for spec in loras if isinstance(loras, list) else []:
+        try:
+            name, strength = parse_lora(spec)
+        except ImagegenError:
+            stack.append(spec)
+            continue
+        stack.append({"name": place(name, "LoRA file"), "strength": strength} if is_file(name) else spec)
+    steering = []
+    for spec in controls if isinstance(controls, list) else []:
+        try:
+            control = parse_control(spec, registry)
+        except ImagegenError:
+            steering.append(spec)
+            continue
+        placed = {"model": place(control.model, "ControlNet file") if is_file(control.model) else control.model,
+                  "image": place(control.image, "control image"), "strength": control.strength,
+                  "start": control.start, "end": control.end}
+        if isinstance(spec, dict) and "preprocess" in spec:
+            placed["preprocess"] = spec["preprocess"]
+        steering.append(placed)
+    return (stack if isinstance(loras, list) else loras), (steering if isinstance(controls, list) else controls)
+
+
 def local_addon(path: Path, kind: str) -> Bundle:
     """A one-file bundle for a local LoRA/ControlNet, linked into the cache under a name unique to its path
     (two files named alike in different folders never replace each other's link)."""
@@ -156,6 +201,10 @@ def resolve(name: str, kind: str, registry: Registry) -> Bundle:
             raise ImagegenError("unknown_addon", f"{label} {name}: no such file", hint="Check the path.")
         modelfile.read_header(path)  # refuses a non-safetensors or malformed file
         return local_addon(path, kind)
+    head, separator, tail = name.rpartition(":")
+    if kind == "lora" and separator and (head in registry.bundles or Path(head).suffix == ".safetensors"):
+        raise ImagegenError("invalid_argument", f"LoRA {head}: the strength {tail!r} is not a number",
+                            hint=f"Give the strength as a number, e.g. --lora {head}:0.8.")
     known = sorted(n for n, b in registry.bundles.items() if b.family == kind)
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     raise ImagegenError("unknown_addon", f"{label} {name!r} is neither registered nor a .safetensors file"
@@ -325,14 +374,15 @@ def from_record(found: dict, given: dict, image: Path, registry: Registry | None
         merged["loras"] = [{"name": _recorded_file(entry, "lora", image, registry), "strength": entry["strength"]}
                            for entry in found["loras"]]
     if found.get("controls") and not given.get("controls"):
+        from imagegen.engine import inputs
+
         registry = registry or Registry.load()
         merged["controls"] = []
         for entry in found["controls"]:
-            picture = Path(entry.get("image_path") or "")
-            if not picture.is_file():
-                raise ImagegenError("input_missing", f"{image} was made with the ControlNet image "
-                                    f"{entry.get('image')} (sha256 {entry.get('image_sha256')}), which is not at "
-                                    f"{picture}", hint="Put the control image back, or pass --control MODEL:IMAGE.")
+            # where it was, else next to the image, and only while its sha256 matches (as --image's)
+            picture = inputs.find_recorded("control", {"name": str(entry.get("image") or ""),
+                                                       "path": entry.get("image_path"),
+                                                       "sha256": entry.get("image_sha256")}, image)
             merged["controls"].append({"model": _recorded_file(entry, "controlnet", image, registry),
                                        "image": str(picture), "strength": entry["strength"],
                                        "start": entry["start"], "end": entry["end"],
