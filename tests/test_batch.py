@@ -244,3 +244,13 @@ def test_a_full_disk_mid_append_is_disk_full_and_leaves_no_half_line(tmp_path, m
     monkeypatch.undo()
     assert caught.value.code == "disk_full" and str(manifest.path) in caught.value.message
     assert manifest.path.read_bytes() == before, "the cut-off line is taken back"
+
+
+def test_an_items_lora_and_control_files_are_relative_to_the_prompts_file(tmp_path):
+    line = json.dumps({"prompt": "a fox", "image": "in.png", "loras": ["styles/ink.safetensors:0.5"],
+                       "controls": [{"model": "canny-sd15", "image": "edges.png", "strength": 0.6}]})
+    (item,) = batch.read_items(io.StringIO(line + "\n"), "items.jsonl", tmp_path)
+    assert item.fields["image"] == str(tmp_path / "in.png")
+    assert item.fields["loras"] == [{"name": str(tmp_path / "styles/ink.safetensors"), "strength": 0.5}]
+    assert item.fields["controls"][0]["image"] == str(tmp_path / "edges.png")
+    assert item.fields["controls"][0]["strength"] == 0.6

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from PIL import Image
 
 from imagegen.mcp.server import ImagegenTools, ImageSpec
@@ -59,3 +60,13 @@ def test_batch_reports_bad_items_and_runs_the_rest(tmp_path):
                                                                                      (2, "worker_died")]
     nothing = render(ImagegenTools(runner=fake_runner(png)), specs[1:2], batch=True)
     assert nothing.is_error
+
+
+def test_relative_paths_in_any_argument_are_refused(tmp_path):
+    """The server's working folder means nothing to its client: every path must be absolute."""
+    for extra in ({"image": "in.png"}, {"output_dir": "out"}, {"checkpoint": "model.safetensors"},
+                  {"loras": ["style.safetensors:0.5"]}, {"controls": ["canny-sd15:edges.png"]},
+                  {"controls": [{"model": "canny-sd15", "image": "edges.png"}]}):
+        with pytest.raises(ImagegenError, match="absolute path"):
+            ImageSpec(prompt="a fox", **extra).request()
+    assert ImageSpec(prompt="a fox", loras=["style:0.5"], output_dir=str(tmp_path)).request().loras == ["style:0.5"]

@@ -38,7 +38,7 @@ MANIFEST_SCHEMA = "imagegen.manifest/1"
 ITEM_KEYS = {"prompt", "model", "seed", "size", "steps", "cfg", "negative", "count", "output", "sampler",
              "scheduler", "guidance", "checkpoint", "fast", "hires", "loras", "controls", "control_preprocess",
              "image", "mask", "mask_grow", "denoise", "extend"}
-INPUT_PATHS = ("image", "mask")  # relative paths are relative to the prompts file's folder
+INPUT_PATHS = ("image", "mask")  # relative paths are relative to the prompts file's folder (LoRA/ControlNet too)
 
 
 @dataclass
@@ -85,6 +85,7 @@ def read_items(stream, source: str = "stdin", folder: Path | None = None) -> lis
     """The items of a prompts file or stdin, read line by line (see _lines). An item's image and mask
     paths are relative to `folder` (the prompts file's; the current one for stdin)."""
     items = []
+    registry: Registry | None = None
     for number, raw in _lines(stream, source):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -107,6 +108,10 @@ def read_items(stream, source: str = "stdin", folder: Path | None = None) -> lis
             for key in INPUT_PATHS:
                 if isinstance(fields.get(key), str) and folder is not None:
                     fields[key] = str(folder / Path(fields[key]).expanduser())
+            if folder is not None and (fields.get("loras") or fields.get("controls")):  # their files too
+                registry = registry or Registry.load()
+                fields["loras"], fields["controls"] = addons.anchored(fields.get("loras"), fields.get("controls"),
+                                                                      folder, registry)
         else:
             fields = {"prompt": line}
         items.append(Item(number, fields))

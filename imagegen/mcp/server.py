@@ -29,6 +29,7 @@ from mcp.types import CallToolResult, ImageContent, TextContent
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from imagegen import __version__
+from imagegen.engine import addons
 from imagegen.engine import generate as gen
 from imagegen.engine.progress import Reporter
 from imagegen.mcp import funnel_tools
@@ -53,8 +54,8 @@ Negative = Annotated[str | None, Field(description="Negative prompt (SD1.5/SDXL)
 Fast = Annotated[bool, Field(description="Fast mode: torch.compile the model (the first image compiles for minutes, "
                                          "later ones are faster) and fp8 matmuls for fp8 models on Ada/Hopper; "
                                          "GPU workers only. Worth it for many images.")]
-OutputDir = Annotated[str | None, Field(description="Directory to write the PNGs into; imagegen's output directory "
-                                                    "when omitted.")]
+OutputDir = Annotated[str | None, Field(description="Absolute path of the directory to write the PNGs into; "
+                                                    "imagegen's output directory when omitted.")]
 SourceImage = Annotated[str | None, Field(description="Absolute path of an image (PNG, JPEG or WebP) to start from: "
                                                       "img2img, or inpainting with mask. The output takes its size "
                                                       "(rounded down to a multiple of 8) unless size is given.")]
@@ -105,27 +106,17 @@ class ImageSpec(BaseModel):
             raise ImagegenError("invalid_argument", f"output_dir {self.output_dir!r} is not a directory",
                                 hint="Pass a directory path, or leave output_dir out for the default.")
         timeouts, explicit = gen.timeouts_from_env()
-        output = str(Path(self.output_dir).expanduser()) + os.sep if self.output_dir else None
-        checkpoint = Path(self.checkpoint) if self.checkpoint else None
-        image, mask = _absolute(self.image, "image"), _absolute(self.mask, "mask")
+        folder = funnel_tools.absolute(self.output_dir, "output_dir")
+        output = str(folder) + os.sep if folder else None
+        checkpoint = funnel_tools.absolute(self.checkpoint, "checkpoint")
+        image, mask = funnel_tools.absolute(self.image, "image"), funnel_tools.absolute(self.mask, "mask")
+        loras, controls = addons.anchored(self.loras, self.controls, None)  # their files: absolute paths only
         return gen.Request(prompt=self.prompt, model=self.model, checkpoint=checkpoint,
                            size=self.size, steps=self.steps, seed=self.seed, count=self.count, cfg=self.cfg,
                            negative=self.negative, fast=self.fast, output=output, timeouts=timeouts,
-                           explicit_timeouts=explicit, loras=self.loras, controls=self.controls,
+                           explicit_timeouts=explicit, loras=loras, controls=controls,
                            control_preprocess=self.control_preprocess, image=image, mask=mask,
                            mask_grow=self.mask_grow, denoise=self.denoise, extend=self.extend)
-
-
-def _absolute(value: str | None, name: str) -> Path | None:
-    """A path argument: absolute (the server's working folder means nothing to its client), then checked
-    like the CLI's (engine/inputs.py)."""
-    if value is None:
-        return None
-    path = Path(value).expanduser()
-    if not path.is_absolute():
-        raise ImagegenError("invalid_argument", f"{name} {value!r} is not an absolute path",
-                            hint=f"Pass {name} as an absolute path, e.g. /home/me/photo.png.")
-    return path
 
 
 # A runner takes the validated plans of one tool call, keyed by item index, and yields
