@@ -223,7 +223,7 @@ class RayRuntime:
             started = call(actor, slot, "start", timeout=self.start_timeout + 60)
         except ImagegenError as error:
             self._drop(slot, stop_worker=False)
-            if error.code == "worker_unreachable":  # no GPU of that node came free for our actor
+            if error.details.get("waited"):  # the actor never started: no GPU of that node came free for it
                 raise ImagegenError("worker_start_failed",
                                     f"the Ray worker {slot} did not start within {self.start_timeout + 60:.0f}s: "
                                     "its node may have no free GPU", hint="Run `ray status` to see what holds them.",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from imagegen.comfy.client import Progress, Timeouts
-from imagegen.runtimes.ray_actor import raise_failure
+from imagegen.runtimes.ray_actor import PREFETCHED, file_key, raise_failure
 from imagegen.util.errors import ImagegenError
 
 POLL_WAIT = 1.0     # seconds one next_finished call waits on the node before it reports progress
@@ -26,10 +26,15 @@ def call(actor, name: str, method: str, *args, timeout: float = 60.0):
         answer = ray.get(getattr(actor, method).remote(*args), timeout=timeout)
     except rx.GetTimeoutError:
         raise ImagegenError("worker_unreachable", f"the Ray worker {name} did not answer {method} within "
-                                                  f"{timeout:.0f}s") from None
+                                                  f"{timeout:.0f}s", waited=timeout) from None
     except (rx.ActorDiedError, rx.ActorUnavailableError, rx.RayActorError) as exc:
         raise ImagegenError("worker_died", f"the Ray worker {name} is gone (its node left the cluster, or its "
                                            f"actor died): {type(exc).__name__}") from None
+    except rx.RayTaskError as exc:  # a bug in the actor's method: say what it was
+        cause = getattr(exc, "cause", None) or exc
+        first = str(cause).splitlines()[0][:300] if str(cause) else ""
+        raise ImagegenError("worker_unreachable",
+                            f"the Ray worker {name} failed in {method}: {type(cause).__name__}: {first}") from None
     except (rx.RaySystemError, rx.RayError, ConnectionError) as exc:
         raise ImagegenError("worker_unreachable", f"Ray could not reach the worker {name}: "
                                                   f"{type(exc).__name__}") from None
@@ -43,6 +48,7 @@ class RayClient:
     def __init__(self, actor, name: str, request_timeout: float = 30.0):
         self.actor, self.name, self.request_timeout = actor, name, request_timeout
         self.facts: dict = {}
+        self.prefetched: dict[tuple, bytes] = {}   # PNG bytes that came back with their finished prompt
 
     def _call(self, method: str, *args, timeout: float | None = None):
         return call(self.actor, self.name, method, *args, timeout=timeout or self.request_timeout)
@@ -71,7 +77,8 @@ class RayClient:
             pass
 
     def fetch_file(self, ref: dict) -> bytes:
-        return self._call("fetch_file", ref, timeout=max(self.request_timeout, 120))
+        data = self.prefetched.pop(file_key(ref), None)
+        return data if data is not None else self._call("fetch_file", ref, timeout=max(self.request_timeout, 120))
 
     def upload_image(self, data: bytes, name: str, subfolder: str = "imagegen") -> str:
         return self._call("upload_image", data, name, subfolder, timeout=max(self.request_timeout, 120))
@@ -127,6 +134,8 @@ class RaySession:
                 raise
             if "done" in answer:
                 prompt_id, entry = answer["done"]
+                for key, data in (entry.pop(PREFETCHED, None) or {}).items():
+                    self.client.prefetched[key] = data
                 if prompt_id in self.pending:
                     self.pending.remove(prompt_id)
                 self.seen.pop(prompt_id, None)
