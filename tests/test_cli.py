@@ -66,6 +66,16 @@ def test_no_command_shows_the_help():
     assert result.returncode == 2 and "Commands:" in result.stderr.decode() + result.stdout.decode()
 
 
+def test_generate_help_lists_its_options_by_section_with_no_default_that_applies_without_its_flag():
+    text = run_cli("generate", "--help").stdout.decode()
+    sections = [line for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert sections == ["Arguments:", "Options:", "What to draw:", "Your image, LoRAs and ControlNets:",
+                        "Hires fix (two passes):", "Where it runs:", "Output and messages:"]
+    hires = text[text.index("Hires fix (two passes):"):text.index("Where it runs:")]
+    assert "[default:" not in hires, "a hires default shown as if it applied without --hires"
+    assert run_cli("batch", "--help").stdout.decode().count("What to draw:") == 1
+
+
 @pytest.mark.parametrize("args", [
     ["--keep-warm", "-5"], ["--keep-warm", "nan"], ["--keep-warm", "inf"], ["--keep-warm", "1e12"],
     ["--cfg", "nan"], ["--cfg", "-1"], ["--guidance", "inf"], ["--timeout", "nan"], ["--timeout", "0"],
@@ -138,9 +148,11 @@ def help_lines(*command: str) -> dict[str, str]:
     entries, current = {}, None
     for line in text.splitlines():
         stripped = line.strip()
-        if stripped.startswith("-"):
+        if line.startswith("  -"):  # an option's first line (a wrapped line is indented further)
             current = stripped.split()[0].rstrip(",")
             entries[current] = stripped
+        elif not line.startswith(" "):  # a section's title ends the entry above it
+            current = None
         elif current and stripped:
             entries[current] += " " + stripped
     return entries

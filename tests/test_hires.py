@@ -88,6 +88,23 @@ def test_hires_resolves_a_registered_upscaler_and_refuses_an_input_image():
     assert "text-to-image" in caught.value.message
 
 
+def test_an_unknown_upscaler_lists_the_upscalers_and_local_ones_link_by_path(tmp_path):
+    with pytest.raises(ImagegenError) as caught:
+        hires.upscale_model("realesrgan-x8")
+    assert caught.value.code == "unknown_model" and "realesrgan-x4" in caught.value.hint
+    assert "sd15" not in caught.value.hint, "the hint lists upscale models, not every model"
+    from safetensors_util import write_safetensors
+
+    links = set()
+    for folder in ("a", "b"):  # two upscalers of one name in two folders never share a link
+        (tmp_path / folder).mkdir()
+        esrgan = write_safetensors(tmp_path / folder / "4x.safetensors", {"conv_first.weight": ("F16", [8, 3, 3, 3])})
+        bundle = hires.upscale_model(str(esrgan))
+        assert (bundle.name, bundle.family) == ("4x", "upscale")
+        links.add(bundle.files["upscale_model"].filename)
+    assert len(links) == 2
+
+
 def test_a1111_parameters_name_the_first_pass_size_and_the_hires_settings():
     bundle = Registry.load().get("sd15")
     params = workflows.Params("a fox", 512, 512, 20, 7.0, "euler", "normal", 3, hires=HiresFix(steps=10))
@@ -115,8 +132,9 @@ def test_batch_items_take_a_hires_field(tmp_path):
 
 
 def test_hires_flags_without_hires_and_with_an_image_are_usage_errors(tmp_path):
-    done = run_cli("generate", "a fox", "--hires-scale", "1.5", "--json")
-    assert done.returncode == 2 and "--hires-scale needs --hires" in done.stderr.decode()
+    for flag, value in (("--hires-scale", "1.5"), ("--hires-scale", "2"), ("--hires-denoise", "0.35")):
+        done = run_cli("generate", "a fox", flag, value, "--json")  # even the default value asks for --hires
+        assert done.returncode == 2 and f"{flag} needs --hires" in done.stderr.decode()
     image = tmp_path / "in.png"
     Image.new("RGB", (64, 64)).save(image)
     done = run_cli("generate", "a fox", "--hires", "--image", str(image), "--json")

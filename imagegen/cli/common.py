@@ -4,6 +4,7 @@ stdout is data (paths or JSON); errors are a message and a hint on stderr (a JSO
 --json) and an exit code from the error table. Kept light: `imagegen --help` imports only this and typer.
 """
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -139,6 +140,8 @@ class Controls:
     """Creative controls on generate: the user's own image (--image, --denoise, --mask, --mask-grow), LoRAs
     (--lora) and ControlNets (--control, --control-preprocess)."""
 
+    PANEL: typing.ClassVar[str] = "Your image, LoRAs and ControlNets"
+
     image: ImageOpt = None
     denoise: DenoiseOpt = None
     mask: MaskOpt = None
@@ -151,11 +154,11 @@ class Controls:
 
 HiresOpt = Annotated[bool, typer.Option(
     "--hires", help="Hires fix: draw at --size, enlarge, then redraw the detail at --hires-denoise (one job).")]
-HiresScaleOpt = Annotated[float, typer.Option(
-    "--hires-scale", help="With --hires: the final size as a multiple of --size (above 1, up to 4).",
+HiresScaleOpt = Annotated[float | None, typer.Option(
+    "--hires-scale", help="With --hires: the final size as a multiple of --size (above 1, up to 4; default 2).",
     callback=_finite(1.0, 4.0, "a hires scale", low_open=True))]
-HiresDenoiseOpt = Annotated[float, typer.Option(
-    "--hires-denoise", help="With --hires: how much the second pass redraws, 0..1.",
+HiresDenoiseOpt = Annotated[float | None, typer.Option(
+    "--hires-denoise", help="With --hires: how much the second pass redraws, 0..1 (default 0.35).",
     callback=_finite(0.0, 1.0, "a denoise strength"))]
 HiresStepsOpt = Annotated[int | None, typer.Option(
     "--hires-steps", help="With --hires: steps of the second pass (default: --steps).")]
@@ -168,32 +171,38 @@ HiresModelOpt = Annotated[str | None, typer.Option(
 class HiresFix:
     """generate's hires fix: --hires, --hires-scale, --hires-denoise, --hires-steps, --hires-model."""
 
+    PANEL: typing.ClassVar[str] = "Hires fix (two passes)"
+
     hires: HiresOpt = False
-    hires_scale: HiresScaleOpt = 2.0
-    hires_denoise: HiresDenoiseOpt = 0.35
+    hires_scale: HiresScaleOpt = None
+    hires_denoise: HiresDenoiseOpt = None
     hires_steps: HiresStepsOpt = None
     hires_model: HiresModelOpt = None
 
     def fix(self):
-        """The comfy.hires.HiresFix asked for, or None without --hires (the other flags then are an error)."""
+        """The comfy.hires.HiresFix asked for, or None without --hires (any other --hires-* flag is then an
+        error, even one given its default value)."""
         if not self.hires:
-            given = [flag for flag, value, default in (("--hires-scale", self.hires_scale, 2.0),
-                                                       ("--hires-denoise", self.hires_denoise, 0.35),
-                                                       ("--hires-steps", self.hires_steps, None),
-                                                       ("--hires-model", self.hires_model, None)) if value != default]
+            given = [flag for flag, value in (("--hires-scale", self.hires_scale),
+                                              ("--hires-denoise", self.hires_denoise),
+                                              ("--hires-steps", self.hires_steps),
+                                              ("--hires-model", self.hires_model)) if value is not None]
             if given:
                 raise ImagegenError("invalid_argument", f"{given[0]} needs --hires",
                                     hint="Add --hires to draw the image in two passes.")
             return None
         from imagegen.comfy import hires
 
-        return hires.HiresFix(scale=self.hires_scale, denoise=self.hires_denoise, steps=self.hires_steps,
-                              upscaler=self.hires_model or hires.LANCZOS)
+        return hires.HiresFix(scale=hires.DEFAULT_SCALE if self.hires_scale is None else self.hires_scale,
+                              denoise=hires.DEFAULT_DENOISE if self.hires_denoise is None else self.hires_denoise,
+                              steps=self.hires_steps, upscaler=self.hires_model or hires.LANCZOS)
 
 
 @dataclasses.dataclass
 class Mode:
     """How a command talks: --json, --quiet, --progress, --debug."""
+
+    PANEL: typing.ClassVar[str] = "Output and messages"
 
     json_mode: JsonOpt = False
     quiet: QuietOpt = False
@@ -204,6 +213,8 @@ class Mode:
 @dataclasses.dataclass
 class Workers:
     """Where and how workers run: --runtime, --hosts, --ray-address, --keep-warm, --fast, --force."""
+
+    PANEL: typing.ClassVar[str] = "Where it runs"
 
     runtime: RuntimeOpt = "auto"
     hosts: HostsOpt = None
@@ -218,6 +229,8 @@ class Workers:
 class Draw:
     """What to draw with, shared by generate and batch: -m, --checkpoint, --size, --steps, --cfg, --negative, -n."""
 
+    PANEL: typing.ClassVar[str] = "What to draw"
+
     model: ModelOpt = None
     checkpoint: CheckpointOpt = None
     size: SizeOpt = None
@@ -230,6 +243,8 @@ class Draw:
 @dataclasses.dataclass
 class Pool:
     """How many workers a batch or funnel uses: --gpus, --workers, and --timeout per job."""
+
+    PANEL: typing.ClassVar[str] = "Workers"
 
     gpus: GpusOpt = None
     workers_n: WorkersOpt = 1
@@ -250,8 +265,9 @@ def grouped(func):
         field_hints = typing.get_type_hints(group, include_extras=True)
         fields = dataclasses.fields(group)
         groups[param.name] = (group, [f.name for f in fields])
-        params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=field_hints[f.name],
-                                     default=f.default) for f in fields]
+        params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                     annotation=_in_panel(field_hints[f.name], getattr(group, "PANEL", None)))
+                   for f in fields]
     names = [p.name for p in params]
     if len(set(names)) != len(names):
         raise TypeError(f"{func.__name__}: an option group repeats a parameter name")
@@ -265,6 +281,42 @@ def grouped(func):
     command.__signature__ = signature.replace(parameters=params)
     command.__annotations__ = {p.name: p.annotation for p in params}
     return command
+
+
+def _in_panel(annotation, panel: str | None):
+    """An option's annotation with its help section set (GroupedHelp lists options by section)."""
+    base, *extras = typing.get_args(annotation)
+    if panel is None or not extras:
+        return annotation
+    tagged = []
+    for extra in extras:
+        if isinstance(extra, typer.models.OptionInfo):
+            extra = copy.copy(extra)
+            extra.rich_help_panel = panel
+        tagged.append(extra)
+    return Annotated[(base, *tagged)]
+
+
+class GroupedHelp(typer.core.TyperCommand):
+    """A command whose --help lists its options by section (an option group's PANEL), the ungrouped first."""
+
+    def format_options(self, ctx, formatter) -> None:
+        args, sections = [], {"Options": []}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                args.append(record)
+            else:
+                sections.setdefault(getattr(param, "rich_help_panel", None) or "Options", []).append(record)
+        if args:
+            with formatter.section("Arguments"):
+                formatter.write_dl(args)
+        for title, records in sections.items():
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
 
 
 class Context:

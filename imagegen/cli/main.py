@@ -15,6 +15,7 @@ from imagegen.cli.common import (
     DebugOpt,
     Draw,
     FamilyOpt,
+    GroupedHelp,
     GuidanceOpt,
     HiresFix,
     HostsOpt,
@@ -181,6 +182,10 @@ def batch(
 
 app.command("upscale")(upscale_command)
 app.command("run")(run_command)
+for _info in [*app.registered_commands, *(c for g in app.registered_groups if g.typer_instance
+                                          for c in g.typer_instance.registered_commands)]:
+    if _info.cls in (None, typer.core.TyperCommand):  # --help lists each command's options by section
+        _info.cls = GroupedHelp
 
 
 @app.command()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -150,7 +151,7 @@ def anchored(loras: Any, controls: Any, folder: Path | None, registry: Registry 
         return str(folder / path)
 
     def is_file(name: str) -> bool:
-        return name not in registry.bundles and (name.endswith(".safetensors") or "/" in name)
+        return name not in registry.bundles and is_file_name(name)
 
     stack = []
     for spec in loras if isinstance(loras, list) else []:
@@ -176,14 +177,20 @@ def anchored(loras: Any, controls: Any, folder: Path | None, registry: Registry 
     return (stack if isinstance(loras, list) else loras), (steering if isinstance(controls, list) else controls)
 
 
-def local_addon(path: Path, kind: str) -> Bundle:
-    """A one-file bundle for a local LoRA/ControlNet, linked into the cache under a name unique to its path
-    (two files named alike in different folders never replace each other's link)."""
+def is_file_name(name: str) -> bool:
+    """Whether a model named on the command line is a file's path rather than a registered name."""
+    return name.endswith(".safetensors") or "/" in name or os.sep in name
+
+
+def local_addon(path: Path, kind: str, family: str | None = None, name: str | None = None) -> Bundle:
+    """A one-file bundle for a local LoRA/ControlNet (or upscale model: kind upscale_model, family upscale),
+    linked into the cache under a name unique to its path (two files named alike in different folders never
+    replace each other's link)."""
     path = path.expanduser().absolute()
     tag = hashlib.sha256(str(path).encode()).hexdigest()[:8]
     file = ModelFile(key=f"{path.stem}.{kind}", folder=ROLE_FOLDERS[kind],
                      filename=f"{LOCAL_SUBFOLDER}/{tag}-{path.name}", local_path=str(path), size=path.stat().st_size)
-    return Bundle(name=path.name, family=kind, files={kind: file}, source=str(path))
+    return Bundle(name=name or path.name, family=family or kind, files={kind: file}, source=str(path))
 
 
 def resolve(name: str, kind: str, registry: Registry) -> Bundle:

@@ -13,15 +13,12 @@ from pathlib import Path
 
 from imagegen.comfy import workflows
 from imagegen.comfy.hires import LANCZOS, LATENT, MAX_SCALE, HiresFix
+from imagegen.engine.addons import is_file_name, local_addon
 from imagegen.models import modelfile
-from imagegen.models.registry import LOCAL_SUBFOLDER, Bundle, ModelFile, Registry
+from imagegen.models.registry import Bundle, Registry
 from imagegen.util.errors import ImagegenError
 
 DEFAULT_UPSCALE_MODEL = os.environ.get("IMAGEGEN_UPSCALE_MODEL", "realesrgan-x4")
-
-
-def is_file_name(model: str) -> bool:
-    return model.endswith(".safetensors") or "/" in model or os.sep in model
 
 
 def upscale_model(name: str | None, registry: Registry | None = None) -> Bundle:
@@ -35,16 +32,16 @@ def upscale_model(name: str | None, registry: Registry | None = None) -> Bundle:
                                 f"{path.name} is not an upscale model (looks like {detected.family or 'unknown'} "
                                 f"{detected.kind})",
                                 hint="Pass an ESRGAN-style .safetensors upscaler, or a registered one by name.")
-        file = ModelFile(key=f"{path.stem}.upscale_model", folder="upscale_models",
-                         filename=f"{LOCAL_SUBFOLDER}/{path.name}", local_path=str(path), size=path.stat().st_size)
-        return Bundle(name=path.stem, family="upscale", files={"upscale_model": file}, source=str(path))
+        return local_addon(path, "upscale_model", family="upscale", name=path.stem)
     registry = registry or Registry.load()
-    bundle = registry.get(name)
+    upscalers = sorted(n for n, b in registry.bundles.items() if b.family == "upscale")
+    hint = "Upscale models: " + (", ".join(upscalers) or "none registered") + "; or pass an upscaler .safetensors file."
+    if name not in registry.bundles:
+        raise ImagegenError("unknown_model", f"unknown upscale model {name!r}", hint=hint)
+    bundle = registry.bundles[name]
     if bundle.family != "upscale":
-        upscalers = sorted(n for n, b in registry.bundles.items() if b.family == "upscale")
         raise ImagegenError("invalid_argument", f"{name!r} is a {bundle.family} model, not an upscale model",
-                            hint="Upscale models: " + (", ".join(upscalers) or "none registered")
-                                 + "; or pass an upscaler .safetensors file.")
+                            hint=hint)
     return bundle
 
 
