@@ -65,6 +65,17 @@ def test_bad_requests_are_refused_up_front(tmp_path, fake_upscaler, change, code
     assert caught.value.code == code and words in caught.value.message
 
 
+def test_stdout_takes_one_image_and_a_folder_is_refused_by_name(tmp_path, fake_upscaler):
+    images = [_picture(tmp_path / "a.png"), _picture(tmp_path / "b.png")]
+    with pytest.raises(ImagegenError) as caught:
+        upscale.plan(upscale.UpscaleRequest(images, output="-", model=str(fake_upscaler)))
+    assert "2 images" in caught.value.message and "--count" not in caught.value.message
+    with pytest.raises(ImagegenError) as caught:
+        upscale.plan(upscale.UpscaleRequest([tmp_path], output=str(tmp_path / "out"), model=str(fake_upscaler)))
+    assert caught.value.code == "invalid_source_image" and "--image" not in caught.value.message
+    assert f"{tmp_path}/*.png" in caught.value.hint
+
+
 def test_existing_outputs_and_name_clashes_are_refused(tmp_path, fake_upscaler):
     image = _picture(tmp_path / "in.png")
     (tmp_path / "out").mkdir()

@@ -94,6 +94,9 @@ def plan(request: UpscaleRequest, registry: Registry | None = None) -> UpscalePl
         raise ImagegenError("invalid_argument", "no images to upscale", hint="imagegen upscale IMAGE.png --scale 2")
     if len(request.images) > MAX_IMAGES:
         raise ImagegenError("invalid_argument", f"{len(request.images)} images; one call takes at most {MAX_IMAGES}")
+    if request.output == "-" and len(request.images) > 1:
+        raise ImagegenError("invalid_argument", f"-o - writes one PNG to stdout, but {len(request.images)} images "
+                            "were given", hint="Upscale one image with -o -, or pass -o DIR for several.")
     scale = check_scale(request.scale)
     bundle = hires.upscale_model(request.model, registry)
     sources = [read_source(Path(image).expanduser()) for image in request.images]
