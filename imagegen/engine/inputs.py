@@ -283,26 +283,23 @@ def _eight_bit(image):
 def _as_rgb(image):
     """Transparency is flattened onto white (ComfyUI's LoadImage would drop it, keeping whatever colour
     the transparent pixels happen to hold)."""
-    from PIL import Image
-
-    image = _eight_bit(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(flat, rgba).convert("RGB")
-    return image.convert("RGB")
+    return _flattened(image, (255, 255, 255, 255), "RGB")
 
 
 def _as_mask(image):
     """The mask's luminance: white repaints, black keeps. Transparent pixels count as black (kept)."""
+    return _flattened(image, (0, 0, 0, 255), "L")
+
+
+def _flattened(image, background: tuple[int, int, int, int], mode: str):
+    """The image in 8-bit `mode`, any transparency composited onto `background`."""
     from PIL import Image
 
     image = _eight_bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(black, rgba).convert("L")
-    return image.convert("L")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba).convert(mode)
+    return image.convert(mode)
 
 
 _NORMALIZED: dict[tuple[str, str], Path] = {}
