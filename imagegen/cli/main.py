@@ -75,7 +75,7 @@ def generate(
 
     def body() -> None:
         from imagegen.engine import generate as gen
-        from imagegen.engine.output import emit_result
+        from imagegen.engine.output import emit_results
         from imagegen.engine.progress import Reporter
         from imagegen.runtimes.choose import make_runtime
 
@@ -97,11 +97,8 @@ def generate(
                               explicit_timeouts=explicit)
         reporter = Reporter(quiet=mode.quiet, show_progress=mode.progress)
         planned = gen.plan(request)
-        for record in gen.execute(planned, make_runtime(workers.runtime, workers.keep_warm, workers.hosts), reporter):
-            if record["path"] != "-":
-                emit_result(record, mode.json_mode, quiet=False)
-            elif mode.json_mode:
-                print(json.dumps(record), file=sys.stderr, flush=True)
+        emit_results(gen.execute(planned, make_runtime(workers.runtime, workers.keep_warm, workers.hosts), reporter),
+                     mode.json_mode)
 
     run_guarded(mode.json_mode, mode.debug, body)
 

@@ -28,12 +28,9 @@ def upscale(
     """Upscale existing images on a worker; prints one path (or JSON object) per image."""
 
     def body() -> None:
-        import json
-        import sys
-
         from imagegen.engine import generate as gen
         from imagegen.engine import upscale as upscale_mod
-        from imagegen.engine.output import emit_result
+        from imagegen.engine.output import emit_results
         from imagegen.engine.progress import Reporter
         from imagegen.runtimes.choose import make_runtime
 
@@ -43,10 +40,6 @@ def upscale(
         planned = upscale_mod.plan(request)  # every input and output checked before a worker starts
         reporter = Reporter(quiet=mode.quiet, show_progress=mode.progress)
         runtime = make_runtime(workers.runtime, workers.keep_warm, workers.hosts)
-        for record in upscale_mod.execute(planned, runtime, reporter):
-            if record["path"] != "-":
-                emit_result(record, mode.json_mode, quiet=False)
-            elif mode.json_mode:
-                print(json.dumps(record), file=sys.stderr, flush=True)
+        emit_results(upscale_mod.execute(planned, runtime, reporter), mode.json_mode)
 
     run_guarded(mode.json_mode, mode.debug, body)

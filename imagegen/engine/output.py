@@ -99,3 +99,12 @@ def emit_result(record: dict, json_mode: bool, quiet: bool = False) -> None:
         print(json.dumps(record), flush=True)
     elif not quiet and record.get("path"):
         print(record["path"], flush=True)
+
+
+def emit_results(records, json_mode: bool) -> None:
+    """Each record as it comes; one whose PNG went to stdout (-o -) goes to stderr with --json, and unsaid."""
+    for record in records:
+        if record["path"] != "-":
+            emit_result(record, json_mode)
+        elif json_mode:
+            print(json.dumps(record), file=sys.stderr, flush=True)
