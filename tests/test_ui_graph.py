@@ -10,6 +10,7 @@ import pytest
 
 from imagegen.comfy import node_info, ui_graph, workflows
 from imagegen.comfy.hires import HiresFix
+from imagegen.engine import workflow_run
 from imagegen.models.registry import Registry
 from imagegen.util.errors import ImagegenError
 
@@ -172,10 +173,11 @@ def test_the_pinned_node_definitions_are_the_real_comfyuis(comfy_worker):
     IMAGEGEN_REGENERATE_NODE_INFO=1 writes it afresh from the real server."""
     live = node_info.trim(comfy_worker.client().object_info())
     if os.environ.get("IMAGEGEN_REGENERATE_NODE_INFO") == "1":
-        for schema in live.values():  # the worker's files are not the pinned ComfyUI's
+        for class_type, schema in live.items():  # the worker's files are not the pinned ComfyUI's
             for specs in schema["input"].values():
-                for spec in specs.values():
-                    if isinstance(spec[0], list) and (spec[1].get("image_upload") or not spec[0] or
+                for key, spec in specs.items():
+                    if isinstance(spec[0], list) and (spec[1].get("image_upload") or not spec[0] or key in
+                                                      workflow_run.LOADERS.get(class_type, {}) or
                                                       all(str(c).endswith(".safetensors") for c in spec[0])):
                         spec[0] = []
         node_info.PINNED_FILE.write_text(node_info.dumps(live))

@@ -98,6 +98,25 @@ def test_model_files_resolve_from_registry_cache_shared_trees_and_local_paths(tm
     assert file.local_path == str(local) and name == "imagegen-local/my model.safetensors"
 
 
+def test_a_vae_loader_names_a_file_like_any_loader(tmp_path, monkeypatch):
+    """VAELoader's list holds ComfyUI's own `pixel_space` beside the worker's files: a file name is not refused."""
+    tree = tmp_path / "comfy-models"
+    for folder in ("checkpoints", "vae"):
+        (tree / folder).mkdir(parents=True)
+        (tree / folder / f"my-{folder}.safetensors").write_bytes(b"x")
+    monkeypatch.setenv("IMAGEGEN_SHARED_MODELS", str(tree))
+    graph = own_graph("my-checkpoints.safetensors")
+    graph["vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": "my-vae.safetensors"}}
+    graph["decode"]["inputs"]["vae"] = ["vae", 0]
+    workflow = workflow_run.load(write(tmp_path / "wf.json", graph))
+    [job] = workflow_run.plan_jobs(workflow, {}, 1, [None])
+    assert job.bundle.files["vae.vae_name"].folder == "vae"
+    local = tmp_path / "other-vae.safetensors"
+    local.write_bytes(b"y")
+    [job] = workflow_run.plan_jobs(workflow, {"vae.vae_name": str(local)}, 1, [None])
+    assert job.bundle.files["vae.vae_name"].local_path == str(local)
+
+
 def test_a_missing_model_is_listed_with_its_node_and_a_custom_node_by_class_before_any_worker(tmp_path):
     graph = own_graph("nowhere.safetensors")
     graph["up"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "4x-Nothing.safetensors"}}
