@@ -100,6 +100,30 @@ def test_set_values_are_written_back_into_the_ui_graph():
     assert editor() == ui  # the original is untouched
 
 
+def bypassed_lora(ui: dict, kind: str = "LoraLoader") -> dict:
+    """The editor's graph with a bypassed LoRA loader between the checkpoint and the sampler and encoders."""
+    ui["nodes"].append({"id": 30, "type": kind, "mode": 4, "inputs": [
+        {"name": "model", "type": "MODEL", "link": 31}, {"name": "clip", "type": "CLIP", "link": 32}],
+        "outputs": [{"name": "MODEL", "type": "MODEL", "links": [1]}, {"name": "CLIP", "type": "CLIP", "links": [3, 5]}],
+        "widgets_values": ["not-here.safetensors", 1, 1]})
+    for link in ui["links"]:
+        if link[0] in (1, 3, 5):
+            link[1], link[2] = 30, 0 if link[0] == 1 else 1
+    ui["links"] += [[31, 4, 0, 30, 0, "MODEL"], [32, 4, 1, 30, 1, "CLIP"]]
+    return ui
+
+
+def test_bypassed_nodes_pass_their_input_of_the_same_type_through_as_the_editor_does():
+    for kind in ("LoraLoader", "LoraLoader|some custom pack"):  # a bypassed custom node is never sent either
+        graph = ui_graph.to_api(bypassed_lora(editor(), kind)).graph
+        assert "30" not in graph and graph["3"]["inputs"]["model"] == ["4", 0]
+        assert graph["6"]["inputs"]["clip"] == graph["7"]["inputs"]["clip"] == ["4", 1]
+    ui = editor()
+    next(node for node in ui["nodes"] if node["id"] == 3)["mode"] = 4  # the sampler: its latent passes through
+    graph = ui_graph.to_api(ui).graph
+    assert "3" not in graph and graph["8"]["inputs"]["samples"] == ["5", 0]
+
+
 def test_older_editors_without_the_control_value_and_loadimage_upload_values():
     ui = editor()
     sampler = next(node for node in ui["nodes"] if node["id"] == 3)
@@ -113,7 +137,7 @@ def test_older_editors_without_the_control_value_and_loadimage_upload_values():
 
 
 @pytest.mark.parametrize("change,words", [
-    (lambda ui: ui["nodes"][5].update(mode=4), ["node 3 (KSampler)", "bypassed"]),
+    (lambda ui: ui["nodes"][6].update(mode=4), ["node 9 (SaveImage)", "'images'", "node 8 (VAEDecode) is bypassed"]),
     (lambda ui: ui["nodes"][5].update(type="workflow>my group"), ["node 3", "group node"]),
     (lambda ui: (ui.setdefault("definitions", {}).update(subgraphs=[{"id": "abc-123"}]),
                  ui["nodes"][5].update(type="abc-123")), ["node 3 (abc-123)", "subgraph"]),

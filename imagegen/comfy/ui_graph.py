@@ -4,8 +4,9 @@ holds) to the API format a worker runs, and back (a simple column layout, for im
 Widget values are matched to inputs in the order of the node definitions (comfy/node_info.py): the
 widget inputs of `required` then `optional`, each INT seed followed by the editor's extra
 `control_after_generate` value and each image-upload input by its `upload` button's value. Editor-only
-pieces are resolved where that is exact (Reroute nodes, PrimitiveNode values, notes, muted nodes) and
-refused, naming the node, where it is not (bypassed nodes, group nodes and subgraphs).
+pieces are resolved as the pinned ComfyUI's editor (frontend 1.32) resolves them when it queues a graph
+(Reroute nodes, PrimitiveNode values, notes, muted nodes, bypassed nodes: their input of the matching
+type is passed through) and refused, naming the node, where they cannot be (group nodes and subgraphs).
 """
 
 from __future__ import annotations
@@ -71,39 +72,92 @@ def to_api(ui: dict, info: dict | None = None) -> Converted:
             raise _refuse(f"{_name(node)} is a group node or subgraph; imagegen runs only plain nodes",
                           hint="Unpack it in the editor (right-click: Convert to nodes / Unpack Subgraph), save, "
                                "and run that file.")
-        if node.get("mode") == BYPASSED:
-            raise _refuse(f"{_name(node)} is bypassed; a bypassed node passes its inputs through, which imagegen "
-                          "cannot reproduce exactly", hint="Remove the node or un-bypass it in the editor, save, "
-                                                           "and run that file.")
     unknown = {str(node.get("id")): str(node.get("type")) for node in nodes.values()
-               if node.get("type") not in info and node.get("type") not in NOTES | {"Reroute", "PrimitiveNode"}}
+               if node.get("type") not in info and node.get("type") not in NOTES | {"Reroute", "PrimitiveNode"}
+               and node.get("mode") not in (MUTED, BYPASSED)}  # the editor sends neither: any class will do
     if unknown:
         raise unknown_classes(unknown)
     converted = Converted({})
     for node_id, node in nodes.items():
-        if node.get("type") in NOTES | {"Reroute", "PrimitiveNode"} or node.get("mode") == MUTED:
+        if node.get("type") in NOTES | {"Reroute", "PrimitiveNode"} or node.get("mode") in (MUTED, BYPASSED):
             continue
         converted.graph[str(node_id)] = _convert(node, info, nodes, links, converted.slots)
     return converted
 
 
-def _origin(link_id, nodes: dict, links: dict, seen: frozenset = frozenset()):
-    """Where a link's data comes from: ("node", id, slot), ("value", v) for a PrimitiveNode, or None (muted)."""
+def _origin(link_id, want: str, nodes: dict, links: dict, info: dict, seen: frozenset = frozenset()):
+    """Where a link's data comes from, for an input of type `want`: ("node", id, slot); ("value", v, id) for a
+    PrimitiveNode; ("none", why) when nothing is connected (a bypassed node with no input to pass on: the input
+    keeps its widget value, if any); None when the source is muted or missing (the editor drops the input)."""
     if link_id not in links or link_id in seen:
         return None
+    seen = seen | {link_id}
     source_id, slot = links[link_id][0], links[link_id][1]
     source = nodes.get(source_id)
     if source is None or source.get("mode") == MUTED:
         return None
     if source.get("type") == "Reroute":
         upstream = [item.get("link") for item in source.get("inputs") or [] if item.get("link") is not None]
-        return _origin(upstream[0], nodes, links, seen | {link_id}) if upstream else None
+        return _origin(upstream[0], want, nodes, links, info, seen) if upstream else ("none", f"{_name(source)} "
+                                                                                              "has no input")
     if source.get("type") == "PrimitiveNode":
         values = source.get("widgets_values") or []
         if not values:
             raise _refuse(f"{_name(source)} holds no value")
         return ("value", values[0], str(source_id))
+    if source.get("mode") == BYPASSED:
+        inputs = _live_inputs(source, info)
+        index = _bypass_slot(inputs, int(slot), want, _output_type(source, int(slot), info))
+        if index < 0 or inputs[index].get("link") is None:
+            return ("none", f"{_name(source)} is bypassed and has no connected input of type {want} to pass on")
+        return _origin(inputs[index]["link"], str(inputs[index].get("type") or "*"), nodes, links, info, seen)
     return ("node", str(source_id), int(slot))
+
+
+def _live_inputs(node: dict, info: dict) -> list[dict]:
+    """A node's inputs as the editor holds them (its saved file leaves unconnected widget inputs out): every
+    link slot of its definition in order, then every widget input in order, then any the definition lacks."""
+    saved = {item.get("name"): item for item in node.get("inputs") or [] if isinstance(item, dict)}
+    schema = info.get(node.get("type"))
+    if schema is None:
+        return sorted(saved.values(), key=lambda item: bool(item.get("widget")))
+    specs = node_info.ordered_inputs(schema)
+    ordered = [name for name, spec in specs if not node_info.is_widget(spec)] + \
+        [name for name, spec in specs if node_info.is_widget(spec)]
+    kinds = {name: node_info.kind_of(spec)[0] for name, spec in specs}
+    return [saved.get(name) or {"name": name, "type": kinds[name], "link": None} for name in ordered] + \
+        [item for name, item in saved.items() if name not in kinds]
+
+
+def _output_type(node: dict, slot: int, info: dict) -> str:
+    outputs = node.get("outputs") or []
+    if slot < len(outputs) and isinstance(outputs[slot], dict) and outputs[slot].get("type"):
+        return str(outputs[slot]["type"])
+    declared = (info.get(node.get("type")) or {}).get("output") or []
+    return str(declared[slot]) if slot < len(declared) else "*"
+
+
+def _bypass_slot(inputs: list[dict], slot: int, want: str, output_type: str) -> int:
+    """The input a bypassed node passes to its output `slot`, as the editor picks it: the input of the same
+    index if its type fits, else the first of exactly the wanted type, else the first that fits; -1 if none."""
+    if want in ("*", ""):
+        return slot if len(inputs) > slot else (0 if inputs else -1)
+    kinds = [str(item.get("type") or "*") for item in inputs]
+    if slot < len(kinds) and _fits(kinds[slot], output_type) and _fits(kinds[slot], want):
+        return slot
+    if want in kinds:
+        return kinds.index(want)
+    return next((i for i, kind in enumerate(kinds) if _fits(kind, output_type) and _fits(kind, want)), -1)
+
+
+def _fits(a: str, b: str) -> bool:
+    """LiteGraph's isValidConnection: wildcards, equal types, or comma lists sharing a type (case-insensitive)."""
+    if a in ("", "*") or b in ("", "*") or a == b:
+        return True
+    a, b = a.lower(), b.lower()
+    if "," not in a and "," not in b:
+        return a == b
+    return any(_fits(x, y) for x in a.split(",") for y in b.split(","))
 
 
 def _widget_names(schema: dict) -> list[str]:
@@ -151,12 +205,16 @@ def _convert(node: dict, info: dict, nodes: dict, links: dict, slots: dict) -> d
         name, link_id = item.get("name"), item.get("link")
         if link_id is None or node_info.spec_of(schema, name) is None:
             continue
-        origin = _origin(link_id, nodes, links)
-        if origin is None:
-            if node_info.is_required(schema, name):
-                raise _refuse(f"{_name(node)}: its input {name!r} comes from a muted or missing node",
-                              hint="Unmute that node or reconnect the input in the editor, save, and run that file.")
-            inputs.pop(name, None)
+        origin = _origin(link_id, str(item.get("type") or node_info.kind_of(node_info.spec_of(schema, name))[0]),
+                         nodes, links, info)
+        if origin is None or origin[0] == "none":
+            if origin is None:
+                inputs.pop(name, None)
+            if node_info.is_required(schema, name) and name not in inputs:
+                why = "comes from a muted or missing node" if origin is None else f"gets nothing: {origin[1]}"
+                raise _refuse(f"{_name(node)}: its input {name!r} {why}",
+                              hint="Unmute or un-bypass that node, or reconnect the input in the editor, save, and "
+                                   "run that file.")
         elif origin[0] == "value":
             inputs[name] = origin[1]
             slots[(str(node["id"]), name)] = (origin[2], 0)
