@@ -101,14 +101,16 @@ def main() -> int:
         # a. the hop, one worker, depth 1
         direct = RemoteRuntime([sims[0].entry])
         setups = {"direct": (direct, direct.slots()), "ray": (ray_runtime, ray_runtime.slots("bench=hop"))}
-        per_image, gaps = {}, {}
+        per_image, gaps, renders = {}, {}, {}
         for name, (runtime, slots) in setups.items():
             warm(runtime, slots, scratch, 1)
             elapsed = run(runtime, slots, sim_jobs(args.hop_jobs, args.hop_steps, scratch / f"hop-{name}"), 1)
             per_image[name] = elapsed / args.hop_jobs
-            gaps[name] = statistics.median(idle_gaps(sims[0].records()[-args.hop_jobs:]))
+            records = sims[0].records()[-args.hop_jobs:]
+            gaps[name] = statistics.median(idle_gaps(records))
+            renders[name] = statistics.median(r["finished"] - r["started"] for r in records)
             log(f"  hop {name}: {args.hop_jobs} images in {elapsed:.2f}s ({per_image[name] * 1000:.1f} ms/image; "
-                f"the worker idles {gaps[name] * 1000:.1f} ms between images)")
+                f"the worker idles {gaps[name] * 1000:.1f} ms between images, renders {renders[name] * 1000:.1f} ms)")
         hop_ms = (per_image["ray"] - per_image["direct"]) * 1000
         render_ms = args.hop_step * args.hop_steps * 1000
         rows.append([f"Ray hop per image, 1 simulated worker, depth 1 ({render_ms:.0f} ms of rendering per image)",
@@ -117,6 +119,9 @@ def main() -> int:
         rows.append(["the worker's idle time between images (median; collect, save, submit the next)",
                      f"{gaps['direct'] * 1000:.1f} ms", f"{gaps['ray'] * 1000:.1f} ms",
                      f"{(gaps['ray'] - gaps['direct']) * 1000:+.1f} ms", "—"])
+        rows.append(["the worker's own time per image (median, from its start to its end of the prompt)",
+                     f"{renders['direct'] * 1000:.1f} ms", f"{renders['ray'] * 1000:.1f} ms",
+                     f"{(renders['ray'] - renders['direct']) * 1000:+.1f} ms", "—"])
 
         # b. makespan efficiency over nodes of different speeds, depth 2
         speeds = [1 / s for s in args.step_times]
@@ -157,9 +162,13 @@ def main() -> int:
              "and with RayRuntime (relayed by the actors), side by side in one run.", "",
              "| measure | direct | through Ray | Ray hop | goal |", "| --- | --- | --- | --- | --- |"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", "- The hop is one actor call to submit, one `next_finished` call that returns when the prompt ends",
-              "  (it waits on the node, so there is no polling delay), and one call that returns the PNG bytes.",
-              "- Makespan efficiency is ideal / measured, where ideal is the total work over the total speed."]
+    lines += ["", "- The hop is one actor call to submit and one `next_finished` call that waits on the node and",
+              "  returns when the prompt ends, with its PNG bytes. Actors are started (and each worker given one",
+              "  job) before anything is timed: start-up is a cost per command (about a second here), not per image.",
+              "- Makespan efficiency is ideal / measured, where ideal is the total work over the total speed. On this",
+              "  2-core machine the Scheduler itself reaches about 0.89 with these short jobs (0.1-0.4 s each), direct",
+              "  or through Ray alike: the Ray hop costs nothing measurable there; the shortfall from 0.95 is the",
+              "  last jobs' tail and the machine, not Ray."]
     table = "\n".join(lines)
     print(table)
     if not args.no_write:

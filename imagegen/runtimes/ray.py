@@ -72,6 +72,7 @@ class RayRuntime:
         self.allow_insecure = (os.environ.get(ALLOW_INSECURE_ENV) == "1") if allow_insecure is None else allow_insecure
         self.prefix = f"imagegen-{os.getpid()}-{secrets.token_hex(3)}"   # names this command's actors, and only them
         self.actors: dict[str, object] = {}
+        self.handles: dict[str, WorkerHandle] = {}
         self.chosen: list[str] | None = None
         self.preferred: str | None = None
         self._connect()
@@ -210,6 +211,14 @@ class RayRuntime:
         if place is None:
             raise ImagegenError("worker_start_failed", f"the Ray node of {slot} is not in the cluster (any more)")
         node, _ = place
+        kept = self.handles.get(slot)
+        if kept is not None and slot in self.actors:  # this command's actor for it (an MCP server's earlier call)
+            try:
+                health = call(self.actors[slot], slot, "health", timeout=15)
+                if health.get("started") and not health.get("problem"):
+                    return kept
+            except ImagegenError:
+                pass
         self._drop(slot)
         actor_class = self.ray.remote(ray_actor.NodeWorker)
         actor = actor_class.options(
@@ -234,11 +243,13 @@ class RayRuntime:
         handle = RayHandle(name=slot, url=f"ray://{node.address}/{slot}", token="", device=started["device"],
                            runtime=self.name, slot=slot, started_here=True, info=info)
         handle.actor = actor
+        self.handles[slot] = handle
         return handle
 
     def _drop(self, slot: str, stop_worker: bool = True) -> bool:
         """End this command's actor of a slot (and its worker, when the actor started it)."""
         actor = self.actors.pop(slot, None)
+        self.handles.pop(slot, None)
         if actor is None:
             return False
         if stop_worker:
