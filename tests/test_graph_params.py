@@ -76,6 +76,7 @@ def test_values_are_checked_and_unknown_keys_list_the_keys(key, value, words):
     assert caught.value.code == "invalid_argument"
     for word in words:
         assert word in caught.value.message, caught.value.message
+    assert "--list-params" in caught.value.hint or "size=" in caught.value.hint or "Choices" in caught.value.hint
 
 
 def test_typed_json_values_from_a_batch_item_and_booleans():

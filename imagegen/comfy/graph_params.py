@@ -187,16 +187,16 @@ def parse_value(leaf: Leaf, raw: Any, key: str) -> Any:
         low, high = leaf.options.get("min"), leaf.options.get("max")
         if (low is not None and value < low) or (high is not None and value > high):
             raise ImagegenError("invalid_argument", f"{where}: {value} is outside {low}..{high} ({leaf.class_type} "
-                                f"{leaf.input})")
+                                f"{leaf.input})", hint=HINT)
         return value
     if leaf.kind == "BOOLEAN":
         if isinstance(raw, bool):
             return raw
         if str(raw).lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return str(raw).lower() in ("true", "1", "yes", "on")
-        raise ImagegenError("invalid_argument", f"{where}: {raw!r} is not true or false")
+        raise ImagegenError("invalid_argument", f"{where}: {raw!r} is not true or false", hint=HINT)
     if not isinstance(raw, str):
-        raise ImagegenError("invalid_argument", f"{where}: {raw!r} is not text")
+        raise ImagegenError("invalid_argument", f"{where}: {raw!r} is not text", hint=HINT)
     if _refused_choice(leaf, raw):
         raise ImagegenError("invalid_argument", f"{where}: {raw!r} is not one of {leaf.class_type}'s {leaf.input} "
                             f"choices", hint="Choices: " + ", ".join(leaf.options["choices"][:60]))
@@ -205,7 +205,7 @@ def parse_value(leaf: Leaf, raw: Any, key: str) -> Any:
 
 def _number(raw: Any, integer: bool, where: str):
     if isinstance(raw, bool):
-        raise ImagegenError("invalid_argument", f"{where}: {raw!r} is not a number")
+        raise ImagegenError("invalid_argument", f"{where}: {raw!r} is not a number", hint=HINT)
     try:
         value = (int(raw) if not isinstance(raw, float) else raw) if integer else float(raw)
     except (TypeError, ValueError):
@@ -213,7 +213,7 @@ def _number(raw: Any, integer: bool, where: str):
     if value is None or (integer and (not isinstance(value, int) or isinstance(raw, float))) or \
             (not integer and not math.isfinite(value)):
         raise ImagegenError("invalid_argument", f"{where}: {raw!r} is not {'a whole' if integer else 'a finite'} "
-                            "number")
+                            "number", hint=HINT)
     return value
 
 
