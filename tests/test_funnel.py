@@ -387,7 +387,7 @@ def test_on_a_terminal_it_asks_and_shows_the_sheet(env, tiny_sd15, tmp_path):
     text = seen.decode(errors="replace")
     assert process.returncode == 0, text
     assert f"contact sheet: {out}/stage-1-drafts/sheet.png" in text and "pick 1 of 3" in text
-    assert "7 not on the sheet" in text and "kept 2 (interactive)" in text
+    assert "7 not on the sheet" in text and "kept image 2 (interactive)" in text
     state = _state(out)
     assert state["stages"][0]["picks"] == [2] and state["stages"][1]["images"][0]["source"] == 2
     assert len(stdout.decode().split()) == 4 and state["next"] == {"action": "done"}

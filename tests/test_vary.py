@@ -111,6 +111,9 @@ def test_more_like_this_through_the_real_cli(comfyui_dir, tiny_sd15, tmp_path):
 
         varied = run_cli("funnel", "resume", str(out), "--pick", "2", "--vary", "2", "--json", env=env)
         assert varied.returncode == 0, varied.stderr.decode()
+        said = varied.stderr.decode()
+        assert "kept image 2 (pick)" in said and "2 variation(s) of image 2" in said, said
+        assert "2 image(s) with" in said and "beside the 1 pick(s)" in said and "earlier" not in said, said
         *records, status = (json.loads(line) for line in varied.stdout.decode().splitlines())
         assert not list(Draft202012Validator(FUNNEL_STATUS).iter_errors(status))
         assert not [e for r in records for e in Draft202012Validator(RESULT).iter_errors(r)]

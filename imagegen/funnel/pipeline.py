@@ -195,8 +195,11 @@ def render_stage(funnel: Funnel, number: int, runtime, reporter, emit, options: 
     funnel.save()
     record, stage = funnel.record(number), funnel.stage(number)
     jobs = stage_jobs(funnel, number, registry, options.fast)
-    total, earlier = len(record["images"]), sum(funnel.done(image) for image in record["images"])
+    copies = sum(bool(image.get("copy")) for image in record["images"])  # a variations stage's picks, copied
+    total = len(record["images"]) - copies
+    earlier = sum(funnel.done(image) and not image.get("copy") for image in record["images"])
     reporter.status(f"stage {number}/{len(funnel.data['stages'])} {stage.name}: {total} image(s) with {stage.model}"
+                    + (f" beside the {copies} pick(s) themselves" if copies else "")
                     + (f", {earlier} done earlier" if earlier else ""))
     if jobs:
         slots = runtime.slots(options.gpus, cpu_workers=options.workers)
@@ -224,7 +227,7 @@ def render_stage(funnel: Funnel, number: int, runtime, reporter, emit, options: 
         scheduler = Scheduler(runtime, slots[: len(jobs)], jobs, on_outcome, budgets, hashes, batch.local_dirs(jobs),
                               overwrite=True, depth=options.depth, reporter=reporter, registry=registry,
                               force=options.force)
-        reporter.start(total, total - len(jobs))
+        reporter.start(total, earlier)
         reporter.attach(scheduler.workers)
         try:
             scheduler.run()
@@ -286,12 +289,13 @@ def advance(funnel: Funnel, runtime, reporter, emit, options: Options, fetch=Non
                 record = funnel.record(step["stage"])
                 record["picks"], record["picked_by"] = chosen
                 funnel.save()
-                kept = ", ".join(map(str, chosen[0]))
+                kept = ("image " if len(chosen[0]) == 1 else "images ") + ", ".join(map(str, chosen[0]))
                 reporter.status(f"stage {step['stage']} {step['name']}: kept {kept} ({chosen[1]})")
                 if options.vary:
                     added = vary.insert(funnel, step["stage"], options.vary, options.vary_denoise)
                     reporter.status(f"stage {added} {funnel.record(added)['name']}: {options.vary} variation(s) of "
-                                    f"each of {kept}, then a pick before stage {added + 1}")
+                                    f"{'each of ' if len(chosen[0]) > 1 else ''}{kept}, then a pick before stage "
+                                    f"{added + 1}")
                     options.vary = 0
             else:
                 return status_record(funnel)
