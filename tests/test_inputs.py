@@ -168,6 +168,17 @@ def test_a_mask_of_another_size_is_an_error_not_a_resize(tmp_path):
     assert "64x72" in error.message and "64x64" in error.message
 
 
+def test_an_all_black_mask_is_refused_an_all_white_one_repaints_everything(tmp_path):
+    source = blocks(tmp_path / "in.png")
+    Image.new("L", (64, 64), 0).save(tmp_path / "black.png")
+    error = refused("invalid_mask", inputs.prepare, source, tmp_path / "black.png")
+    assert "all black" in error.message
+    Image.new("RGBA", (64, 64), (255, 255, 255, 0)).save(tmp_path / "clear.png")  # transparent counts as black
+    refused("invalid_mask", inputs.prepare, source, tmp_path / "clear.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "white.png")
+    assert inputs.prepare(source, tmp_path / "white.png").denoise == 1.0
+
+
 def test_options_that_need_an_image_or_a_mask(tmp_path):
     source = blocks(tmp_path / "in.png")
     refused("invalid_argument", inputs.prepare, None, tmp_path / "m.png")

@@ -103,6 +103,10 @@ def prepare(image: Path | str | None, mask: Path | str | None = None, denoise: f
             f"{prefix}the mask {masked.path.name} is {masked.width}x{masked.height} but the image "
             f"{source.path.name} is {source.width}x{source.height}",
             hint="Make the mask exactly the image's size (white repaints, black keeps); it is never resized.")
+    if masked is not None and _all_black(masked.normalized):
+        raise ImagegenError("invalid_mask", f"{prefix}the mask {masked.path.name} is all black: nothing would be "
+                            "repainted", hint="Paint white where the image is to be redrawn (black keeps); an "
+                                              "inverted mask needs inverting.")
     default = INPAINT_DENOISE if masked is not None or border is not None else DEFAULT_DENOISE
     if border is not None:
         width, height = source.width + border[0] + border[2], source.height + border[1] + border[3]
@@ -112,6 +116,13 @@ def prepare(image: Path | str | None, mask: Path | str | None = None, denoise: f
                                 f"{max_pixels} pixels or {workflows.MAX_RESOLUTION} a side",
                                 hint="Extend by less, or outpaint in several steps.")
     return Prepared(source, masked, float(denoise) if denoise is not None else default, grow, border)
+
+
+def _all_black(mask: Path) -> bool:
+    from PIL import Image
+
+    with Image.open(mask) as opened:
+        return opened.getextrema()[1] == 0
 
 
 def parse_extend(value, prefix: str = "") -> list[int] | None:
@@ -194,7 +205,8 @@ def _limits() -> tuple[int, int]:
 
 
 # How messages name each role's file: the option it came from ("upscale": `imagegen upscale IMAGE...`)
-LABELS = {"image": "--image", "mask": "--mask", "control": "--control", "upscale": "the image"}
+LABELS = {"image": "--image", "mask": "--mask", "control": "--control", "upscale": "the image",
+          "workflow": "the workflow's input image"}
 
 
 def _refuse(path: Path, role: str, why: str, hint: str | None = None) -> ImagegenError:
