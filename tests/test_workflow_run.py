@@ -69,6 +69,10 @@ def test_api_ui_and_png_workflows_load_to_the_same_graph(tmp_path):
 
 @pytest.mark.parametrize("content,words", [
     (b"not json", "neither a PNG nor JSON"), (b"[1, 2]", "is not a ComfyUI workflow"),
+    (b'{"foo": 1}', "neither the API format"), (b'{"nodes": "x", "links": []}', "neither the API format"),
+    (b"", "neither a PNG nor JSON"), (json.dumps(own_graph())[:300].encode(), "neither a PNG nor JSON"),
+    (json.dumps({"nodes": [{"id": 1, "type": "SaveImage", "inputs": [{"name": "images", "link": 5}]}],
+                 "links": [[5, 2, 0, 1, 0, "IMAGE"]]}).encode(), "wf.json: node 1 (SaveImage): its input 'images'"),
     (json.dumps({"1": {"class_type": "CLIPTextEncode", "inputs": {"text": "x", "clip": ["9", 0]}}}).encode(),
      "links to node '9'"),
     (json.dumps({"1": {"class_type": "EmptyLatentImage", "inputs": {}}}).encode(), "has no output node"),
@@ -78,6 +82,11 @@ def test_malformed_workflows_are_refused(tmp_path, content, words):
     with pytest.raises(ImagegenError) as caught:
         workflow_run.load(tmp_path / "wf.json")
     assert caught.value.code == "invalid_workflow" and words in caught.value.message
+
+
+def test_a_workflow_file_with_a_byte_order_mark_loads(tmp_path):
+    (tmp_path / "wf.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(own_graph()).encode())
+    assert workflow_run.load(tmp_path / "wf.json").graph["sampler"]["class_type"] == "KSampler"
 
 
 def test_model_files_resolve_from_registry_cache_shared_trees_and_local_paths(tmp_path, monkeypatch):
@@ -156,8 +165,8 @@ def test_list_params_and_a_load_image_that_is_nowhere(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
     corrupt = run_cli("run", str(wf), "--set", f"image={tmp_path / 'broken.png'}", "--json", env=env)
     error = json.loads(corrupt.stderr.decode().splitlines()[-1])
-    assert corrupt.returncode == 2 and error["code"] == "invalid_source_image" and "cannot be decoded" in \
-        error["message"]
+    assert corrupt.returncode == 2 and error["code"] == "invalid_source_image" and "is not an image" in \
+        error["message"] and "--image" not in error["message"] + error["hint"]  # run has no --image option
 
 
 # --- real ComfyUI -----------------------------------------------------------------------------------------

@@ -70,11 +70,11 @@ def load(path: Path, info: dict | None = None) -> Workflow:
     if data.startswith(png.PNG_SIGNATURE):
         return _from_png(path, data, digest, info)
     try:
-        parsed = json.loads(data.decode("utf-8"))
+        parsed = json.loads(data.decode("utf-8-sig"))  # an editor on Windows may have added a byte-order mark
     except (UnicodeDecodeError, ValueError) as exc:
         raise _refuse(path, f"is neither a PNG nor JSON ({exc})") from None
     if ui_graph.is_ui(parsed):
-        converted = ui_graph.to_api(parsed, info)
+        converted = _converted(path, parsed, info)
         return Workflow(checked(path, converted.graph, info), path, digest, "ui", parsed, converted.slots)
     if isinstance(parsed, dict) and isinstance(parsed.get("prompt"), dict) and "class_type" not in parsed["prompt"]:
         parsed = parsed["prompt"]  # a saved /prompt request body
@@ -92,7 +92,7 @@ def _from_png(path: Path, data: bytes, digest: str, info: dict | None) -> Workfl
     if not ui_graph.is_ui(ui) or (isinstance(ui, dict) and ui.get("extra", {}).get("imagegen")):
         ui = None  # a layout imagegen made for its own graph: the prompt chunk is the exact graph
     if graph is None and ui is not None:
-        converted = ui_graph.to_api(ui, info)
+        converted = _converted(path, ui, info)
         return Workflow(checked(path, converted.graph, info), path, digest, "png", ui, converted.slots, record)
     if graph is None:
         raise _refuse(path, "carries no workflow (no prompt or workflow chunk)")
@@ -104,12 +104,24 @@ def _from_png(path: Path, data: bytes, digest: str, info: dict | None) -> Workfl
                     record if isinstance(record, dict) else None)
 
 
+def _converted(path: Path, ui: dict, info: dict | None) -> ui_graph.Converted:
+    """The API graph of a UI workflow; a refusal names the file."""
+    try:
+        return ui_graph.to_api(ui, info)
+    except ImagegenError as error:
+        if error.code == "invalid_workflow":
+            error.message = f"{path}: {error.message}"
+        raise
+
+
 def checked(path: Path, graph: Any, info: dict | None = None) -> dict:
     """An API graph whose nodes are well formed, whose classes the pinned ComfyUI has, and which has an
     output node; links must name nodes of the graph."""
     info = info if info is not None else node_info.pinned()
-    if not isinstance(graph, dict) or not graph:
-        raise _refuse(path, "is not a ComfyUI workflow (an object of nodes, or the editor's nodes/links)")
+    if not isinstance(graph, dict) or not graph or not any(isinstance(node, dict) and "class_type" in node
+                                                            for node in graph.values()):
+        raise _refuse(path, "is not a ComfyUI workflow: neither the API format (nodes by id, each with class_type "
+                      "and inputs) nor the editor's (nodes and links)")
     unknown = {}
     for node_id, node in graph.items():
         if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) or \
@@ -249,6 +261,17 @@ def unset_images(workflow: Workflow, applied: graph_params.Applied, info: dict |
                                 hint=f"Pass the image to load: --set {ref[0]}.{ref[1]}=PATH (or --set image=PATH).")
 
 
+def _check_image(graph: dict, ref: tuple[str, str], path: Path) -> None:
+    """An input image is size-limited and decodes (the user's own bytes are uploaded: LoadImage reads alpha and
+    EXIF); a refusal names the node that loads it."""
+    try:
+        image_inputs.load(path, "workflow")
+    except ImagegenError as error:
+        why = error.message.partition(f"{path}: ")[2] or error.message
+        raise ImagegenError(error.code, f"node {ref[0]} ({graph[ref[0]]['class_type']}) loads {path}, which {why}",
+                            hint=f"Pass a PNG, JPEG or WebP file: --set {ref[0]}.{ref[1]}=PATH.") from None
+
+
 def _recorded_inputs(workflow: Workflow) -> dict:
     """The input files an imagegen PNG's record names (`run --from`), where they still hold the same bytes."""
     found = {}
@@ -281,8 +304,8 @@ def plan_jobs(workflow: Workflow, settings: dict[str, Any], count: int, targets:
     if problems:
         raise _refuse(workflow.source, "holds values ComfyUI would refuse: " + "; ".join(problems),
                       hint="Fix them with --set (see --list-params), or in the editor.")
-    for path in applied.uploads.values():  # size-limited and decoded here: a corrupt or huge file is exit 2
-        image_inputs.load(path, "image")   # (the user's own bytes are uploaded: LoadImage reads alpha and EXIF)
+    for ref, path in applied.uploads.items():  # size-limited and decoded here: a corrupt or huge file is exit 2
+        _check_image(applied.graph, ref, path)
     bundle = resolve_models(workflow.source, applied.graph, registry, local_models)
     seeds = graph_params.well_known(applied.graph, info).get("seed", [])
     if count > 1 and not seeds:
