@@ -294,14 +294,16 @@ def _in_panel(annotation, panel: str | None):
             extra = copy.copy(extra)
             extra.rich_help_panel = panel
         tagged.append(extra)
-    return Annotated[(base, *tagged)]
+    arguments = (base, *tagged)
+    return Annotated[arguments]
 
 
 class GroupedHelp(typer.core.TyperCommand):
     """A command whose --help lists its options by section (an option group's PANEL), the ungrouped first."""
 
     def format_options(self, ctx, formatter) -> None:
-        args, sections = [], {"Options": []}
+        args: list = []
+        sections: dict[str, list] = {"Options": []}
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx)
             if record is None:
