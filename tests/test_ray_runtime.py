@@ -214,6 +214,51 @@ def test_a_cluster_without_token_auth_is_refused_unless_allowed(ray_installed, t
         insecure.stop()
 
 
+def _ray_py(env, code: str) -> str:
+    """Run Python against the cluster in a process of its own (a second driver); its last stdout line."""
+    result = subprocess.run([sys.executable, "-c", "import json, ray; ray.init(logging_level='ERROR'); " + code],
+                            capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip().splitlines()[-1]
+
+
+FOREIGN = ("@ray.remote(num_cpus=0)\nclass Other:\n    def ping(self):\n        return 'pong'\n")
+
+
+@cluster_test
+@pytest.mark.comfyui
+def test_ctrl_c_ends_this_commands_actors_and_leaves_other_actors_alone(env, tmp_path):
+    ping = "print(ray.get(ray.get_actor('someone-else', 'imagegen').ping.remote()))"
+    _ray_py(env, "exec(" + repr(FOREIGN) + "); Other.options(name='someone-else', namespace='imagegen', "
+                 "lifetime='detached').remote(); " + ping)
+    out = tmp_path / "out"
+    prompts = "\n".join(f"a field {n}" for n in range(6)) + "\n"
+    args = [sys.executable, str(REPO / "generate_image.py"), *batch_args(out, "--steps", "8")]
+    driver = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, **env})
+    driver.stdin.write(prompts.encode())
+    driver.stdin.close()
+    driver.stdin = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and driver.poll() is None and not ((out / "manifest.jsonl").is_file()
+                                                                       and done_keys(out)):
+        time.sleep(0.2)
+    assert driver.poll() is None, "the batch ended before Ctrl-C"
+    driver.send_signal(signal.SIGINT)
+    _, stderr = communicate(driver, 300)
+    assert driver.returncode == 130, stderr.decode()[-2000:]
+    names = "print(json.dumps(sorted(a['name'] for a in ray.util.list_named_actors(all_namespaces=True))))"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # Ray ends a driver's actors shortly after it exits
+        left = json.loads(_ray_py(env, names))
+        if left == ["someone-else"]:
+            break
+        time.sleep(2)
+    assert left == ["someone-else"]
+    assert _ray_py(env, ping) == "pong"
+    _ray_py(env, "ray.kill(ray.get_actor('someone-else', 'imagegen')); print('ok')")
+
+
 @cluster_test
 @pytest.mark.comfyui
 def test_a_node_lost_mid_batch_leaves_every_image_in_the_manifest_exactly_once(env, cluster, tmp_path):

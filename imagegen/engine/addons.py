@@ -337,6 +337,8 @@ def make_loadable(bundles: list[Bundle], runtime, fetch) -> None:
                                      "it under that name), or use another --runtime.")
         if getattr(runtime, "uses_host_cache", True):
             cache.ensure_bundle(bundle, fetch=fetch)
+        elif hasattr(runtime, "ensure_bundle"):  # workers with caches of their own that the runtime fills (Ray nodes)
+            runtime.ensure_bundle(bundle)
 
 
 def local_files(bundles: list[Bundle]) -> set[str]:

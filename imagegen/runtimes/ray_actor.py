@@ -149,6 +149,21 @@ class NodeWorker:
         return self.client.choices()
 
     @_relayed
+    def object_info(self, node_class: str | None = None) -> dict:
+        assert self.client is not None
+        return self.client.object_info(node_class)
+
+    @_relayed
+    def log_entries(self) -> list[dict] | None:
+        assert self.client is not None
+        return self.client.log_entries()
+
+    @_relayed
+    def system_stats(self) -> dict:
+        assert self.client is not None
+        return self.client.system_stats()
+
+    @_relayed
     def queue(self) -> dict:
         assert self.client is not None
         return self.client.queue()

@@ -70,6 +70,19 @@ class RayClient:
     def queue(self) -> dict:
         return self._call("queue")
 
+    def object_info(self, node_class: str | None = None) -> dict:
+        return self._call("object_info", node_class)
+
+    def system_stats(self) -> dict:
+        return self._call("system_stats")
+
+    def log_entries(self) -> list[dict] | None:
+        """ComfyUI's recent log lines on the node (unapplied LoRA keys are read from them); None when unknown."""
+        try:
+            return self._call("log_entries")
+        except ImagegenError:
+            return None
+
     def cancel(self, prompt_ids: list[str], timeout: float = 2.0) -> None:
         try:
             self._call("cancel", list(prompt_ids), timeout=timeout + 3)
