@@ -67,7 +67,8 @@ def test_every_addressing_mode_sets_the_same_kind_of_leaf(tmp_path):
     ("cfg", "nan", ["not a finite number"]), ("seed", "-1", ["outside 0.."]),
     ("3.sampler_name", "Euler A", ["not one of KSampler's sampler_name choices"]),
     ("size", "64", ["not WIDTHxHEIGHT"]), ("size", "8x64", ["outside 16..16384"]),
-    ("image", "missing.png", ["no such parameter"]), ("3.model", "x", ["no settable input 'model'", "steps"]),
+    ("image", "missing.png", ["no such parameter"]), ("3.model", "x", ["fed by node 4 (CheckpointLoaderSimple)"]),
+    ("3.bogus", "x", ["no settable input 'bogus'", "steps"]), ("9.filename_prefix", "x", ["names the images"]),
     ("99.text", "x", ["no such parameter", "prompt", "6.text"]), ("nope", "1", ["no such parameter", "3.seed"]),
 ])
 def test_values_are_checked_and_unknown_keys_list_the_keys(key, value, words):
@@ -76,7 +77,7 @@ def test_values_are_checked_and_unknown_keys_list_the_keys(key, value, words):
     assert caught.value.code == "invalid_argument"
     for word in words:
         assert word in caught.value.message, caught.value.message
-    assert "--list-params" in caught.value.hint or "size=" in caught.value.hint or "Choices" in caught.value.hint
+    assert any(words in caught.value.hint for words in ("--list-params", "size=", "Choices", "-o DIR"))
 
 
 def test_typed_json_values_from_a_batch_item_and_booleans():

@@ -24,6 +24,7 @@ SEED_INPUTS = ("seed", "noise_seed")
 TEXT_INPUTS = ("text", "text_g", "t5xxl")
 HINT = "Run `imagegen run WORKFLOW --list-params` to see every key and its type."
 Ref = tuple[str, str]  # (node id, input name)
+OWNED = {("SaveImage", "filename_prefix"), ("PreviewImage", "filename_prefix")}  # imagegen names its own outputs
 
 
 @dataclass
@@ -68,7 +69,7 @@ def leaves(graph: dict, info: dict | None = None) -> dict[Ref, Leaf]:
         title = str((node.get("_meta") or {}).get("title") or "")
         for name, value in (node.get("inputs") or {}).items():
             spec = node_info.spec_of(schema, name)
-            if spec is None or _is_link(value) or not node_info.is_widget(spec):
+            if spec is None or _is_link(value) or not node_info.is_widget(spec) or (node["class_type"], name) in OWNED:
                 continue
             kind, options = node_info.kind_of(spec)
             found[(str(node_id), name)] = Leaf(str(node_id), name, node["class_type"], title, kind, options, value)
@@ -165,11 +166,33 @@ def resolve(key: str, graph: dict, info: dict | None = None) -> list[Ref]:
                             f"({', '.join(titled)})", hint=f"Name one by its id, e.g. --set {titled[0]}.{name}=VALUE.")
     if titled:
         return [(titled[0], name)]
+    linked = _linked_input(key, graph, ref, name, settable)
+    if linked is not None:
+        raise linked
+    if any((node.get("class_type"), name) in OWNED for n, node in graph.items()
+           if ref in (n, (node.get("_meta") or {}).get("title"))):
+        raise ImagegenError("invalid_argument", f"--set {key}: imagegen names the images it writes itself",
+                            hint="Choose where they go with -o FILE.png or -o DIR/.")
     if ref in graph or any(leaf.title == ref for leaf in settable.values()):
         inputs = sorted(i for (n, i), leaf in settable.items() if ref in (n, leaf.title))
         raise ImagegenError("invalid_argument", f"--set {key}: node {ref!r} has no settable input {name!r} "
                             f"(it has: {', '.join(inputs) or 'none'})", hint=HINT)
     raise _unknown(key, settable, well_known(graph, info))
+
+
+def _linked_input(key: str, graph: dict, ref: str, name: str, settable: dict) -> ImagegenError | None:
+    """The refusal of --set on an input that another node feeds (a link is not a value), naming that node."""
+    ids = [ref] if ref in graph else [n for n, node in graph.items() if (node.get("_meta") or {}).get("title") == ref]
+    for node_id in ids:
+        value = (graph[node_id].get("inputs") or {}).get(name)
+        if _is_link(value):
+            source = str(value[0])
+            inputs = sorted(leaf.key for (n, _), leaf in settable.items() if n == source)
+            example = f"e.g. --set {inputs[0]}=VALUE" if inputs else "in the editor"
+            return ImagegenError("invalid_argument", f"--set {key}: that input is fed by node {source} "
+                                 f"({(graph.get(source) or {}).get('class_type', '?')}), not a value",
+                                 hint=f"Set that node's inputs instead, {example}; see --list-params.")
+    return None
 
 
 def _unknown(key: str, settable: dict, names: dict) -> ImagegenError:
