@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagegen.comfy import workflows
+from imagegen.util import files
 from imagegen.util.env import env_int
 from imagegen.util.errors import ImagegenError
 
@@ -277,9 +278,7 @@ def load(path: Path, role: str) -> InputImage:
     if not normalized.is_file():
         buffer = io.BytesIO()
         picture.save(buffer, "PNG", compress_level=1)
-        tmp = normalized.with_suffix(".partial")
-        tmp.write_bytes(buffer.getvalue())
-        tmp.replace(normalized)
+        files.write_atomic(normalized, buffer.getvalue())
     _NORMALIZED[(role, sha)] = normalized
     return InputImage(role, path, sha, picture.width, picture.height, normalized)
 
