@@ -169,6 +169,28 @@ def test_list_params_and_a_load_image_that_is_nowhere(tmp_path):
         error["message"] and "--image" not in error["message"] + error["hint"]  # run has no --image option
 
 
+def test_several_images_for_stdout_are_refused_before_any_is_written(tmp_path, capsysbinary, monkeypatch):
+    from types import SimpleNamespace
+
+    from imagegen.engine import workflow_jobs
+
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "models" / "checkpoints" / "tiny-sd15.safetensors").write_bytes(b"x")
+    monkeypatch.setenv("IMAGEGEN_SHARED_MODELS", str(tmp_path / "models"))
+    graph = own_graph()
+    graph["save_again"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "x"}}
+    workflow = workflow_run.load(write(tmp_path / "two.json", graph))
+    with pytest.raises(ImagegenError) as caught:  # before any worker: the graph has two SaveImage nodes
+        workflow_run.plan(workflow, {}, 1, "-", False, runtime=None)
+    assert caught.value.exit_code == 2 and "-o DIR" in caught.value.hint
+    assert workflow_run.plan(workflow, {}, 1, str(tmp_path / "a.png"), False, runtime=None)  # a file: -2.png beside
+    images = [{"filename": f"{name}.png", "subfolder": "", "type": "output"} for name in ("a", "b")]
+    job = SimpleNamespace(workflow=SimpleNamespace(graph=own_graph()), targets=[None])  # a batch the graph hides
+    with pytest.raises(ImagegenError):
+        workflow_jobs.save_outputs(None, {"outputs": {"save": {"images": images}}}, job, None, False, {}, 0.0)
+    assert capsysbinary.readouterr().out == b""
+
+
 # --- real ComfyUI -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def env(comfyui_dir, tiny_sd15, tiny_esrgan, tmp_path_factory):

@@ -45,13 +45,21 @@ def output_refs(entry: dict, graph_order: list[str]) -> list[dict]:
     return saved or refs
 
 
+def saves_several(graph: dict) -> bool:
+    """Whether a graph certainly saves more than one image (two SaveImage nodes, or a batch), for `-o -`."""
+    saves = sum(node.get("class_type") == "SaveImage" for node in graph.values())
+    batch = max((n["inputs"].get("batch_size") for n in graph.values()
+                 if isinstance(n.get("inputs", {}).get("batch_size"), int)), default=1)
+    return saves > 1 or (saves == 1 and batch > 1)
+
+
 def target_for(targets: list[Path | None], index: int) -> Path | None:
     """The path of a job's index-th image: its planned targets, then name-2.png, name-3.png, ... beside the first."""
     if index < len(targets):
         return targets[index]
     first = targets[0]
     if first is None:
-        raise ImagegenError("invalid_argument", "the workflow saved several images, but -o - writes only one",
+        raise ImagegenError("invalid_argument", "the workflow saves several images, but -o - writes only one",
                             hint="Pass -o DIR to keep every image the workflow saves.")
     return first.with_name(f"{first.stem}-{index + 1}{first.suffix}")
 
@@ -65,6 +73,7 @@ def save_outputs(client, entry: dict, job, worker, overwrite: bool, hashes: dict
     if not refs:
         raise ImagegenError("execution_failed", "ComfyUI finished the workflow, but its output nodes saved no PNG "
                             "image", hint="Give the workflow a SaveImage node fed by the image you want.")
+    target_for(job.targets, len(refs) - 1)  # several images for stdout: refused before any is written
     params, phase_times = job.params, entry.get("imagegen_phase_times", {})
     if learn:
         timings.record(job.bundle.name, params.width, params.height, worker.device, phase_times, params.steps)

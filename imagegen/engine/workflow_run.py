@@ -14,6 +14,7 @@ from typing import Any
 from imagegen.comfy import graph_params, node_info, png, ui_graph, workflows
 from imagegen.engine import inputs as image_inputs
 from imagegen.engine.jobs import Job
+from imagegen.engine import workflow_jobs
 from imagegen.engine.workflow_jobs import WorkflowJob
 from imagegen.models import cache, modelfile
 from imagegen.models.registry import LOCAL_SUBFOLDER, Bundle, ModelFile, Registry
@@ -353,6 +354,8 @@ def plan(workflow: Workflow, settings: dict[str, Any], count: int, output_path: 
 
     jobs = plan_jobs(workflow, settings, count, [None] * count, local_models=getattr(runtime, "uses_host_cache", True),
                      info=info)
+    if output_path == "-" and workflow_jobs.saves_several(jobs[0].workflow.graph):
+        workflow_jobs.target_for([None], 1)  # the refusal, before any worker starts
     names = [output.default_name(job.params.prompt or workflow.source.stem, job.params.seed) for job in jobs]
     targets = output.plan_outputs(output_path, count, names, overwrite, paths.default_output_dir())
     for job, target in zip(jobs, targets, strict=True):
