@@ -169,6 +169,27 @@ def test_list_params_and_a_load_image_that_is_nowhere(tmp_path):
         error["message"] and "--image" not in error["message"] + error["hint"]  # run has no --image option
 
 
+def test_a_batch_workflow_items_paths_are_relative_to_the_prompts_file(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from imagegen.engine import batch
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "my.safetensors").write_bytes(b"x")
+    Image.new("RGB", (8, 8)).save(folder / "photo.png")
+    write(folder / "i2i.json", own_graph(init_image="placeholder.png", denoise=0.5))
+    (folder / "items.jsonl").write_text(json.dumps({"workflow": "i2i.json", "set": {
+        "image": "photo.png", "checkpoint": "./my.safetensors"}}) + "\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with open(folder / "items.jsonl") as handle:
+        items = batch.read_items(handle, "items.jsonl", folder)
+    [job] = batch.plan(items, tmp_path / "out", {}, 1, 1)
+    assert job.inputs == {"load_image.image": folder / "photo.png"}
+    assert job.bundle.files["load_checkpoint.ckpt_name"].local_path == str(folder / "my.safetensors")
+
+
 def test_several_images_for_stdout_are_refused_before_any_is_written(tmp_path, capsysbinary, monkeypatch):
     from types import SimpleNamespace
 
@@ -349,9 +370,18 @@ def test_mcp_run_workflow_lists_params_and_runs(env, tmp_path):
                 ran = await session.call_tool("run_workflow", {"workflow": str(wf), "set": {"seed": 3, "prompt": "mcp"},
                                                                "output_dir": str(tmp_path / "mcp")})
                 bad = await session.call_tool("run_workflow", {"workflow": str(wf), "set": {"nope": 1}})
-                return listed, ran, bad
+                relative = [await session.call_tool("run_workflow", arguments) for arguments in (
+                    {"workflow": "wf.json"}, {"workflow": str(wf), "output_dir": "mcp"},
+                    {"workflow": str(i2i), "set": {"image": "photo.png"}},  # the server's folder is not the agent's
+                    {"workflow": str(i2i), "set": {"image": "photo.png"}, "list_params": True})]
+                return listed, ran, bad, relative
 
-    listed, ran, bad = anyio.run(main)
+    i2i = write(tmp_path / "i2i.json", own_graph(init_image="placeholder.png", denoise=0.5))
+    (tmp_path / "photo.png").write_bytes(b"")
+    listed, ran, bad, relative = anyio.run(main)
+    for refused in relative:
+        error = json.loads(refused.content[0].text)
+        assert refused.is_error and error["code"] == "invalid_argument" and "absolute path" in error["message"], error
     assert "prompt" in {record["key"] for record in listed.structured_content["params"]}
     [record] = ran.structured_content["results"]
     assert not ran.is_error and record["seed"] == 3 and Path(record["path"]).parent == tmp_path / "mcp"

@@ -251,9 +251,11 @@ def _refused_choice(leaf: Leaf, value: str) -> bool:
 SIZE = re.compile(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*")
 
 
-def apply(graph: dict, settings: dict[str, Any], info: dict | None = None, base: Path | None = None) -> Applied:
+def apply(graph: dict, settings: dict[str, Any], info: dict | None = None, base: Path | None = None,
+          anchored: bool = False) -> Applied:
     """The graph with every KEY=VALUE set (in order). Inputs that upload a file (LoadImage) take a local
-    path, relative to `base` (the current folder when None); the file is uploaded when the job runs."""
+    path, relative to `base` (the current folder when None; only absolute ones when `anchored`, for callers
+    whose current folder is not the user's); the file is uploaded when the job runs."""
     result = Applied(copy.deepcopy(graph), settings=dict(settings))
     settable = leaves(graph, info)
     for key, raw in settings.items():
@@ -269,7 +271,7 @@ def apply(graph: dict, settings: dict[str, Any], info: dict | None = None, base:
         for ref, value in pairs:
             leaf = settable[ref]
             if leaf.is_upload:
-                path = upload_path(value, base, f"--set {key}")
+                path = upload_path(value, base, f"--set {key}", anchored)
                 result.uploads[ref] = path
                 value = path.name
             else:
@@ -295,9 +297,12 @@ def check_values(graph: dict, info: dict | None = None) -> list[str]:
     return problems
 
 
-def upload_path(raw: Any, base: Path | None, where: str) -> Path:
-    """A local image file named by a value (a path, relative to `base`)."""
+def upload_path(raw: Any, base: Path | None, where: str, anchored: bool = False) -> Path:
+    """A local image file named by a value (a path, relative to `base`; absolute only, when `anchored`)."""
     path = Path(str(raw)).expanduser()
+    if anchored and not path.is_absolute():
+        raise ImagegenError("invalid_argument", f"{where}: {raw} must be an absolute path",
+                            hint="Pass the image's absolute path (the server's working folder is not yours).")
     if not path.is_absolute():
         path = (base or Path.cwd()) / path
     if not path.is_file():

@@ -45,6 +45,7 @@ INPUT_PATHS = ("image", "mask")  # relative paths are relative to the prompts fi
 class Item:
     line: int
     fields: dict
+    folder: Path | None = None  # relative paths are relative to it (the prompts file's; None: the current one)
 
 
 @dataclass
@@ -114,7 +115,7 @@ def read_items(stream, source: str = "stdin", folder: Path | None = None) -> lis
                                                                       folder, registry)
         else:
             fields = {"prompt": line}
-        items.append(Item(number, fields))
+        items.append(Item(number, fields, folder))
     if not items:
         raise ImagegenError("invalid_prompt", f"no prompts in {source}",
                             hint="Give one prompt per line, or JSONL objects.")
@@ -147,7 +148,8 @@ def plan(items: list[Item], out_dir: Path, defaults: dict, base_seed: int, pack:
     for item in items:
         where = f"line {item.line}"
         if "workflow" in item.fields:  # a user's own graph (engine/workflow_items.py)
-            jobs += workflow_items.plan_item(item.fields, item.line, out_dir, base_seed, names, loaded, safe_name)
+            jobs += workflow_items.plan_item(item.fields, item.line, out_dir, base_seed, names, loaded, safe_name,
+                                             folder=item.folder)
             continue
         fields = {**defaults, **{k: v for k, v in item.fields.items() if v is not None}}
         count = fields.pop("count", 1)

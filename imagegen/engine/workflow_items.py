@@ -37,12 +37,14 @@ def stable_seed(fields: dict, line: int, base: int) -> int:
 
 
 def plan_item(fields: dict, line: int, out_dir: Path, base_seed: int, names: set[str], loaded: dict,
-              safe_name: Callable[[str, str], str], local_models: bool = True) -> list[Job]:
+              safe_name: Callable[[str, str], str], local_models: bool = True, folder: Path | None = None) -> list[Job]:
     """The jobs of one workflow item (count of them, seeds seed, seed+1, ...), each with one planned target
-    (`safe_name`: the batch's rule for an output name; `loaded`: workflows read so far, by path)."""
+    (`safe_name`: the batch's rule for an output name; `loaded`: workflows read so far, by path). Its paths (the
+    workflow, images and model files it sets) are relative to `folder`, the prompts file's (else the current)."""
     where = f"line {line}"
+    folder = (folder or Path.cwd()).absolute()
     try:
-        path = Path(str(fields["workflow"])).expanduser().absolute()
+        path = folder / Path(str(fields["workflow"])).expanduser()
         if path not in loaded:
             loaded[path] = workflow_run.load(path)
         workflow = loaded[path]
@@ -54,7 +56,7 @@ def plan_item(fields: dict, line: int, out_dir: Path, base_seed: int, names: set
             settings["seed"] = fields["seed"] if fields.get("seed") is not None else stable_seed(fields, line,
                                                                                                  base_seed)
         jobs = workflow_run.plan_jobs(workflow, settings, count, [None] * count, local_models=local_models,
-                                      key_prefix=f"{line}:")
+                                      key_prefix=f"{line}:", base=folder)
     except ImagegenError as error:
         error.message = f"{where}: {error.message}"
         raise

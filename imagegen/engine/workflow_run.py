@@ -156,12 +156,15 @@ def _registry_files(registry: Registry) -> list[ModelFile]:
     return [f for f in files if f.downloadable or f.local_path]
 
 
-def resolve_file(value: str, folder: str, registry: Registry, local: bool = True) -> tuple[ModelFile | None, str]:
+def resolve_file(value: str, folder: str, registry: Registry, local: bool = True,
+                 base: Path | None = None) -> tuple[ModelFile | None, str]:
     """The ModelFile a loader input names, and the name ComfyUI is to load it by: a local .safetensors path,
     a registered bundle's main file, a file in the cache or a shared tree, a registry file of that name.
     (None, value) when it is nowhere."""
     path = Path(value).expanduser()
-    if local and (path.is_absolute() or value.startswith(".")) and path.suffix == ".safetensors" and path.is_file():
+    if base is not None and value.startswith("."):
+        path = base / path  # ./model.safetensors: beside the prompts file of a batch, or here
+    if local and path.is_absolute() and path.suffix == ".safetensors" and path.is_file():
         name = f"{LOCAL_SUBFOLDER}/{path.name}"
         return ModelFile(key=f"workflow.{path.name}", folder=folder, filename=name, local_path=str(path.absolute()),
                          size=path.stat().st_size), name
@@ -182,14 +185,15 @@ def resolve_file(value: str, folder: str, registry: Registry, local: bool = True
     return None, value
 
 
-def resolve_models(path: Path, graph: dict, registry: Registry, local: bool = True) -> Bundle:
+def resolve_models(path: Path, graph: dict, registry: Registry, local: bool = True,
+                   base: Path | None = None) -> Bundle:
     """A Bundle for routing, budgets and fetching: every model file the graph names, its main model first.
     Loader inputs are rewritten to the names ComfyUI will find. Missing files are one error listing each."""
     files: dict[str, ModelFile] = {}
     missing = []
     for node_id, name, folder in sorted(model_inputs(graph), key=lambda ref: ref[1] not in MAIN_INPUTS):
         value = graph[node_id]["inputs"][name]
-        file, comfy_name = resolve_file(value, folder, registry, local)
+        file, comfy_name = resolve_file(value, folder, registry, local, base)
         if file is None:
             missing.append(f"{folder}/{value} (node {node_id}, {graph[node_id]['class_type']}.{name})")
             continue
@@ -242,8 +246,9 @@ def params_of(graph: dict, info: dict | None = None) -> workflows.Params:
         batch_size=max(1, batch))
 
 
-def unset_images(workflow: Workflow, applied: graph_params.Applied, info: dict | None = None) -> None:
-    """LoadImage inputs the user did not --set: a file beside the workflow (or here) is uploaded; a name
+def unset_images(workflow: Workflow, applied: graph_params.Applied, info: dict | None = None,
+                 here: Path | None = None) -> None:
+    """LoadImage inputs the user did not --set: a file beside the workflow (or in `here`) is uploaded; a name
     only the editor's own input folder holds is an error naming the node."""
     for ref, leaf in graph_params.leaves(applied.graph, info).items():
         if not leaf.is_upload or ref in applied.uploads or leaf.value in (leaf.options.get("choices") or []):
@@ -251,7 +256,7 @@ def unset_images(workflow: Workflow, applied: graph_params.Applied, info: dict |
         if workflow.record and ref in _recorded_inputs(workflow):
             applied.uploads[ref] = _recorded_inputs(workflow)[ref]
             continue
-        for base in (workflow.source.parent, Path.cwd()):
+        for base in (workflow.source.parent, *([here] if here else [])):
             candidate = (base / str(leaf.value)).absolute()
             if str(leaf.value) and candidate.is_file():
                 applied.uploads[ref] = candidate
@@ -296,18 +301,21 @@ class RunPlan:
 
 def plan_jobs(workflow: Workflow, settings: dict[str, Any], count: int, targets: list[Path | None],
               registry: Registry | None = None, local_models: bool = True, key_prefix: str = "",
-              info: dict | None = None) -> list[Job]:
-    """One Job per image set (count varies every sampler's seed), validated and with its models resolved."""
+              info: dict | None = None, base: Path | None = None, anchored: bool = False) -> list[Job]:
+    """One Job per image set (count varies every sampler's seed), validated and with its models resolved.
+    Relative paths in settings are relative to `base` (the current folder when None), or refused when
+    `anchored` (MCP: the server's folder is not the agent's)."""
     registry = registry or Registry.load()
-    applied = graph_params.apply(workflow.graph, settings, info, base=Path.cwd())
-    unset_images(workflow, applied, info)
+    here = None if anchored else (base or Path.cwd())
+    applied = graph_params.apply(workflow.graph, settings, info, base=here, anchored=anchored)
+    unset_images(workflow, applied, info, here)
     problems = graph_params.check_values(applied.graph, info)
     if problems:
         raise _refuse(workflow.source, "holds values ComfyUI would refuse: " + "; ".join(problems),
                       hint="Fix them with --set (see --list-params), or in the editor.")
     for ref, path in applied.uploads.items():  # size-limited and decoded here: a corrupt or huge file is exit 2
         _check_image(applied.graph, ref, path)
-    bundle = resolve_models(workflow.source, applied.graph, registry, local_models)
+    bundle = resolve_models(workflow.source, applied.graph, registry, local_models, here)
     seeds = graph_params.well_known(applied.graph, info).get("seed", [])
     if count > 1 and not seeds:
         raise ImagegenError("invalid_argument", f"--count {count}: the workflow has no seed to vary",
@@ -347,13 +355,14 @@ def node_info_of(runtime, reporter) -> dict | None:
 
 
 def plan(workflow: Workflow, settings: dict[str, Any], count: int, output_path: str | None, overwrite: bool,
-         runtime, info: dict | None = None) -> list[Job]:
-    """`imagegen run` (and MCP run_workflow): the jobs of `count` runs, each with its planned output path."""
+         runtime, info: dict | None = None, anchored: bool = False) -> list[Job]:
+    """`imagegen run` (and MCP run_workflow, `anchored`: paths must be absolute): the jobs of `count` runs, each
+    with its planned output path."""
     from imagegen.engine import output
     from imagegen.util import paths
 
     jobs = plan_jobs(workflow, settings, count, [None] * count, local_models=getattr(runtime, "uses_host_cache", True),
-                     info=info)
+                     info=info, anchored=anchored)
     if output_path == "-" and workflow_jobs.saves_several(jobs[0].workflow.graph):
         workflow_jobs.target_for([None], 1)  # the refusal, before any worker starts
     names = [output.default_name(job.params.prompt or workflow.source.stem, job.params.seed) for job in jobs]

@@ -338,14 +338,16 @@ class ImagegenTools:
 
         with cancel.scope(cancelled):
             reporter = ClientProgress(ctx, count, cancelled)
+            source = funnel_tools.required(workflow, "workflow")  # the server's folder is not the agent's
             info = workflow_run.node_info_of(self.runtime(), reporter)  # a remote worker's own, else the pinned
-            loaded = workflow_run.load(Path(workflow), info)
+            loaded = workflow_run.load(source, info)
             if list_params:
-                records = graph_params.describe(graph_params.apply(loaded.graph, settings, info).graph, info)
+                applied = graph_params.apply(loaded.graph, settings, info, anchored=True)
+                records = graph_params.describe(applied.graph, info)
                 return CallToolResult(content=[TextContent(type="text", text=json.dumps(records))],
                                       structured_content={"params": records})
-            folder = str(Path(output_dir).expanduser()) + os.sep if output_dir else None
-            jobs = workflow_run.plan(loaded, settings, count, folder, False, self.runtime(), info)
+            folder = str(funnel_tools.absolute(output_dir, "output_dir")) + os.sep if output_dir else None
+            jobs = workflow_run.plan(loaded, settings, count, folder, False, self.runtime(), info, anchored=True)
             content: list = []
             results = []
             for record in workflow_run.execute(jobs, self.runtime(), reporter, overwrite=False, timeouts=Timeouts(),
