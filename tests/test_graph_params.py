@@ -38,6 +38,31 @@ def test_well_known_names_on_a_flux_graph_walk_guider_noise_and_scheduler():
     assert "negative" not in names and "cfg" not in names and "checkpoint" not in names  # Flux has neither
 
 
+def test_prompt_sets_every_prompt_box_and_a_zeroed_positive_is_no_negative():
+    """CLIPTextEncodeSDXL (text_g, text_l) and CLIPTextEncodeFlux (clip_l, t5xxl) keep a prompt in each box;
+    ComfyUI's Flux templates feed the sampler's negative a ConditioningZeroOut of the positive encoder."""
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "m.safetensors"}},
+        "2": {"class_type": "CLIPTextEncodeFlux", "inputs": {"clip": ["1", 1], "clip_l": "old", "t5xxl": "old",
+                                                              "guidance": 3.5}},
+        "3": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["2", 0]}},
+        "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                                                   "latent_image": ["4", 0], "seed": 1, "steps": 2, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "x"}},
+    }
+    names = graph_params.well_known(graph)
+    assert names["prompt"] == [("2", "clip_l"), ("2", "t5xxl")] and "negative" not in names
+    applied = graph_params.apply(graph, {"prompt": "a fox"})
+    assert applied.graph["2"]["inputs"]["clip_l"] == applied.graph["2"]["inputs"]["t5xxl"] == "a fox"
+    graph["2"] = {"class_type": "CLIPTextEncodeSDXL", "inputs": {
+        "clip": ["1", 1], "width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0, "target_width": 1024,
+        "target_height": 1024, "text_g": "old", "text_l": "old"}}
+    assert graph_params.well_known(graph)["prompt"] == [("2", "text_g"), ("2", "text_l")]
+
+
 def test_img2img_graphs_name_their_image():
     names = graph_params.well_known(own("sd15", init_image="in.png", denoise=0.5))
     assert names["image"] == [("load_image", "image")] and "size" not in names

@@ -21,7 +21,7 @@ from imagegen.util.errors import ImagegenError
 WELL_KNOWN = ("prompt", "negative", "seed", "steps", "cfg", "size", "denoise", "image", "checkpoint")
 SAMPLERS = {"KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced"}
 SEED_INPUTS = ("seed", "noise_seed")
-TEXT_INPUTS = ("text", "text_g", "t5xxl")
+TEXT_INPUTS = ("text", "text_g", "text_l", "clip_l", "clip_g", "t5xxl")  # an encoder's prompt boxes (SDXL: g and l)
 HINT = "Run `imagegen run WORKFLOW --list-params` to see every key and its type."
 Ref = tuple[str, str]  # (node id, input name)
 OWNED = {("SaveImage", "filename_prefix"), ("PreviewImage", "filename_prefix")}  # imagegen names its own outputs
@@ -82,18 +82,19 @@ def _source(graph: dict, node_id: str, name: str) -> str | None:
     return str(value[0]) if _is_link(value) and str(value[0]) in graph else None
 
 
-def _text_encoder(graph: dict, node_id: str | None, role: str, hops: int = 0) -> Ref | None:
-    """Walk a conditioning chain back to the node holding its text (CLIPTextEncode and its kin)."""
+def _text_encoder(graph: dict, node_id: str | None, role: str, hops: int = 0) -> list[Ref]:
+    """Walk a conditioning chain back to the node holding its text (CLIPTextEncode and its kin): each of its
+    prompt boxes (CLIPTextEncodeSDXL's text_g and text_l, CLIPTextEncodeFlux's clip_l and t5xxl)."""
     if node_id is None or hops > 32:
-        return None
+        return []
     inputs = graph[node_id].get("inputs") or {}
-    for name in TEXT_INPUTS:
-        if isinstance(inputs.get(name), str):
-            return (node_id, name)
+    texts = [(node_id, name) for name in TEXT_INPUTS if isinstance(inputs.get(name), str)]
+    if texts:
+        return texts
     for name in (role, "conditioning", "conditioning_to", "cond1"):
         if _is_link(inputs.get(name)):
             return _text_encoder(graph, _source(graph, node_id, name), role, hops + 1)
-    return None
+    return []
 
 
 def _sampler_refs(graph: dict, name: str) -> list[Ref]:
@@ -109,7 +110,7 @@ def _sampler_refs(graph: dict, name: str) -> list[Ref]:
             origin = _source(graph, guider, "conditioning" if role == "positive" else "negative") if guider else None
             if guider and origin is None:
                 origin = _source(graph, guider, role)
-            refs.append(_text_encoder(graph, origin or _source(graph, node_id, role), role))
+            refs += _text_encoder(graph, origin or _source(graph, node_id, role), role)
         elif name == "seed":
             noise = _source(graph, node_id, "noise") if kind == "SamplerCustomAdvanced" else None
             target = noise or node_id
@@ -129,6 +130,8 @@ def well_known(graph: dict, info: dict | None = None) -> dict[str, list[Ref]]:
     found: dict[str, list[Ref]] = {}
     for name in ("prompt", "negative", "seed", "steps", "cfg", "denoise"):
         found[name] = [ref for ref in _sampler_refs(graph, name) if ref in settable]
+    # a negative that is the prompt's own encoder (Flux: ConditioningZeroOut of the positive) is no negative
+    found["negative"] = [ref for ref in found["negative"] if ref not in found["prompt"]]
     found["size"] = [ref for node_id, node in graph.items() if str(node.get("class_type", "")).startswith("Empty")
                      and str(node.get("class_type", "")).endswith("LatentImage")
                      for ref in ((node_id, "width"), (node_id, "height")) if ref in settable]
