@@ -104,7 +104,8 @@ def bypassed_lora(ui: dict, kind: str = "LoraLoader") -> dict:
     """The editor's graph with a bypassed LoRA loader between the checkpoint and the sampler and encoders."""
     ui["nodes"].append({"id": 30, "type": kind, "mode": 4, "inputs": [
         {"name": "model", "type": "MODEL", "link": 31}, {"name": "clip", "type": "CLIP", "link": 32}],
-        "outputs": [{"name": "MODEL", "type": "MODEL", "links": [1]}, {"name": "CLIP", "type": "CLIP", "links": [3, 5]}],
+        "outputs": [{"name": "MODEL", "type": "MODEL", "links": [1]},
+                    {"name": "CLIP", "type": "CLIP", "links": [3, 5]}],
         "widgets_values": ["not-here.safetensors", 1, 1]})
     for link in ui["links"]:
         if link[0] in (1, 3, 5):

@@ -188,7 +188,7 @@ def _linked_input(key: str, graph: dict, ref: str, name: str, settable: dict) ->
     ids = [ref] if ref in graph else [n for n, node in graph.items() if (node.get("_meta") or {}).get("title") == ref]
     for node_id in ids:
         value = (graph[node_id].get("inputs") or {}).get(name)
-        if _is_link(value):
+        if isinstance(value, list) and _is_link(value):
             source = str(value[0])
             inputs = sorted(leaf.key for (n, _), leaf in settable.items() if n == source)
             example = f"e.g. --set {inputs[0]}=VALUE" if inputs else "in the editor"

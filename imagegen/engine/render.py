@@ -145,31 +145,41 @@ def save_outputs(
             data, {"parameters": png.a1111_parameters(record), "imagegen": json.dumps(record, sort_keys=True),
                    **ui_graph.workflow_chunk(data)}  # the editor opens the graph with a layout
         )
-        try:
-            if target is None:
-                output.write_stdout(data)
-            else:
-                output.write_atomic(target, data, overwrite)
-        except BrokenPipeError:
-            raise  # the reader of stdout went away: the whole call ends, not only this job
-        except OSError as exc:
-            raise as_error(exc, str(target or "stdout")) from exc
-        records.append(
-            {
-                "schema": output.RESULT_SCHEMA,
-                "path": str(target) if target else "-",
-                **record,
-                "worker": worker.name,
-                "device": worker.device,
-                "timings": {
-                    **{k: round(v, 3) for k, v in phase_times.items()},
-                    "fetch": round(fetched - fetch_started, 3),
-                    "write": round(time.monotonic() - fetched, 3),
-                    "since_submit": round(time.monotonic() - submitted, 3),
-                },
-            }
-        )
+        write_image(data, target, overwrite)
+        records.append(result(record, target, worker, phase_times, (fetch_started, fetched, submitted)))
     return records
+
+
+def write_image(data: bytes, target: Path | None, overwrite: bool) -> None:
+    """Write a tagged PNG atomically (None: to stdout); a failure is the user-facing error naming where."""
+    try:
+        if target is None:
+            output.write_stdout(data)
+        else:
+            output.write_atomic(target, data, overwrite)
+    except BrokenPipeError:
+        raise  # the reader of stdout went away: the whole call ends, not only this job
+    except OSError as exc:
+        raise as_error(exc, str(target or "stdout")) from exc
+
+
+def result(record: dict, target: Path | None, worker, phase_times: dict, times: tuple[float, float, float]) -> dict:
+    """The result record (`--json`, the manifest) of one written image; `times`: when its fetch started and
+    ended and when its job was submitted (time.monotonic)."""
+    fetch_started, fetched, submitted = times
+    return {
+        "schema": output.RESULT_SCHEMA,
+        "path": str(target) if target else "-",
+        **record,
+        "worker": worker.name,
+        "device": worker.device,
+        "timings": {
+            **{k: round(v, 3) for k, v in phase_times.items()},
+            "fetch": round(fetched - fetch_started, 3),
+            "write": round(time.monotonic() - fetched, 3),
+            "since_submit": round(time.monotonic() - submitted, 3),
+        },
+    }
 
 
 def looks_blank(data: bytes) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 
 from imagegen import COMFYUI_VERSION, __version__
 from imagegen.comfy import png, ui_graph
-from imagegen.engine import output, render, timings
+from imagegen.engine import render, timings
 from imagegen.util.errors import ImagegenError
 
 
@@ -89,20 +89,8 @@ def save_outputs(client, entry: dict, job, worker, overwrite: bool, hashes: dict
         data = png.add_text_chunks(data, {"parameters": png.a1111_parameters(image),
                                           "imagegen": json.dumps(image, sort_keys=True),
                                           **ui_graph.workflow_chunk(data, work.ui)})
-        try:
-            if target is None:
-                output.write_stdout(data)
-            else:
-                output.write_atomic(target, data, overwrite)
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise render.as_error(exc, str(target or "stdout")) from exc
-        records.append({"schema": output.RESULT_SCHEMA, "path": str(target) if target else "-", **image,
-                        "worker": worker.name, "device": worker.device,
-                        "timings": {**{k: round(v, 3) for k, v in phase_times.items()},
-                                    "fetch": round(fetched - started, 3), "write": round(time.monotonic() - fetched, 3),
-                                    "since_submit": round(time.monotonic() - submitted, 3)}})
+        render.write_image(data, target, overwrite)
+        records.append(render.result(image, target, worker, phase_times, (started, fetched, submitted)))
     return records
 
 

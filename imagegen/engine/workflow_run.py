@@ -13,8 +13,8 @@ from typing import Any
 
 from imagegen.comfy import graph_params, node_info, png, ui_graph, workflows
 from imagegen.engine import inputs as image_inputs
-from imagegen.engine.jobs import Job
 from imagegen.engine import workflow_jobs
+from imagegen.engine.jobs import Job
 from imagegen.engine.workflow_jobs import WorkflowJob
 from imagegen.models import cache, modelfile
 from imagegen.models.registry import LOCAL_SUBFOLDER, Bundle, ModelFile, Registry
@@ -267,11 +267,11 @@ def unset_images(workflow: Workflow, applied: graph_params.Applied, info: dict |
                                 hint=f"Pass the image to load: --set {ref[0]}.{ref[1]}=PATH (or --set image=PATH).")
 
 
-def _check_image(graph: dict, ref: tuple[str, str], path: Path) -> None:
-    """An input image is size-limited and decodes (the user's own bytes are uploaded: LoadImage reads alpha and
-    EXIF); a refusal names the node that loads it."""
+def _check_image(graph: dict, ref: tuple[str, str], path: Path) -> str:
+    """The sha256 of an input image, which is size-limited and decodes before any worker starts, exit 2 if not
+    (the user's own bytes are uploaded: LoadImage reads alpha and EXIF); a refusal names the node loading it."""
     try:
-        image_inputs.load(path, "workflow")
+        return image_inputs.load(path, "workflow").sha256
     except ImagegenError as error:
         why = error.message.partition(f"{path}: ")[2] or error.message
         raise ImagegenError(error.code, f"node {ref[0]} ({graph[ref[0]]['class_type']}) loads {path}, which {why}",
@@ -313,25 +313,23 @@ def plan_jobs(workflow: Workflow, settings: dict[str, Any], count: int, targets:
     if problems:
         raise _refuse(workflow.source, "holds values ComfyUI would refuse: " + "; ".join(problems),
                       hint="Fix them with --set (see --list-params), or in the editor.")
-    for ref, path in applied.uploads.items():  # size-limited and decoded here: a corrupt or huge file is exit 2
-        _check_image(applied.graph, ref, path)
+    digests = {f"{n}.{i}": _check_image(applied.graph, (n, i), path) for (n, i), path in applied.uploads.items()}
     bundle = resolve_models(workflow.source, applied.graph, registry, local_models, here)
     seeds = graph_params.well_known(applied.graph, info).get("seed", [])
     if count > 1 and not seeds:
         raise ImagegenError("invalid_argument", f"--count {count}: the workflow has no seed to vary",
                             hint="Run it once, or add a KSampler/RandomNoise seed.")
-    base = int(applied.graph[seeds[0][0]]["inputs"][seeds[0][1]]) if seeds else 0
+    first_seed = int(applied.graph[seeds[0][0]]["inputs"][seeds[0][1]]) if seeds else 0
     inputs = {f"{n}.{i}": path for (n, i), path in applied.uploads.items()}
     record = {"name": workflow.source.name, "sha256": workflow.sha256, "format": workflow.format,
               "set": {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()},
-              "inputs": {key: {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-                         for key, path in inputs.items()}}
+              "inputs": {key: {"path": str(path), "sha256": digests[key]} for key, path in inputs.items()}}
     jobs = []
     for index, target in enumerate(targets):
         graph = json.loads(json.dumps(applied.graph))
         changes = dict(applied.changes)
         for node_id, name in seeds:
-            graph[node_id]["inputs"][name] = changes[(node_id, name)] = base + index
+            graph[node_id]["inputs"][name] = changes[(node_id, name)] = first_seed + index
         identity = hashlib.sha256(json.dumps(graph, sort_keys=True).encode()).hexdigest()[:12]
         for node in graph.values():  # a fresh prefix: the worker's files never collide, and SaveImage always runs
             if node["class_type"] in ("SaveImage", "PreviewImage") and "filename_prefix" in node["inputs"]:
