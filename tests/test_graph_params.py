@@ -63,6 +63,25 @@ def test_prompt_sets_every_prompt_box_and_a_zeroed_positive_is_no_negative():
     assert graph_params.well_known(graph)["prompt"] == [("2", "text_g"), ("2", "text_l")]
 
 
+def test_a_value_shared_through_a_core_primitive_node_is_where_the_well_known_name_sets_it():
+    """The editor's Int and String nodes (PrimitiveInt, PrimitiveStringMultiline) feeding converted widgets."""
+    ui = json.loads(EDITOR.read_text())
+    primitive = next(node for node in ui["nodes"] if node["id"] == 10)
+    primitive.update(type="PrimitiveInt", widgets_values=[1234, "fixed"])
+    ui["nodes"].append({"id": 40, "type": "PrimitiveStringMultiline", "mode": 0, "inputs": [],
+                        "outputs": [{"name": "STRING", "type": "STRING", "links": [40]}], "widgets_values": ["a owl"]})
+    positive = next(node for node in ui["nodes"] if node["id"] == 6)
+    positive["inputs"].append({"name": "text", "type": "STRING", "widget": {"name": "text"}, "link": 40})
+    ui["links"].append([40, 40, 0, 6, 1, "STRING"])
+    converted = ui_graph.to_api(ui)
+    names = graph_params.well_known(converted.graph)
+    assert names["seed"] == [("10", "value")] and names["prompt"] == [("40", "value")]
+    applied = graph_params.apply(converted.graph, {"seed": 7, "prompt": "a fox"})
+    assert applied.graph["10"]["inputs"]["value"] == 7 and applied.graph["40"]["inputs"]["value"] == "a fox"
+    saved = {n["id"]: n for n in ui_graph.patched(ui, converted.slots, applied.changes)["nodes"]}
+    assert saved[10]["widgets_values"] == [7, "fixed"] and saved[40]["widgets_values"] == ["a fox"]
+
+
 def test_img2img_graphs_name_their_image():
     names = graph_params.well_known(own("sd15", init_image="in.png", denoise=0.5))
     assert names["image"] == [("load_image", "image")] and "size" not in names

@@ -82,15 +82,28 @@ def _source(graph: dict, node_id: str, name: str) -> str | None:
     return str(value[0]) if _is_link(value) and str(value[0]) in graph else None
 
 
+PRIMITIVES = {"PrimitiveInt", "PrimitiveFloat", "PrimitiveString", "PrimitiveStringMultiline", "PrimitiveBoolean"}
+
+
+def _held(graph: dict, ref: Ref) -> Ref | None:
+    """The leaf holding an input's value: the input itself, or the core Primitive node (Int, String, ...) that
+    feeds it, the editor's way to share one value; None when another kind of node computes it."""
+    value = (graph[ref[0]].get("inputs") or {}).get(ref[1])
+    if not _is_link(value):
+        return ref if value is not None else None
+    source = _source(graph, *ref)
+    return (source, "value") if source is not None and graph[source].get("class_type") in PRIMITIVES else None
+
+
 def _text_encoder(graph: dict, node_id: str | None, role: str, hops: int = 0) -> list[Ref]:
     """Walk a conditioning chain back to the node holding its text (CLIPTextEncode and its kin): each of its
     prompt boxes (CLIPTextEncodeSDXL's text_g and text_l, CLIPTextEncodeFlux's clip_l and t5xxl)."""
     if node_id is None or hops > 32:
         return []
     inputs = graph[node_id].get("inputs") or {}
-    texts = [(node_id, name) for name in TEXT_INPUTS if isinstance(inputs.get(name), str)]
-    if texts:
-        return texts
+    texts = [_held(graph, (node_id, name)) for name in TEXT_INPUTS if name in inputs]
+    if any(texts):
+        return [ref for ref in texts if ref is not None]
     for name in (role, "conditioning", "conditioning_to", "cond1"):
         if _is_link(inputs.get(name)):
             return _text_encoder(graph, _source(graph, node_id, name), role, hops + 1)
@@ -121,7 +134,7 @@ def _sampler_refs(graph: dict, name: str) -> list[Ref]:
         elif name == "cfg":
             target = guider if guider and "cfg" in (graph[guider].get("inputs") or {}) else node_id
             refs.append((target, "cfg") if "cfg" in (graph[target].get("inputs") or {}) else None)
-    return list(dict.fromkeys(ref for ref in refs if ref is not None))
+    return list(dict.fromkeys(held for ref in refs if ref is not None and (held := _held(graph, ref)) is not None))
 
 
 def well_known(graph: dict, info: dict | None = None) -> dict[str, list[Ref]]:
