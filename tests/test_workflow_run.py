@@ -205,6 +205,17 @@ def test_several_images_for_stdout_are_refused_before_any_is_written(tmp_path, c
         workflow_run.plan(workflow, {}, 1, "-", False, runtime=None)
     assert caught.value.exit_code == 2 and "-o DIR" in caught.value.hint
     assert workflow_run.plan(workflow, {}, 1, str(tmp_path / "a.png"), False, runtime=None)  # a file: -2.png beside
+    (tmp_path / "a-2.png").write_bytes(b"mine")
+    with pytest.raises(ImagegenError) as caught:  # the second image's name is taken: refused before any worker
+        workflow_run.plan(workflow, {}, 1, str(tmp_path / "a.png"), False, runtime=None)
+    assert caught.value.code == "output_exists" and "a-2.png exists already" in caught.value.message
+    assert workflow_run.plan(workflow, {}, 1, str(tmp_path / "a.png"), True, runtime=None)  # --overwrite
+    job = workflow_run.plan(workflow, {}, 1, str(tmp_path / "b.png"), False, runtime=None)[0]
+    (tmp_path / "b-2.png").write_bytes(b"mine")  # taken while it rendered: still nothing is written
+    two = [{"filename": f"{name}.png", "subfolder": "", "type": "output"} for name in ("a", "b")]
+    with pytest.raises(ImagegenError):
+        workflow_jobs.save_outputs(None, {"outputs": {"save": {"images": two}}}, job, None, False, {}, 0.0)
+    assert not (tmp_path / "b.png").exists() and (tmp_path / "b-2.png").read_bytes() == b"mine"
     images = [{"filename": f"{name}.png", "subfolder": "", "type": "output"} for name in ("a", "b")]
     job = SimpleNamespace(workflow=SimpleNamespace(graph=own_graph()), targets=[None])  # a batch the graph hides
     with pytest.raises(ImagegenError):

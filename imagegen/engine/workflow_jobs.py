@@ -45,12 +45,24 @@ def output_refs(entry: dict, graph_order: list[str]) -> list[dict]:
     return saved or refs
 
 
-def saves_several(graph: dict) -> bool:
-    """Whether a graph certainly saves more than one image (two SaveImage nodes, or a batch), for `-o -`."""
+def expected_images(graph: dict) -> int:
+    """How many images a graph saves at least, as far as it shows (its SaveImage nodes, times a latent batch):
+    what `-o -` and the names beside `-o FILE.png` are checked against before any worker starts."""
     saves = sum(node.get("class_type") == "SaveImage" for node in graph.values())
     batch = max((n["inputs"].get("batch_size") for n in graph.values()
                  if isinstance(n.get("inputs", {}).get("batch_size"), int)), default=1)
-    return saves > 1 or (saves == 1 and batch > 1)
+    return saves * max(1, batch)
+
+
+def check_targets(targets: list[Path | None], images: int, overwrite: bool) -> None:
+    """Refuse, before anything is written, `images` images for stdout, or names beside the first (NAME-2.png,
+    ...) that exist already."""
+    paths = [target_for(targets, index) for index in range(images)]  # -o -: the refusal
+    existing = [path for path in paths[len(targets):] if path is not None and path.exists()]
+    if existing and not overwrite:
+        raise ImagegenError("output_exists", f"{existing[0]} exists already (the workflow saves {images} images: "
+                            f"{paths[0].name if paths[0] else '-'} and the ones beside it)",
+                            hint="Pass --overwrite, or choose another -o path (or -o DIR/).")
 
 
 def target_for(targets: list[Path | None], index: int) -> Path | None:
@@ -73,7 +85,7 @@ def save_outputs(client, entry: dict, job, worker, overwrite: bool, hashes: dict
     if not refs:
         raise ImagegenError("execution_failed", "ComfyUI finished the workflow, but its output nodes saved no PNG "
                             "image", hint="Give the workflow a SaveImage node fed by the image you want.")
-    target_for(job.targets, len(refs) - 1)  # several images for stdout: refused before any is written
+    check_targets(job.targets, len(refs), overwrite)  # before any is written
     params, phase_times = job.params, entry.get("imagegen_phase_times", {})
     if learn:
         timings.record(job.bundle.name, params.width, params.height, worker.device, phase_times, params.steps)

@@ -361,12 +361,11 @@ def plan(workflow: Workflow, settings: dict[str, Any], count: int, output_path: 
 
     jobs = plan_jobs(workflow, settings, count, [None] * count, local_models=getattr(runtime, "uses_host_cache", True),
                      info=info, anchored=anchored)
-    if output_path == "-" and workflow_jobs.saves_several(jobs[0].workflow.graph):
-        workflow_jobs.target_for([None], 1)  # the refusal, before any worker starts
     names = [output.default_name(job.params.prompt or workflow.source.stem, job.params.seed) for job in jobs]
     targets = output.plan_outputs(output_path, count, names, overwrite, paths.default_output_dir())
     for job, target in zip(jobs, targets, strict=True):
         job.targets = [target]  # type: ignore[list-item]  # None: stdout
+        workflow_jobs.check_targets(job.targets, workflow_jobs.expected_images(job.workflow.graph), overwrite)
     return jobs
 
 
