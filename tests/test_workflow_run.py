@@ -364,6 +364,19 @@ def test_a_batch_sweep_over_a_workflow_resumes_after_ctrl_c(env, tmp_path):
 
 
 @pytest.mark.comfyui
+def test_a_batch_item_whose_workflow_saves_two_images_counts_both(env, tmp_path):
+    graph = own_graph()
+    graph["save_again"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "x"}}
+    write(tmp_path / "two.json", graph)
+    (tmp_path / "items.jsonl").write_text(json.dumps({"workflow": "two.json", "output": "pair"}) + "\n")
+    result = run_cli("batch", str(tmp_path / "items.jsonl"), "-o", str(tmp_path / "out"), env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    assert "2 done, 0 failed, 0 skipped (done earlier) of 2" in result.stderr.decode()
+    lines = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(Path(line["path"]).name for line in lines) == ["pair-2.png", "pair.png"]
+
+
+@pytest.mark.comfyui
 def test_mcp_run_workflow_lists_params_and_runs(env, tmp_path):
     import anyio
     from mcp import ClientSession, StdioServerParameters

@@ -340,6 +340,7 @@ def _run_locked(jobs: list[Job], out_dir: Path, runtime, reporter, emit, slots, 
     def on_outcome(outcome: Outcome) -> None:
         lines = manifest_lines(outcome)
         manifest.append(lines)
+        summary.total += max(0, len(lines) - len(outcome.job.targets))  # a workflow saved more than it planned
         if outcome.error is None:
             summary.done += len(lines)
         else:
