@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def expected_images(graph: dict) -> int:
     return saves * max(1, batch)
 
 
-def check_targets(targets: list[Path | None], images: int, overwrite: bool) -> None:
+def check_targets(targets: Sequence[Path | None], images: int, overwrite: bool) -> None:
     """Refuse, before anything is written, `images` images for stdout, or names beside the first (NAME-2.png,
     ...) that exist already."""
     paths = [target_for(targets, index) for index in range(images)]  # -o -: the refusal
@@ -65,7 +66,7 @@ def check_targets(targets: list[Path | None], images: int, overwrite: bool) -> N
                             hint="Pass --overwrite, or choose another -o path (or -o DIR/).")
 
 
-def target_for(targets: list[Path | None], index: int) -> Path | None:
+def target_for(targets: Sequence[Path | None], index: int) -> Path | None:
     """The path of a job's index-th image: its planned targets, then name-2.png, name-3.png, ... beside the first."""
     if index < len(targets):
         return targets[index]

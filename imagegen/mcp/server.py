@@ -17,7 +17,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Annotated
 
 import anyio
