@@ -310,3 +310,34 @@ def test_a_worker_error_travels_back_as_the_same_imagegen_error():
     assert (got.code, got.message, got.hint, got.details) == ("timeout", "the job stalled", "raise it",
                                                               {"phase": "sampling", "prompt_id": "p1"})
     assert raise_failure({"ok": 3}) == {"ok": 3}
+
+
+@cluster_test
+@pytest.mark.comfyui
+def test_the_head_node_lost_ends_the_batch_cleanly_with_every_image_written_or_reported(env, cluster, tmp_path):
+    """Runs after the lost node: it takes the whole cluster away."""
+    out = tmp_path / "out"
+    prompts = "\n".join(f"a desert {n}" for n in range(30)) + "\n"
+    args = [sys.executable, str(REPO / "generate_image.py"), *batch_args(out, "--steps", "12", "--json")]
+    driver = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, **env})
+    driver.stdin.write(prompts.encode())
+    driver.stdin.close()
+    driver.stdin = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and driver.poll() is None and not ((out / "manifest.jsonl").is_file()
+                                                                       and done_keys(out)):
+        time.sleep(0.2)
+    assert driver.poll() is None, "the batch ended before the head could be lost"
+    assert cluster.head is not None
+    cluster.head.kill()
+    lost = time.monotonic()
+    _, stderr = communicate(driver, 300)
+    assert driver.returncode == 1, stderr.decode()[-3000:]
+    assert time.monotonic() - lost < 60  # before Ray's own abort of a driver whose head is gone
+    lines = manifest(out)
+    keys = [line["key"] for line in lines]
+    assert len(keys) == 30 and len(set(keys)) == 30               # each image: done, or failed and reported
+    failed = [line for line in lines if line["status"] == "failed"]
+    assert failed and all(line["error"]["code"] == "worker_died" for line in failed)
+    assert "head node" in stderr.decode()

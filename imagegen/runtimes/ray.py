@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
+import threading
+import time
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from imagegen.runtimes import ray_actor
 from imagegen.runtimes.base import WorkerHandle, default_keep_warm, default_start_timeout
-from imagegen.runtimes.ray_client import RayClient, call
+from imagegen.runtimes.ray_client import HEAD_HINT, HEAD_LOST, RayClient, call
 from imagegen.util.errors import ImagegenError
 
 ADDRESS_ENV = "RAY_ADDRESS"
@@ -78,6 +81,7 @@ class RayRuntime:
         self._connect()
         self.facts = self._node_facts()
         self._check_auth()
+        self._watch_head()
 
     # --- the cluster --------------------------------------------------------------
     def _connect(self) -> None:
@@ -101,7 +105,31 @@ class RayRuntime:
                                 hint="Start one (`ray start --head`, see docs/cluster.md) and pass --ray-address "
                                      "HOST:PORT or set RAY_ADDRESS.") from None
 
+    def _watch_head(self, every: float = 2.0, misses: int = 5) -> None:
+        """Notice a lost head within seconds: Ray's driver aborts the process about a minute after its
+        GCS goes away, so the run must wind down before that (jobs left are reported, the manifest kept)."""
+        try:
+            host, _, port = self.ray.get_runtime_context().gcs_address.rpartition(":")
+        except Exception:  # noqa: BLE001 - an older Ray: no watch, Ray's own abort remains
+            return
+
+        def watch() -> None:
+            missed = 0
+            while missed < misses:
+                time.sleep(every)
+                try:
+                    socket.create_connection((host, int(port)), timeout=every).close()
+                    missed = 0
+                except OSError:
+                    missed += 1
+            HEAD_LOST.set()
+
+        threading.Thread(target=watch, name="ray-head-watch", daemon=True).start()
+
     def nodes(self) -> list[Node]:
+        if HEAD_LOST.is_set():
+            raise ImagegenError("cluster_unreachable", f"the Ray cluster's head node ({self.address}) is gone",
+                                hint=HEAD_HINT)
         found = []
         for entry in self.ray.nodes():
             if not entry.get("Alive"):
@@ -257,6 +285,8 @@ class RayRuntime:
                 call(actor, slot, "stop_worker", timeout=20)
             except ImagegenError:
                 pass  # gone with its node
+        if HEAD_LOST.is_set():
+            return True  # its node's raylet ends it, and no call would reach Ray's head now
         try:
             self.ray.kill(actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already dead

@@ -8,12 +8,15 @@ are the scheduler's own.
 
 from __future__ import annotations
 
+import threading
 import time
 
 from imagegen.comfy.client import Progress, Timeouts
 from imagegen.runtimes.ray_actor import PREFETCHED, file_key, raise_failure
 from imagegen.util.errors import ImagegenError
 
+HEAD_LOST = threading.Event()   # set by RayRuntime's watch on the head: every call then fails at once
+HEAD_HINT = "Start the head again (and the nodes), then rerun the same command: batch resumes from its manifest."
 POLL_WAIT = 1.0     # seconds one next_finished call waits on the node before it reports progress
 
 
@@ -22,8 +25,19 @@ def call(actor, name: str, method: str, *args, timeout: float = 60.0):
     import ray
     from ray import exceptions as rx
 
+    lost = ImagegenError("worker_unreachable", f"the Ray cluster's head node is gone: {name} is given up",
+                         hint=HEAD_HINT)
+    if HEAD_LOST.is_set():
+        raise lost
     try:
-        answer = ray.get(getattr(actor, method).remote(*args), timeout=timeout)
+        ref = getattr(actor, method).remote(*args)
+        deadline = time.monotonic() + timeout
+        while not ray.wait([ref], timeout=min(1.0, max(0.0, deadline - time.monotonic())))[0]:
+            if HEAD_LOST.is_set():
+                raise lost
+            if time.monotonic() >= deadline:
+                raise rx.GetTimeoutError()
+        answer = ray.get(ref)
     except rx.GetTimeoutError:
         raise ImagegenError("worker_unreachable", f"the Ray worker {name} did not answer {method} within "
                                                   f"{timeout:.0f}s", waited=timeout) from None
