@@ -10,7 +10,7 @@ import pytest
 
 from imagegen.comfy import node_info, ui_graph, workflows
 from imagegen.comfy.hires import HiresFix
-from imagegen.engine import workflow_run
+from imagegen.engine import workflow_models
 from imagegen.models.registry import Registry
 from imagegen.util.errors import ImagegenError
 
@@ -202,7 +202,7 @@ def test_the_pinned_node_definitions_are_the_real_comfyuis(comfy_worker):
             for specs in schema["input"].values():
                 for key, spec in specs.items():
                     if isinstance(spec[0], list) and (spec[1].get("image_upload") or not spec[0] or key in
-                                                      workflow_run.LOADERS.get(class_type, {}) or
+                                                      workflow_models.LOADERS.get(class_type, {}) or
                                                       all(str(c).endswith(".safetensors") for c in spec[0])):
                         spec[0] = []
         node_info.PINNED_FILE.write_text(node_info.dumps(live))

@@ -16,7 +16,7 @@ from conftest import FIXTURES, REPO, communicate, run_cli
 from jsonschema import Draft202012Validator
 
 from imagegen.comfy import png, ui_graph, workflows
-from imagegen.engine import workflow_run
+from imagegen.engine import workflow_models, workflow_run
 from imagegen.engine.schema import RESULT
 from imagegen.models.registry import Registry
 from imagegen.util.errors import ImagegenError
@@ -92,18 +92,18 @@ def test_a_workflow_file_with_a_byte_order_mark_loads(tmp_path):
 def test_model_files_resolve_from_registry_cache_shared_trees_and_local_paths(tmp_path, monkeypatch):
     registry = Registry.load()
     sd15 = registry.get("sd15").files["checkpoint"]
-    file, name = workflow_run.resolve_file(sd15.filename, "checkpoints", registry)
+    file, name = workflow_models.resolve_file(sd15.filename, "checkpoints", registry)
     assert file == sd15 and file.downloadable and name == sd15.filename  # fetched like any model
-    assert workflow_run.resolve_file("sd15", "checkpoints", registry)[1] == sd15.filename  # a bundle's name
-    assert workflow_run.resolve_file("nope.safetensors", "checkpoints", registry) == (None, "nope.safetensors")
+    assert workflow_models.resolve_file("sd15", "checkpoints", registry)[1] == sd15.filename  # a bundle's name
+    assert workflow_models.resolve_file("nope.safetensors", "checkpoints", registry) == (None, "nope.safetensors")
     tree = tmp_path / "comfy-models"
     (tree / "loras").mkdir(parents=True)
     (tree / "loras" / "mine.safetensors").write_bytes(b"x")
     monkeypatch.setenv("IMAGEGEN_SHARED_MODELS", str(tree))
-    assert workflow_run.resolve_file("mine.safetensors", "loras", registry)[0].folder == "loras"
+    assert workflow_models.resolve_file("mine.safetensors", "loras", registry)[0].folder == "loras"
     local = tmp_path / "my model.safetensors"
     local.write_bytes(b"y")
-    file, name = workflow_run.resolve_file(str(local), "checkpoints", registry)
+    file, name = workflow_models.resolve_file(str(local), "checkpoints", registry)
     assert file.local_path == str(local) and name == "imagegen-local/my model.safetensors"
 
 
