@@ -171,3 +171,10 @@ def test_the_graphs_own_values_are_checked_like_comfyui_checks_them():
         "node 3 (KSampler) sampler_name = 'Euler Old' is not one of its choices"]
     graph["3"]["inputs"].update(steps=1, sampler_name="exp_heun_2_x0")  # a newer ComfyUI's: the worker decides
     assert graph_params.check_values(graph) == []
+    graph["3"]["inputs"].update(steps="4", cfg="7.5")  # ComfyUI converts numbers given as text
+    assert graph_params.check_values(graph) == []
+    graph["3"]["inputs"].update(steps="abc", cfg=None)
+    del graph["5"]["inputs"]["height"], graph["8"]["inputs"]["vae"]
+    assert graph_params.check_values(graph) == [
+        "node 5 (EmptyLatentImage) has no height (required)", "node 8 (VAEDecode) has no vae (required)",
+        "node 3 (KSampler) steps = 'abc' is not a number", "node 3 (KSampler) cfg = None is not a number"]

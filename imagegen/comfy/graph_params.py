@@ -298,13 +298,26 @@ def apply(graph: dict, settings: dict[str, Any], info: dict | None = None, base:
 
 
 def check_values(graph: dict, info: dict | None = None) -> list[str]:
-    """The graph's own values that its node definitions refuse (a number out of range, a choice that is not
-    one), as ComfyUI would refuse them at submission: one line per problem, naming the node."""
+    """The graph's own values that its node definitions refuse (a required input missing, a number that is
+    none or out of range, a choice that is not one), as ComfyUI would refuse them at submission: one line
+    per problem, naming the node."""
+    info = info if info is not None else node_info.pinned()
     problems = []
+    for node_id, node in graph.items():
+        schema = info.get(node.get("class_type")) or {}
+        missing = [name for name in (schema.get("input") or {}).get("required") or {}
+                   if name not in (node.get("inputs") or {})]
+        if missing:
+            problems.append(f"node {node_id} ({node['class_type']}) has no {', '.join(missing)} (required)")
     for leaf in leaves(graph, info).values():
         where = f"node {leaf.node} ({leaf.class_type}) {leaf.input}"
         value = leaf.value
-        if leaf.kind in ("INT", "FLOAT") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if leaf.kind in ("INT", "FLOAT"):
+            try:  # ComfyUI converts as int() and float() do: "5" is 5
+                value = (int if leaf.kind == "INT" else float)(value)
+            except (TypeError, ValueError, OverflowError):
+                problems.append(f"{where} = {value!r} is not a number")
+                continue
             low, high = leaf.options.get("min"), leaf.options.get("max")
             if (low is not None and value < low) or (high is not None and value > high):
                 problems.append(f"{where} = {value} is outside {low}..{high}")
