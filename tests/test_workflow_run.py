@@ -15,7 +15,7 @@ import pytest
 from conftest import FIXTURES, REPO, communicate, run_cli
 from jsonschema import Draft202012Validator
 
-from imagegen.comfy import png, ui_graph, workflows
+from imagegen.comfy import graph_params, png, ui_graph, workflows
 from imagegen.engine import workflow_models, workflow_run
 from imagegen.engine.schema import RESULT
 from imagegen.models.registry import Registry
@@ -82,6 +82,18 @@ def test_malformed_workflows_are_refused(tmp_path, content, words):
     with pytest.raises(ImagegenError) as caught:
         workflow_run.load(tmp_path / "wf.json")
     assert caught.value.code == "invalid_workflow" and words in caught.value.message
+
+
+def test_links_written_with_number_ids_are_links_by_string_id(tmp_path):
+    graph = own_graph()
+    graph = {str(index): node for index, node in enumerate(graph.values())}  # ids "0", "1", ...
+    ids = {name: str(index) for index, name in enumerate(own_graph())}
+    for node in graph.values():
+        node["inputs"] = {k: [int(ids[v[0]]), v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+    loaded = workflow_run.load(write(tmp_path / "wf.json", graph))  # as a script might write them: [4, 0]
+    links = [v for node in loaded.graph.values() for v in node["inputs"].values() if isinstance(v, list)]
+    assert links and all(isinstance(link[0], str) for link in links)  # ComfyUI rejects number ids
+    assert graph_params.well_known(loaded.graph)["prompt"]
 
 
 def test_a_workflow_file_with_a_byte_order_mark_loads(tmp_path):

@@ -117,9 +117,12 @@ def checked(path: Path, graph: Any, info: dict | None = None) -> dict:
         if node["class_type"] not in info:
             unknown[str(node_id)] = node["class_type"]
         for name, value in node["inputs"].items():
-            if isinstance(value, list) and len(value) == 2 and isinstance(value[1], int) and str(value[0]) not in graph:
-                raise _refuse(path, f"node {node_id} ({node['class_type']}): input {name!r} links to node "
-                              f"{value[0]!r}, which is not in the workflow")
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[1], int) and \
+                    not isinstance(value[1], bool):
+                if str(value[0]) not in graph:
+                    raise _refuse(path, f"node {node_id} ({node['class_type']}): input {name!r} links to node "
+                                  f"{value[0]!r}, which is not in the workflow")
+                node["inputs"][name] = [str(value[0]), value[1]]  # ComfyUI finds nodes by string id only
     if unknown:
         raise ui_graph.unknown_classes(unknown)
     if not any(info[node["class_type"]].get("output_node") for node in graph.values()):
