@@ -76,6 +76,8 @@ def test_api_ui_and_png_workflows_load_to_the_same_graph(tmp_path):
     (json.dumps({"1": {"class_type": "CLIPTextEncode", "inputs": {"text": "x", "clip": ["9", 0]}}}).encode(),
      "links to node '9'"),
     (json.dumps({"1": {"class_type": "EmptyLatentImage", "inputs": {}}}).encode(), "has no output node"),
+    (json.dumps({"1": {"class_type": "EmptyLatentImage", "inputs": {}}, "2": {"class_type": "SaveLatent", "inputs": {
+        "samples": ["1", 0]}}}).encode(), "saves no image: its output nodes write other files (SaveLatent (node 2))"),
 ])
 def test_malformed_workflows_are_refused(tmp_path, content, words):
     (tmp_path / "wf.json").write_bytes(content)

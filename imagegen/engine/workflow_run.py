@@ -21,6 +21,11 @@ from imagegen.models.registry import Bundle, Registry
 from imagegen.util.errors import ImagegenError
 
 MAX_WORKFLOW_BYTES = 16 * 1024 * 1024
+# Core output nodes that save no PNG image imagegen could fetch (models, latents, audio, video, 3D, text)
+NOT_IMAGES = {"CLIPSave", "CheckpointSave", "ImageOnlyCheckpointSave", "LoraSave", "ModelSave", "VAESave", "SaveLoRA",
+              "SaveLatent", "Preview3D", "SaveGLB", "PreviewAny", "PreviewAudio", "SaveAudio", "SaveAudioMP3",
+              "SaveAudioOpus", "SaveAnimatedWEBP", "SaveVideo", "SaveWEBM", "SaveSVGNode", "SaveTrainingDataset",
+              "SaveImageDataSetToFolder", "SaveImageTextDataSetToFolder"}
 
 
 @dataclass
@@ -125,9 +130,16 @@ def checked(path: Path, graph: Any, info: dict | None = None) -> dict:
                 node["inputs"][name] = [str(value[0]), value[1]]  # ComfyUI finds nodes by string id only
     if unknown:
         raise ui_graph.unknown_classes(unknown)
-    if not any(info[node["class_type"]].get("output_node") for node in graph.values()):
+    outputs = {str(node_id): node["class_type"] for node_id, node in graph.items()
+               if info[node["class_type"]].get("output_node")}
+    if not outputs:
         raise _refuse(path, "has no output node (SaveImage, PreviewImage, ...): it would compute nothing",
                       hint="Add a SaveImage node in the editor, save, and run that file.")
+    if set(outputs.values()) <= NOT_IMAGES:
+        listed = ", ".join(f"{kind} (node {node_id})" for node_id, kind in outputs.items())
+        raise _refuse(path, f"saves no image: its output nodes write other files ({listed}), and imagegen writes "
+                      "the PNG images a workflow saves", hint="Add a SaveImage node fed by the images you want, "
+                                                               "save, and run that file.")
     return {str(node_id): node for node_id, node in graph.items()}
 
 
