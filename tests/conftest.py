@@ -28,7 +28,8 @@ def isolated_home(tmp_path, monkeypatch):
     """Every test gets its own IMAGEGEN_HOME (config, model cache, worker records)."""
     home = tmp_path / "imagegen-home"
     monkeypatch.setenv("IMAGEGEN_HOME", str(home))
-    for name in ("IMAGEGEN_MODELS_DIR", "IMAGEGEN_OUTPUT_DIR", "IMAGEGEN_MODEL", "HF_TOKEN", "IMAGEGEN_SHARED_MODELS"):
+    for name in ("IMAGEGEN_MODELS_DIR", "IMAGEGEN_OUTPUT_DIR", "IMAGEGEN_MODEL", "HF_TOKEN", "IMAGEGEN_SHARED_MODELS",
+                 "IMAGEGEN_DOCKER_HOSTS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("IMAGEGEN_RUNTIME", "local")  # Docker tests ask for --runtime docker themselves
     return home
