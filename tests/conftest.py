@@ -118,7 +118,7 @@ def comfy_worker(comfyui_dir, session_home):
 
     previous = os.environ.get("IMAGEGEN_HOME")
     os.environ["IMAGEGEN_HOME"] = str(session_home)
-    runtime = LocalRuntime(keep_warm=600)
+    runtime = LocalRuntime(keep_warm=6 * 3600)  # the whole session: it may sit idle while the Docker tests run
     try:
         handle = runtime.ensure("cpu")
     finally:

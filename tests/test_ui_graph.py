@@ -215,5 +215,7 @@ def test_the_pinned_node_definitions_are_the_real_comfyuis(comfy_worker):
                 theirs = live[name]["input"][section][key]
                 if isinstance(spec[0], list) and not spec[0]:
                     assert isinstance(theirs[0], list), (name, key)  # a file list: the worker's own files
+                elif spec[0] == "COMBO" and not spec[1].get("options"):
+                    assert theirs[0] == "COMBO", (name, key)  # a folder list (e.g. input/3d): the worker's own
                 else:
                     assert theirs == spec, (name, key)
