@@ -102,14 +102,14 @@ def error_of(result) -> dict:
 
 
 # --- setup ----------------------------------------------------------------------------
-def _test_user() -> tuple[int, int]:
+def _test_user(name: str = TEST_USER) -> tuple[int, int]:
     try:
-        entry = pwd.getpwnam(TEST_USER)
+        entry = pwd.getpwnam(name)
     except KeyError:
         made = subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-                               "--shell", "/usr/sbin/nologin", TEST_USER], capture_output=True, text=True)
-        require(made.returncode == 0, f"cannot create the test user {TEST_USER}: {made.stderr.strip()}")
-        entry = pwd.getpwnam(TEST_USER)
+                               "--shell", "/usr/sbin/nologin", name], capture_output=True, text=True)
+        require(made.returncode == 0, f"cannot create the test user {name}: {made.stderr.strip()}")
+        entry = pwd.getpwnam(name)
     return entry.pw_uid, entry.pw_gid
 
 

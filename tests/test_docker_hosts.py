@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -185,17 +184,6 @@ class Hosts:
                 pass
 
 
-def _test_user() -> tuple[int, int]:
-    try:
-        entry = pwd.getpwnam(TEST_USER)
-    except KeyError:
-        made = subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-                               "--shell", "/usr/sbin/nologin", TEST_USER], capture_output=True, text=True)
-        require(made.returncode == 0, f"cannot create the test user {TEST_USER}: {made.stderr.strip()}")
-        entry = pwd.getpwnam(TEST_USER)
-    return entry.pw_uid, entry.pw_gid
-
-
 @pytest.fixture(scope="module")
 def hosts(tiny_sd15):
     require(os.getuid() == 0, "the SSH host tests start sshd and a test user: they run as root")
@@ -209,9 +197,9 @@ def hosts(tiny_sd15):
         client.images.get(IMAGE)
     except Exception as exc:  # noqa: BLE001
         require(False, f"no Docker engine with {IMAGE} ({exc.__class__.__name__}); run scripts/setup-docker.sh")
-    from test_docker import _test_user_python
+    from test_docker import _test_user, _test_user_python
 
-    uid, gid = _test_user()
+    uid, gid = _test_user(TEST_USER)
     python = _test_user_python()
     base = Path(tempfile.mkdtemp(prefix="imagegen-hosts-test-"))
     base.chmod(0o755)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES, REPO, communicate, run_cli
+from conftest import REPO, communicate, run_cli
 from PIL import Image
 from safetensors_util import write_safetensors
 
@@ -240,16 +240,6 @@ def env(comfyui_dir, tmp_path_factory):
     values = {"IMAGEGEN_HOME": str(home), "IMAGEGEN_COMFYUI_DIR": str(comfyui_dir), "IMAGEGEN_RUNTIME": "local"}
     yield values
     run_cli("stop", "--all", env=values)
-
-
-@pytest.fixture(scope="session")
-def tiny_esrgan(comfyui_dir) -> Path:
-    """A random-weight x4 ESRGAN (RRDBNet, 8 features, 1 block) that ComfyUI's UpscaleModelLoader takes."""
-    target = FIXTURES / "tiny-esrgan-x4.safetensors"
-    if not target.is_file():
-        subprocess.run([sys.executable, str(REPO / "tests" / "tiny_models.py"), "esrgan", str(target), "4"], check=True,
-                       capture_output=True)
-    return target
 
 
 def _json_lines(stream: bytes) -> list[dict]:
