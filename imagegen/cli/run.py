@@ -2,7 +2,6 @@
 `--set KEY=VALUE` on its inputs, through the same workers, downloads, checks and provenance as generate."""
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -89,11 +88,7 @@ def run(
             print_params(graph_params.describe(applied.graph, info), mode.json_mode)
             return
         jobs = workflow_run.plan(loaded, given, count, output_path, overwrite, runtime, info)
-        for record in workflow_run.execute(jobs, runtime, reporter, overwrite=overwrite, timeouts=timeouts,
-                                           explicit=explicit):
-            if record["path"] != "-":
-                output.emit_result(record, mode.json_mode, quiet=False)
-            elif mode.json_mode:
-                print(json.dumps(record), file=sys.stderr, flush=True)
+        output.emit_results(workflow_run.execute(jobs, runtime, reporter, overwrite=overwrite, timeouts=timeouts,
+                                                 explicit=explicit), mode.json_mode)
 
     run_guarded(mode.json_mode, mode.debug, body)
