@@ -192,6 +192,16 @@ def _tiny_png() -> bytes:
     return buffer.getvalue()
 
 
+def test_trimming_leaves_the_workers_model_files_out_of_every_list():
+    """A worker's LoRAs show up in lists such as TrainLoraNode's, beside fixed choices that are ComfyUI's."""
+    trimmed = node_info.trim({"TrainLoraNode": {"input": {"optional": {
+        "existing_lora": ["COMBO", {"default": "[None]", "options": ["mine/a.safetensors", "b.PT", "[None]"]}],
+        "config": [["v1-inference.yaml", "x.ckpt"], {}]}}, "output": []}})
+    specs = trimmed["TrainLoraNode"]["input"]["optional"]
+    assert specs["existing_lora"] == ["COMBO", {"default": "[None]", "options": ["[None]"]}]
+    assert specs["config"] == [["v1-inference.yaml"], {}]
+
+
 @pytest.mark.comfyui
 def test_the_pinned_node_definitions_are_the_real_comfyuis(comfy_worker):
     """node_info_pinned.json is the pinned ComfyUI's /object_info, trimmed; file lists are empty there.
@@ -201,9 +211,8 @@ def test_the_pinned_node_definitions_are_the_real_comfyuis(comfy_worker):
         for class_type, schema in live.items():  # the worker's files are not the pinned ComfyUI's
             for specs in schema["input"].values():
                 for key, spec in specs.items():
-                    if isinstance(spec[0], list) and (spec[1].get("image_upload") or not spec[0] or key in
-                                                      workflow_models.LOADERS.get(class_type, {}) or
-                                                      all(str(c).endswith(".safetensors") for c in spec[0])):
+                    if isinstance(spec[0], list) and (spec[1].get("image_upload") or
+                                                      key in workflow_models.LOADERS.get(class_type, {})):
                         spec[0] = []
         node_info.PINNED_FILE.write_text(node_info.dumps(live))
     pinned = node_info.pinned()
