@@ -3,7 +3,8 @@
 Before any worker is known, a workflow is checked against the pinned ComfyUI 0.3.75's node classes:
 `node_info_pinned.json` is its /object_info, trimmed to what conversion and validation read (input
 order and types, limits, choices, outputs). Lists of files (checkpoints, input images) are empty
-there, and model files are left out of every other list: they are the worker's. tests/test_ui_graph.py holds the file to the real server.
+there, and model files are left out of every other list: they are the worker's. tests/test_ui_graph.py
+holds the file to the real server.
 """
 
 from __future__ import annotations
