@@ -13,6 +13,14 @@ import urllib.request
 from pathlib import Path
 
 
+def _idle_seconds(text: str) -> float:
+    """A worker's idle limit: above 0 (0 would end it before its first job), or inf for one never idling out."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text}: give idle seconds above 0, or inf for a worker that never idles out")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="entrypoint.py", description="imagegen worker entrypoint")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -23,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--models-dir", default=os.environ.get("IMAGEGEN_MODELS_DIR"))
     serve.add_argument("--shared-models", action="append", default=[], help="a read-only ComfyUI or A1111 model tree")
     serve.add_argument("--token-file", default=os.environ.get("IMAGEGEN_TOKEN_FILE"))
-    serve.add_argument("--keep-warm", type=float, default=os.environ.get("IMAGEGEN_KEEP_WARM", "300"))
+    serve.add_argument("--keep-warm", type=_idle_seconds, default=os.environ.get("IMAGEGEN_KEEP_WARM", "300"),
+                       help="idle seconds before the worker exits (above 0; inf: it never idles out)")
     serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default=os.environ.get("IMAGEGEN_DEVICE", "auto"))
     serve.add_argument("--state-file", default=None)
     serve.add_argument("--work-dir", default=os.environ.get("IMAGEGEN_WORK_DIR"))

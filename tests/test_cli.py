@@ -4,9 +4,11 @@ input, closed pipes, option groups and the version. Nothing here starts a worker
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
+import typing
 
 import pytest
 import typer
@@ -92,6 +94,27 @@ def test_numbers_that_would_never_end_are_refused(args, isolated_home):
 def test_keep_warm_is_checked_by_every_command(command):
     result = run_cli(*command, "--keep-warm", "nan", input=b"a fox\n")
     assert result.returncode == 2 and result.stderr.decode().startswith("error: Invalid value for '--keep-warm'")
+
+
+def test_keep_warm_takes_0_up_to_a_week_and_its_help_says_what_0_means():
+    from imagegen.cli.common import MAX_KEEP_WARM, KeepWarmOpt
+
+    check = typing.get_args(KeepWarmOpt)[1].callback
+    assert check(0.0) == 0.0 and check(MAX_KEEP_WARM) == MAX_KEEP_WARM == 7 * 24 * 3600
+    for bad in (-0.5, MAX_KEEP_WARM + 1, math.inf, math.nan):
+        with pytest.raises(typer.BadParameter):
+            check(bad)
+    text = " ".join(run_cli("generate", "--help", env={"COLUMNS": "2000"}).stdout.decode().split())
+    assert "0: the workers this command starts are stopped when it ends (those it reuses are left)" in text
+    assert "up to 604800 (a week" in text
+
+
+def test_a_worker_refuses_an_idle_limit_of_0_and_takes_inf_for_never():
+    from imagegen import entry
+
+    assert entry._parser().parse_args(["serve", "--keep-warm", "inf"]).keep_warm == math.inf
+    with pytest.raises(SystemExit):
+        entry._parser().parse_args(["serve", "--keep-warm", "0"])
 
 
 def test_keep_warm_from_the_environment_is_checked_too():

@@ -181,3 +181,38 @@ def test_workers_and_stop_under_auto_cover_local_workers(comfyui_dir, monkeypatc
     assert stopped.returncode == 0, stopped.stderr.decode()
     assert "local-cpu" in json.loads(stopped.stdout)["stopped"]
     wait_until(lambda: procs.start_time(record["pid"]) is None, 30, "the local worker is stopped")
+
+
+def _ready_record(log: Path) -> dict:
+    """The worker's last ready line in its log: its pid and port outlive its deleted record."""
+    lines = [json.loads(line) for line in log.read_text(errors="replace").splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("event") == "ready"][-1]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.comfyui
+def test_keep_warm_0_stops_the_worker_it_started_and_leaves_a_reused_one(comfyui_dir, tiny_sd15, tmp_path,
+                                                                         monkeypatch):
+    record_path, _token, log, _lock = LocalRuntime()._files("cpu")
+    draw = ("--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "1", "--runtime", "local", "--json", "-q")
+    started = run_cli("generate", "a lighthouse", *draw, "--keep-warm", "0", "-o", str(tmp_path / "a.png"))
+    assert started.returncode == 0, started.stderr.decode()
+    assert (tmp_path / "a.png").is_file()
+    ready = _ready_record(log)
+    assert not record_path.exists(), "the worker it started left its state entry"
+    assert procs.start_time(ready["pid"]) is None, "the worker it started is still running"
+    assert not _listening(ready["port"]), "the port of the worker it started is still open"
+
+    runtime, record = start_worker(monkeypatch)  # another command's worker, warm
+    try:
+        reused = run_cli("generate", "a lighthouse", *draw, "--keep-warm", "0", "-o", str(tmp_path / "b.png"))
+        assert reused.returncode == 0, reused.stderr.decode()
+        assert procs.same_process(record["pid"], record["pid_start"], record["cmdline"]), "a reused worker was stopped"
+        assert record_path.exists() and _listening(record["port"])
+        assert (tmp_path / "b.png").is_file()
+    finally:
+        runtime.stop()

@@ -4,6 +4,7 @@ stdout is data (paths or JSON); errors are a message and a hint on stderr (a JSO
 --json) and an exit code from the error table. Kept light: `imagegen --help` imports only this and typer.
 """
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -21,7 +22,7 @@ import typer
 from imagegen.util.errors import ImagegenError
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command whose reader left
-MAX_KEEP_WARM = 7 * 24 * 3600.0  # a week: longer is a typo, and a worker that never idles out
+MAX_KEEP_WARM = 7 * 24 * 3600.0  # a week: the longest a worker waits (longer is a typo); `imagegen stop` ends it
 
 
 def _finite(low: float, high: float | None, what: str, low_open: bool = False):
@@ -51,7 +52,9 @@ RuntimeOpt = Annotated[str, typer.Option(
     help="Where workers run: auto, docker, local, remote (IMAGEGEN_REMOTE_WORKERS=URL#TOKEN,...), or ray (a Ray "
          "cluster: --ray-address).")]
 KeepWarmOpt = Annotated[float, typer.Option(
-    "--keep-warm", help="Seconds an idle worker stays up for the next call (0 to a week).", envvar="IMAGEGEN_KEEP_WARM",
+    "--keep-warm", envvar="IMAGEGEN_KEEP_WARM",
+    help="Seconds an idle worker stays up for the next call, up to 604800 (a week; `imagegen stop` ends it "
+         "sooner). 0: the workers this command starts are stopped when it ends (those it reuses are left).",
     callback=_finite(0.0, MAX_KEEP_WARM, "a number of seconds"))]
 HostsOpt = Annotated[str | None, typer.Option(
     "--hosts", envvar="IMAGEGEN_DOCKER_HOSTS", metavar="local,box2,me@box3:2222",
@@ -223,6 +226,15 @@ class Workers:
     keep_warm: KeepWarmOpt = 300.0
     fast: FastOpt = False
     force: ForceOpt = False
+
+    @contextlib.contextmanager
+    def runtime_for_command(self):
+        """This command's runtime; with --keep-warm 0 the workers it starts are stopped when it ends."""
+        from imagegen.runtimes.choose import make_runtime
+        from imagegen.runtimes.lifetime import workers_of_command
+
+        with workers_of_command(make_runtime(self.runtime, self.keep_warm, self.hosts), self.keep_warm) as runtime:
+            yield runtime
 
 
 @dataclasses.dataclass

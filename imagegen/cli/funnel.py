@@ -53,7 +53,6 @@ def _advance_funnel(funnel, how: Advance) -> None:
     from imagegen.engine.output import emit_result
     from imagegen.engine.progress import BatchReporter
     from imagegen.funnel import pipeline as funnel_mod
-    from imagegen.runtimes.choose import make_runtime
 
     if not 1 <= how.pool.workers_n <= 64:
         raise ImagegenError("invalid_argument", "--workers must be 1..64")
@@ -68,9 +67,9 @@ def _advance_funnel(funnel, how: Advance) -> None:
                                  picks=tuple(how.picks or ()), auto=how.auto, interactive=interactive,
                                  vary=how.vary or 0, vary_denoise=how.vary_denoise)
     reporter = BatchReporter(quiet=how.mode.quiet, show_progress=how.mode.progress)
-    runtime = make_runtime(how.workers.runtime, how.workers.keep_warm, how.workers.hosts)
-    status = funnel_mod.advance(funnel, runtime, reporter,
-                                lambda record: emit_result(record, how.mode.json_mode), options)
+    with how.workers.runtime_for_command() as runtime:
+        status = funnel_mod.advance(funnel, runtime, reporter,
+                                    lambda record: emit_result(record, how.mode.json_mode), options)
     if how.mode.json_mode:
         print(json.dumps(status), flush=True)
     if options.vary:

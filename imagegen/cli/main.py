@@ -77,7 +77,6 @@ def generate(
         from imagegen.engine import generate as gen
         from imagegen.engine.output import emit_results
         from imagegen.engine.progress import Reporter
-        from imagegen.runtimes.choose import make_runtime
 
         timeouts, explicit = gen.timeouts_from_env(timeout)
         given: dict[str, Any] = {"prompt": prompt, "model": draw.model, "negative": draw.negative, "seed": seed,
@@ -97,8 +96,8 @@ def generate(
                               explicit_timeouts=explicit)
         reporter = Reporter(quiet=mode.quiet, show_progress=mode.progress)
         planned = gen.plan(request)
-        emit_results(gen.execute(planned, make_runtime(workers.runtime, workers.keep_warm, workers.hosts), reporter),
-                     mode.json_mode)
+        with workers.runtime_for_command() as runtime:
+            emit_results(gen.execute(planned, runtime, reporter), mode.json_mode)
 
     run_guarded(mode.json_mode, mode.debug, body)
 
@@ -129,7 +128,6 @@ def batch(
         from imagegen.engine import batch as batch_mod
         from imagegen.engine import generate as gen
         from imagegen.engine.progress import BatchReporter
-        from imagegen.runtimes.choose import make_runtime
 
         if not 1 <= pool.workers_n <= 64 or not 1 <= depth <= 16:
             raise ImagegenError("invalid_argument", "--workers must be 1..64 and --depth 1..16")
@@ -153,11 +151,11 @@ def batch(
         batch_mod.plan(items, out_dir, defaults, seed, 1)  # every item is valid before a worker starts
         emit = (lambda line: print(json.dumps(line, sort_keys=True), flush=True)) if mode.json_mode else \
             (lambda line: print(line["path"], flush=True) if line["status"] == "done" else None)
-        runtime = make_runtime(workers.runtime, workers.keep_warm, workers.hosts)
-        summary = batch_mod.run(items, out_dir.absolute(), runtime, reporter,
-                                emit, defaults=defaults, base_seed=seed, pack=pack, gpus=pool.gpus,
-                                workers=pool.workers_n, depth=depth,
-                                overwrite=overwrite, force=workers.force, timeouts=timeouts, explicit=explicit)
+        with workers.runtime_for_command() as runtime:
+            summary = batch_mod.run(items, out_dir.absolute(), runtime, reporter,
+                                    emit, defaults=defaults, base_seed=seed, pack=pack, gpus=pool.gpus,
+                                    workers=pool.workers_n, depth=depth,
+                                    overwrite=overwrite, force=workers.force, timeouts=timeouts, explicit=explicit)
         reporter.status(f"batch: {summary.done} done, {summary.failed} failed, "
                         f"{summary.skipped} skipped (done earlier) "
                         f"of {summary.total}; manifest: {out_dir.absolute() / batch_mod.MANIFEST}")

@@ -67,7 +67,6 @@ def run(
         from imagegen.engine import generate as gen
         from imagegen.engine import output, workflow_run
         from imagegen.engine.progress import Reporter
-        from imagegen.runtimes.choose import make_runtime
 
         source = from_image or workflow
         if source is None or (from_image is not None and workflow is not None):
@@ -77,18 +76,18 @@ def run(
             raise ImagegenError("invalid_argument", f"--count {count} is outside 1..{gen.MAX_COUNT}")
         given = parse_settings(settings)
         timeouts, explicit = gen.timeouts_from_env(timeout)
-        runtime = make_runtime(workers.runtime, workers.keep_warm, getattr(workers, "hosts", None))
-        reporter = Reporter(quiet=mode.quiet, show_progress=mode.progress)
-        info = workflow_run.node_info_of(runtime, reporter)  # the pinned ComfyUI's, or a remote worker's own
-        loaded = workflow_run.load(source, info)
-        if list_params:
-            from imagegen.comfy import graph_params
+        with workers.runtime_for_command() as runtime:
+            reporter = Reporter(quiet=mode.quiet, show_progress=mode.progress)
+            info = workflow_run.node_info_of(runtime, reporter)  # the pinned ComfyUI's, or a remote worker's own
+            loaded = workflow_run.load(source, info)
+            if list_params:
+                from imagegen.comfy import graph_params
 
-            applied = graph_params.apply(loaded.graph, given, info)
-            print_params(graph_params.describe(applied.graph, info), mode.json_mode)
-            return
-        jobs = workflow_run.plan(loaded, given, count, output_path, overwrite, runtime, info)
-        output.emit_results(workflow_run.execute(jobs, runtime, reporter, overwrite=overwrite, timeouts=timeouts,
-                                                 explicit=explicit), mode.json_mode)
+                applied = graph_params.apply(loaded.graph, given, info)
+                print_params(graph_params.describe(applied.graph, info), mode.json_mode)
+                return
+            jobs = workflow_run.plan(loaded, given, count, output_path, overwrite, runtime, info)
+            output.emit_results(workflow_run.execute(jobs, runtime, reporter, overwrite=overwrite, timeouts=timeouts,
+                                                     explicit=explicit), mode.json_mode)
 
     run_guarded(mode.json_mode, mode.debug, body)

@@ -32,14 +32,13 @@ def upscale(
         from imagegen.engine import upscale as upscale_mod
         from imagegen.engine.output import emit_results
         from imagegen.engine.progress import Reporter
-        from imagegen.runtimes.choose import make_runtime
 
         timeouts, explicit = gen.timeouts_from_env(timeout)
         request = upscale_mod.UpscaleRequest(images=list(images), scale=scale, model=model, output=output_path,
                                              overwrite=overwrite, timeouts=timeouts, explicit_timeouts=explicit)
         planned = upscale_mod.plan(request)  # every input and output checked before a worker starts
         reporter = Reporter(quiet=mode.quiet, show_progress=mode.progress)
-        runtime = make_runtime(workers.runtime, workers.keep_warm, workers.hosts)
-        emit_results(upscale_mod.execute(planned, runtime, reporter), mode.json_mode)
+        with workers.runtime_for_command() as runtime:
+            emit_results(upscale_mod.execute(planned, runtime, reporter), mode.json_mode)
 
     run_guarded(mode.json_mode, mode.debug, body)

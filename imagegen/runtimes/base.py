@@ -25,6 +25,16 @@ def default_keep_warm() -> float:
     return env_float("IMAGEGEN_KEEP_WARM", 300.0, minimum=0.0)
 
 
+STOPPED_BY_COMMAND = 0.0     # --keep-warm 0: the command that starts a worker stops it when it ends
+UNATTENDED_KEEP_WARM = 300.0  # ...and the worker's own idle limit, should that command be killed before it can
+
+
+def worker_keep_warm(keep_warm: float) -> float:
+    """The idle seconds a worker is started with: keep_warm, or for --keep-warm 0 a safety net (never a
+    0-second watchdog, which could end a worker before its first job arrives)."""
+    return UNATTENDED_KEEP_WARM if keep_warm <= STOPPED_BY_COMMAND else keep_warm
+
+
 def default_start_timeout() -> float:
     return env_float("IMAGEGEN_START_TIMEOUT", 300.0, minimum=1.0)
 

@@ -22,6 +22,7 @@ from imagegen.runtimes.base import (
     healthy,
     is_cpu_slot,
     pid_alive,
+    worker_keep_warm,
 )
 from imagegen.util import cancel, gpus, paths
 from imagegen.util.errors import ImagegenError
@@ -246,7 +247,7 @@ class DockerRuntime:
             "--token-file",
             "/run/imagegen/token",
             "--keep-warm",
-            str(self.keep_warm),
+            str(worker_keep_warm(self.keep_warm)),
             "--device",
             "cuda" if gpu else "cpu",
             "--models-dir",

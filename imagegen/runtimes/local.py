@@ -30,6 +30,7 @@ from imagegen.runtimes.base import (
     is_cpu_slot,
     log_tail,
     pid_alive,
+    worker_keep_warm,
 )
 from imagegen.util import cancel, paths, procs
 from imagegen.util.env import env_float
@@ -182,7 +183,7 @@ class LocalRuntime:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.cpu_workers))
         command = [self.python, "-m", "imagegen.entry", "serve", "--host", "127.0.0.1", "--port", "0",
                    "--comfyui-dir", str(comfyui_dir), "--models-dir", str(paths.models_dir()),
-                   "--token-file", str(token_path), "--keep-warm", str(self.keep_warm),
+                   "--token-file", str(token_path), "--keep-warm", str(worker_keep_warm(self.keep_warm)),
                    "--state-file", str(record_path), "--device", "cpu" if on_cpu else "cuda"]
         for tree in self.shared_models:
             command += ["--shared-models", str(tree)]

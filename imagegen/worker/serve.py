@@ -333,7 +333,7 @@ class Worker:
                 stop.set()
                 return
             idle = time.monotonic() - self.last_activity
-            if self.options.keep_warm > 0 and not self.busy() and idle > self.options.keep_warm:
+            if not self.busy() and idle > self.options.keep_warm:  # inf: never (0 is refused by entry.py)
                 if await self.comfy_queue_empty():
                     print(json.dumps({"event": "idle_exit", "idle_seconds": round(idle)}), flush=True)
                     stop.set()
