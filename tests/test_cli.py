@@ -315,3 +315,32 @@ def test_help_to_a_reader_that_left_exits_141_quietly():
     finally:
         os.close(write_end)
     assert result.returncode == 141
+
+
+def _commands(command, path=()):
+    """Every command of the CLI (click objects), with its path, subcommands included."""
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+    if not hasattr(command, "commands"):
+        yield " ".join(path), command
+
+
+def test_every_commands_output_option_is_the_one_declaration():
+    import inspect
+
+    from imagegen.cli import common
+    from imagegen.cli.main import app
+
+    with_output = {}
+    for path, command in _commands(typer.main.get_command(app)):
+        for param in command.params:
+            if "-o" in param.opts or "--output" in param.opts:
+                with_output[path] = param
+    assert {"generate", "batch", "upscale", "run", "funnel run"} <= set(with_output), sorted(with_output)
+    for path, param in with_output.items():
+        assert sorted(param.opts) == ["--output", "-o"] and not param.secondary_opts, (path, param.opts)
+        assert not param.is_flag and param.nargs == 1 and param.help, path
+    sources = [p for p in (REPO / "imagegen" / "cli").glob("*.py")]
+    declared = {p.name: p.read_text().count('"-o"') for p in sources}
+    assert {name: n for name, n in declared.items() if n} == {"common.py": 1}, declared
+    assert '"-o"' in inspect.getsource(common.output_option)

@@ -41,6 +41,11 @@ def _finite(low: float, high: float | None, what: str, low_open: bool = False):
     return check
 
 
+def output_option(help: str) -> typer.models.OptionInfo:
+    """-o/--output, declared once: what it names (an image, a folder) differs by command, and so its help."""
+    return typer.Option("--output", "-o", help=help)
+
+
 # Shared options, declared once.
 JsonOpt = Annotated[bool, typer.Option(
     "--json", help="Write one JSON object per result on stdout; errors as JSON on stderr.")]
@@ -100,6 +105,7 @@ NegativeOpt = Annotated[str | None, typer.Option("--negative", help="Negative pr
 CountOpt = Annotated[int, typer.Option("--count", "-n", help="Images per prompt (seeds seed, seed+1, ...).")]
 GuidanceOpt = Annotated[float | None, typer.Option(
     "--guidance", help="Flux guidance (default 3.5).", callback=_finite(0.0, None, "a guidance value"))]
+ImageOutputOpt = Annotated[str | None, output_option("A .png path, a directory, or - for PNG bytes on stdout.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 CallTimeoutOpt = Annotated[float | None, typer.Option(
     "--timeout", help="Overall cap in seconds for the whole call.",

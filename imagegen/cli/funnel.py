@@ -9,7 +9,19 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from imagegen.cli.common import AutoOpt, DebugOpt, JsonOpt, Mode, PickOpt, Pool, Workers, grouped, run_guarded
+from imagegen.cli.common import (
+    AutoOpt,
+    DebugOpt,
+    JsonOpt,
+    Mode,
+    NegativeOpt,
+    PickOpt,
+    Pool,
+    Workers,
+    grouped,
+    output_option,
+    run_guarded,
+)
 from imagegen.util.errors import ImagegenError
 
 VaryOpt = Annotated[int | None, typer.Option(
@@ -88,9 +100,8 @@ def _advance_funnel(funnel, how: Advance) -> None:
 def funnel_run(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     *,
-    out_dir: Annotated[Path, typer.Option(
-        "--output", "-o", help="The funnel directory: stage folders, contact sheets, funnel.json.")
-    ] = Path("imagegen-funnel"),
+    out_dir: Annotated[Path, output_option("The funnel directory: stage folders, contact sheets, funnel.json.")] = Path(
+        "imagegen-funnel"),
     stages_file: Annotated[Path | None, typer.Option(
         "--stages", help="A YAML stage file (docs/funnel.md); flags below override it.")] = None,
     drafts: Annotated[int | None, typer.Option("--drafts", help="Images in the first stage (default 20).")] = None,
@@ -114,7 +125,7 @@ def funnel_run(
         "--denoise", help="img2img strength for every later drawing stage, or one each: 0.55,0.3.")] = None,
     scale: Annotated[int | None, typer.Option(
         "--scale", help="Upscale factor (default 2; the model's own factor is 4).")] = None,
-    negative: Annotated[str | None, typer.Option("--negative", help="Negative prompt (SD1.5/SDXL).")] = None,
+    negative: NegativeOpt = None,
     seed: Annotated[int | None, typer.Option(
         "--seed", help="Base seed (random when omitted; stage N's images use seed + (N-1)*1000 + i).")] = None,
     pool: Pool,

@@ -19,6 +19,7 @@ from imagegen.cli.common import (
     GuidanceOpt,
     HiresFix,
     HostsOpt,
+    ImageOutputOpt,
     JsonOpt,
     KeepWarmOpt,
     Mode,
@@ -27,6 +28,7 @@ from imagegen.cli.common import (
     RuntimeOpt,
     Workers,
     grouped,
+    output_option,
     read_stdin_prompt,
     run_guarded,
     usage_failure,
@@ -57,8 +59,7 @@ def generate(
     family: FamilyOpt = None,
     from_image: Annotated[Path | None, typer.Option(
         "--from", help="Reproduce a PNG from its metadata (imagegen, A1111 or ComfyUI); other flags override.")] = None,
-    output_path: Annotated[str | None, typer.Option(
-        "--output", "-o", help="A .png path, a directory, or - for PNG bytes on stdout.")] = None,
+    output_path: ImageOutputOpt = None,
     seed: Annotated[int | None, typer.Option(
         "--seed", help="Seed of the first image (random when omitted).")] = None,
     sampler: Annotated[str | None, typer.Option(
@@ -108,9 +109,8 @@ def batch(
     prompts_file: Annotated[Path | None, typer.Argument(
         help="Prompts, one per line or JSONL objects; - or omitted: stdin.")] = None,
     *,
-    out_dir: Annotated[Path, typer.Option(
-        "--output", "-o", help="Directory for the images and manifest.jsonl (rerun to resume).",
-    )] = Path("imagegen-batch"),
+    out_dir: Annotated[Path, output_option("Directory for the images and manifest.jsonl (rerun to resume).")] = Path(
+        "imagegen-batch"),
     draw: Draw,
     seed: Annotated[int, typer.Option(
         "--seed", help="Base for the seeds of items that give none (seeds are stable across reruns).")] = 0,

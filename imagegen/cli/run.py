@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from imagegen.cli.common import CallTimeoutOpt, Mode, OverwriteOpt, Workers, grouped, run_guarded
+from imagegen.cli.common import CallTimeoutOpt, ImageOutputOpt, Mode, OverwriteOpt, Workers, grouped, run_guarded
 from imagegen.util.errors import ImagegenError
 
 SetOpt = Annotated[list[str] | None, typer.Option(
@@ -50,8 +50,7 @@ def run(
     *,
     settings: SetOpt = None,
     count: Annotated[int, typer.Option("--count", "-n", help="Runs of the workflow, seeds seed, seed+1, ...")] = 1,
-    output_path: Annotated[str | None, typer.Option(
-        "--output", "-o", help="A .png path, a directory, or - for PNG bytes on stdout.")] = None,
+    output_path: ImageOutputOpt = None,
     list_params: Annotated[bool, typer.Option(
         "--list-params", help="Print every settable input (type, value, range) and exit; nothing starts.")] = False,
     from_image: Annotated[Path | None, typer.Option(

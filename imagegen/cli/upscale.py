@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from imagegen.cli.common import CallTimeoutOpt, Mode, OverwriteOpt, Workers, grouped, run_guarded
+from imagegen.cli.common import CallTimeoutOpt, Mode, OverwriteOpt, Workers, grouped, output_option, run_guarded
 
 
 @grouped
@@ -17,9 +17,9 @@ def upscale(
     model: Annotated[str | None, typer.Option(
         "--model", "-m", help="A registered upscale model or an upscaler .safetensors file (default realesrgan-x4, "
                               "or $IMAGEGEN_UPSCALE_MODEL).")] = None,
-    output_path: Annotated[str | None, typer.Option(
-        "--output", "-o", help="A directory for IMAGE-x2.png files (default: the output directory), a .png for one "
-                               "image, or - for PNG bytes on stdout.")] = None,
+    output_path: Annotated[str | None, output_option(
+        "A directory for IMAGE-x2.png files (default: the output directory), a .png for one image, or - for PNG "
+        "bytes on stdout.")] = None,
     overwrite: OverwriteOpt = False,
     timeout: CallTimeoutOpt = None,
     workers: Workers,
