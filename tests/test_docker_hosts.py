@@ -379,10 +379,16 @@ def test_image_push_sends_the_image_over_ssh_and_skips_a_host_that_has_it(hosts)
 
 
 def test_stop_all_leaves_no_container_on_either_host(hosts):
+    """Its own workers first (earlier tests' are reused when they ran, so it holds alone too)."""
     _wait_for(lambda: hosts.sshd._listening(), 30, "sshd")
+    started = _batch(hosts, hosts.base / "out" / "before-stop", ["a robot to stop", "another robot to stop"])
+    assert started.returncode == 0, started.stderr.decode()[-3000:]
+    running = {c.labels.get("imagegen.worker"): c.name for c in hosts.ours(all_states=False)}
+    assert set(running) == {"1", "ssh"}, f"no worker on each host to stop: {running}"
     result = hosts.cli("stop", "--all", "--hosts", f"local,{hosts.remote}", "--json")
     assert result.returncode == 0, result.stderr.decode()
-    assert json.loads(result.stdout.decode())["stopped"]
+    stopped = " ".join(json.loads(result.stdout.decode())["stopped"])
+    assert all(name in stopped for name in running.values()), (stopped, running)
     assert hosts.ours() == []
 
 
