@@ -3,6 +3,7 @@ node definitions, and tiny real LoRA/ControlNet files rendered by a real ComfyUI
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -289,8 +290,8 @@ def warm(comfy_worker, session_home, comfyui_dir):
             "IMAGEGEN_KEEP_WARM": "600"}
 
 
-def _generate(warm, tiny_sd15, target, *extra):
-    result = run_cli("generate", "a lighthouse", "--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "1",
+def _generate(warm, tiny_sd15, target, *extra, prompt="a lighthouse"):
+    result = run_cli("generate", prompt, "--checkpoint", str(tiny_sd15), "--size", "64x64", "--steps", "1",
                      "--seed", "11", "-o", str(target), "--json", *extra, env=warm)
     assert result.returncode == 0, result.stderr.decode()
     record = json.loads(result.stdout.decode().splitlines()[-1])
@@ -325,6 +326,19 @@ def test_a_tiny_lora_changes_the_pixels_every_key_applies_and_from_reapplies_it(
                     str(tmp_path / "again.png"), "--json", env=warm)
     assert again.returncode == 0, again.stderr.decode()
     assert _pixels(tmp_path / "again.png") == _pixels(tmp_path / "styled.png")
+    # the same file by its bare name in a ComfyUI tree (IMAGEGEN_SHARED_MODELS), as an A1111 prompt tag names it
+    tree = tmp_path / "ComfyUI" / "models"
+    (tree / "loras" / "styles").mkdir(parents=True)
+    shutil.copy(tiny_lora, tree / "loras" / "styles" / "tiny.safetensors")
+    shared = {**warm, "IMAGEGEN_SHARED_MODELS": str(tree)}
+    named, _ = _generate(shared, tiny_sd15, tmp_path / "named.png", prompt="a lighthouse, <lora:tiny:0.8>")
+    assert _pixels(tmp_path / "named.png") == _pixels(tmp_path / "styled.png")
+    assert (named["loras"][0]["name"], named["loras"][0]["sha256"]) == ("tiny", lora["sha256"])
+    assert "<lora:tiny:0.8>" in png.read_text_chunks((tmp_path / "named.png").read_bytes())["parameters"]
+    renamed = run_cli("generate", "--from", str(tmp_path / "named.png"), "--checkpoint", str(tiny_sd15), "-o",
+                      str(tmp_path / "renamed.png"), "--json", env=shared)  # the name is found in the tree again
+    assert renamed.returncode == 0, renamed.stderr.decode()
+    assert json.loads(renamed.stdout.decode().splitlines()[-1])["loras"][0]["name"] == "tiny"
 
 
 @pytest.mark.comfyui

@@ -1,6 +1,7 @@
 """LoRA stacks and ControlNets on a request: parse `--lora`/`--control` and A1111 `<lora:name:0.8>` prompt tags,
-resolve each to a registry entry or a local .safetensors file, refuse one made for another model family before
-anything loads, and make their files loadable and hashed for provenance.
+resolve each (engine/addon_names.py: a registry entry, a .safetensors file, or a file's name in the model folders),
+refuse one made for another model family before anything loads, and make their files loadable and hashed for
+provenance.
 
 A LoRA or ControlNet is a one-file bundle (family `lora` or `controlnet`, registry.py) that a job carries beside
 its model (Job.addons); the graph loads it by its file name (comfy/addons.py).
@@ -8,10 +9,7 @@ its model (Job.addons); the graph loads it by its file name (comfy/addons.py).
 
 from __future__ import annotations
 
-import difflib
-import hashlib
 import math
-import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,14 +17,14 @@ from typing import Any
 
 from imagegen.comfy import addons as graph_addons
 from imagegen.comfy.workflows import ControlUse, LoraUse, Params
-from imagegen.models import addon_files, cache, modelfile
-from imagegen.models.registry import LOCAL_SUBFOLDER, ROLE_FOLDERS, Bundle, ModelFile, Registry
-from imagegen.util import paths
+from imagegen.engine import addon_names
+from imagegen.engine.addon_names import check_family, is_file_name, resolve
+from imagegen.models import cache
+from imagegen.models.registry import ROLE_FOLDERS, Bundle, Registry
 from imagegen.util.errors import ImagegenError
 
 MAX_LORAS = 16
 MAX_CONTROLS = 8
-KINDS = {"lora": "LoRA", "controlnet": "ControlNet"}
 # <lora:NAME>, <lora:NAME:0.8> and A1111's <lora:NAME:TE:UNET> (the first multiplier is the strength here)
 LORA_TAG = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?(?::[^<>]*)?>", re.IGNORECASE)
 NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
@@ -150,8 +148,15 @@ def anchored(loras: Any, controls: Any, folder: Path | None, registry: Registry 
                                 hint=f"Pass the {what} as an absolute path (the server's working folder is not yours).")
         return str(folder / path)
 
-    def is_file(name: str) -> bool:
-        return name not in registry.bundles and is_file_name(name)
+    def is_file(name: str, kind: str) -> bool:
+        if name in registry.bundles or not is_file_name(name):
+            return False
+        path = Path(name).expanduser()
+        if path.is_absolute() or (folder is not None and (folder / path).exists()):
+            return True
+        if cache.find_by_name(name, ROLE_FOLDERS[kind]).matches:  # `sub/name` in the model folders
+            return False
+        return name.endswith(".safetensors") or path.exists()
 
     stack = []
     for spec in loras if isinstance(loras, list) else []:
@@ -160,7 +165,7 @@ def anchored(loras: Any, controls: Any, folder: Path | None, registry: Registry 
         except ImagegenError:
             stack.append(spec)
             continue
-        stack.append({"name": place(name, "LoRA file"), "strength": strength} if is_file(name) else spec)
+        stack.append({"name": place(name, "LoRA file"), "strength": strength} if is_file(name, "lora") else spec)
     steering = []
     for spec in controls if isinstance(controls, list) else []:
         try:
@@ -168,83 +173,14 @@ def anchored(loras: Any, controls: Any, folder: Path | None, registry: Registry 
         except ImagegenError:
             steering.append(spec)
             continue
-        placed = {"model": place(control.model, "ControlNet file") if is_file(control.model) else control.model,
+        model = place(control.model, "ControlNet file") if is_file(control.model, "controlnet") else control.model
+        placed = {"model": model,
                   "image": place(control.image, "control image"), "strength": control.strength,
                   "start": control.start, "end": control.end}
         if isinstance(spec, dict) and "preprocess" in spec:
             placed["preprocess"] = spec["preprocess"]
         steering.append(placed)
     return (stack if isinstance(loras, list) else loras), (steering if isinstance(controls, list) else controls)
-
-
-def is_file_name(name: str) -> bool:
-    """Whether a model named on the command line is a file's path rather than a registered name."""
-    return name.endswith(".safetensors") or "/" in name or os.sep in name
-
-
-def local_addon(path: Path, kind: str, family: str | None = None, name: str | None = None) -> Bundle:
-    """A one-file bundle for a local LoRA/ControlNet (or upscale model: kind upscale_model, family upscale),
-    linked into the cache under a name unique to its path (two files named alike in different folders never
-    replace each other's link)."""
-    path = path.expanduser().absolute()
-    tag = hashlib.sha256(str(path).encode()).hexdigest()[:8]
-    file = ModelFile(key=f"{path.stem}.{kind}", folder=ROLE_FOLDERS[kind],
-                     filename=f"{LOCAL_SUBFOLDER}/{tag}-{path.name}", local_path=str(path), size=path.stat().st_size)
-    return Bundle(name=name or path.name, family=family or kind, files={kind: file}, source=str(path))
-
-
-def resolve(name: str, kind: str, registry: Registry) -> Bundle:
-    """A registered LoRA/ControlNet by name, else a local .safetensors file."""
-    label = KINDS[kind]
-    if name in registry.bundles:
-        bundle = registry.bundles[name]
-        if bundle.family != kind:
-            raise ImagegenError("unknown_addon", f"{name!r} is a {bundle.family} model, not a {label}",
-                                hint=f"Pass a {label} registered with `family: {kind}`, or its .safetensors file.")
-        return bundle
-    path = Path(name).expanduser()
-    if path.suffix == ".safetensors" or path.exists():
-        if not path.is_file():
-            raise ImagegenError("unknown_addon", f"{label} {name}: no such file", hint="Check the path.")
-        modelfile.read_header(path)  # refuses a non-safetensors or malformed file
-        return local_addon(path, kind)
-    head, separator, tail = name.rpartition(":")
-    if kind == "lora" and separator and (head in registry.bundles or Path(head).suffix == ".safetensors"):
-        raise ImagegenError("invalid_argument", f"LoRA {head}: the strength {tail!r} is not a number",
-                            hint=f"Give the strength as a number, e.g. --lora {head}:0.8.")
-    known = sorted(n for n, b in registry.bundles.items() if b.family == kind)
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-    raise ImagegenError("unknown_addon", f"{label} {name!r} is neither registered nor a .safetensors file"
-                        + (f"; did you mean {', '.join(close)}?" if close else ""),
-                        hint=f"Registered {label}s: {', '.join(known) or 'none'} (add yours to models.yaml with "
-                             f"`family: {kind}` and `base:`, docs/controls.md), or pass the file's path.")
-
-
-def family_of(bundle: Bundle, kind: str) -> str | None:
-    """The base family: read from the file's header where the file is here, else the registry's `base`."""
-    path = cache.present_path(bundle.files[kind])
-    if path is not None:
-        header = modelfile.read_header(path)
-        detected = addon_files.detect_lora(header) if kind == "lora" else addon_files.detect_controlnet(header)
-        if detected.family:
-            return detected.family
-    return bundle.base
-
-
-def check_family(addon: Bundle, kind: str, model: Bundle, notes: list[str]) -> None:
-    family = family_of(addon, kind)
-    label = KINDS[kind]
-    if family is None:
-        notes.append(f"cannot tell from its header which model family {label} {addon.name} is for; "
-                     "keys the worker cannot apply will be reported")
-        return
-    if family != model.family:
-        code = "lora_mismatch" if kind == "lora" else "controlnet_mismatch"
-        raise ImagegenError(code, f"{label} {addon.name} is for {addon_files.family_name(family)} models, but "
-                            f"{model.name} is {addon_files.family_name(model.family)}",
-                            hint=f"Use a {label} made for {addon_files.family_name(model.family)} models, or pass -m "
-                                 f"with a model of the {addon_files.family_name(family)} family.",
-                            addon=addon.name, addon_family=family, model=model.name, model_family=model.family)
 
 
 def choose(prompt: str, loras: list | None, controls: list | None, preprocess: str | None, model: Bundle,
@@ -380,8 +316,8 @@ def from_record(found: dict, given: dict, image: Path, registry: Registry | None
     merged: dict = {}
     if found.get("loras") and not given.get("loras"):
         registry = registry or Registry.load()
-        merged["loras"] = [{"name": _recorded_file(entry, "lora", image, registry), "strength": entry["strength"]}
-                           for entry in found["loras"]]
+        merged["loras"] = [{"name": addon_names.recorded_name(entry, "lora", image, registry),
+                            "strength": entry["strength"]} for entry in found["loras"]]
     if found.get("controls") and not given.get("controls"):
         from imagegen.engine import inputs
 
@@ -392,26 +328,11 @@ def from_record(found: dict, given: dict, image: Path, registry: Registry | None
             picture = inputs.find_recorded("control", {"name": str(entry.get("image") or ""),
                                                        "path": entry.get("image_path"),
                                                        "sha256": entry.get("image_sha256")}, image)
-            merged["controls"].append({"model": _recorded_file(entry, "controlnet", image, registry),
+            merged["controls"].append({"model": addon_names.recorded_name(entry, "controlnet", image, registry),
                                        "image": str(picture), "strength": entry["strength"],
                                        "start": entry["start"], "end": entry["end"],
                                        "preprocess": entry.get("preprocess")})
     return merged
-
-
-def _recorded_file(entry: dict, kind: str, image: Path, registry: Registry) -> str:
-    """A recorded LoRA/ControlNet: its registry name, else the local file the cache's link led to."""
-    name = entry.get("name") if kind == "lora" else entry.get("model")
-    bundle = registry.bundles.get(str(name))
-    if bundle is not None and bundle.family == kind:
-        return str(name)
-    link = paths.models_dir() / ROLE_FOLDERS[kind] / str(entry.get("file") or "")
-    if entry.get("file") and link.is_symlink() and link.resolve().is_file():
-        return str(link.resolve())
-    raise ImagegenError("unknown_addon", f"{image} was made with {KINDS[kind]} {name} (sha256 "
-                        f"{entry.get('sha256') or 'unknown'}), which is neither registered nor linked here",
-                        hint=f"Register it (models.yaml, `family: {kind}`) or pass the file with "
-                             f"{'--lora FILE' if kind == 'lora' else '--control FILE:IMAGE'}.")
 
 
 def log_marker(client, params: Params) -> str | None:

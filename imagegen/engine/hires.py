@@ -13,7 +13,7 @@ from pathlib import Path
 
 from imagegen.comfy import workflows
 from imagegen.comfy.hires import LANCZOS, LATENT, MAX_SCALE, HiresFix
-from imagegen.engine.addons import is_file_name, local_addon
+from imagegen.engine.addon_names import is_file_name, local_addon
 from imagegen.models import modelfile
 from imagegen.models.registry import Bundle, Registry
 from imagegen.util.errors import ImagegenError

@@ -4,7 +4,8 @@ The cache uses ComfyUI's folder layout (checkpoints/, diffusion_models/, text_en
 upscale_models/), so a worker points ComfyUI straight at it. A user's own file is used in place
 through a symlink under <folder>/imagegen-local/ and is never copied. Existing ComfyUI or A1111
 model trees named in IMAGEGEN_SHARED_MODELS (os.pathsep-separated, each a `models/` folder) are
-searched read-only after the cache, so a file there is never downloaded again.
+searched read-only after the cache, so a file there is never downloaded again. A LoRA or ControlNet named
+by its file's name alone (as A1111 and ComfyUI users name them) is looked for in the same folders.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from imagegen.models import modelfile
 from imagegen.models.ledger import Ledger, sha256_file
-from imagegen.models.registry import Bundle, ModelFile
+from imagegen.models.registry import LOCAL_SUBFOLDER, Bundle, ModelFile
 from imagegen.util import paths
 from imagegen.util.errors import ImagegenError
 from imagegen.util.model_trees import tree_layout
@@ -24,7 +26,9 @@ from imagegen.util.model_trees import tree_layout
 Fetcher = Callable[[Bundle], None]
 
 SHARED_MODELS_ENV = "IMAGEGEN_SHARED_MODELS"
-# Our folder -> the subfolders a tree may keep it in (the same mapping the worker gives ComfyUI).
+MAX_FOLDER_DEPTH = 8  # subfolders followed under a LoRA/ControlNet folder (a symlink loop ends there)
+
+
 def shared_trees() -> list[Path]:
     value = os.environ.get(SHARED_MODELS_ENV, "")
     return [Path(item).expanduser() for item in value.split(os.pathsep) if item.strip()]
@@ -38,6 +42,66 @@ def shared_path(file: ModelFile) -> Path | None:
             if candidate.is_file() and (file.size is None or candidate.stat().st_size == file.size):
                 return candidate
     return None
+
+
+@dataclass
+class FolderSearch:
+    """What a search of the user's model folders for a file named NAME.safetensors found."""
+    matches: list[Path]   # the distinct files the name means: one is an answer, more are ambiguous
+    folders: list[Path]   # every folder searched, in order (some may not exist)
+    names: list[str]      # the names of the files found there ("styles/watercolor"), for did-you-mean
+
+
+def model_folders(folder: str, models_dir: Path | None = None) -> list[Path]:
+    """Where files of one of our folders ("loras", "controlnet") may be: the cache's, then each shared tree's
+    (ComfyUI `loras`/`controlnet`, A1111 `Lora`/`ControlNet`)."""
+    found = [(models_dir or paths.models_dir()) / folder]
+    for root in shared_trees():
+        found += [root / subdir for subdir in tree_layout(root).get(folder, [])]
+    return found
+
+
+def find_by_name(name: str, folder: str, models_dir: Path | None = None) -> FolderSearch:
+    """The files a bare name means in the model folders: NAME.safetensors in any of them (`sub/name` for one in
+    a subfolder); with none there, a bare name means a file of that name in a subfolder. Our own link folder
+    (imagegen-local/) is not searched. The same file seen twice (a symlink to it) counts once."""
+    folders = model_folders(folder, models_dir)
+    stem = name[: -len(".safetensors")] if name.lower().endswith(".safetensors") else name
+    parts = [part for part in stem.replace(os.sep, "/").split("/") if part]
+    if not parts or any(part in (".", "..") for part in parts) or parts[0] == LOCAL_SUBFOLDER \
+            or Path(stem).is_absolute():
+        return FolderSearch([], folders, [])
+    exact = [root.joinpath(*parts[:-1], parts[-1] + ".safetensors") for root in folders]
+    matches = _distinct([path for path in exact if path.is_file()])
+    if matches:
+        return FolderSearch(matches, folders, [])
+    listed = [(root, relative) for root in folders for relative in _safetensors_under(root)]
+    names = sorted({relative for _, relative in listed})
+    if len(parts) == 1:
+        matches = _distinct([root.joinpath(*f"{relative}.safetensors".split("/"))
+                             for root, relative in listed if relative.rsplit("/", 1)[-1] == parts[0]])
+    return FolderSearch(matches, folders, names)
+
+
+def _distinct(found: list[Path]) -> list[Path]:
+    seen: dict[str, Path] = {}
+    for path in found:
+        seen.setdefault(os.path.realpath(path), path)
+    return list(seen.values())
+
+
+def _safetensors_under(root: Path) -> list[str]:
+    """The .safetensors files under a folder, as names relative to it without the suffix (subfolders followed,
+    symlinked ones too, as ComfyUI does)."""
+    names = []
+    for current, subdirs, files in os.walk(root, followlinks=True):
+        here = Path(current).relative_to(root)
+        depth = len(here.parts)
+        subdirs[:] = [] if depth >= MAX_FOLDER_DEPTH else sorted(
+            d for d in subdirs if not d.startswith(".") and not (depth == 0 and d == LOCAL_SUBFOLDER))
+        names += [(here / file).as_posix()[: -len(".safetensors")] for file in sorted(files)
+                  if file.lower().endswith(".safetensors") and not file.startswith(".")]
+    return names
 
 
 def present_path(file: ModelFile, models_dir: Path | None = None) -> Path | None:
