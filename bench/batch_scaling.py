@@ -20,6 +20,7 @@ docs/benchmarks.md (the "Batch scaling" section) with the command, the machine a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -295,12 +296,13 @@ def balancing(args, scratch: Path) -> list[list[str]]:
     ideal_split = [count * v / sum(speed) for v in speed]
     ideal = count * steps / sum(speed)   # total work (steps) over total speed (steps/s)
     rows = []
-    for depth in (2, 1):
+    for depth, tail_rule in ((2, True), (2, False), (1, True)):
         sims = [SimWorker(mode="process", step_seconds=s, name=f"sim-{s}") for s in step_times]
         for sim in sims:
             sim.start()
         try:
-            elapsed, _ = schedule(sims, sim_jobs(count, steps, scratch / f"balance-{depth}"), depth)
+            with tail_rule_of_routing(tail_rule):
+                elapsed, _ = schedule(sims, sim_jobs(count, steps, scratch / f"balance-{depth}-{tail_rule}"), depth)
             records = [sim.records() for sim in sims]
             done = [len(r) for r in records]
             end = max(r["finished"] for rs in records for r in rs)
@@ -309,18 +311,33 @@ def balancing(args, scratch: Path) -> list[list[str]]:
         finally:
             for sim in sims:
                 sim.close()
-        log(f"  balancing depth {depth}: {done} (ideal {[round(x, 1) for x in ideal_split]}) in {elapsed:.2f}s (ideal "
+        variant = f"depth {depth}" + ("" if tail_rule else ", without the tail rule (any idle worker takes a draft)")
+        log(f"  balancing {variant}: {done} (ideal {[round(x, 1) for x in ideal_split]}) in {elapsed:.2f}s (ideal "
             f"{ideal:.2f}s); "
             f"idle at the end {[round(t, 2) for t in tail]}s")
         worst = max(abs(d - i) for d, i in zip(done, ideal_split, strict=False))
         rows.append([f"balancing, {len(sims)} simulated workers at {'/'.join(f'{s:g}' for s in step_times)} s/step, "
-                     f"depth {depth}",
+                     f"{variant}",
                      f"{count} jobs × {steps} steps; images per worker {done} vs ideal "
                      f"{[round(x, 1) for x in ideal_split]} "
                      f"(max off by {worst:.1f}); idle at the end {'/'.join(f'{t:.2f}' for t in tail)} s",
                      f"makespan {elapsed:.2f}s vs ideal {ideal:.2f}s", f"{ideal / elapsed:.2f}",
                      "makespan efficiency (ideal / measured)"])
     return rows
+
+
+@contextlib.contextmanager
+def tail_rule_of_routing(on: bool):
+    """Off: the router as it was before the tail rule (engine/routing.py): every idle worker takes any draft."""
+    from imagegen.engine import routing
+
+    rule = routing.Router.helps_the_tail
+    if not on:
+        routing.Router.helps_the_tail = lambda self, job, worker, waiting: True  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        routing.Router.helps_the_tail = rule  # type: ignore[method-assign]
 
 
 def idle_gap(args, scratch: Path) -> list[list[str]]:

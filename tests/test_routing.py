@@ -68,10 +68,25 @@ def test_quality_work_goes_to_the_worker_that_finishes_first_and_overflows_when_
 def test_drafts_go_to_any_idle_worker_and_retries_come_first():
     fast, slow = worker("fast", 24, speed=0.05), worker("slow", 8, speed=0.20)
     router = routing.Router([fast, slow])
-    drafts = [job("sd15", 512, key=f"d{i}") for i in range(3)]
+    drafts = [job("sd15", 512, key=f"d{i}") for i in range(20)]
     assert router.choose(slow, drafts) is drafts[0]
     drafts[2].attempts = 1
     assert router.choose(fast, drafts) is drafts[2]
+
+
+def test_at_a_batchs_tail_a_slow_worker_leaves_the_last_drafts_to_a_faster_one():
+    """The fast worker (4x) finishes three drafts in 0.15 units of time, before the slow one would finish one
+    (0.2): taking one would only make the batch end later. With its backlog too long, the slow one helps."""
+    fast, slow = worker("fast", 24, speed=0.05), worker("slow", 24, speed=0.20)
+    router = routing.Router([fast, slow])
+    tail = [job("sd15", 512, key=f"d{i}") for i in range(3)]
+    assert router.choose(slow, tail) is None and router.someone_else_can_take(slow, tail)
+    assert router.choose(fast, tail) is tail[0]
+    fast.inflight = {f"p{i}": (job("sd15", 512, key=f"q{i}"), 0.0) for i in range(2)}
+    assert router.choose(slow, tail) is tail[0], "the fast worker's backlog makes the slow one worth it"
+    fast.status = "restarting"
+    fast.healthy = False
+    assert router.choose(slow, tail[:1]) is tail[0], "a worker out of the rotation is no rival"
 
 
 def test_speed_is_learned_and_a_far_slower_run_marks_the_worker_unhealthy():

@@ -2,7 +2,9 @@
 
 1. Fit: a job goes only to a worker whose GPU can hold it: model bytes plus activation memory for
    its size and batch (estimates below). A job that fits no GPU fails before anything starts.
-2. Drafts (many small jobs) go to whichever worker asks first: every idle worker helps.
+2. Drafts (many small jobs) go to whichever worker asks first: every idle worker helps, until the
+   batch's tail: a slower worker leaves a draft to the others when they would finish everything
+   still waiting, that draft included, before it finished this one.
 3. Quality jobs (funnel's later stages, large sizes, Flux) go to the worker that will finish them
    soonest: its backlog plus the job's time at its learned speed. A slower worker takes one only
    when the faster ones are busy for longer than the job would take it (overflow).
@@ -115,12 +117,16 @@ class Router:
 
     # --- speed --------------------------------------------------------------------
     @staticmethod
-    def job_seconds(job, worker) -> float | None:
+    def job_work(job) -> float:
+        """Sampling steps times megapixels: a job's size in the unit speeds are learned in."""
+        return job.params.steps * job.params.width * job.params.height * max(1, job.params.batch_size) / 1e6
+
+    @classmethod
+    def job_seconds(cls, job, worker) -> float | None:
         if worker.speed is None:
             return None
-        megapixels = job.params.width * job.params.height * max(1, job.params.batch_size) / 1e6
         loading = 0.0 if worker.last_bundle == job.bundle.name else worker.load_seconds.get(job.bundle.name, 0.0)
-        return worker.speed * job.params.steps * megapixels + loading
+        return worker.speed * cls.job_work(job) + loading
 
     def finish_time(self, job, worker) -> float | None:
         own = self.job_seconds(job, worker)
@@ -153,7 +159,20 @@ class Router:
             known = [t for t in rivals if t is not None]
             if mine is None or not known or mine <= min(known) * OVERFLOW_MARGIN:
                 return job
-        return prefer_loaded_model(worker, drafts) if drafts else None
+        job = prefer_loaded_model(worker, drafts) if drafts else None
+        return job if job is None or self.helps_the_tail(job, worker, waiting) else None
+
+    def helps_the_tail(self, job, worker, waiting: list) -> bool:
+        """Whether this worker would finish the draft before the other workers finish all the work left:
+        their backlogs and everything waiting, the draft included, at their learned speeds. Always so in
+        the bulk of a batch; at its tail a slow worker stops taking drafts a faster one would finish first."""
+        mine = self.finish_time(job, worker)
+        rivals = [w for w in self.workers
+                  if w is not worker and self.active(w) and w.speed and self.fits(job, w)]
+        if mine is None or not rivals:
+            return True
+        left = sum(self.job_work(j) for j in waiting) + sum(self.job_work(j) for w in rivals for j in w.queued_jobs())
+        return mine <= left / sum(1 / w.speed for w in rivals)
 
     def someone_else_can_take(self, worker, waiting: list) -> bool:
         return any(self.fits(job, w) for job in waiting for w in self.workers if w is not worker and self.active(w))
