@@ -109,6 +109,8 @@ def test_model_files_resolve_from_registry_cache_shared_trees_and_local_paths(tm
     file, name = workflow_models.resolve_file(sd15.filename, "checkpoints", registry)
     assert file == sd15 and file.downloadable and name == sd15.filename  # fetched like any model
     assert workflow_models.resolve_file("sd15", "checkpoints", registry)[1] == sd15.filename  # a bundle's name
+    [job] = workflow_run.plan_jobs(workflow_run.load(EDITOR), {"checkpoint": "sd15"}, 1, [None], local_models=False)
+    assert job.workflow.graph["4"]["inputs"]["ckpt_name"] == sd15.filename  # --set checkpoint=MODEL, no dot in it
     assert workflow_models.resolve_file("nope.safetensors", "checkpoints", registry) == (None, "nope.safetensors")
     tree = tmp_path / "comfy-models"
     (tree / "loras").mkdir(parents=True)

@@ -4,6 +4,7 @@ local .safetensors path, a registered model, a file in the cache or a shared tre
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,11 +29,12 @@ LOADERS = {
 MAIN_INPUTS = ("ckpt_name", "unet_name")  # the file a workflow is "made with", for routing and the record
 
 
-def model_inputs(graph: dict) -> list[tuple[str, str, str]]:
-    """(node id, input, folder) of every input that names a model file."""
+def model_inputs(graph: dict, models: AbstractSet[str] = frozenset()) -> list[tuple[str, str, str]]:
+    """(node id, input, folder) of every input that names a model file (or one of the registered `models`)."""
     return [(node_id, name, folder) for node_id, node in graph.items()
             for name, folder in LOADERS.get(node["class_type"], {}).items()
-            if isinstance(node["inputs"].get(name), str) and "." in node["inputs"][name]]
+            if isinstance(node["inputs"].get(name), str)
+            and ("." in node["inputs"][name] or node["inputs"][name] in models)]
 
 
 def _registry_files(registry: Registry) -> list[ModelFile]:
@@ -75,7 +77,8 @@ def resolve_models(path: Path, graph: dict, registry: Registry, local: bool = Tr
     Loader inputs are rewritten to the names ComfyUI will find. Missing files are one error listing each."""
     files: dict[str, ModelFile] = {}
     missing = []
-    for node_id, name, folder in sorted(model_inputs(graph), key=lambda ref: ref[1] not in MAIN_INPUTS):
+    refs = sorted(model_inputs(graph, set(registry.bundles)), key=lambda ref: ref[1] not in MAIN_INPUTS)
+    for node_id, name, folder in refs:
         value = graph[node_id]["inputs"][name]
         file, comfy_name = resolve_file(value, folder, registry, local, base)
         if file is None:
