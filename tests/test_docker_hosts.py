@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import tempfile
 import time
@@ -271,6 +272,30 @@ def test_generate_on_the_ssh_host_reuses_its_warm_worker(hosts):
     record = json.loads(result.stdout.decode())
     assert record["worker"].startswith("imagegen-ssh-") and target.is_file()
     assert "starting a Docker worker" not in result.stderr.decode()
+
+
+def test_a_batch_smaller_than_the_gpus_runs_where_the_model_is_and_fetches_nothing_on_the_other_host(hosts, tiny_sd15):
+    """The SSH host is named first, but only this machine will hold the new model: the one job goes here."""
+    raw = tiny_sd15.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = {**json.loads(raw[8:8 + size]), "__metadata__": {"copy": "here"}}  # another file: another model
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    data = struct.pack("<Q", len(text)) + text + raw[8 + size:]
+    sha = hosts.hub.add("org/tiny", "tiny-here.safetensors", data)
+    yaml = hosts.home / "models.yaml"
+    yaml.write_text(yaml.read_text() + "  tiny-here:\n    family: sd15\n    files:\n      checkpoint:\n"
+                    "        repo: org/tiny\n        file: tiny-here.safetensors\n        revision: main\n"
+                    f"        folder: checkpoints\n        size: {len(data)}\n        sha256: {sha}\n")
+    before = len(hosts.hub.gets())
+    out = hosts.base / "out" / "where-the-model-is"
+    result = hosts.cli("batch", "-o", str(out), "-m", "tiny-here", "--size", "64x64", "--steps", "2", "--json",
+                       "--hosts", f"{hosts.remote},local", input=b"a robot at home\n")
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    [line] = _manifest(out)
+    assert line["status"] == "done" and not line["worker"].startswith("imagegen-ssh-"), line
+    assert len(hosts.hub.gets()) == before + 1  # this machine's copy only
+    assert not (hosts.remote_dir / "models" / "checkpoints" / "tiny-here.safetensors").exists()
 
 
 def test_a_funnel_runs_on_the_ssh_host_drafts_then_img2img_from_the_pick(hosts):

@@ -267,6 +267,12 @@ def prepare_models(jobs: list[Job], fetch, runtime=None) -> dict[str, dict]:
     return hashes
 
 
+def slots_for(runtime, slots: list[str], jobs: list[Job]) -> list[str]:
+    """At most one slot per job, those of hosts that hold the jobs' models first (Docker over SSH)."""
+    holding_first = getattr(runtime, "holding_first", None)
+    return (holding_first(slots) if holding_first else slots)[: len(jobs)]
+
+
 PACK_RE = re.compile(r"^(auto|\d+)$")
 
 
@@ -350,7 +356,7 @@ def _run_locked(jobs: list[Job], out_dir: Path, runtime, reporter, emit, slots, 
         for line in lines:
             emit(line)
 
-    scheduler = Scheduler(runtime, slots[: len(todo)], todo, on_outcome, budgets, hashes, local_dirs(todo),
+    scheduler = Scheduler(runtime, slots_for(runtime, slots, todo), todo, on_outcome, budgets, hashes, local_dirs(todo),
                           overwrite=True, depth=depth, reporter=reporter, registry=Registry.load(), force=force)
     reporter.attach(scheduler.workers)
     try:

@@ -351,16 +351,26 @@ class HostsRuntime:
                     self.fetched.add((name, bundle.name))
 
     def _holding_slot(self) -> str | None:
-        """The first slot of a host that holds every needed model: this machine first (its cache
-        was filled already), then an SSH host whose cache has the files."""
+        holding = self._holding_hosts()
+        return f"{holding[0]}/{self.engines[holding[0]].slots()[0]}" if holding else None
+
+    def holding_first(self, slots: list[str]) -> list[str]:
+        """The slots of hosts holding every needed model first: a batch with fewer jobs than GPUs uses
+        those and fetches nothing."""
+        holding = set(self._holding_hosts()) if len(self.engines) > 1 else set()
+        return sorted(slots, key=lambda slot: split_slot(slot)[0] not in holding)
+
+    def _holding_hosts(self) -> list[str]:
+        """The hosts that hold every needed model: this machine first (its cache was filled already),
+        then SSH hosts whose caches have the files."""
         from imagegen.runtimes.host_fetch import missing_on_host
 
+        found = []
         for name, engine in sorted(self.engines.items(), key=lambda item: isinstance(item[1], HostDocker)):
             try:
-                holds = not isinstance(engine, HostDocker) or not any(
-                    missing_on_host(engine, bundle, engine._models_source()) for bundle in self.needed.values())
-                if holds:
-                    return f"{name}/{engine.slots()[0]}"
+                if not isinstance(engine, HostDocker) or not any(
+                        missing_on_host(engine, bundle, engine._models_source()) for bundle in self.needed.values()):
+                    found.append(name)
             except ImagegenError:
                 continue
-        return None
+        return found
