@@ -225,8 +225,8 @@ def render_stage(funnel: Funnel, number: int, runtime, reporter, emit, options: 
             reporter.finished(1, failed=outcome.error is not None)
 
         scheduler = Scheduler(runtime, batch.slots_for(runtime, slots, jobs), jobs, on_outcome, budgets, hashes,
-                              batch.local_dirs(jobs), overwrite=True, depth=options.depth, reporter=reporter, registry=registry,
-                              force=options.force)
+                              batch.local_dirs(jobs), overwrite=True, depth=options.depth, reporter=reporter,
+                              registry=registry, force=options.force)
         reporter.start(total, earlier)
         reporter.attach(scheduler.workers)
         try:
