@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO, communicate, run_cli
 from PIL import Image
 from safetensors_util import write_safetensors
+from test_addons import tiny_lora  # noqa: F401  (a fixture)
 
 from imagegen.comfy import png
 from imagegen.engine.progress import Reporter
@@ -347,6 +348,30 @@ def test_an_interrupted_stage_resumes_without_redoing_finished_images(env, tiny_
     assert status["status"] == "done" and len(status["final"]) == 1
     assert png.png_size(Path(status["final"][0]).read_bytes()) == (128, 128)
     assert _state(out)["stages"][0]["picks"] == [3]
+
+
+@pytest.mark.comfyui
+def test_a_lora_applies_on_the_stages_of_its_family_and_the_others_say_they_go_without(env, tiny_sd15, tiny_esrgan,
+                                                                                        tiny_lora, tmp_path):  # noqa: F811
+    out = tmp_path / "lit"
+    result = run_cli("funnel", "a lighthouse", "-o", str(out), "--checkpoint", str(tiny_sd15), "--lora",
+                     f"{tiny_lora}:0.8", "--refine-model", "none", "--polish-model", "none", "--upscale-model",
+                     str(tiny_esrgan), "--drafts", "2", "--keep", "1", "--size", "64x64", "--steps", "1", "--auto",
+                     "--json", env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    *images, status = _json_lines(result.stdout)
+    assert status["status"] == "done"
+    drafts = [r for r in images if r["funnel"]["stage"] == 1]
+    assert len(drafts) == 2 and all(r["loras"][0]["name"] == tiny_lora.name and r["loras"][0]["strength"] == 0.8
+                                    and len(r["loras"][0]["sha256"]) == 64 for r in drafts)
+    upscaled = [r for r in images if r["funnel"]["stage"] == 2]
+    assert len(upscaled) == 1 and "loras" not in upscaled[0]
+    chunks = png.read_text_chunks((out / _state(out)["stages"][0]["images"][0]["path"]).read_bytes())
+    assert f"<lora:{tiny_lora.stem}:0.8>" in chunks["parameters"]
+    assert f"stage 2 upscale (upscale): renders without LoRA {tiny_lora.name} (sd15)" in result.stderr.decode()
+    shown = json.loads(run_cli("funnel", "show", str(out), "--json", env=env).stdout)
+    assert shown["stages"][0]["loras"] == [{"name": str(tiny_lora), "strength": 0.8}]
+    assert shown["stages"][1]["without_loras"] == [{"name": str(tiny_lora), "family": "sd15"}]
 
 
 @pytest.mark.comfyui

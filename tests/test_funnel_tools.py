@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 from PIL import Image
+from test_addons import tiny_lora  # noqa: F401  (a fixture)
 from test_mcp import call_server, images, texts
 
 from imagegen.comfy import png
@@ -36,14 +37,17 @@ def env(comfyui_dir, tmp_path_factory):
 
 
 @pytest.mark.comfyui
-def test_a_funnel_from_start_to_upscale_over_mcp(env, tiny_sd15, tiny_esrgan, tmp_path):
+def test_a_funnel_from_start_to_upscale_over_mcp(env, tiny_sd15, tiny_esrgan, tiny_lora, tmp_path):  # noqa: F811
     out = tmp_path / "fox"
 
     async def scenario(session):
         listed = {tool.name for tool in (await session.list_tools()).tools}
         started = await session.call_tool("funnel_start", {
             "prompt": "a red fox", "output_dir": str(out), "checkpoint": str(tiny_sd15), "drafts": 2, "keep": "1",
-            "size": "64x64", "steps": "1", "seed": 40, "polish_model": "none", "upscale_model": str(tiny_esrgan)})
+            "size": "64x64", "steps": "1", "seed": 40, "polish_model": "none", "upscale_model": str(tiny_esrgan),
+            "loras": [f"{tiny_lora}:0.6"]})
+        relative_lora = await session.call_tool("funnel_start", {"prompt": "a fox", "output_dir": str(tmp_path / "x"),
+                                                                 "loras": ["mine.safetensors"]})
         shown = await session.call_tool("funnel_show", {"dir": str(out)})
         relative = await session.call_tool("funnel_show", {"dir": "fox"})
         bad_pick = await session.call_tool("funnel_pick", {"dir": str(out), "picks": [9]})
@@ -52,9 +56,10 @@ def test_a_funnel_from_start_to_upscale_over_mcp(env, tiny_sd15, tiny_esrgan, tm
         final = finished.structured_content["status"]["final"][0] if not finished.is_error else None
         upscaled = await session.call_tool("upscale_image", {"images": [final], "model": str(tiny_esrgan),
                                                              "output_dir": str(tmp_path / "big")})
-        return listed, started, shown, relative, bad_pick, varied, finished, upscaled
+        return listed, started, shown, relative, bad_pick, varied, finished, upscaled, relative_lora
 
-    listed, started, shown, relative, bad_pick, varied, finished, upscaled = call_server(env, tmp_path, scenario)
+    listed, started, shown, relative, bad_pick, varied, finished, upscaled, relative_lora = call_server(
+        env, tmp_path, scenario)
     assert {"funnel_start", "funnel_show", "funnel_pick", "upscale_image"} <= listed
     assert not started.is_error, texts(started)
     status = texts(started)[0]
@@ -63,6 +68,8 @@ def test_a_funnel_from_start_to_upscale_over_mcp(env, tiny_sd15, tiny_esrgan, tm
     sheet, *thumbnails = images(started)
     assert len(thumbnails) == 2 and len(started.structured_content["results"]) == 2, "each draft's record"
     assert Image.open(io.BytesIO(sheet)).size[0] > 64, "the contact sheet, to pick from"
+    assert all(r["loras"][0]["strength"] == 0.6 for r in started.structured_content["results"]), "the sd15 LoRA"
+    assert relative_lora.is_error and "not an absolute path" in texts(relative_lora)[0]["message"]
 
     assert not shown.is_error and shown.structured_content["funnel"]["prompt"] == "a red fox"
     assert "stage 1 drafts" in shown.content[1].text, "funnel show's summary"

@@ -135,7 +135,8 @@ ExtendOpt = Annotated[str | None, typer.Option(
     help="Outpaint: add a border to --image (pixels, multiples of 8; one number for every side) and draw it.")]
 LoraOpt = Annotated[list[str] | None, typer.Option(
     "--lora", metavar="NAME_OR_FILE[:STRENGTH]",
-    help="Apply a LoRA (registered name or .safetensors file), strength default 1; repeat to stack. "
+    help="Apply a LoRA (a registered name, a .safetensors file, or a file's name in your LoRA folders), strength "
+         "default 1; repeat to stack. "
          "<lora:name:0.8> in the prompt works too.")]
 ControlOpt = Annotated[list[str] | None, typer.Option(
     "--control", metavar="MODEL:IMAGE[:STRENGTH[:START:END]]",

@@ -13,6 +13,7 @@ from imagegen.cli.common import (
     AutoOpt,
     DebugOpt,
     JsonOpt,
+    LoraOpt,
     Mode,
     NegativeOpt,
     PickOpt,
@@ -128,6 +129,7 @@ def funnel_run(
     negative: NegativeOpt = None,
     seed: Annotated[int | None, typer.Option(
         "--seed", help="Base seed (random when omitted; stage N's images use seed + (N-1)*1000 + i).")] = None,
+    lora: LoraOpt = None,
     pool: Pool,
     workers: Workers,
     mode: Mode,
@@ -142,6 +144,7 @@ def funnel_run(
         import secrets
 
         from imagegen.engine import generate as gen
+        from imagegen.funnel import loras as funnel_loras
         from imagegen.funnel import pipeline as funnel_mod
         from imagegen.funnel import stages as funnel_stages
         from imagegen.models.registry import Registry
@@ -155,8 +158,10 @@ def funnel_run(
         models = {"drafts": draft_model, "refine": refine_model, "polish": polish_model, "upscale": upscale_model}
         stages = funnel_stages.configure(stages, registry, models=models, checkpoint=checkpoint, drafts=drafts,
                                          keep=keep, size=size, steps=steps, denoise=denoise, scale=scale)
+        text, per_stage = funnel_loras.plan(text, lora, stages, registry)  # each LoRA on its family's stages
+        text = gen.check_prompt(text)  # without its <lora:...> tags
         base_seed = secrets.randbelow(2**32) if seed is None else seed
-        funnel = funnel_mod.Funnel.create(out_dir, text, negative, base_seed, stages)
+        funnel = funnel_mod.Funnel.create(out_dir, text, negative, base_seed, stages, per_stage)
         _advance_funnel(funnel, Advance(pick, auto, pool, workers, mode, vary, vary_denoise))
 
     run_guarded(mode.json_mode, mode.debug, body)

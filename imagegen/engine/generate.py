@@ -191,7 +191,7 @@ def plan_jobs(request: Request, bundle: Bundle, chosen: addons.Chosen | None = N
             f"{bundle.base or 'matching'} model.",
         )
     prompt = check_prompt(request.prompt)
-    if chosen is None:  # a caller that carries no LoRA/ControlNet files to its workers (the funnel)
+    if chosen is None:  # a caller that carries no LoRA/ControlNet files to its workers (funnel/loras.py plans its own)
         chosen = addons.choose(prompt, request.loras, request.controls, request.control_preprocess, bundle)
         if chosen.bundles:
             raise ImagegenError("invalid_argument", "LoRAs and ControlNets (here: "

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from imagegen.comfy import workflows
-from imagegen.engine import batch, generate, render
+from imagegen.engine import addons, batch, generate, render
 from imagegen.funnel import contact_sheet, vary
+from imagegen.funnel import loras as lora_plan
 from imagegen.funnel import state as state_file
 from imagegen.funnel.stages import resolve, stage_request
 from imagegen.funnel.state import SCHEMA, STATE_FILE, Funnel  # noqa: F401  (re-exported)
@@ -148,6 +149,8 @@ def stage_jobs(funnel: Funnel, number: int, registry: Registry, fast: bool = Fal
 
     stage, record = funnel.stage(number), funnel.record(number)
     bundle = resolve(stage.model, registry)
+    chosen = None if bundle.family == "upscale" else addons.choose(  # the stage's LoRAs (funnel/loras.py)
+        funnel.data["prompt"], record.get("loras") or [], None, None, bundle, registry, where=f"stage {number}")
     previous = {image["index"]: image for image in funnel.record(number - 1)["images"]} if number > 1 else {}
     prompt, negative = funnel.data["prompt"], funnel.data["negative"]
     jobs = []
@@ -172,14 +175,15 @@ def stage_jobs(funnel: Funnel, number: int, registry: Registry, fast: bool = Fal
                                       filename_prefix=f"imagegen/funnel-{number}-{image['index']}")
         else:
             request = stage_request(stage, prompt, image["seed"], negative)
-            params = replace(generate.plan_jobs(request, bundle)[0], fast=fast)
+            params = replace(generate.plan_jobs(request, bundle, chosen)[0], fast=fast)
             if source is not None:
                 params = replace(params, denoise=stage.denoise or bundle.default("denoise", DEFAULT_DENOISE))
         # quality: refine and polish go to the soonest finisher
         jobs.append(Job(key=f"{number}:{image['index']}", bundle=bundle, params=params, targets=[funnel.path(image)],
                         meta={"stage": number, "index": image["index"]},
                         inputs={"init_image": funnel.path(source)} if source else {},
-                        quality=source is not None and bundle.family != "upscale"))
+                        quality=source is not None and bundle.family != "upscale",
+                        addons=chosen.bundles if chosen else []))
     return jobs
 
 
@@ -194,6 +198,8 @@ def render_stage(funnel: Funnel, number: int, runtime, reporter, emit, options: 
     funnel.plan_images(number)
     funnel.save()
     record, stage = funnel.record(number), funnel.stage(number)
+    for note in lora_plan.notes(record, number, resolve(stage.model, registry).family):
+        reporter.warn(note)
     jobs = stage_jobs(funnel, number, registry, options.fast)
     copies = sum(bool(image.get("copy")) for image in record["images"])  # a variations stage's picks, copied
     total = len(record["images"]) - copies
@@ -316,6 +322,10 @@ def summary_lines(funnel: Funnel) -> list[str]:
         settings = ", ".join(f"{key} {record[key]}" for key in ("count", "keep", "size", "steps", "denoise", "scale")
                              if record.get(key) is not None)
         lines.append(f"stage {number} {record['name']}: {record['model']} ({settings})")
+        if record.get("loras") or record.get("without_loras"):
+            applied = ", ".join(f"{lora_plan.label(e['name'])}:{e['strength']:g}" for e in record.get("loras") or [])
+            skipped = ", ".join(lora_plan.label(e["name"]) for e in record.get("without_loras") or [])
+            lines.append(f"  loras: {applied or 'none'}" + (f" (without {skipped})" if skipped else ""))
         if not record["images"]:
             lines.append("  not started")
             continue

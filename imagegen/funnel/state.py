@@ -12,6 +12,7 @@ from typing import Any
 
 from imagegen.engine import batch
 from imagegen.engine.manifest import write_error
+from imagegen.funnel import loras as lora_plan
 from imagegen.funnel.stages import NAME_RE, STAGE_TYPES, Stage, check_stage, is_upscaler
 from imagegen.models.registry import Registry
 from imagegen.util import files
@@ -37,7 +38,9 @@ class Funnel:
         self.root, self.data = root, data
 
     @classmethod
-    def create(cls, root: Path, prompt: str, negative: str | None, seed: int, stages: list[Stage]) -> Funnel:
+    def create(cls, root: Path, prompt: str, negative: str | None, seed: int, stages: list[Stage],
+               loras: list[dict] | None = None) -> Funnel:
+        """A new funnel folder; `loras` is funnel/loras.py's per-stage plan (one entry a stage)."""
         root = root.absolute()
         batch.check_out_dir(root)
         held = lock(root)  # two `funnel run -o DIR` at once: one creates it, the other finds it there
@@ -49,7 +52,8 @@ class Funnel:
             data = {"schema": SCHEMA, "prompt": prompt, "negative": negative, "seed": seed,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "stages": [{**asdict(s), "dir": f"stage-{i}-{s.name}", "sheet": None, "images": [], "picks": None,
-                                "picked_by": None} for i, s in enumerate(stages, start=1)]}
+                                "picked_by": None, **(loras[i - 1] if loras else {})}
+                               for i, s in enumerate(stages, start=1)]}
             funnel = cls(root, data)
             funnel.save()
         finally:
@@ -138,6 +142,9 @@ class Funnel:
             raise self._bad(f"{where}.images", "must be a list")
         if record.get("vary") not in (None, True, False):  # a variations stage (funnel/vary.py)
             raise self._bad(f"{where}.vary", f"{record['vary']!r} is not true or false")
+        why = lora_plan.check_record(record)
+        if why:
+            raise self._bad(where, why)
 
     def _check_image(self, image, where: str, picked: set | None) -> None:
         if not isinstance(image, dict):

@@ -49,7 +49,8 @@ def insert(funnel: Funnel, number: int, count: int, denoise: float | None = None
                        cfg=stage.cfg, denoise=denoise or DEFAULT_DENOISE, sampler=stage.sampler,
                        scheduler=stage.scheduler)
     funnel.data["stages"].insert(number, {**asdict(variations), "dir": f"stage-{number + 1}-{name}", "sheet": None,
-                                          "images": [], "picks": None, "picked_by": None, "vary": True})
+                                          "images": [], "picks": None, "picked_by": None, "vary": True,
+                                          **{key: record[key] for key in ("loras", "without_loras") if key in record}})
     funnel.save()
     return number + 1
 

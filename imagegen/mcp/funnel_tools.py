@@ -109,10 +109,12 @@ def _advance(tools, funnel, ctx: Context, cancelled, picks: tuple[str, ...] = ()
 
 def start(tools, ctx: Context, cancelled, *, prompt: str, output_dir: str, checkpoint: str | None,
           models: dict[str, str | None], drafts: int | None, keep: str | None, size: str | None, steps: str | None,
-          seed: int | None, negative: str | None, auto: bool) -> CallToolResult:
+          seed: int | None, negative: str | None, auto: bool, loras: list | None = None) -> CallToolResult:
     import secrets
 
+    from imagegen.engine import addons
     from imagegen.engine import generate as gen
+    from imagegen.funnel import loras as funnel_loras
     from imagegen.funnel import pipeline
     from imagegen.funnel import stages as funnel_stages
     from imagegen.models.registry import Registry
@@ -127,7 +129,11 @@ def start(tools, ctx: Context, cancelled, *, prompt: str, output_dir: str, check
     stages = funnel_stages.configure(funnel_stages.default_stages(registry), registry, models=given,
                                      checkpoint=absolute(checkpoint, "checkpoint"), drafts=drafts, keep=keep,
                                      size=size, steps=steps)
-    funnel = pipeline.Funnel.create(root, text, negative, secrets.randbelow(2**32) if seed is None else seed, stages)
+    stack, _ = addons.anchored(loras, None, None, registry)  # a LoRA file: an absolute path only
+    text, per_stage = funnel_loras.plan(text, stack, stages, registry)  # each LoRA on its family's stages
+    text = gen.check_prompt(text)
+    funnel = pipeline.Funnel.create(root, text, negative, secrets.randbelow(2**32) if seed is None else seed, stages,
+                                    per_stage)
     return _advance(tools, funnel, ctx, cancelled, auto=auto)
 
 
@@ -235,13 +241,17 @@ def register(server, tools) -> None:
         negative: Annotated[str | None, Field(description="Negative prompt (SD1.5/SDXL).")] = None,
         auto: Annotated[bool, Field(description="Pick by the documented rule instead of stopping for picks.")]
         = False,
+        loras: Annotated[list[str | dict] | None, Field(description=(
+            "LoRAs to stack, each \"NAME_OR_FILE[:STRENGTH]\" (a registered LoRA, a file's name in the LoRA "
+            "folders, or the absolute path of a .safetensors file) or {\"name\", \"strength\"}; <lora:name:0.8> "
+            "tags in the prompt work too. Each applies on the stages whose model is of its family."))] = None,
     ) -> CallToolResult:
         """Start a funnel: many fast drafts, then picks, refine, polish and upscale. Renders the drafts and
         returns the status (imagegen.funnel_status/1) and the contact sheet to pick from with funnel_pick."""
         models = {"drafts": draft_model, "refine": refine_model, "polish": polish_model, "upscale": upscale_model}
         return await run(start, tools, ctx, prompt=prompt, output_dir=output_dir, checkpoint=checkpoint,
                          models=models, drafts=drafts, keep=keep, size=size, steps=steps, seed=seed,
-                         negative=negative, auto=auto)
+                         negative=negative, auto=auto, loras=loras)
 
     @server.tool()
     async def funnel_show(dir: Dir) -> CallToolResult:
