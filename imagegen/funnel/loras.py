@@ -41,7 +41,7 @@ def plan(prompt: str, loras: list | None, stages: list[Stage], registry: Registr
     families = [resolve(stage.model, registry).family for stage in stages]
     for entry in stack:
         if entry["family"] is not None and entry["family"] not in families:
-            found = ", ".join(f"{stage.name} {addon_files.family_name(family)}"
+            found = ", ".join(f"{stage.name}: {'upscaler' if family == 'upscale' else addon_files.family_name(family)}"
                               for stage, family in zip(stages, families, strict=True))
             raise ImagegenError("lora_mismatch", f"LoRA {label(entry['name'])} is for "
                                 f"{addon_files.family_name(entry['family'])} models, and no stage of this funnel "
