@@ -6,14 +6,13 @@ in a 0600 file on the host, bind-mounted read-only, so it never shows in `docker
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import time
 from collections.abc import Set as AbstractSet
 from pathlib import Path
 
-from imagegen import __version__
+from imagegen.runtimes import docker_spec as spec
 from imagegen.runtimes.base import (
     WorkerHandle,
     cpu_slots,
@@ -24,18 +23,10 @@ from imagegen.runtimes.base import (
     pid_alive,
     worker_keep_warm,
 )
+from imagegen.runtimes.docker_spec import CONTAINER_PORT, IMAGE, LABEL, memory_limit
 from imagegen.util import cancel, gpus, paths
 from imagegen.util.errors import ImagegenError
 from imagegen.util.files import write_private
-
-LABEL = "imagegen.worker"
-CONTAINER_PORT = "8188/tcp"
-IMAGE = os.environ.get("IMAGEGEN_IMAGE", f"imagegen:{__version__}")
-
-
-def memory_limit() -> str:
-    """IMAGEGEN_DOCKER_MEMORY (e.g. "16g"): an opt-in hard memory cap per worker container, swap included."""
-    return os.environ.get("IMAGEGEN_DOCKER_MEMORY", "").strip()
 
 
 def connect():
@@ -166,21 +157,12 @@ class DockerRuntime:
         in `mounts`. One that does not fit is left alone: someone may be using it (it idles out by
         itself), and the caller starts a separate container beside it."""
         for container in self._containers(slot):
-            if not self._fits(container, mounts):
+            if not spec.fits(container, self.image, mounts):
                 continue
             handle = self._handle(container, slot, started_here=False)
             if handle and healthy(handle.url):
                 return handle
         return None
-
-    def _fits(self, container, mounts: AbstractSet[str]) -> bool:
-        """Whether a worker container can serve a job: this image and memory cap, and every file in `mounts`."""
-        try:
-            mounted = set(json.loads(container.labels.get("imagegen.mounts", "[]")))
-        except ValueError:
-            return False
-        return (container.labels.get("imagegen.image") == self.image and set(mounts) <= mounted
-                and container.labels.get("imagegen.memory", "") == memory_limit())
 
     def slots(self, choice: str | None = None, cpu_workers: int = 1) -> list[str]:
         found = gpus.select(self._gpus(), choice)
@@ -201,7 +183,7 @@ class DockerRuntime:
         from docker.errors import DockerException
 
         for container in self._containers(slot):
-            if not self._fits(container, mounts):
+            if not spec.fits(container, self.image, mounts):
                 continue
             try:
                 container.reload()  # a listed container's attrs lack its health
@@ -234,41 +216,9 @@ class DockerRuntime:
         token_path = self._token_path(slot)
         # the slot's containers share its secret: a running one keeps the secret it was started with
         token = token_path.read_text().strip() if running and token_path.is_file() else secrets.token_urlsafe(32)
-        volumes = {
-            self._models_source(): {"bind": "/models", "mode": "rw"},
-            self._write_secret(slot, token): {"bind": "/run/imagegen/token", "mode": "ro"},
-        }
-        command = [
-            "serve",
-            "--host",
-            "0.0.0.0",
-            "--port",
-            "8188",
-            "--token-file",
-            "/run/imagegen/token",
-            "--keep-warm",
-            str(worker_keep_warm(self.keep_warm)),
-            "--device",
-            "cuda" if gpu else "cpu",
-            "--models-dir",
-            "/models",
-        ]
-        for index, tree in enumerate(self.shared_models):
-            volumes[str(tree)] = {"bind": f"/shared/{index}", "mode": "ro"}
-            command += ["--shared-models", f"/shared/{index}"]
-        for path in sorted(mounts):  # local model files (the files, never their folders), at the same path
-            volumes[path] = {"bind": path, "mode": "ro"}
-        labels = {
-            **self._owner_labels(),
-            "imagegen.slot": slot,
-            "imagegen.device": "cuda" if gpu else "cpu",
-            "imagegen.version": __version__,
-            "imagegen.image": self.image,
-            "imagegen.owner_pid": str(os.getpid()),
-            "imagegen.mounts": json.dumps(sorted(mounts)),
-            "imagegen.started": str(int(time.time())),
-            "imagegen.memory": memory_limit(),
-        }
+        command, volumes = spec.serve_command(gpu, worker_keep_warm(self.keep_warm), self._models_source(),
+                                              self._write_secret(slot, token), self.shared_models, mounts)
+        labels = spec.worker_labels(self._owner_labels(), slot, gpu, self.image, mounts)
         if on_status:
             on_status(f"starting a Docker worker{self.where} ({'GPU ' + slot if gpu else 'CPU'}, image {self.image})")
         name = self._name(slot)
@@ -308,7 +258,7 @@ class DockerRuntime:
             container.reload()
             state = container.attrs["State"]
             if state["Status"] in ("exited", "dead"):
-                raise self._death(container, "during start-up")
+                raise spec.death(container, "during start-up")
             handle = self._handle(container, slot, started_here=True)
             if handle and healthy(handle.url):
                 return handle
@@ -317,7 +267,7 @@ class DockerRuntime:
         raise ImagegenError(
             "timeout",
             f"the Docker worker was not ready within {self.start_timeout:.0f}s. "
-            f"Last log lines:\n{self._logs(container)}",
+            f"Last log lines:\n{spec.logs(container)}",
             hint="Set IMAGEGEN_START_TIMEOUT higher on a slow machine.",
             phase="server_start",
         )
@@ -338,46 +288,12 @@ class DockerRuntime:
             except DockerException:
                 container = None
             if container is not None and container.attrs["State"]["Status"] in ("exited", "dead"):
-                return self._death(container, "while running a job")
+                return spec.death(container, "while running a job")
             if healthy(worker.url):
                 return None
             if time.monotonic() >= deadline:
                 return ImagegenError("worker_unreachable", f"the worker container {worker.name} stopped answering")
             time.sleep(0.5)
-
-    def _death(self, container, when: str) -> ImagegenError:
-        state = container.attrs["State"]
-        if state.get("OOMKilled") or state.get("ExitCode") == 137:
-            how = (
-                "by the kernel's OOM killer"
-                if state.get("OOMKilled")
-                else "(exit 137: SIGKILL, usually the OOM killer)"
-            )
-            limit = memory_limit()
-            return ImagegenError(
-                "out_of_memory",
-                f"the worker container was killed for memory {when} {how}"
-                + (f"; its memory limit is IMAGEGEN_DOCKER_MEMORY={limit}" if limit else ""),
-                hint=(
-                    f"Raise IMAGEGEN_DOCKER_MEMORY (now {limit}) or unset it, "
-                    "or use a smaller --size, --count or model."
-                    if limit
-                    else None
-                ),
-            )
-        code = "worker_start_failed" if "start-up" in when else "worker_died"
-        return ImagegenError(
-            code,
-            f"the worker container exited with code {state.get('ExitCode')} {when}. "
-            f"Last log lines:\n{self._logs(container)}",
-        )
-
-    @staticmethod
-    def _logs(container, lines: int = 25) -> str:
-        try:
-            return container.logs(tail=lines).decode(errors="replace").strip() or "(no output)"
-        except Exception:  # noqa: BLE001 - the container may be gone already
-            return "(no log)"
 
     @staticmethod
     def _remove(container) -> None:
