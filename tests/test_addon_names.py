@@ -41,8 +41,10 @@ def trees(tmp_path, monkeypatch):
     return found
 
 
-def test_a_bare_name_means_the_file_in_a_model_folder_and_keeps_its_name(trees):
+def test_a_bare_name_means_the_file_in_a_model_folder_and_keeps_its_name(trees, tmp_path, monkeypatch):
     registry, model = Registry.load(), Registry.load().get("sd15")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "watercolor").mkdir()  # a folder of that name here is no LoRA file: the name is looked up
     for name, file in (("watercolor", trees["watercolor"]), ("styles/ink", trees["ink"]), ("ink", trees["ink"])):
         bundle = addon_names.resolve(name, "lora", registry)
         assert (bundle.name, bundle.files["lora"].local_path) == (name, str(file))

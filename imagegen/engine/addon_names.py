@@ -46,9 +46,7 @@ def resolve(name: str, kind: str, registry: Registry) -> Bundle:
                                 hint=f"Pass a {label} registered with `family: {kind}`, or its .safetensors file.")
         return bundle
     path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_file():
-            raise ImagegenError("unknown_addon", f"{label} {name}: not a file", hint="Check the path.")
+    if path.is_file():
         modelfile.read_header(path)  # refuses a non-safetensors or malformed file
         return local_addon(path, kind)
     head, separator, tail = name.rpartition(":")
@@ -70,8 +68,9 @@ def resolve(name: str, kind: str, registry: Registry) -> Bundle:
                                  + (f", or its name with its subfolder ({', '.join(relative)})"
                                     if len(relative) == len(search.matches) else "") + ".",
                             matches=[str(match) for match in search.matches])
-    if path.is_absolute() or name.startswith(("~", "./", "../")):
-        raise ImagegenError("unknown_addon", f"{label} {name}: no such file", hint="Check the path.")
+    if path.is_absolute() or name.startswith(("~", "./", "../")) or path.exists():
+        raise ImagegenError("unknown_addon", f"{label} {name}: {'not a file' if path.exists() else 'no such file'}",
+                            hint="Check the path.")
     raise _unknown(name, kind, registry, search)
 
 
