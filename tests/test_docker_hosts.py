@@ -403,6 +403,25 @@ def test_image_push_sends_the_image_over_ssh_and_skips_a_host_that_has_it(hosts)
         hosts.client.images.remove(tag, force=True)
 
 
+def test_keep_warm_0_removes_the_container_it_started_and_leaves_one_it_reused(hosts):
+    _wait_for(lambda: hosts.sshd._listening(), 30, "sshd")
+    draw = ("generate", "a lighthouse", "-m", "tiny", "--size", "64x64", "--steps", "1", "--json")
+    warm = hosts.cli(*draw, "-o", str(hosts.base / "out" / "warm.png"), "--hosts", "local")
+    assert warm.returncode == 0, warm.stderr.decode()[-3000:]
+    cleared = hosts.cli("stop", "--all", "--hosts", hosts.remote, "--json")
+    assert cleared.returncode == 0, cleared.stderr.decode()
+    local_before = {c.id for c in hosts.ours(all_states=False) if c.labels.get("imagegen.worker") == "1"}
+    assert len(local_before) == 1
+    started = hosts.cli(*draw, "--keep-warm", "0", "-o", str(hosts.base / "out" / "k0.png"), "--hosts", hosts.remote)
+    assert started.returncode == 0, started.stderr.decode()[-3000:]
+    assert "starting a Docker worker" in started.stderr.decode()
+    assert [c.name for c in hosts.ours() if c.labels.get("imagegen.worker") == "ssh"] == [], "left on the SSH host"
+    reused = hosts.cli(*draw, "--keep-warm", "0", "-o", str(hosts.base / "out" / "k0b.png"), "--hosts", "local")
+    assert reused.returncode == 0, reused.stderr.decode()[-3000:]
+    assert "starting a Docker worker" not in reused.stderr.decode()
+    assert {c.id for c in hosts.ours(all_states=False) if c.labels.get("imagegen.worker") == "1"} == local_before
+
+
 def test_stop_all_leaves_no_container_on_either_host(hosts):
     """Its own workers first (earlier tests' are reused when they ran, so it holds alone too)."""
     _wait_for(lambda: hosts.sshd._listening(), 30, "sshd")
