@@ -216,3 +216,14 @@ def test_keep_warm_0_stops_the_worker_it_started_and_leaves_a_reused_one(comfyui
         assert (tmp_path / "b.png").is_file()
     finally:
         runtime.stop()
+
+
+@pytest.mark.comfyui
+def test_an_mcp_server_with_keep_warm_0_stops_the_workers_it_started_when_it_ends(comfyui_dir):
+    from imagegen.mcp.server import ImagegenTools
+
+    tools = ImagegenTools("local", keep_warm=0)
+    handle = tools.runtime().ensure("cpu")
+    assert handle.started_here and tools.runtime().ensure("cpu").info["pid"] == handle.info["pid"], "kept between calls"
+    tools.close()
+    assert procs.start_time(handle.info["pid"]) is None and not LocalRuntime()._files("cpu")[0].exists()

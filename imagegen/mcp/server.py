@@ -11,6 +11,7 @@ so a stray print reaches stderr, never the client.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import logging
@@ -256,14 +257,21 @@ class ImagegenTools:
         self.runtime_name, self.keep_warm, self.runner = runtime_name, keep_warm, runner
         self._runtime = None
         self._lock = threading.Lock()
+        self._ends = contextlib.ExitStack()  # --keep-warm 0: the workers the server started stop with it
 
     def runtime(self):
         from imagegen.runtimes.choose import make_runtime
+        from imagegen.runtimes.lifetime import workers_of_command
 
         with self._lock:
             if self._runtime is None:
-                self._runtime = make_runtime(self.runtime_name, self.keep_warm)
+                made = make_runtime(self.runtime_name, self.keep_warm)
+                self._runtime = self._ends.enter_context(workers_of_command(made, self.keep_warm))
             return self._runtime
+
+    def close(self) -> None:
+        """The server ends: with --keep-warm 0, stop the workers it started (those it reused are left)."""
+        self._ends.close()
 
     async def in_thread(self, work: Callable, *args):
         """Run blocking work off the event loop. On cancellation the thread is told to stop (it
@@ -442,4 +450,8 @@ def build_server(tools: ImagegenTools) -> MCPServer:
 
 
 def serve(runtime_name: str = "auto", keep_warm: float = 300.0) -> None:
-    build_server(ImagegenTools(runtime_name, keep_warm)).run("stdio")
+    tools = ImagegenTools(runtime_name, keep_warm)
+    try:
+        build_server(tools).run("stdio")
+    finally:
+        tools.close()
