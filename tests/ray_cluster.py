@@ -54,6 +54,19 @@ class RayNode:
         self.process.wait(30)
         self.stop_workers()
 
+    def leave(self) -> None:
+        """The node leaves the cluster in good order (its raylet tells the head at once), its workers stopped."""
+        self.killed = True
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(60)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
+        self.stop_workers()
+
     def stop_workers(self) -> None:
         subprocess.run([sys.executable, str(REPO / "generate_image.py"), "stop", "--all"], capture_output=True,
                        timeout=120, env={**os.environ, "IMAGEGEN_HOME": str(self.home), "IMAGEGEN_RUNTIME": "local"})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,14 +14,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, communicate, run_cli
+from conftest import REPO, communicate, require, run_cli
 from hub_server import HubServer
 from ray_cluster import RayCluster
+
+from imagegen import __version__
+from imagegen.comfy import png
 
 cluster_test = pytest.mark.ray  # each test starts (or shares) a real Ray cluster with CPU ComfyUI workers
 
 MODEL = "tiny-ray"
 FILE = "tiny-ray-sd15.safetensors"
+IMAGE = os.environ.get("IMAGEGEN_IMAGE", f"imagegen:{__version__}")   # the worker image (runtimes/docker.py)
 SMALL_GPU_MIB = 1200      # holds the tiny model at 64x64 (~1.08 GB with overhead), not at 256x256 (~1.33 GB)
 
 
@@ -37,7 +42,8 @@ def cluster(ray_installed, comfyui_dir, tiny_sd15, hub, tmp_path_factory):
     (1 logical GPU of 16 GiB, holds the model already): one CPU ComfyUI worker each."""
     root = tmp_path_factory.mktemp("ray")
     base = {"IMAGEGEN_COMFYUI_DIR": str(comfyui_dir), "HF_ENDPOINT": hub.url, "OMP_NUM_THREADS": "1",
-            "HF_TOKEN_PATH": str(root / "no-hf-token"), "IMAGEGEN_KEEP_WARM": "600"}
+            "HF_TOKEN_PATH": str(root / "no-hf-token"), "IMAGEGEN_KEEP_WARM": "600",
+            "IMAGEGEN_RAY_NODE_WORKERS": "local"}  # a local process (this machine's Docker has the image: see boxed)
     ray = RayCluster(root, base_env=base)
     try:
         ray.start_head()
@@ -170,6 +176,26 @@ def test_a_funnel_runs_its_stages_across_nodes_and_img2img_uploads_reach_them(en
 
 @cluster_test
 @pytest.mark.comfyui
+def test_run_a_users_workflow_on_the_cluster(env, cluster, tmp_path):
+    """`imagegen run` with the editor's UI export: checked against a node's own definitions, run on a node."""
+    editor = REPO / "tests" / "workflows" / "editor-txt2img.json"
+    result = run_cli("run", str(editor), "--set", "checkpoint=" + MODEL, "--set", "Positive.text=a lighthouse",
+                     "--set", "3.steps=1", "-n", "2", "-o", str(tmp_path) + "/", "--runtime", "ray", "--json", env=env)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert [r["seed"] for r in records] == [1234, 1235] and all(r["prompt"] == "a lighthouse" for r in records)
+    assert all(r["worker"] in _workers_by_box(env).values() for r in records)
+    for record in records:
+        path = Path(record["path"])
+        assert path.parent == tmp_path and path.read_bytes().startswith(b"\x89PNG")
+        saved = json.loads(png.read_text_chunks(path.read_bytes())["imagegen"])
+        assert saved["workflow"]["name"] == editor.name and saved["workflow"]["format"] == "ui"
+        assert saved["seed"] == record["seed"]
+    assert cluster.token.encode() not in result.stderr + result.stdout
+
+
+@cluster_test
+@pytest.mark.comfyui
 def test_a_rerun_after_the_driver_is_killed_finishes_every_image_once(env, tmp_path):
     out = tmp_path / "out"
     prompts = "\n".join(f"a harbour {n}" for n in range(6)) + "\n"
@@ -259,34 +285,105 @@ def test_ctrl_c_ends_this_commands_actors_and_leaves_other_actors_alone(env, tmp
     _ray_py(env, "ray.kill(ray.get_actor('someone-else', 'imagegen')); print('ok')")
 
 
+def _docker_client():
+    """This machine's Docker engine with the worker image (for the node in container mode)."""
+    try:
+        import docker
+    except ImportError:
+        require(False, "the docker SDK is not installed")
+    try:
+        client = docker.from_env(timeout=120)
+        client.ping()
+    except Exception as exc:  # noqa: BLE001
+        require(False, f"the Docker daemon is not reachable ({type(exc).__name__}); run scripts/setup-docker.sh")
+    try:
+        client.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        require(False, f"the image {IMAGE} is not built (./build-image.sh --cpu-local)")
+    return client
+
+
 @cluster_test
 @pytest.mark.comfyui
-def test_a_node_lost_mid_batch_leaves_every_image_in_the_manifest_exactly_once(env, cluster, tmp_path):
-    """Runs last: it takes the small node away for good."""
+@pytest.mark.docker
+def test_a_node_whose_docker_has_the_image_runs_the_worker_container(env, cluster, tiny_sd15, tmp_path):
+    """A node "boxed" joins with IMAGEGEN_RAY_NODE_WORKERS=auto (the others say local); it is removed again."""
+    client = _docker_client()
+    models = cluster.root / "boxed" / "models" / "checkpoints"
+    models.mkdir(parents=True)
+    os.link(tiny_sd15, models / FILE) if _same_device(tiny_sd15, models) else shutil.copyfile(tiny_sd15, models / FILE)
+    node = cluster.add_node("boxed", gpus=1, env={"IMAGEGEN_RAY_NODE_WORKERS": "auto"},
+                            labels={"imagegen.gpu_memory_mib": 16384, "box": "boxed"})
+    boxed = _workers_by_box(env)["boxed"]
+    node_id = boxed.split("-")[1]
+    try:
+        out = tmp_path / "out"
+        result = run_cli(*batch_args(out, "--steps", "1", "--json", "--gpus", "box=boxed"), input=b"a paper boat\n",
+                         env=env)
+        assert result.returncode == 0, result.stderr.decode()[-3000:]
+        [record] = [json.loads(line) for line in result.stdout.decode().splitlines()]
+        assert record["worker"] == boxed and Path(record["path"]).read_bytes().startswith(b"\x89PNG")
+        listed = run_cli("workers", "--runtime", "ray", "--json", env=env)
+        assert listed.returncode == 0, listed.stderr.decode()[-3000:]
+        shown = [json.loads(line) for line in listed.stdout.decode().splitlines()]
+        modes = {item["node_id"][:8]: item["worker_mode"] for item in shown
+                 if item["schema"] == "imagegen.cluster_node/1" and item["gpus"]}
+        assert modes.pop(node_id) == {"mode": "docker", "image": IMAGE}
+        assert modes and all(mode == {"mode": "local"} for mode in modes.values())
+        [worker] = [item for item in shown if item["schema"] == "imagegen.worker/1"
+                    and item["node_id"].startswith(node_id)]
+        assert worker["worker_mode"] == "docker" and worker["container"] and worker["healthy"]
+        ours = client.containers.list(filters={"label": [f"imagegen.ray_node={worker['node_id']}"]})
+        assert [c.id[:12] for c in ours] == [worker["container"]]
+        assert ours[0].image.tags and IMAGE in ours[0].image.tags
+        text = run_cli("workers", "--runtime", "ray", env=env)
+        assert "workers_as=docker" in text.stdout.decode() and "workers_as=local" in text.stdout.decode()
+    finally:
+        for container in client.containers.list(all=True, filters={"label": ["imagegen.ray_node"]}):
+            if container.labels["imagegen.ray_node"].startswith(node_id):
+                container.remove(force=True)
+        node.leave()
+
+
+@cluster_test
+@pytest.mark.comfyui
+def test_a_node_lost_mid_batch_is_replaced_where_a_gpu_is_free_and_every_image_is_in_the_manifest_once(
+        env, cluster, tmp_path):
+    """Runs last but one: it takes the big node away for good. A spare node (16 GiB, without the model) joins
+    first and is left out by --gpus; the big node's lost worker is replaced there, and only a 16 GiB GPU can
+    run the wide images it held, so the retried jobs run on the replacement."""
+    cluster.add_node("spare", gpus=1, labels={"imagegen.gpu_memory_mib": 16384, "box": "spare"})
+    workers = _workers_by_box(env)
     out = tmp_path / "out"
-    prompts = "\n".join(f"a mountain {n}" for n in range(8)) + "\n"
-    small = next(node for node in cluster.nodes if node.name == "small")
-    small_worker = _workers_by_box(env)["small"]
-    args = [sys.executable, str(REPO / "generate_image.py"), *batch_args(out, "--steps", "12", "--json")]
+    items = [{"prompt": f"a wide valley {n}", "size": "256x256"} for n in range(5)]
+    items += [{"prompt": f"a mountain {n}"} for n in range(3)]
+    big = next(node for node in cluster.nodes if node.name == "big")
+    args = [sys.executable, str(REPO / "generate_image.py"),
+            *batch_args(out, "--steps", "6", "--json", "--gpus", "box=small,box=big")]
     driver = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env={**os.environ, **env}, start_new_session=True)
-    driver.stdin.write(prompts.encode())
+    driver.stdin.write("".join(json.dumps(item) + "\n" for item in items).encode())
     driver.stdin.close()
     driver.stdin = None  # closed: communicate() must not flush it
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and driver.poll() is None:
         lines = manifest(out) if (out / "manifest.jsonl").is_file() else []
-        if any(line.get("worker") == small_worker for line in lines):
+        if any(line.get("worker") == workers["big"] for line in lines):
             break
         time.sleep(0.2)
     assert driver.poll() is None, "the batch ended before the node could be lost"
-    small.kill()
+    big.kill()
     stdout, stderr = communicate(driver, 600)
     assert driver.returncode == 0, stderr.decode()[-3000:]
     keys = done_keys(out)
     assert len(keys) == 8 and len(set(keys)) == 8, manifest(out)
     assert len(list(out.glob("*.png"))) == 8
-    assert "worker_died" in stderr.decode() or "failed" in stderr.decode()
+    records = [json.loads(line) for line in stdout.decode().splitlines()]
+    wide = [r for r in records if r["width"] == 256]
+    assert len(wide) == 5 and {r["worker"] for r in wide} <= {workers["big"], workers["spare"]}, records
+    assert any(r["worker"] == workers["spare"] for r in wide), records  # the retried jobs ran on the replacement
+    assert "replaced on node" in stderr.decode()
+    assert (cluster.root / "spare" / "models" / "checkpoints" / FILE).is_file()  # fetched there before it started
 
 
 def test_without_ray_the_error_names_the_extra(monkeypatch):
@@ -297,6 +394,21 @@ def test_without_ray_the_error_names_the_extra(monkeypatch):
     with pytest.raises(ImagegenError) as caught:
         import_ray()
     assert caught.value.code == "runtime_unavailable" and "pip install 'imagegen[ray]'" in caught.value.hint
+
+
+def test_a_nodes_setting_says_what_its_actors_start(monkeypatch, tmp_path):
+    from imagegen.runtimes import ray_node
+
+    monkeypatch.setenv(ray_node.WORKERS_ENV, "local")
+    assert ray_node.mode("n1") == {"mode": "local"}
+    monkeypatch.setenv(ray_node.WORKERS_ENV, "http://127.0.0.1:1#a,http://127.0.0.1:2#b")
+    assert ray_node.mode("n1") == {"mode": "attached", "workers": 2}
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'no-engine.sock'}")  # a node without a Docker engine
+    monkeypatch.setenv(ray_node.WORKERS_ENV, "docker")
+    assert set(ray_node.mode("n1")) == {"mode", "error"} and ray_node.mode("n1")["mode"] == "docker"
+    monkeypatch.delenv(ray_node.WORKERS_ENV)
+    fallback = ray_node.mode("n1")
+    assert fallback["mode"] == "local" and fallback["why"]  # auto: a local process, and why
 
 
 def test_a_worker_error_travels_back_as_the_same_imagegen_error():

@@ -204,7 +204,8 @@ def workers(runtime: RuntimeOpt = "auto", hosts: HostsOpt = None, json_mode: Jso
             memory = f"{node['gpu_memory_mib'] / 1024:.1f} GiB each" if node.get("gpu_memory_mib") else "memory: -"
             print(f"node {node['address']} ({node['node_id'][:8]})\t{node['gpus']} GPU(s), {memory}\t"
                   f"auth={'token' if node.get('auth') else 'NONE'}\tmodels={','.join(node['models']) or '-'}\t"
-                  f"workers={len(node['workers'])}" + (f"\terror={node['error']}" if node.get("error") else ""))
+                  f"workers={len(node['workers'])}\tworkers_as={(node.get('worker_mode') or {}).get('mode', '-')}"
+                  + (f"\terror={node['error']}" if node.get("error") else ""))
         if not found:
             print("no workers running", file=sys.stderr)
         for item in found:
@@ -306,7 +307,7 @@ def doctor(runtime: RuntimeOpt = "auto", hosts: HostsOpt = None, json_mode: Json
         for name in names:
             checks += host_checks(name)
         if runtime == "ray":
-            from imagegen.runtimes.ray import doctor_checks
+            from imagegen.runtimes.ray_doctor import doctor_checks
 
             checks += doctor_checks()
         for check in checks:

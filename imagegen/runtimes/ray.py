@@ -16,14 +16,13 @@ import time
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
-from imagegen.runtimes import ray_actor
+from imagegen.runtimes import ray_actor, ray_place
 from imagegen.runtimes.base import WorkerHandle, default_keep_warm, default_start_timeout
-from imagegen.runtimes.ray_client import HEAD_HINT, HEAD_LOST, RayClient, call
+from imagegen.runtimes.ray_client import HEAD_HINT, HEAD_LOST, NAMESPACE, RayClient, call
 from imagegen.util.errors import ImagegenError
 
 ADDRESS_ENV = "RAY_ADDRESS"
 ALLOW_INSECURE_ENV = "IMAGEGEN_RAY_ALLOW_NO_AUTH"
-NAMESPACE = "imagegen"
 INSTALL_HINT = "Install Ray on this machine and on every node: pip install 'imagegen[ray]'."
 
 
@@ -62,7 +61,7 @@ class RayRuntime:
 
     name = "ray"
     uses_host_cache = False      # every node has its own model cache (filled by ensure_bundle)
-    can_restart = True           # a lost actor is started again (on its node, while it is alive)
+    can_restart = True           # a lost worker is replaced, on any node with a free GPU (ray_place.py)
     compiles_on_host = False     # fast mode compiles on the nodes
     reads_local_files = False    # a node cannot see a file on this machine
 
@@ -78,6 +77,9 @@ class RayRuntime:
         self.handles: dict[str, WorkerHandle] = {}
         self.chosen: list[str] | None = None
         self.preferred: str | None = None
+        self.placed: set[str] = set()        # slots this command started an actor for (a new one: a replacement)
+        self.replacements = 0                # names replacement actors apart (a dead actor's name may linger)
+        self.bundles: dict[str, object] = {}  # models made loadable for this command (for a replacement too)
         self._connect()
         self.facts = self._node_facts()
         self._check_auth()
@@ -86,6 +88,7 @@ class RayRuntime:
     # --- the cluster --------------------------------------------------------------
     def _connect(self) -> None:
         ray = self.ray
+        self._keep_stdout_ours()
         if ray.is_initialized():
             return
         from ray import exceptions as rx
@@ -104,6 +107,24 @@ class RayRuntime:
                                 f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}",
                                 hint="Start one (`ray start --head`, see docs/cluster.md) and pass --ray-address "
                                      "HOST:PORT or set RAY_ADDRESS.") from None
+
+    @staticmethod
+    def _keep_stdout_ours() -> None:
+        """Ray's driver prints the cluster's error events (a node that missed its heartbeats, ...) to stdout,
+        where `--json` records and `-o -` PNG bytes go: send them to stderr."""
+        try:
+            from ray._private import worker
+        except ImportError:
+            return
+        printed = worker.print_to_stdstream
+        if getattr(printed, "imagegen_stderr", False):
+            return
+
+        def to_stderr(data, ignore_prefix: bool):
+            return printed({**data, "is_err": True}, ignore_prefix)
+
+        to_stderr.imagegen_stderr = True  # type: ignore[attr-defined]
+        worker.print_to_stdstream = to_stderr
 
     def _watch_head(self, every: float = 2.0, misses: int = 5) -> None:
         """Notice a lost head within seconds: Ray's driver aborts the process about a minute after its
@@ -231,14 +252,9 @@ class RayRuntime:
         return chosen
 
     def ensure(self, slot: str | None = None, on_status=None, mounts: AbstractSet[str] = frozenset()) -> WorkerHandle:
-        """Start this command's actor for a slot (on its node, with one of its GPUs) and its worker."""
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+        """Start this command's actor for a slot and its worker: on the slot's own node, with one of its GPUs;
+        a lost worker's replacement (a slot placed before) on any node where Ray finds a free GPU."""
         slot = slot or self.preferred or self.slots()[0]
-        place = self._node_of(slot)
-        if place is None:
-            raise ImagegenError("worker_start_failed", f"the Ray node of {slot} is not in the cluster (any more)")
-        node, _ = place
         kept = self.handles.get(slot)
         if kept is not None and slot in self.actors:  # this command's actor for it (an MCP server's earlier call)
             try:
@@ -248,16 +264,20 @@ class RayRuntime:
             except ImagegenError:
                 pass
         self._drop(slot)
-        actor_class = self.ray.remote(ray_actor.NodeWorker)
-        actor = actor_class.options(
-            name=f"{self.prefix}-{slot}", namespace=NAMESPACE, num_gpus=1, num_cpus=0, max_concurrency=4,
-            max_restarts=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node.node_id, soft=False),
-        ).remote(self.keep_warm, self.start_timeout, node.gpus)
+        place = self._node_of(slot)
+        if slot in self.placed:  # its worker was lost: its node may be gone, or about to be
+            actor, node = ray_place.anywhere(self, slot, on_status)
+        elif place is None:
+            raise ImagegenError("worker_start_failed", f"the Ray node of {slot} is not in the cluster (any more)")
+        else:
+            node = place[0]
+            actor = ray_place.pinned(self, slot, node)
+            if on_status:
+                on_status(f"starting a Ray worker for {slot} on node {node.address} ({node.node_id[:8]})")
         self.actors[slot] = actor
-        if on_status:
-            on_status(f"starting a Ray worker for {slot} on node {node.address} ({node.node_id[:8]})")
+        self.placed.add(slot)
         try:
-            started = call(actor, slot, "start", timeout=self.start_timeout + 60)
+            started = call(actor, slot, "start", node.gpus, timeout=self.start_timeout + 60)
         except ImagegenError as error:
             self._drop(slot, stop_worker=False)
             if error.details.get("waited"):  # the actor never started: no GPU of that node came free for it
@@ -266,9 +286,13 @@ class RayRuntime:
                                     "its node may have no free GPU", hint="Run `ray status` to see what holds them.",
                                     ) from None
             raise
+        name = slot if slot in node.slots() else f"ray-{node.node_id[:8]}-{started['gpu_index']}"  # a replacement
+        if any(h.name == name for s, h in self.handles.items() if s != slot):
+            name += f"-r{self.replacements}"
         info = {**started["info"], "node_id": node.node_id, "node_address": node.address,
-                "local_slot": started["local_slot"], "kind": "imagegen"}
-        handle = RayHandle(name=slot, url=f"ray://{node.address}/{slot}", token="", device=started["device"],
+                "local_slot": started["local_slot"], "kind": "imagegen", "worker_mode": started.get("worker_mode"),
+                "container": started.get("container")}
+        handle = RayHandle(name=name, url=f"ray://{node.address}/{name}", token="", device=started["device"],
                            runtime=self.name, slot=slot, started_here=True, info=info)
         handle.actor = actor
         self.handles[slot] = handle
@@ -324,9 +348,11 @@ class RayRuntime:
         """Make a bundle loadable where our workers run: a download task pinned to each node that
         lacks a file (one per node, never one per worker). For one worker (generate), a node that
         already holds the model is preferred and nothing is fetched."""
+        self.bundles[bundle.name] = bundle
         nodes = [n for n in self.nodes() if n.gpus]
-        if self.chosen is not None:
-            nodes = [n for n in nodes if any(s in self.chosen for s in n.slots())]
+        if self.chosen is not None:  # the chosen GPUs' nodes, and those of replacements placed elsewhere
+            hosting = {h.info.get("node_id") for h in self.handles.values()}
+            nodes = [n for n in nodes if n.node_id in hosting or any(s in self.chosen for s in n.slots())]
         facts = self._node_facts([bundle], nodes)
         holds = {node_id: bool(r.get("holds", {}).get(bundle.name)) for node_id, r in facts.items()
                  if isinstance(r, dict)}
@@ -363,41 +389,16 @@ class RayRuntime:
                            "gpu_memory_mib": fact.get("declared_memory_mib"), "auth": fact.get("auth"),
                            "models": sorted(k for k, v in (fact.get("holds") or {}).items() if v),
                            "models_dir": fact.get("models_dir"), "slots": node.slots(),
+                           "worker_mode": fact.get("worker_mode"),
                            "workers": found if isinstance(found, list) else [], "error": fact.get("error")})
         return listed
 
     def workers(self) -> list[dict]:
-        """The imagegen workers on every node, as the local runtime lists them, with their node."""
+        """The imagegen workers on every node (local processes and containers), with their node."""
         found = []
         for node in self.cluster():
             for worker in node["workers"]:
-                found.append({**worker, "runtime": self.name, "name": f"{worker['name']}@{node['address']}",
+                found.append({**worker, "runtime": self.name, "worker_mode": worker.get("runtime"),  # docker, local
+                              "name": f"{worker['name']}@{node['address']}",
                               "node_id": node["node_id"], "node_address": node["address"]})
         return found
-
-
-def doctor_checks() -> list[dict]:
-    """`imagegen doctor --runtime ray`: Ray installed, the cluster reachable and token-authenticated,
-    and per node its GPUs (with memory), the models it holds and its workers' health."""
-    def check(name: str, ok: bool, detail: str, fix: str = "") -> dict:
-        return {"check": name, "ok": ok, "detail": detail, "fix": fix if not ok else "", "optional": False}
-
-    try:
-        runtime = RayRuntime()
-    except ImagegenError as error:
-        return [check("ray cluster", False, error.message, error.hint)]
-    checks = [check("ray cluster", True, f"{runtime.address}: token authentication on every node")]
-    for node in runtime.cluster():
-        where = f"ray node {node['address']} ({node['node_id'][:8]})"
-        if node.get("error"):
-            checks.append(check(where, False, node["error"], "Check the node with `ray status` and its logs."))
-            continue
-        memory = f", {node['gpu_memory_mib'] / 1024:.1f} GiB each" if node.get("gpu_memory_mib") else ""
-        sick = [w["name"] for w in node["workers"] if not w.get("healthy", True)]
-        detail = (f"{node['gpus']} GPU(s){memory}; models: {', '.join(node['models']) or 'none'}; "
-                  f"workers: {len(node['workers'])}" + (f" ({', '.join(sick)} not answering)" if sick else ""))
-        checks.append(check(where, not sick, detail, "Run `imagegen stop --runtime ray` to clear hung workers."))
-    if not any(node["gpus"] for node in runtime.cluster([])):
-        checks.append(check("ray GPUs", False, "no node of the cluster offers a GPU",
-                            "Start GPU nodes with `ray start --address HEAD:PORT` (see docs/cluster.md)."))
-    return checks

@@ -17,7 +17,6 @@ from imagegen.util.errors import ImagegenError
 
 MEMORY_LABEL = "imagegen.gpu_memory_mib"   # a node label (or env IMAGEGEN_GPU_MEMORY_MIB) declaring each GPU's memory
 PREFETCHED = "imagegen_prefetched"          # a finished entry's PNG bytes, sent with it (one call less per image)
-ATTACH_ENV = "IMAGEGEN_RAY_NODE_WORKERS"    # on a node: workers it runs itself (URL#TOKEN, one per GPU index)
 
 
 def file_key(ref: dict) -> tuple:
@@ -82,42 +81,40 @@ class NodeWorker:
 
     def __init__(self, keep_warm: float, start_timeout: float, gpus_on_node: int = 1):
         self.keep_warm, self.start_timeout, self.gpus_on_node = keep_warm, start_timeout, gpus_on_node
-        self.local: Any = None    # the LocalRuntime that started our worker, or a RemoteRuntime (ATTACH_ENV)
+        self.local: Any = None    # the runtime that started our worker (ray_node.runtime_for)
+        self.mode = ""            # docker, local or attached
         self.handle: Any = None
         self.client: ComfyClient | None = None
         self.sessions: dict[str, JobSession] = {}
 
     # --- start and facts ----------------------------------------------------------
     @_relayed
-    def start(self) -> dict:
-        """Find this node's warm worker for our GPU, or start one; returns its handle's facts."""
+    def where(self) -> dict:
+        """The node Ray placed this actor on (a replacement goes wherever a GPU was free) and its GPU ids."""
         import ray
 
-        from imagegen.models.cache import shared_trees
-        from imagegen.runtimes.local import LocalRuntime
+        return {"node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+    @_relayed
+    def start(self, gpus_on_node: int | None = None) -> dict:
+        """Find this node's warm worker for our GPU, or start one (the imagegen container, a local process,
+        or a worker the node runs itself: runtimes/ray_node.py); returns its handle's facts."""
+        import ray
+
+        from imagegen.runtimes import ray_node
         from imagegen.util.gpus import detect_device
 
+        self.gpus_on_node = gpus_on_node or self.gpus_on_node
+        node_id = ray.get_runtime_context().get_node_id()
         gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         index = gpu_ids[0] if gpu_ids else "0"
-        attach = os.environ.get(ATTACH_ENV, "").strip()
-        if attach:  # the node runs its workers itself: URL#TOKEN per GPU, on its loopback
-            from imagegen.runtimes.remote import RemoteRuntime
-
-            self.local = RemoteRuntime(attach)
-            slots = self.local.slots()
-            slot = slots[int(index) % len(slots)]
-            self.handle = self.local.ensure(slot)
-        else:
-            on_gpu = detect_device() == "cuda" and bool(gpu_ids)
-            slot = index if on_gpu else ("cpu" if index == "0" else f"cpu-{int(index) + 1}")
-            self.local = LocalRuntime(keep_warm=self.keep_warm, start_timeout=self.start_timeout,
-                                      shared_models=shared_trees())
-            self.local.cpu_workers = max(1, self.gpus_on_node)
-            self.handle = self.local.ensure(slot)
+        self.local, self.mode = ray_node.runtime_for(node_id, self.keep_warm, self.start_timeout, self.gpus_on_node)
+        slot = ray_node.slot_for(self.mode, self.local, index, detect_device() == "cuda" and bool(gpu_ids))
+        self.handle = self.local.ensure(slot)
         self.client = self.handle.client(request_timeout=30.0)
-        context = ray.get_runtime_context()
         return {"local_slot": slot, "device": self.handle.device, "started_here": self.handle.started_here,
-                "node_id": context.get_node_id(), "gpu_index": index, "info": self._info()}
+                "node_id": node_id, "gpu_index": index, "worker_mode": self.mode,
+                "container": self.handle.info.get("container"), "info": self._info()}
 
     def _info(self) -> dict:
         assert self.client is not None
@@ -240,17 +237,20 @@ class NodeWorker:
 
 # --- per-node tasks (run with NodeAffinitySchedulingStrategy on the node they describe) -------
 def node_facts(bundles: list | None = None) -> dict:
-    """This node's view: token auth in force, the model files it holds (of `bundles`), its imagegen workers."""
+    """This node's view: token auth in force, the model files it holds (of `bundles`), which worker its actors
+    start (the container or a local process: ray_node.mode)."""
     import ray
     from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
     from imagegen.models import cache
+    from imagegen.runtimes import ray_node
     from imagegen.util import paths
 
     holds = {}
     for bundle in bundles or []:
         holds[bundle.name] = not cache.missing_files(bundle)
-    return {"node_id": ray.get_runtime_context().get_node_id(), "auth": bool(is_token_auth_enabled()),
+    node_id = ray.get_runtime_context().get_node_id()
+    return {"node_id": node_id, "auth": bool(is_token_auth_enabled()), "worker_mode": ray_node.mode(node_id),
             "holds": holds, "models_dir": str(paths.models_dir()), "shared_models": [str(t) for t in
                                                                                  cache.shared_trees()],
             "declared_memory_mib": declared_memory_mib()}
@@ -272,12 +272,16 @@ def node_fetch(bundle) -> dict:
 
 
 def node_workers() -> list[dict]:
-    from imagegen.runtimes.local import LocalRuntime
+    import ray
 
-    return LocalRuntime().workers()
+    from imagegen.runtimes import ray_node
+
+    return ray_node.workers(ray.get_runtime_context().get_node_id())
 
 
 def node_stop() -> list[str]:
-    from imagegen.runtimes.local import LocalRuntime
+    import ray
 
-    return LocalRuntime().stop()
+    from imagegen.runtimes import ray_node
+
+    return ray_node.stop(ray.get_runtime_context().get_node_id())

@@ -15,6 +15,7 @@ from imagegen.comfy.client import Progress, Timeouts
 from imagegen.runtimes.ray_actor import PREFETCHED, file_key, raise_failure
 from imagegen.util.errors import ImagegenError
 
+NAMESPACE = "imagegen"          # the Ray namespace of every actor imagegen starts
 HEAD_LOST = threading.Event()   # set by RayRuntime's watch on the head: every call then fails at once
 HEAD_HINT = "Start the head again (and the nodes), then rerun the same command: batch resumes from its manifest."
 POLL_WAIT = 1.0     # seconds one next_finished call waits on the node before it reports progress
