@@ -124,17 +124,6 @@ def test_values_are_checked_and_unknown_keys_list_the_keys(key, value, words):
     assert any(words in caught.value.hint for words in ("--list-params", "size=", "Choices", "-o DIR"))
 
 
-def test_a_model_file_outside_the_pinned_choices_is_left_to_the_worker():
-    """The pinned lists hold no model files (they are a worker's); a sampler name still has to be one."""
-    graph = {"1": {"class_type": "TrainLoraNode", "inputs": {"existing_lora": "[None]"}}}
-    info = {"TrainLoraNode": {"input": {"optional": {"existing_lora": ["COMBO", {"options": ["[None]"]}]}},
-                              "input_order": {"optional": ["existing_lora"]}, "output": []}}
-    applied = graph_params.apply(graph, {"1.existing_lora": "mine/style.safetensors"}, info=info)
-    assert applied.graph["1"]["inputs"]["existing_lora"] == "mine/style.safetensors"
-    with pytest.raises(ImagegenError, match="existing_lora choices"):
-        graph_params.apply(graph, {"1.existing_lora": "style"}, info=info)
-
-
 def test_typed_json_values_from_a_batch_item_and_booleans():
     graph = editor_graph()
     applied = graph_params.apply(graph, {"3.steps": 3, "cfg": 6})

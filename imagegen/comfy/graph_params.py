@@ -258,9 +258,8 @@ def _number(raw: Any, integer: bool, where: str):
 
 def _refused_choice(leaf: Leaf, value: str) -> bool:
     """A value outside a list's choices. Sampler and scheduler names of a newer ComfyUI pass here when they look
-    like one, and so do model file names: the worker's own lists decide at submission (comfy/choices.py)."""
-    if leaf.kind != "COMBO" or not leaf.options.get("choices") or value in leaf.options["choices"] or \
-            node_info.is_model_file(value):
+    like one: the worker's own lists decide at submission (comfy/choices.py)."""
+    if leaf.kind != "COMBO" or not leaf.options.get("choices") or value in leaf.options["choices"]:
         return False
     return not (leaf.input in ("sampler_name", "scheduler") and choices.looks_like_a_name(value))
 

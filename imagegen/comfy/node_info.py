@@ -3,8 +3,7 @@
 Before any worker is known, a workflow is checked against the pinned ComfyUI 0.3.75's node classes:
 `node_info_pinned.json` is its /object_info, trimmed to what conversion and validation read (input
 order and types, limits, choices, outputs). Lists of files (checkpoints, input images) are empty
-there, and model files are left out of every other list: they are the worker's. tests/test_ui_graph.py
-holds the file to the real server.
+there: they are the worker's. tests/test_ui_graph.py holds the file to the real server.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ PINNED_FILE = Path(__file__).with_name("node_info_pinned.json")
 WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 KEPT_OPTIONS = ("default", "min", "max", "step", "round", "control_after_generate", "image_upload", "forceInput",
                 "multiline")
-MODEL_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 
 
 @functools.cache
@@ -53,19 +51,10 @@ def _trim_spec(spec) -> list:
     options = spec[1] if isinstance(spec, (list, tuple)) and len(spec) > 1 and isinstance(spec[1], dict) else {}
     kept = {key: options[key] for key in KEPT_OPTIONS if key in options}
     if isinstance(kind, list):
-        return [_without_model_files(kind), kept]
+        return [list(kind), kept]
     if kind == "COMBO":
-        return ["COMBO", {**kept, "options": _without_model_files(options.get("options") or [])}]
+        return ["COMBO", {**kept, "options": list(options.get("options") or [])}]
     return [kind, kept]
-
-
-def is_model_file(choice) -> bool:
-    """A name in a worker's model folder (e.g. a LoRA listed in TrainLoraNode's choices)."""
-    return isinstance(choice, str) and choice.lower().endswith(MODEL_FILE_SUFFIXES)
-
-
-def _without_model_files(choices) -> list:
-    return [choice for choice in choices if not is_model_file(choice)]
 
 
 def kind_of(spec) -> tuple[str, dict]:
