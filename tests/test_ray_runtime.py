@@ -411,6 +411,39 @@ def test_a_nodes_setting_says_what_its_actors_start(monkeypatch, tmp_path):
     assert fallback["mode"] == "local" and fallback["why"]  # auto: a local process, and why
 
 
+def test_with_no_gpu_free_a_lost_worker_is_not_replaced_and_says_so(monkeypatch):
+    """The decision alone (a cluster whose every GPU is held is costly to build for it): no actor is made."""
+    from types import SimpleNamespace
+
+    from imagegen.runtimes import ray_place
+    from imagegen.util.errors import ImagegenError
+
+    asked = []
+    held = SimpleNamespace(available_resources=lambda: asked.append(1) or {"CPU": 4.0, "GPU": 0.0},
+                           remote=lambda *a, **k: pytest.fail("no actor may be made without a free GPU"))
+    monkeypatch.setattr(ray_place, "FREE_WAIT", 1.5)
+    runtime = SimpleNamespace(ray=held, start_timeout=60.0, nodes=lambda: [], replacements=0)
+    with pytest.raises(ImagegenError) as caught:
+        ray_place.anywhere(runtime, "ray-1a2b3c4d-0")
+    assert caught.value.code == "worker_start_failed" and "no GPU of the Ray cluster is free" in caught.value.message
+    assert len(asked) >= 2  # it waited for a GPU to come free before giving up
+
+
+def test_a_nodes_definitions_leave_its_files_out_but_keep_its_other_choices():
+    """Which files a run may name is not one node's to say: each fetches what it lacks (or a shared tree has it)."""
+    from imagegen.runtimes.ray_client import without_files
+
+    info = {"CheckpointLoaderSimple": {"input": {"required": {"ckpt_name": [["only-here.safetensors"], {}]}}},
+            "LoraLoader": {"input": {"required": {"lora_name": ["COMBO", {"options": ["mine.safetensors"]}]}}},
+            "KSampler": {"input": {"required": {"sampler_name": [["euler", "dpmpp_2m"], {}], "seed": ["INT", {}]}}},
+            "SomeCustomNode": {"input": {"required": {"mode": [["a", "b"], {}]}}}}
+    kept = without_files(info)
+    assert kept["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"] == [[], {}]
+    assert kept["LoraLoader"]["input"]["required"]["lora_name"] == ["COMBO", {"options": []}]
+    assert kept["KSampler"]["input"]["required"]["sampler_name"][0] == ["euler", "dpmpp_2m"]
+    assert kept["SomeCustomNode"]["input"]["required"]["mode"][0] == ["a", "b"]
+
+
 def test_a_worker_error_travels_back_as_the_same_imagegen_error():
     from imagegen.runtimes.ray_actor import as_failure, raise_failure
     from imagegen.util.errors import ImagegenError

@@ -57,6 +57,34 @@ def call(actor, name: str, method: str, *args, timeout: float = 60.0):
     return answer["ok"] if isinstance(answer, dict) and "ok" in answer else answer
 
 
+def without_files(info: dict) -> dict:
+    """/object_info with every choice list emptied that the pinned definitions leave empty (lists of files)."""
+    from imagegen.comfy import node_info
+
+    pinned = node_info.pinned()
+    for name, schema in info.items():
+        for section, specs in ((schema or {}).get("input") or {}).items():
+            for key, spec in (specs or {}).items() if isinstance(specs, dict) else ():
+                known = (((pinned.get(name) or {}).get("input") or {}).get(section) or {}).get(key)
+                if not known or _choices(known) is None or _choices(known) or _choices(spec) is None:
+                    continue
+                if isinstance(spec[0], list):
+                    spec[0] = []
+                else:
+                    spec[1]["options"] = []
+    return info
+
+
+def _choices(spec) -> list | None:
+    if not isinstance(spec, (list, tuple)) or not spec:
+        return None
+    if isinstance(spec[0], list):
+        return spec[0]
+    if spec[0] == "COMBO" and len(spec) > 1 and isinstance(spec[1], dict):
+        return list(spec[1].get("options") or [])
+    return None
+
+
 class RayClient:
     """What the engine calls a worker's client, for a worker behind a Ray actor."""
 
@@ -86,7 +114,9 @@ class RayClient:
         return self._call("queue")
 
     def object_info(self, node_class: str | None = None) -> dict:
-        return self._call("object_info", node_class)
+        """The node's definitions, its lists of files emptied where the pinned ComfyUI's are: which model files
+        a run may name is no one node's to say (each node has its own cache, and fetches what it lacks)."""
+        return without_files(self._call("object_info", node_class))
 
     def system_stats(self) -> dict:
         return self._call("system_stats")

@@ -31,9 +31,9 @@ def pinned(runtime, slot: str, node):
         runtime.keep_warm, runtime.start_timeout, node.gpus)
 
 
-def free_gpus(runtime, wait: float = FREE_WAIT) -> float:
-    """GPUs no actor holds, waiting up to `wait` seconds for one (a lost actor's GPU is freed a moment later)."""
-    deadline = time.monotonic() + wait
+def free_gpus(runtime) -> float:
+    """GPUs no actor holds, waiting up to FREE_WAIT seconds for one (a lost actor's GPU is freed a moment later)."""
+    deadline = time.monotonic() + FREE_WAIT
     while True:
         free = float((_answer(runtime.ray.available_resources) or {}).get("GPU", 0))
         if free >= 1 or time.monotonic() >= deadline or HEAD_LOST.is_set():
