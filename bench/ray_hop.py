@@ -166,7 +166,7 @@ def main() -> int:
               "  returns when the prompt ends, with its PNG bytes. Actors are started (and each worker given one",
               "  job) before anything is timed: start-up is a cost per command (about a second here), not per image.",
               "- Makespan efficiency is ideal / measured, where ideal is the total work over the total speed. The",
-              "  Scheduler's tail rule (engine/routing.py: a slower worker leaves the last drafts to faster ones) keeps",
+              "  Scheduler's tail rule (routing.py: a slower worker leaves the last drafts to faster ones) keeps",
               "  the last jobs off the slowest node; before it, this measured about 0.89 direct and through Ray alike.",
               "  The Ray hop costs nothing measurable here; what is left is per-job overhead on this 2-core machine."]
     table = "\n".join(lines)
