@@ -23,6 +23,25 @@ def require(condition: bool, why: str) -> None:
         pytest.skip(why)
 
 
+def docker_with_image(image: str):
+    """This machine's Docker engine (a docker SDK client) holding the worker image; else a skip that says
+    what to run (a failure under CI)."""
+    try:
+        import docker
+    except ImportError:
+        require(False, "the docker SDK is not installed")
+    try:
+        client = docker.from_env(timeout=120)
+        client.ping()
+    except Exception as exc:  # noqa: BLE001
+        require(False, f"the Docker daemon is not reachable ({type(exc).__name__}); run scripts/setup-docker.sh")
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        require(False, f"the image {image} is not built (run scripts/setup-docker.sh or ./build-image.sh --cpu-local)")
+    return client
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
     """Every test gets its own IMAGEGEN_HOME (config, model cache, worker records)."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import REPO, require
+from conftest import REPO, docker_with_image, require
 
 from imagegen import __version__
 from imagegen.comfy import png
@@ -151,19 +151,7 @@ def _remove_containers(client, uid: int) -> None:
 
 @pytest.fixture(scope="module")
 def box(tiny_sd15):
-    try:
-        import docker
-    except ImportError:
-        require(False, "the docker SDK is not installed")
-    try:
-        client = docker.from_env(timeout=120)
-        client.ping()
-    except Exception as exc:  # noqa: BLE001
-        require(False, f"the Docker daemon is not reachable ({exc.__class__.__name__}); run scripts/setup-docker.sh")
-    try:
-        client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        require(False, f"the image {IMAGE} is not built (run scripts/setup-docker.sh or ./build-image.sh --cpu-local)")
+    client = docker_with_image(IMAGE)
 
     sock = _socket_path()
     socket_gid = sock.stat().st_gid if sock and sock.exists() else None

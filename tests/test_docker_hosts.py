@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import REPO, require
+from conftest import REPO, docker_with_image, require
 from hub_server import HubServer
 
 from imagegen import __version__
@@ -190,14 +190,7 @@ def hosts(tiny_sd15):
     require(os.getuid() == 0, "the SSH host tests start sshd and a test user: they run as root")
     require(Path(SSHD).is_file(), "OpenSSH's server is not installed (apt-get install openssh-server)")
     require(all(shutil.which(tool) for tool in ("ssh", "ssh-keygen", "setpriv")), "ssh, ssh-keygen or setpriv missing")
-    try:
-        import docker
-
-        client = docker.from_env(timeout=120)
-        client.ping()
-        client.images.get(IMAGE)
-    except Exception as exc:  # noqa: BLE001
-        require(False, f"no Docker engine with {IMAGE} ({exc.__class__.__name__}); run scripts/setup-docker.sh")
+    client = docker_with_image(IMAGE)
     from test_docker import _test_user, _test_user_python
 
     uid, gid = _test_user(TEST_USER)

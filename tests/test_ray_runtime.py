@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, communicate, require, run_cli
+from conftest import REPO, communicate, docker_with_image, run_cli
 from hub_server import HubServer
 from ray_cluster import RayCluster
 
@@ -287,20 +287,7 @@ def test_ctrl_c_ends_this_commands_actors_and_leaves_other_actors_alone(env, tmp
 
 def _docker_client():
     """This machine's Docker engine with the worker image (for the node in container mode)."""
-    try:
-        import docker
-    except ImportError:
-        require(False, "the docker SDK is not installed")
-    try:
-        client = docker.from_env(timeout=120)
-        client.ping()
-    except Exception as exc:  # noqa: BLE001
-        require(False, f"the Docker daemon is not reachable ({type(exc).__name__}); run scripts/setup-docker.sh")
-    try:
-        client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        require(False, f"the image {IMAGE} is not built (./build-image.sh --cpu-local)")
-    return client
+    return docker_with_image(IMAGE)
 
 
 @cluster_test
