@@ -68,6 +68,12 @@ def _in_range(value: Any, low: float, high: float, what: str) -> float:
     return float(value)
 
 
+def lora_strength(name: str, strength: Any) -> float:
+    """A LoRA's strength, checked against LoraLoader's range."""
+    bound = graph_addons.MAX_LORA_STRENGTH
+    return _in_range(strength, -bound, bound, f"LoRA {name} strength")
+
+
 def parse_lora(spec: Any) -> tuple[str, float]:
     """NAME_OR_FILE[:STRENGTH] (a path may hold ':', so the strength is taken from the right), or a
     {"name", "strength"} mapping (batch JSONL, MCP)."""
@@ -75,9 +81,7 @@ def parse_lora(spec: Any) -> tuple[str, float]:
         unknown = set(spec) - {"name", "strength"}
         if unknown or not isinstance(spec.get("name"), str):
             raise ImagegenError("invalid_argument", f"a LoRA {spec!r} needs a \"name\" and at most a \"strength\"")
-        strength = spec.get("strength", 1.0)
-        return spec["name"], _in_range(strength, -graph_addons.MAX_LORA_STRENGTH, graph_addons.MAX_LORA_STRENGTH,
-                                       f"LoRA {spec['name']} strength")
+        return spec["name"], lora_strength(spec["name"], spec.get("strength", 1.0))
     if not isinstance(spec, str) or not spec.strip():
         raise ImagegenError("invalid_argument", f"a LoRA is NAME_OR_FILE[:STRENGTH], not {spec!r}")
     head, separator, tail = spec.rpartition(":")
@@ -209,8 +213,7 @@ def choose(prompt: str, loras: list | None, controls: list | None, preprocess: s
     seen: dict[str, Bundle] = {}
     try:
         for name, strength in wanted:
-            bound = graph_addons.MAX_LORA_STRENGTH
-            strength = _in_range(strength, -bound, bound, f"LoRA {name} strength")
+            strength = lora_strength(name, strength)
             bundle = _once(seen, resolve(name, "lora", registry), "lora", model, chosen)
             file = bundle.files["lora"]
             chosen.loras.append(LoraUse(file.filename, strength, bundle.name, sha256=file.sha256))

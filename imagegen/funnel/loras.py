@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from imagegen.comfy import addons as graph_addons
 from imagegen.engine import addon_names, addons
 from imagegen.funnel.stages import Stage, resolve
 from imagegen.models import addon_files
@@ -28,10 +27,7 @@ def plan(prompt: str, loras: list | None, stages: list[Stage], registry: Registr
         raise ImagegenError("invalid_argument", f"at most {addons.MAX_LORAS} LoRAs per image")
     stack: list[dict[str, Any]] = []
     for name, strength in wanted:
-        bound = graph_addons.MAX_LORA_STRENGTH
-        if not -bound <= strength <= bound:
-            raise ImagegenError("invalid_argument", f"LoRA {name} strength {strength:g} is outside "
-                                f"{-bound:g}..{bound:g}")
+        strength = addons.lora_strength(name, strength)
         bundle = addon_names.resolve(name, "lora", registry)
         path = Path(name).expanduser()
         kept = str(path.resolve()) if path.exists() else name  # funnel.json works from any folder
