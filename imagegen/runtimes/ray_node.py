@@ -98,22 +98,20 @@ def workers(node_id: str) -> list[dict]:
     """Every imagegen worker on this node: local processes, and the containers this node's actors started."""
     from imagegen.runtimes.local import LocalRuntime
 
-    found = LocalRuntime().workers()
-    if setting() in ("auto", "docker"):
-        try:
-            found += _docker(node_id).workers()
-        except (ImagegenError, ImportError):
-            pass
-    return found
+    return LocalRuntime().workers() + _on_docker(node_id, lambda docker: docker.workers())
 
 
 def stop(node_id: str) -> list[str]:
     from imagegen.runtimes.local import LocalRuntime
 
-    stopped = LocalRuntime().stop()
-    if setting() in ("auto", "docker"):
-        try:
-            stopped += _docker(node_id).stop()
-        except (ImagegenError, ImportError):
-            pass
-    return stopped
+    return LocalRuntime().stop() + _on_docker(node_id, lambda docker: docker.stop())
+
+
+def _on_docker(node_id: str, call) -> list:
+    """call(this node's Docker runtime) where its setting may start containers, else (or with no engine) []."""
+    if setting() not in ("auto", "docker"):
+        return []
+    try:
+        return call(_docker(node_id))
+    except (ImagegenError, ImportError):
+        return []
