@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, require
+from conftest import IN_CI, docker_with_image, require
 from fault_tools import (
     Cli,
     alive,
@@ -414,18 +414,9 @@ def _fault_user() -> tuple[int, int]:
 @pytest.fixture
 def docker_box(tiny_sd15):
     """The CLI as a non-root user with the Docker socket's group, a world-readable base folder."""
-    try:
-        import docker
-    except ImportError:
-        require(False, "the docker SDK is not installed")
     from test_docker import IMAGE, _socket_path, _test_user_python
 
-    try:
-        client = docker.from_env(timeout=120)
-        client.ping()
-        client.images.get(IMAGE)
-    except Exception as exc:  # noqa: BLE001
-        require(False, f"no Docker engine or no image {IMAGE} ({exc.__class__.__name__}); run scripts/setup-docker.sh")
+    client = docker_with_image(IMAGE)
     if os.getuid() == 0:
         require(shutil.which("setpriv") is not None, "setpriv (util-linux) is needed to run the CLI as a non-root user")
         uid, gid = _fault_user()

@@ -86,6 +86,29 @@ def done_keys(out: Path) -> list[str]:
     return [line["key"] for line in manifest(out) if line.get("status") == "done"]
 
 
+def start_batch(env: dict, out: Path, stdin: str, *extra: str, new_session: bool = False) -> subprocess.Popen:
+    """The batch CLI on the cluster with its items written to stdin (closed: communicate() must not flush it)."""
+    args = [sys.executable, str(REPO / "generate_image.py"), *batch_args(out, *extra)]
+    driver = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, **env}, start_new_session=new_session)
+    driver.stdin.write(stdin.encode())
+    driver.stdin.close()
+    driver.stdin = None
+    return driver
+
+
+def wait_while_running(driver: subprocess.Popen, until, before: str, timeout: float = 300) -> None:
+    """Wait until `until()` holds (or the timeout passes), the batch still running then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and driver.poll() is None and not until():
+        time.sleep(0.2)
+    assert driver.poll() is None, f"the batch ended before {before}"
+
+
+def an_image_done(out: Path):
+    return lambda: (out / "manifest.jsonl").is_file() and bool(done_keys(out))
+
+
 def hub_gets(hub: HubServer) -> int:
     """Transfers of the model's bytes (the hub serves only this file)."""
     return len(hub.gets())
@@ -199,18 +222,8 @@ def test_run_a_users_workflow_on_the_cluster(env, cluster, tmp_path):
 def test_a_rerun_after_the_driver_is_killed_finishes_every_image_once(env, tmp_path):
     out = tmp_path / "out"
     prompts = "\n".join(f"a harbour {n}" for n in range(6)) + "\n"
-    args = [sys.executable, str(REPO / "generate_image.py"), *batch_args(out, "--steps", "8")]
-    driver = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**os.environ, **env}, start_new_session=True)
-    driver.stdin.write(prompts.encode())
-    driver.stdin.close()
-    driver.stdin = None  # closed: communicate() must not flush it
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and driver.poll() is None:
-        if (out / "manifest.jsonl").is_file() and done_keys(out):
-            break
-        time.sleep(0.2)
-    assert driver.poll() is None, "the batch ended before it could be killed"
+    driver = start_batch(env, out, prompts, "--steps", "8", new_session=True)
+    wait_while_running(driver, an_image_done(out), "it could be killed")
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait(30)
     first = len(done_keys(out))
@@ -259,17 +272,8 @@ def test_ctrl_c_ends_this_commands_actors_and_leaves_other_actors_alone(env, tmp
                  "lifetime='detached').remote(); " + ping)
     out = tmp_path / "out"
     prompts = "\n".join(f"a field {n}" for n in range(6)) + "\n"
-    args = [sys.executable, str(REPO / "generate_image.py"), *batch_args(out, "--steps", "8")]
-    driver = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**os.environ, **env})
-    driver.stdin.write(prompts.encode())
-    driver.stdin.close()
-    driver.stdin = None
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and driver.poll() is None and not ((out / "manifest.jsonl").is_file()
-                                                                       and done_keys(out)):
-        time.sleep(0.2)
-    assert driver.poll() is None, "the batch ended before Ctrl-C"
+    driver = start_batch(env, out, prompts, "--steps", "8")
+    wait_while_running(driver, an_image_done(out), "Ctrl-C")
     driver.send_signal(signal.SIGINT)
     _, stderr = communicate(driver, 300)
     assert driver.returncode == 130, stderr.decode()[-2000:]
@@ -345,20 +349,10 @@ def test_a_node_lost_mid_batch_is_replaced_where_a_gpu_is_free_and_every_image_i
     items = [{"prompt": f"a wide valley {n}", "size": "256x256"} for n in range(5)]
     items += [{"prompt": f"a mountain {n}"} for n in range(3)]
     big = next(node for node in cluster.nodes if node.name == "big")
-    args = [sys.executable, str(REPO / "generate_image.py"),
-            *batch_args(out, "--steps", "6", "--json", "--gpus", "box=small,box=big")]
-    driver = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**os.environ, **env}, start_new_session=True)
-    driver.stdin.write("".join(json.dumps(item) + "\n" for item in items).encode())
-    driver.stdin.close()
-    driver.stdin = None  # closed: communicate() must not flush it
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and driver.poll() is None:
-        lines = manifest(out) if (out / "manifest.jsonl").is_file() else []
-        if any(line.get("worker") == workers["big"] for line in lines):
-            break
-        time.sleep(0.2)
-    assert driver.poll() is None, "the batch ended before the node could be lost"
+    driver = start_batch(env, out, "".join(json.dumps(item) + "\n" for item in items),
+                         "--steps", "6", "--json", "--gpus", "box=small,box=big", new_session=True)
+    wait_while_running(driver, lambda: (out / "manifest.jsonl").is_file() and any(
+        line.get("worker") == workers["big"] for line in manifest(out)), "the node could be lost")
     big.kill()
     stdout, stderr = communicate(driver, 600)
     assert driver.returncode == 0, stderr.decode()[-3000:]
@@ -450,17 +444,8 @@ def test_the_head_node_lost_ends_the_batch_cleanly_with_every_image_written_or_r
     """Runs after the lost node: it takes the whole cluster away."""
     out = tmp_path / "out"
     prompts = "\n".join(f"a desert {n}" for n in range(30)) + "\n"
-    args = [sys.executable, str(REPO / "generate_image.py"), *batch_args(out, "--steps", "12", "--json")]
-    driver = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**os.environ, **env})
-    driver.stdin.write(prompts.encode())
-    driver.stdin.close()
-    driver.stdin = None
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and driver.poll() is None and not ((out / "manifest.jsonl").is_file()
-                                                                       and done_keys(out)):
-        time.sleep(0.2)
-    assert driver.poll() is None, "the batch ended before the head could be lost"
+    driver = start_batch(env, out, prompts, "--steps", "12", "--json")
+    wait_while_running(driver, an_image_done(out), "the head could be lost")
     assert cluster.head is not None
     cluster.head.kill()
     lost = time.monotonic()
